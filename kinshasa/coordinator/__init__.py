@@ -1,0 +1,1 @@
+"""The coordinator: per-run ledger projection and Temporal revert workflows."""

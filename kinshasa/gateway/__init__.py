@@ -1,0 +1,1 @@
+"""The GraphQL gateway: principals, runs, circuit breaker, quarantine, egress approval."""

@@ -1,0 +1,1 @@
+"""Local infrastructure started by the project itself: Kafka (KRaft), Temporal dev server, PostgreSQL."""

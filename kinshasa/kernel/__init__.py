@@ -1,0 +1,1 @@
+"""The durability pattern every component honours: database engines, outbox, inbox, DLQ, receipts."""

@@ -1,0 +1,1 @@
+"""The service kit and the example domain services."""

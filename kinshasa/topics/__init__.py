@@ -1,0 +1,1 @@
+"""The log: topic catalogue, idempotent topic creation, typed Kafka producer and consumer."""

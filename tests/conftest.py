@@ -1,0 +1,88 @@
+"""Session fixtures starting real Kafka, Temporal and PostgreSQL with the code behind `kinshasa infra`."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from kinshasa.infra.kafka import KafkaBroker, kafka_libs
+from kinshasa.infra.postgres import PostgresCluster
+from kinshasa.infra.process import free_port
+from kinshasa.infra.temporal import TemporalServer
+from kinshasa.settings import InfraSettings
+
+REPO = Path(__file__).resolve().parent.parent
+# The jar cache is shared with `make run`, so the suite downloads Kafka at most once per checkout.
+CACHE = REPO / ".kinshasa" / "cache"
+
+
+@pytest.fixture(scope="session")
+def kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaBroker]:
+    infra = InfraSettings()
+    broker = KafkaBroker(root=tmp_path_factory.mktemp("kafka"),
+                         libs=kafka_libs(CACHE, infra.kafka_version, infra.kafka_home),
+                         port=free_port(), controller_port=free_port())
+    broker.start(attached=True)
+    try:
+        yield broker
+    finally:
+        broker.stop()
+
+
+@pytest.fixture(scope="session")
+def temporal(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TemporalServer]:
+    server = TemporalServer(root=tmp_path_factory.mktemp("temporal"), port=free_port())
+    server.start(attached=True)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresCluster]:
+    # Not under pytest's tmp dir: that is private to root, and the server runs unprivileged.
+    root = Path(tempfile.mkdtemp(prefix="kinshasa-pg-"))
+    cluster = PostgresCluster(root=root, port=free_port())
+    cluster.start(attached=True)
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+async def _create_database(cluster: PostgresCluster, name: str) -> str:
+    import asyncpg
+
+    conn = await asyncpg.connect(host="127.0.0.1", port=cluster.port, user="kinshasa",
+                                 database="postgres")
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+    return f"postgresql+asyncpg://kinshasa@127.0.0.1:{cluster.port}/{name}"
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh, empty database on each backend: the storage test leg runs once per backend."""
+    if request.param == "sqlite":
+        return f"sqlite+aiosqlite:///{tmp_path / 'store.sqlite3'}"
+    cluster: PostgresCluster = request.getfixturevalue("postgres")
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    return asyncio.run(_create_database(cluster, name))
+
+
+@pytest.fixture
+def unique() -> str:
+    """A short unique suffix for topic names, task queues and group ids within one session."""
+    return uuid.uuid4().hex[:10]
+
+

@@ -1,0 +1,51 @@
+"""The database module opens SQLite and PostgreSQL engines and round-trips a row on each."""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import Column, Integer, MetaData, String, Table, insert, select
+
+from kinshasa.kernel.database import DatabaseUrlError, create_engine, is_postgres, normalise_url
+
+metadata = MetaData()
+notes = Table("notes", metadata, Column("id", Integer, primary_key=True),
+              Column("text", String(200), nullable=False))
+
+
+async def test_engine_round_trips_a_row(database_url: str) -> None:
+    engine = create_engine(database_url)
+    try:
+        async with engine.begin() as conn:
+            await conn.run_sync(metadata.create_all)
+            await conn.execute(insert(notes).values(id=1, text="héllo, kinshasa"))
+        async with engine.connect() as conn:
+            rows = (await conn.execute(select(notes.c.id, notes.c.text))).all()
+        assert rows == [(1, "héllo, kinshasa")]
+        assert is_postgres(engine) == database_url.startswith("postgresql")
+    finally:
+        await engine.dispose()
+
+
+async def test_rolled_back_transaction_leaves_nothing(database_url: str) -> None:
+    engine = create_engine(database_url)
+    try:
+        async with engine.begin() as conn:
+            await conn.run_sync(metadata.create_all)
+        with pytest.raises(RuntimeError, match="boom"):
+            async with engine.begin() as conn:
+                await conn.execute(insert(notes).values(id=2, text="never"))
+                raise RuntimeError("boom")
+        async with engine.connect() as conn:
+            assert (await conn.execute(select(notes))).all() == []
+    finally:
+        await engine.dispose()
+
+
+def test_plain_urls_get_the_async_driver() -> None:
+    assert normalise_url("postgresql://u@h:5/db") == "postgresql+asyncpg://u@h:5/db"
+    assert normalise_url("sqlite:////tmp/x.db") == "sqlite+aiosqlite:////tmp/x.db"
+
+
+def test_unsupported_url_names_the_fix() -> None:
+    with pytest.raises(DatabaseUrlError, match="postgresql\\+asyncpg"):
+        normalise_url("mysql://root@localhost/db")
