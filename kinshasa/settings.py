@@ -37,6 +37,8 @@ class InfraSettings(BaseSettings):
     # The official binary tarball's directory; when set, its libs/ replace the Maven download.
     kafka_home: Path | None = Field(default=None, validation_alias="KAFKA_HOME")
     kafka_heap: str = "512m"
+    # Where downloaded Kafka jars are kept; defaults to <data_dir>/cache.
+    cache_dir: Path | None = None
     temporal_port: int = 7233
     postgres_port: int = 5433
     start_timeout_s: float = 90.0

@@ -43,7 +43,7 @@ class LocalInfra:
     @classmethod
     def from_settings(cls, stack: StackSettings, infra: InfraSettings) -> LocalInfra:
         return cls(root=stack.data_dir.resolve() / "infra", infra=infra,
-                   cache_dir=stack.data_dir.resolve() / "cache")
+                   cache_dir=(infra.cache_dir or stack.data_dir / "cache").resolve())
 
     @property
     def state_path(self) -> Path:

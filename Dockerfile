@@ -1,0 +1,9 @@
+# One image for every Kinshasa process; the compose file picks the process by command.
+FROM python:3.11-slim
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY kinshasa ./kinshasa
+RUN pip install --no-cache-dir .
+ENV KINSHASA_DATA_DIR=/data
+VOLUME /data
+ENTRYPOINT ["kinshasa"]

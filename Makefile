@@ -1,0 +1,51 @@
+# Kinshasa developer commands. Every target sets up the virtualenv it needs when it is missing.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+PYTEST_ARGS ?=
+
+.PHONY: setup run test test-unit test-integration test-e2e bench bench-small lint infra-up infra-down clean
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Kinshasa needs Python 3.11 or newer; set PYTHON=/path/to/python3.11")'
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+setup: $(STAMP)
+
+run: setup
+	$(BIN)/kinshasa up
+
+test: setup
+	$(BIN)/pytest tests $(PYTEST_ARGS)
+
+test-unit: setup
+	$(BIN)/pytest tests/unit $(PYTEST_ARGS)
+
+test-integration: setup
+	$(BIN)/pytest tests/integration $(PYTEST_ARGS)
+
+test-e2e: setup
+	$(BIN)/pytest tests/e2e $(PYTEST_ARGS)
+
+bench: setup
+	$(BIN)/python -m bench
+
+bench-small: setup
+	$(BIN)/python -m bench --small
+
+lint: setup
+	$(BIN)/ruff check kinshasa tests bench
+	$(BIN)/mypy
+
+infra-up: setup
+	$(BIN)/kinshasa infra up
+
+infra-down: setup
+	$(BIN)/kinshasa infra down
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

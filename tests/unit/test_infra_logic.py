@@ -1,0 +1,50 @@
+"""Pure logic of the local infrastructure: clear errors when a tool is missing, settings resolution."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from kinshasa.infra.kafka import kafka_libs
+from kinshasa.infra.process import InfraError, free_port, pid_alive
+from kinshasa.settings import ComponentSettings, ServiceSettings, StackSettings
+
+
+def test_without_maven_the_error_names_both_alternatives(tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))  # an empty PATH: no mvn, no java
+    with pytest.raises(InfraError) as err:
+        kafka_libs(tmp_path / "cache", "4.1.1", None)
+    message = str(err.value)
+    assert "KAFKA_HOME" in message and "docker compose up" in message and "apt-get install maven" in message
+
+
+def test_kafka_home_without_jars_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(InfraError, match="KAFKA_HOME"):
+        kafka_libs(tmp_path / "cache", "4.1.1", tmp_path)
+
+
+def test_kafka_home_with_jars_is_used_as_is(tmp_path: Path) -> None:
+    (tmp_path / "libs").mkdir()
+    (tmp_path / "libs" / "kafka_2.13-4.1.1.jar").write_bytes(b"")
+    assert kafka_libs(tmp_path / "cache", "4.1.1", tmp_path) == tmp_path / "libs"
+
+
+def test_embedded_default_is_sqlite_per_component(tmp_path: Path) -> None:
+    stack = StackSettings(data_dir=tmp_path)
+    url = ComponentSettings().resolved_database_url(stack, "gateway")
+    assert url == f"sqlite+aiosqlite:///{tmp_path.resolve()}/db/gateway.sqlite3"
+    configured = ComponentSettings(database_url="postgresql+asyncpg://u@h/db")
+    assert configured.resolved_database_url(stack, "gateway") == "postgresql+asyncpg://u@h/db"
+
+
+def test_service_settings_read_their_own_prefix(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KINSHASA_SVC_LEDGER_DATABASE_URL", "postgresql+asyncpg://u@h/ledger")
+    assert ServiceSettings.for_service("ledger").database_url == "postgresql+asyncpg://u@h/ledger"
+    assert ServiceSettings.for_service("documents").database_url is None
+
+
+def test_process_helpers() -> None:
+    assert 0 < free_port() < 65536
+    assert not pid_alive(2**22 + 12345)
