@@ -1,0 +1,82 @@
+"""`kinshasa topics`: create the catalogue's topics on a broker and show what the broker holds."""
+
+from __future__ import annotations
+
+from typing import NoReturn
+
+import typer
+
+from kinshasa.settings import SERVICE_NAMES, StackSettings
+from kinshasa.topics.admin import TopicAdminError, describe_topics, ensure_topics, list_topics
+from kinshasa.topics.catalogue import PREFIX, catalogue
+
+app = typer.Typer(help="The log's topics: create the catalogue, list what the broker holds.",
+                  no_args_is_help=True)
+
+BOOTSTRAP = typer.Option(None, "--bootstrap",
+                         help="Kafka bootstrap servers; default KINSHASA_KAFKA_BOOTSTRAP.")
+TIMEOUT = typer.Option(30.0, "--timeout", help="Seconds to wait for each admin request.")
+SERVICES = typer.Option(None, "--service",
+                        help="Include this service's topics (repeatable); default: every built-in service.")
+
+
+def _bootstrap(value: str | None) -> str:
+    return value or StackSettings().kafka_bootstrap
+
+
+def _fail(exc: Exception) -> NoReturn:
+    typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code=2)
+
+
+@app.command("ensure")
+def ensure(
+    bootstrap: str | None = BOOTSTRAP,
+    replication_factor: int = typer.Option(1, "--replication-factor", min=1,
+                                           help="Replicas per partition for topics created now."),
+    timeout: float = TIMEOUT,
+    service: list[str] | None = SERVICES,
+) -> None:
+    """Create missing catalogue topics; report existing ones whose partitions or configs differ (exit 1)."""
+    address = _bootstrap(bootstrap)
+    try:
+        # With 3+ replicas keep 2 in sync, so an acks=all write survives losing a broker.
+        specs = catalogue(service or SERVICE_NAMES, min_insync_replicas=min(2, replication_factor))
+        report = ensure_topics(address, specs, replication_factor=replication_factor, timeout=timeout)
+    except (TopicAdminError, ValueError) as exc:
+        _fail(exc)
+    for name in report.created:
+        typer.echo(f"created   {name}")
+    for name in report.existing:
+        typer.echo(f"existing  {name}")
+    for mismatch in report.mismatches:
+        typer.secho(f"MISMATCH  {mismatch.line()}", fg=typer.colors.YELLOW)
+    typer.echo(f"{len(report.created)} created, {len(report.existing)} existing, "
+               f"{len(report.mismatches)} mismatches on {address}")
+    if report.mismatches:
+        typer.secho("Existing topics are never altered: fix them by hand (kafka-configs / kafka-topics) "
+                    "or recreate them, then run `kinshasa topics ensure` again.", err=True)
+        raise typer.Exit(code=1)
+
+
+@app.command("list")
+def list_(
+    bootstrap: str | None = BOOTSTRAP, timeout: float = TIMEOUT, service: list[str] | None = SERVICES
+) -> None:
+    """Show each catalogue topic with its partitions on the broker, then other kinshasa.* topics there."""
+    address = _bootstrap(bootstrap)
+    try:
+        specs = catalogue(service or SERVICE_NAMES)
+        present = list_topics(address, timeout=timeout)
+        states = describe_topics(address, [s.name for s in specs if s.name in present], timeout=timeout)
+    except (TopicAdminError, ValueError) as exc:
+        _fail(exc)
+    width = max(len(s.name) for s in specs)
+    for spec in specs:
+        state = states.get(spec.name)
+        found = "missing" if state is None else f"{state.partitions} partitions"
+        typer.echo(f"{spec.name:<{width}}  {found:<14} (catalogue {spec.partitions}, keyed by "
+                   f"{spec.keyed_by})  {spec.description}")
+    known = {s.name for s in specs}
+    for name in sorted(n for n in present if n.startswith(f"{PREFIX}.") and n not in known):
+        typer.echo(f"{name:<{width}}  {present[name]} partitions (not in the catalogue)")

@@ -1,0 +1,337 @@
+"""The at-least-once Kafka consumer every component reads through: offsets advance only after the handler.
+
+Delivery contract of `AsyncConsumer.run`:
+
+* a message's offset is stored only after its handler returned normally, so the handler's database
+  commit (effect + inbox row) always happens before Kafka may forget the message;
+* stored offsets are committed by auto-commit (which commits only stored offsets), synchronously when
+  partitions are revoked, and once more before close;
+* if the handler raises, nothing is stored and the consumer seeks back to that message, so it comes
+  again, in order, before any later message of its partition. The consumer itself never skips a message:
+  giving up (retry budget, DLQ) is the job of the kernel layer that wraps handlers.
+
+Redelivery is therefore normal (after a crash, a rebalance or a handler error); handlers are made
+idempotent by the inbox.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from confluent_kafka import (
+    TIMESTAMP_NOT_AVAILABLE,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    TopicPartition,
+)
+
+if TYPE_CHECKING:
+    from kinshasa.schemas.envelope import Envelope
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class ConsumerError(RuntimeError):
+    """The consumer cannot go on (fatal client error, failed seek); restart it, nothing was skipped."""
+
+
+@dataclass(frozen=True)
+class Record:
+    """One consumed message, detached from librdkafka so handlers can keep it."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes
+    headers: tuple[tuple[str, bytes], ...] = ()
+    timestamp: datetime | None = None
+
+    def header(self, name: str) -> bytes | None:
+        """The last value of header `name`, or None."""
+        for key, value in reversed(self.headers):
+            if key == name:
+                return value
+        return None
+
+    def envelope(self) -> Envelope:
+        """The value parsed as an Envelope; raises InvalidMessage (a ValueError) naming each bad field."""
+        # Imported here so the log layer does not depend on the contracts at import time.
+        from kinshasa.schemas.envelope import parse_envelope
+
+        return parse_envelope(self.value)
+
+
+Handler = Callable[[Record], Awaitable[None]]
+
+
+def to_record(msg: Message) -> Record:
+    """Copy a librdkafka message into a Record."""
+    kind, millis = msg.timestamp()
+    when = None if kind == TIMESTAMP_NOT_AVAILABLE else datetime.fromtimestamp(millis / 1000, UTC)
+    raw = msg.headers() or []
+    pairs = raw.items() if isinstance(raw, dict) else raw
+    headers = tuple((k, v if isinstance(v, bytes) else (v or "").encode()) for k, v in pairs)
+    return Record(
+        topic=str(msg.topic()),
+        partition=int(msg.partition() or 0),
+        offset=int(msg.offset() or 0),
+        key=msg.key(),
+        value=msg.value() or b"",
+        headers=headers,
+        timestamp=when,
+    )
+
+
+def consumer_config(
+    bootstrap: str, group_id: str, extra_config: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """The librdkafka configuration of an AsyncConsumer (without its callbacks)."""
+    extra = dict(extra_config or {})
+    if str(extra.get("enable.auto.offset.store", "false")).lower() != "false":
+        raise ValueError(
+            "consumer setting enable.auto.offset.store=true is refused: it would let Kafka advance past "
+            "a message before its handler committed; drop it from extra_config"
+        )
+    return {
+        "bootstrap.servers": bootstrap,
+        "group.id": group_id,
+        "auto.offset.reset": "earliest",
+        # Auto-commit commits only what we stored, i.e. handled messages; a short interval keeps the
+        # redelivery window after a crash small.
+        "enable.auto.commit": True,
+        "auto.commit.interval.ms": 1000,
+        **extra,
+        "enable.auto.offset.store": False,
+    }
+
+
+def _is_no_offset(exc: KafkaException) -> bool:
+    error = exc.args[0] if exc.args else None
+    return isinstance(error, KafkaError) and error.code() == KafkaError._NO_OFFSET
+
+
+class AsyncConsumer:
+    """A consumer-group member for asyncio code: `run` it once; it joins then, and closes on the way out.
+
+    Every blocking librdkafka call runs on one private thread, in order, so the event loop never waits
+    on a poll and `close` can never race a `consume` still in progress.
+    """
+
+    def __init__(
+        self,
+        bootstrap: str,
+        group_id: str,
+        topics: Iterable[str],
+        *,
+        extra_config: Mapping[str, Any] | None = None,
+        batch_size: int = 100,
+        poll_timeout: float = 0.5,
+        failure_backoff: float = 0.5,
+        request_timeout: float = 10.0,
+    ) -> None:
+        self.group_id = group_id
+        self.topics = list(topics)
+        if not self.topics:
+            raise ValueError("AsyncConsumer needs at least one topic: pass names from "
+                             "kinshasa.topics.catalogue")
+        self._config = consumer_config(bootstrap, group_id, extra_config)
+        self._batch_size = batch_size
+        self._poll_timeout = poll_timeout
+        self._failure_backoff = failure_backoff
+        self._request_timeout = request_timeout
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"kafka-consumer-{group_id}")
+        # Built now so a bad setting fails here; the group is joined only when `run` subscribes, so a
+        # consumer that is built but never run holds no partitions.
+        self._consumer = Consumer({**self._config, "on_commit": self._on_commit})
+        self._ran = False
+        self._closed = False
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """A copy of the configuration passed to confluent-kafka's Consumer (callbacks left out)."""
+        return dict(self._config)
+
+    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
+        if self._closed:
+            raise RuntimeError(f"consumer of group {self.group_id} is closed: create a new AsyncConsumer")
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, functools.partial(fn, *args))
+
+    # --- librdkafka callbacks: they run on the consumer thread, inside consume() or close() ----------
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        log.info("%s assigned %s", self.group_id, [(p.topic, p.partition) for p in partitions])
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        # Commit now: the next owner starts from our last handled message, not from the last auto-commit.
+        try:
+            consumer.commit(asynchronous=False)
+        except KafkaException as exc:
+            if not _is_no_offset(exc):
+                log.warning("%s: commit on revoke failed (%s); the next owner may redeliver",
+                            self.group_id, exc)
+        except Exception:  # an exception escaping a callback would surface from an unrelated consume()
+            log.exception("%s: commit on revoke failed", self.group_id)
+
+    def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        # Lost, not revoked: another member may already own them, so committing could move its offsets.
+        log.warning("%s lost partitions %s without a clean revoke; their uncommitted messages will be "
+                    "redelivered", self.group_id, [(p.topic, p.partition) for p in partitions])
+
+    def _on_commit(self, error: KafkaError | None, partitions: list[TopicPartition]) -> None:
+        if error is not None and error.code() != KafkaError._NO_OFFSET:
+            log.warning("%s: offset commit failed: %s", self.group_id, error)
+
+    # --- the loop -----------------------------------------------------------------------------------
+
+    async def run(self, handler: Handler, stop: asyncio.Event) -> None:
+        """Hand every message to `handler` until `stop` is set; closes the consumer when it returns.
+
+        A handler exception is logged, the message is not acknowledged and comes again (after
+        `failure_backoff` seconds) in the same run; cancellation or ConsumerError end the run.
+        """
+        if self._ran:
+            raise RuntimeError("AsyncConsumer.run was already called: create a new AsyncConsumer "
+                               "to run again")
+        self._ran = True
+        try:
+            await self._call(self._consumer.subscribe, self.topics, self._on_assign, self._on_revoke,
+                             self._on_lost)
+            while not stop.is_set():
+                messages = await self._call(self._consumer.consume, self._batch_size, self._poll_timeout)
+                if await self._handle_batch(messages, handler, stop):
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), self._failure_backoff)
+        finally:
+            await self.close()
+
+    async def _handle_batch(self, messages: list[Message], handler: Handler, stop: asyncio.Event) -> bool:
+        """Handle a batch in order; returns True if some handler failed."""
+        # Once a partition's message fails, its later messages in this batch wait for the redelivery.
+        failed: set[tuple[str | None, int | None]] = set()
+        for msg in messages:
+            if stop.is_set():
+                break  # unhandled messages are not stored, so they come again
+            error = msg.error()
+            if error is not None:
+                self._client_error(error)
+                continue
+            partition = (msg.topic(), msg.partition())
+            if partition in failed:
+                continue
+            record = to_record(msg)
+            try:
+                await handler(record)
+            except Exception:
+                log.exception("%s: handler failed on %s[%d]@%d; it will be redelivered", self.group_id,
+                              record.topic, record.partition, record.offset)
+                failed.add(partition)
+                await self._rewind(record)
+                continue
+            try:
+                self._consumer.store_offsets(message=msg)
+            except KafkaException as exc:
+                # The partition moved to another member mid-batch: it will redeliver, the inbox dedupes.
+                log.warning("%s: could not store offset of %s[%d]@%d: %s", self.group_id, record.topic,
+                            record.partition, record.offset, exc)
+        return bool(failed)
+
+    async def _rewind(self, record: Record) -> None:
+        try:
+            where = TopicPartition(record.topic, record.partition, record.offset)
+            await self._call(self._consumer.seek, where)
+        except KafkaException as exc:
+            # Going on without the seek would skip the message; stopping leaves it uncommitted instead.
+            raise ConsumerError(
+                f"could not seek {record.topic}[{record.partition}] back to {record.offset} after a handler "
+                f"failure ({exc}); the consumer stops so the message is not skipped: restart it"
+            ) from exc
+
+    def _client_error(self, error: KafkaError) -> None:
+        if error.fatal():
+            raise ConsumerError(f"{self.group_id}: fatal Kafka consumer error {error}; restart the consumer")
+        if error.code() == KafkaError._PARTITION_EOF:
+            return
+        if error.code() in (KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._UNKNOWN_TOPIC):
+            log.warning("%s: %s; create the catalogue topics with `kinshasa topics ensure`",
+                        self.group_id, error)
+            return
+        log.warning("%s: consumer error (librdkafka will retry): %s", self.group_id, error)
+
+    # --- offsets and lag ----------------------------------------------------------------------------
+
+    def _commit_stored(self) -> None:
+        try:
+            self._consumer.commit(asynchronous=False)
+        except KafkaException as exc:
+            if not _is_no_offset(exc):
+                raise
+
+    async def commit(self) -> None:
+        """Synchronously commit the stored offsets (those of handled messages); no-op if none are new."""
+        await self._call(self._commit_stored)
+
+    def assignment(self) -> list[tuple[str, int]]:
+        """The (topic, partition) pairs this member currently owns."""
+        if self._closed:
+            return []
+        return sorted((p.topic, p.partition) for p in self._consumer.assignment())
+
+    def _lag_blocking(self) -> dict[tuple[str, int], int]:
+        owned = self._consumer.assignment()
+        if not owned:
+            return {}
+        lags: dict[tuple[str, int], int] = {}
+        for tp in self._consumer.committed(owned, timeout=self._request_timeout):
+            low, high = self._consumer.get_watermark_offsets(
+                TopicPartition(tp.topic, tp.partition), timeout=self._request_timeout, cached=False)
+            # Nothing committed yet: auto.offset.reset=earliest means the whole retained log is backlog.
+            start = tp.offset if tp.offset >= 0 else low
+            lags[(tp.topic, tp.partition)] = max(0, high - start)
+        return lags
+
+    async def lag(self) -> dict[tuple[str, int], int]:
+        """Messages not yet committed, per owned partition: high watermark minus committed offset."""
+        return await self._call(self._lag_blocking)
+
+    # --- shutdown -----------------------------------------------------------------------------------
+
+    def _close_blocking(self) -> None:
+        try:
+            self._commit_stored()
+        except KafkaException as exc:
+            log.warning("%s: final commit failed (%s); uncommitted messages will be redelivered",
+                        self.group_id, exc)
+        finally:
+            self._consumer.close()
+
+    async def close(self) -> None:
+        """Commit stored offsets, leave the group, stop the consumer thread. Calling it again does nothing."""
+        if self._closed:
+            return
+        loop = asyncio.get_running_loop()
+        self._closed = True
+        try:
+            # Queued behind any consume() still running, so the two never overlap.
+            await loop.run_in_executor(self._executor, self._close_blocking)
+        finally:
+            self._executor.shutdown(wait=False)
+
+    async def __aenter__(self) -> AsyncConsumer:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

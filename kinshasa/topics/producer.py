@@ -1,0 +1,367 @@
+"""The idempotent Kafka producer every component publishes through (the outbox relay first of all).
+
+`AsyncProducer` wraps confluent-kafka's Producer (`enable.idempotence=true`, `acks=all`) for asyncio: a
+background thread serves librdkafka's delivery reports and each report resolves the asyncio future of
+its send, so `await send(...)` returns only once the broker has acknowledged the write.
+
+Fatal errors. With idempotence on, librdkafka can raise a fatal error (e.g. an unrecoverable sequence
+gap); the instance is then unusable. The producer is rebuilt before the next send. What happens to sends
+around the fatal error:
+
+* a send whose message librdkafka had not accepted yet (produce() itself failed with the fatal error)
+  is retried once on the rebuilt producer: the broker never saw it, so retrying cannot duplicate it;
+* a send whose message was already queued or in flight fails with `PublishError`: the broker may or
+  may not hold it, so the caller (the outbox relay, which keeps the row unpublished) retries, and the
+  consumer's inbox absorbs a duplicate. The producer never retries those itself, because replaying them
+  here could reorder them behind later sends for the same key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+from uuid import UUID
+
+from confluent_kafka import KafkaError, KafkaException, Message, Producer
+
+log = logging.getLogger(__name__)
+
+Headers = Mapping[str, str | bytes] | Sequence[tuple[str, str | bytes]] | None
+
+# Keys the caller may not override: the outbox's exactly-once story rests on them.
+_PINNED = {"enable.idempotence": True, "acks": "all"}
+_ACCEPTED = {"enable.idempotence": {"true"}, "acks": {"all", "-1"}}
+
+
+class EnvelopeLike(Protocol):
+    """What the producer needs of `kinshasa.schemas.envelope.Envelope`."""
+
+    @property
+    def message_id(self) -> UUID: ...
+    @property
+    def type(self) -> str: ...
+    @property
+    def traceparent(self) -> str | None: ...
+    def kafka_key(self) -> bytes: ...
+    def to_bytes(self) -> bytes: ...
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    """One message to publish."""
+
+    topic: str
+    key: bytes | None
+    value: bytes
+    headers: Headers = None
+
+
+@dataclass(frozen=True)
+class Delivered:
+    """Where the broker wrote a message."""
+
+    topic: str
+    partition: int
+    offset: int
+
+
+@dataclass(frozen=True)
+class FailedSend:
+    """One message of a batch that was not written (or whose fate is unknown)."""
+
+    index: int
+    item: Outgoing
+    error: str
+    fatal: bool = False
+
+
+class PublishError(RuntimeError):
+    """Some messages were not acknowledged by the broker; `failures` says which, `delivered` the rest.
+
+    `delivered[i]` is the Delivered of item i, or None if item i failed. Retry the failed items (their
+    message ids make a duplicate harmless); the delivered ones are durable.
+    """
+
+    def __init__(self, failures: list[FailedSend], delivered: list[Delivered | None]) -> None:
+        self.failures = failures
+        self.delivered = delivered
+        first = failures[0]
+        more = f" (and {len(failures) - 1} more)" if len(failures) > 1 else ""
+        super().__init__(
+            f"{len(failures)} of {len(delivered)} messages not delivered; first: item {first.index} to "
+            f"{first.item.topic}: {first.error}{more}. Retry the failed items; check the broker is up "
+            "(`kinshasa infra status`) and the topic exists (`kinshasa topics ensure`)."
+        )
+
+
+class _DeliveryFailed(Exception):
+    def __init__(self, error: KafkaError | str) -> None:
+        self.error = error
+        self.fatal = isinstance(error, KafkaError) and should_rebuild(error)
+        super().__init__(str(error))
+
+
+def should_rebuild(error: KafkaError | None) -> bool:
+    """True when `error` leaves the producer instance unusable, so it must be replaced."""
+    return error is not None and (error.fatal() or error.code() == KafkaError._FATAL)
+
+
+def producer_config(
+    bootstrap: str, client_id: str, extra_config: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """The librdkafka configuration of an AsyncProducer (without its error callback)."""
+    extra = dict(extra_config or {})
+    for key, required in _PINNED.items():
+        if key in extra and str(extra[key]).lower() not in _ACCEPTED[key]:
+            raise ValueError(
+                f"producer setting {key}={extra[key]!r} is refused: Kinshasa publishes only with "
+                f"{key}={required} so a retried publish cannot duplicate or lose a message; drop it "
+                "from extra_config"
+            )
+    return {
+        "bootstrap.servers": bootstrap,
+        "client.id": client_id,
+        # A short linger lets concurrent sends share a request without delaying a lone send noticeably.
+        "linger.ms": 5,
+        "compression.type": "lz4",
+        **extra,
+        **_PINNED,
+    }
+
+
+def _headers(headers: Headers) -> list[tuple[str, str | bytes | None]] | None:
+    if headers is None:
+        return None
+    pairs = headers.items() if isinstance(headers, Mapping) else headers
+    return [(str(k), v) for k, v in pairs]
+
+
+def envelope_message(topic: str, envelope: EnvelopeLike) -> Outgoing:
+    """An envelope as a Kafka message: keyed by entity (or run), with type and id also in headers.
+
+    The headers let a DLQ viewer or a router read what a message is without parsing its body.
+    """
+    headers: list[tuple[str, str | bytes]] = [
+        ("type", envelope.type), ("message_id", str(envelope.message_id))]
+    if envelope.traceparent:
+        headers.append(("traceparent", envelope.traceparent))
+    return Outgoing(topic, envelope.kafka_key(), envelope.to_bytes(), headers)
+
+
+def _settle(future: asyncio.Future[Delivered], error: KafkaError | None, where: Delivered | None) -> None:
+    if future.done():
+        return  # the awaiting send was cancelled
+    if error is not None:
+        future.set_exception(_DeliveryFailed(error))
+    else:
+        assert where is not None
+        future.set_result(where)
+
+
+class AsyncProducer:
+    """An idempotent, acks=all producer for asyncio code; one per process is plenty."""
+
+    def __init__(
+        self,
+        bootstrap: str,
+        *,
+        client_id: str,
+        extra_config: Mapping[str, Any] | None = None,
+        poll_interval: float = 0.1,
+        queue_full_timeout: float = 30.0,
+    ) -> None:
+        self._base_config = producer_config(bootstrap, client_id, extra_config)
+        self._poll_interval = poll_interval
+        self._queue_full_timeout = queue_full_timeout
+        self._fatal: KafkaError | None = None
+        self._fatal_lock = threading.Lock()
+        # Producers replaced after a fatal error, still polled until their in-flight reports arrive.
+        self._retired: list[Producer] = []
+        self._pending: set[asyncio.Future[Delivered]] = set()
+        self._closed = False
+        self.rebuilds = 0
+        self._producer = self._build()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll_loop, name=f"kafka-producer-{client_id}",
+                                        daemon=True)
+        self._thread.start()
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """A copy of the configuration dict passed to confluent-kafka's Producer."""
+        return dict(self._passed_config)
+
+    def _build(self) -> Producer:
+        self._passed_config = {**self._base_config, "error_cb": self._on_error}
+        return Producer(self._passed_config)
+
+    # --- librdkafka threads -------------------------------------------------------------------------
+
+    def _on_error(self, error: KafkaError) -> None:
+        if should_rebuild(error):
+            self._note_fatal(error)
+        else:
+            # Transient (broker down, connection reset): librdkafka reconnects and retries on its own.
+            log.warning("kafka producer: %s", error)
+
+    def _note_fatal(self, error: KafkaError) -> None:
+        with self._fatal_lock:
+            if self._fatal is None:
+                log.error("kafka producer hit a fatal error; it is rebuilt before the next send: %s", error)
+                self._fatal = error
+
+    def _poll_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._producer.poll(self._poll_interval)
+                for old in list(self._retired):
+                    old.poll(0)
+                    if len(old) == 0:
+                        self._retired.remove(old)
+            except Exception:
+                # Dying here would leave every later send waiting forever for its delivery report.
+                log.exception("kafka producer: delivery report handling failed; polling goes on")
+
+    def _on_delivery(self, loop: asyncio.AbstractEventLoop, future: asyncio.Future[Delivered]) -> Any:
+        def report(error: KafkaError | None, msg: Message) -> None:
+            if error is not None and should_rebuild(error):
+                self._note_fatal(error)
+            where = None
+            if error is None:
+                where = Delivered(str(msg.topic()), int(msg.partition() or 0), int(msg.offset() or 0))
+            try:
+                loop.call_soon_threadsafe(_settle, future, error, where)
+            except RuntimeError:
+                pass  # the loop is closed: nobody is waiting for this report any more
+        return report
+
+    # --- event loop side ----------------------------------------------------------------------------
+
+    def _rebuild_if_fatal(self) -> None:
+        with self._fatal_lock:
+            error, self._fatal = self._fatal, None
+        if error is None:
+            return
+        old = self._producer
+        self._producer = self._build()
+        self._retired.append(old)
+        self.rebuilds += 1
+        log.warning("kafka producer rebuilt after fatal error %s (rebuild #%d)", error, self.rebuilds)
+
+    async def _produce(self, item: Outgoing, future: asyncio.Future[Delivered]) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._queue_full_timeout
+        retried_fatal = False
+        delay = 0.005
+        while True:
+            self._rebuild_if_fatal()
+            try:
+                self._producer.produce(item.topic, value=item.value, key=item.key,
+                                       headers=_headers(item.headers),
+                                       on_delivery=self._on_delivery(loop, future))
+                return
+            except BufferError:
+                # Local queue full: serve reports so it drains, then try again rather than drop the send.
+                if loop.time() >= deadline:
+                    raise _DeliveryFailed(
+                        f"local producer queue still full after {self._queue_full_timeout}s; the broker is "
+                        "not keeping up or is unreachable") from None
+                self._producer.poll(0)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 0.1)
+            except KafkaException as exc:
+                error = exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else None
+                if error is not None and should_rebuild(error) and not retried_fatal:
+                    # The message never entered the old producer, so one retry cannot duplicate it.
+                    self._note_fatal(error)
+                    retried_fatal = True
+                    continue
+                raise _DeliveryFailed(error if error is not None else str(exc)) from exc
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("AsyncProducer is closed: create a new one to publish again")
+
+    async def send(self, topic: str, key: bytes | None, value: bytes, headers: Headers = None) -> Delivered:
+        """Publish one message and wait for the broker's acknowledgement; PublishError if it failed."""
+        return (await self.send_batch([Outgoing(topic, key, value, headers)]))[0]
+
+    async def send_batch(self, items: Sequence[Outgoing]) -> list[Delivered]:
+        """Publish all items in order, then wait for every acknowledgement.
+
+        If an item cannot even be queued, the items after it are not produced (so a retry cannot land an
+        earlier message after a later one of the same key) and are reported as failed too.
+        """
+        self._check_open()
+        loop = asyncio.get_running_loop()
+        futures: list[asyncio.Future[Delivered]] = []
+        failures: list[FailedSend] = []
+        for index, item in enumerate(items):
+            future: asyncio.Future[Delivered] = loop.create_future()
+            try:
+                await self._produce(item, future)
+            except _DeliveryFailed as exc:
+                future.cancel()
+                failures.append(FailedSend(index, item, str(exc.error), exc.fatal))
+                failures.extend(FailedSend(i, it, f"not sent: item {index} before it failed")
+                                for i, it in enumerate(items[index + 1:], start=index + 1))
+                break
+            self._pending.add(future)
+            future.add_done_callback(self._pending.discard)
+            futures.append(future)
+        results = await asyncio.gather(*futures, return_exceptions=True)
+        delivered: list[Delivered | None] = [None] * len(items)
+        for index, result in enumerate(results):
+            if isinstance(result, Delivered):
+                delivered[index] = result
+            elif isinstance(result, _DeliveryFailed):
+                failures.append(FailedSend(index, items[index], str(result.error), result.fatal))
+            else:
+                failures.append(FailedSend(index, items[index], repr(result)))
+        if failures:
+            failures.sort(key=lambda f: f.index)
+            raise PublishError(failures, delivered)
+        return [d for d in delivered if d is not None]
+
+    async def send_envelope(self, topic: str, envelope: EnvelopeLike) -> Delivered:
+        """Publish one envelope keyed by its entity (or run id); see `envelope_message`."""
+        return (await self.send_batch([envelope_message(topic, envelope)]))[0]
+
+    async def flush(self, max_wait: float = 30.0) -> int:
+        """Wait until every queued message is acknowledged or failed; returns how many are still queued."""
+        remaining = await asyncio.to_thread(self._producer.flush, max_wait)
+        for old in list(self._retired):
+            remaining += await asyncio.to_thread(old.flush, 0)
+        if remaining:
+            log.warning("kafka producer: %d messages undelivered after a %.1fs flush", remaining, max_wait)
+        return remaining
+
+    async def close(self, max_wait: float = 30.0) -> None:
+        """Flush, stop the poll thread and fail any send still waiting. Calling it again does nothing."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            remaining = await self.flush(max_wait)
+            if remaining:
+                # Fail what is left so its senders raise now instead of waiting for a report never served.
+                for producer in [self._producer, *self._retired]:
+                    producer.purge()
+                    producer.poll(0)
+        finally:
+            self._stop.set()
+            await asyncio.to_thread(self._thread.join)
+            await asyncio.sleep(0)  # let the reports just scheduled settle their futures
+            for future in list(self._pending):
+                if not future.done():
+                    future.set_exception(_DeliveryFailed("producer closed before the broker acknowledged"))
+
+    async def __aenter__(self) -> AsyncProducer:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
