@@ -81,6 +81,12 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 
 @pytest.fixture
+def postgres_url(postgres: PostgresCluster) -> str:
+    """A fresh, empty PostgreSQL database, for behaviour only PostgreSQL has (row locks, SKIP LOCKED)."""
+    return asyncio.run(_create_database(postgres, f"t_{uuid.uuid4().hex[:12]}"))
+
+
+@pytest.fixture
 def unique() -> str:
     """A short unique suffix for topic names, task queues and group ids within one session."""
     return uuid.uuid4().hex[:10]
