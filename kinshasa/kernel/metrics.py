@@ -1,0 +1,137 @@
+"""Prometheus metrics of one component: outbox backlog, publish failures, DLQ size, handler latency, lag.
+
+Each component owns a `ComponentMetrics` with its own `CollectorRegistry`, so two components in one
+process (tests, the dev stack) never collide and `/metrics` shows exactly one component. Values
+that live in the database (outbox backlog, oldest unpublished row, DLQ size) are not pushed by the
+code that changes them; they are read through callbacks right before each scrape (`refresh`), so
+the numbers are true even after a crash or a restart.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from contextlib import contextmanager
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+logger = logging.getLogger(__name__)
+
+OutboxCallback = Callable[[], Awaitable[tuple[int, float | None]]]
+DlqCallback = Callable[[], Awaitable[int]]
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+# Metric names, exported so dashboards, alerts and tests refer to one spelling.
+OUTBOX_BACKLOG = "kinshasa_outbox_backlog"
+OUTBOX_OLDEST_AGE = "kinshasa_outbox_oldest_unpublished_age_seconds"
+PUBLISH_FAILURES = "kinshasa_outbox_publish_failures_total"
+DLQ_SIZE = "kinshasa_dlq_size"
+DLQ_RECORDED = "kinshasa_dlq_recorded_total"
+HANDLER_LATENCY = "kinshasa_handler_latency_seconds"
+CONSUMER_LAG = "kinshasa_consumer_lag"
+
+# Handlers span a cached inbox hit (~1 ms) to a slow database transaction; the tail matters most.
+_LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class ComponentMetrics:
+    """All metrics of one component, on a registry of its own."""
+
+    def __init__(self, component: str, registry: CollectorRegistry | None = None) -> None:
+        self.component = component
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.outbox_backlog = Gauge(OUTBOX_BACKLOG, "Outbox rows committed but not yet published.",
+                                    ["component"], registry=r)
+        self.outbox_oldest_age = Gauge(OUTBOX_OLDEST_AGE,
+                                       "Age in seconds of the oldest unpublished outbox row (0 when none).",
+                                       ["component"], registry=r)
+        self.publish_failures = Counter(PUBLISH_FAILURES, "Outbox publish attempts that failed.",
+                                        ["component", "topic"], registry=r)
+        self.dlq_size = Gauge(DLQ_SIZE, "Dead letters waiting for an operator (status open).",
+                              ["component"], registry=r)
+        self.dlq_recorded = Counter(DLQ_RECORDED, "Messages moved to the dead-letter queue.",
+                                    ["component", "group", "reason"], registry=r)
+        self.handler_latency = Histogram(HANDLER_LATENCY, "Time a message handler took, by operation.",
+                                         ["component", "operation", "outcome"], registry=r,
+                                         buckets=_LATENCY_BUCKETS)
+        self.consumer_lag = Gauge(CONSUMER_LAG, "Messages between a partition's high watermark and "
+                                  "the group's position.", ["component", "group", "topic", "partition"],
+                                  registry=r)
+        self._outbox_callback: OutboxCallback | None = None
+        self._dlq_callback: DlqCallback | None = None
+        # Created at zero so the series exist (and alert rules match) before the first event.
+        self.outbox_backlog.labels(component=component).set(0)
+        self.outbox_oldest_age.labels(component=component).set(0)
+        self.dlq_size.labels(component=component).set(0)
+
+    def set_outbox_callback(self, callback: OutboxCallback) -> None:
+        """`callback()` returns (backlog, age in seconds of the oldest unpublished row or None)."""
+        self._outbox_callback = callback
+
+    def set_dlq_callback(self, callback: DlqCallback) -> None:
+        """`callback()` returns the number of open dead letters."""
+        self._dlq_callback = callback
+
+    async def refresh(self) -> None:
+        """Re-read the database-backed gauges; called right before each scrape.
+
+        A failing callback leaves the last value in place and is logged: a scrape must still
+        answer when the database is briefly unavailable, and the gap shows in the logs.
+        """
+        if self._outbox_callback is not None:
+            try:
+                backlog, oldest_age = await self._outbox_callback()
+            except Exception:
+                logger.exception("outbox metrics callback failed; keeping the previous values")
+            else:
+                self.outbox_backlog.labels(component=self.component).set(backlog)
+                self.outbox_oldest_age.labels(component=self.component).set(oldest_age or 0.0)
+        if self._dlq_callback is not None:
+            try:
+                size = await self._dlq_callback()
+            except Exception:
+                logger.exception("DLQ metrics callback failed; keeping the previous value")
+            else:
+                self.set_dlq_size(size)
+
+    def publish_failed(self, topic: str, count: int = 1) -> None:
+        self.publish_failures.labels(component=self.component, topic=topic).inc(count)
+
+    def set_dlq_size(self, size: int) -> None:
+        self.dlq_size.labels(component=self.component).set(size)
+
+    def dead_lettered(self, group: str, reason: str) -> None:
+        self.dlq_recorded.labels(component=self.component, group=group, reason=reason).inc()
+
+    def observe_handler(self, operation: str, seconds: float, outcome: str = "ok") -> None:
+        self.handler_latency.labels(component=self.component, operation=operation,
+                                    outcome=outcome).observe(seconds)
+
+    @contextmanager
+    def time_handler(self, operation: str) -> Iterator[None]:
+        """Time a block as one handler call; outcome is 'error' when it raises."""
+        started = time.perf_counter()
+        outcome = "error"
+        try:
+            yield
+            outcome = "ok"
+        finally:
+            self.observe_handler(operation, time.perf_counter() - started, outcome)
+
+    def set_consumer_lag(self, group: str, topic: str, partition: int, lag: int) -> None:
+        self.consumer_lag.labels(component=self.component, group=group, topic=topic,
+                                 partition=str(partition)).set(max(lag, 0))
+
+    def set_consumer_lags(self, group: str, lags: Mapping[tuple[str, int], int]) -> None:
+        """Record `AsyncConsumer.lag()`'s answer: lag per (topic, partition) this member owns."""
+        for (topic, partition), lag in lags.items():
+            self.set_consumer_lag(group, topic, partition, lag)
+
+    async def render(self) -> bytes:
+        """The Prometheus text exposition of this component, refreshed first."""
+        await self.refresh()
+        return generate_latest(self.registry)

@@ -1,0 +1,289 @@
+"""Per-component hash-chained receipts: every cross-component emission leaves a tamper-evident trace.
+
+A receipt is appended in the same transaction as the emission it records, so a committed emission
+always has its receipt and a rolled-back one never does. Receipts are idempotent on their source
+tuple (where the emission came from: a command's message id, a consumed record's
+topic/partition/offset), so a redelivered message re-appends nothing.
+
+Each receipt's hash covers its sequence number, the previous receipt's hash, the component, the
+source tuple, the message id and the payload digest, in one canonical encoding (`canonical_bytes`).
+`verify` walks the chain and names every missing sequence number (gap), every receipt whose
+`prev_hash` does not match its predecessor's hash (broken link) and every receipt whose content no
+longer matches its own hash (bad hash). Removing the newest receipts is not detectable from the
+chain alone; anchor the head hash elsewhere (an alert, a log line) if that matters.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    DateTime,
+    PrimaryKeyConstraint,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    insert,
+    select,
+    text,
+)
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from kinshasa.kernel.tables import kernel_metadata
+
+GENESIS_HASH = "0" * 64
+# Rows read per round trip during verify: bounded memory for chains of millions of receipts.
+_VERIFY_BATCH = 1000
+
+SourcePart = str | int
+Source = tuple[SourcePart, ...]
+
+receipts = Table(
+    "receipts",
+    kernel_metadata,
+    # (component, seq) rather than seq alone: one chain per component, and a database that holds
+    # several components' chains (tests, a shared dev database) still keeps each chain gapless.
+    Column("component", String(64), nullable=False),
+    Column("seq", BigInteger, nullable=False, autoincrement=False),
+    Column("source", Text, nullable=False),
+    Column("message_id", String(64), nullable=False),
+    Column("payload_digest", String(64), nullable=False),
+    Column("prev_hash", String(64), nullable=False),
+    Column("hash", String(64), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    PrimaryKeyConstraint("component", "seq", name="pk_receipts"),
+    UniqueConstraint("component", "source", name="uq_receipts_component_source"),
+)
+
+
+class ReceiptError(ValueError):
+    """A receipt cannot be appended as asked (bad source tuple or digest)."""
+
+
+@dataclass(frozen=True)
+class Receipt:
+    seq: int
+    component: str
+    source: Source
+    message_id: str
+    payload_digest: str
+    prev_hash: str
+    hash: str
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    """The outcome of walking one chain; every list holds exact sequence numbers, ascending."""
+
+    ok: bool
+    checked: int
+    gaps: list[int] = field(default_factory=list)
+    broken_links: list[int] = field(default_factory=list)
+    bad_hashes: list[int] = field(default_factory=list)
+    head_seq: int = 0
+    head_hash: str = GENESIS_HASH
+
+    def problems(self) -> list[str]:
+        """One human-readable line per problem, ordered by sequence number."""
+        lines = [(seq, f"gap: receipt seq {seq} is missing") for seq in self.gaps]
+        lines += [(seq, f"broken link: receipt seq {seq} does not link to the hash of the receipt "
+                        "before it") for seq in self.broken_links]
+        lines += [(seq, f"bad hash: receipt seq {seq} was altered (its content no longer matches "
+                        "its hash)") for seq in self.bad_hashes]
+        return [line for _, line in sorted(lines, key=lambda item: item[0])]
+
+
+def payload_digest(payload: bytes | str | Mapping[str, Any]) -> str:
+    """The sha256 hex digest a receipt stores for a payload; mappings are hashed in canonical JSON."""
+    if isinstance(payload, Mapping):
+        data = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                          default=str).encode("utf-8")
+    elif isinstance(payload, str):
+        data = payload.encode("utf-8")
+    else:
+        data = bytes(payload)
+    return hashlib.sha256(data).hexdigest()
+
+
+def _check_source(source: Iterable[Any]) -> Source:
+    parts = tuple(source)
+    if not parts:
+        raise ReceiptError("a receipt's source tuple is empty; pass where the emission came from, "
+                           "e.g. ('command', message_id) or ('kafka', topic, partition, offset)")
+    for part in parts:
+        # bool is an int subclass but would encode as true/false, so it is refused explicitly.
+        if isinstance(part, bool) or not isinstance(part, str | int):
+            raise ReceiptError(f"source tuple parts must be str or int, got {part!r} "
+                               f"({type(part).__name__}); convert it before appending")
+    return parts
+
+
+def encode_source(source: Source) -> str:
+    """The canonical text a source tuple is stored (and made unique) as."""
+    return json.dumps(list(source), separators=(",", ":"), ensure_ascii=False)
+
+
+def decode_source(stored: str) -> Source:
+    return tuple(json.loads(stored))
+
+
+def canonical_bytes(seq: int, prev_hash: str, component: str, source: Source, message_id: str,
+                    digest: str) -> bytes:
+    """The exact bytes a receipt's hash covers.
+
+    A JSON array with fixed field order, no whitespace and UTF-8 text: unambiguous (no field can
+    bleed into the next, unlike plain concatenation) and reproducible from any language.
+    """
+    return json.dumps([seq, prev_hash, component, list(source), message_id, digest],
+                      separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def receipt_hash(seq: int, prev_hash: str, component: str, source: Source, message_id: str,
+                 digest: str) -> str:
+    return hashlib.sha256(canonical_bytes(seq, prev_hash, component, source, message_id,
+                                          digest)).hexdigest()
+
+
+class ChainChecker:
+    """Pure chain verification, fed receipts in ascending seq order (any batch size)."""
+
+    def __init__(self) -> None:
+        self.checked = 0
+        self.gaps: list[int] = []
+        self.broken_links: list[int] = []
+        self.bad_hashes: list[int] = []
+        self._expected_seq = 1
+        self._prev_hash = GENESIS_HASH
+
+    def feed(self, receipt: Receipt) -> None:
+        self.checked += 1
+        if receipt.seq > self._expected_seq:
+            self.gaps.extend(range(self._expected_seq, receipt.seq))
+        # Compared with the previous *present* receipt: after a deleted row the next one's link
+        # points at a hash nobody holds any more, which is exactly the broken link to report.
+        if receipt.prev_hash != self._prev_hash:
+            self.broken_links.append(receipt.seq)
+        expected = receipt_hash(receipt.seq, receipt.prev_hash, receipt.component, receipt.source,
+                                receipt.message_id, receipt.payload_digest)
+        if expected != receipt.hash:
+            self.bad_hashes.append(receipt.seq)
+        self._expected_seq = receipt.seq + 1
+        self._prev_hash = receipt.hash
+
+    def report(self) -> VerifyReport:
+        return VerifyReport(ok=not (self.gaps or self.broken_links or self.bad_hashes),
+                            checked=self.checked, gaps=list(self.gaps),
+                            broken_links=list(self.broken_links), bad_hashes=list(self.bad_hashes),
+                            head_seq=self._expected_seq - 1, head_hash=self._prev_hash)
+
+
+def check_chain(rows: Iterable[Receipt]) -> VerifyReport:
+    checker = ChainChecker()
+    for row in rows:
+        checker.feed(row)
+    return checker.report()
+
+
+def _lock_key(component: str) -> int:
+    # A stable signed 64-bit key per component for pg_advisory_xact_lock.
+    return int.from_bytes(hashlib.sha256(f"kinshasa.receipts:{component}".encode()).digest()[:8],
+                          "big", signed=True)
+
+
+def _row_to_receipt(row: Any) -> Receipt:
+    created = row.created_at
+    if created is not None and created.tzinfo is None:
+        # SQLite hands back naive datetimes; they were written in UTC.
+        created = created.replace(tzinfo=UTC)
+    return Receipt(seq=row.seq, component=row.component, source=decode_source(row.source),
+                   message_id=row.message_id, payload_digest=row.payload_digest,
+                   prev_hash=row.prev_hash, hash=row.hash, created_at=created)
+
+
+class ReceiptChain:
+    """One component's chain. Stateless: every call works inside the connection it is given."""
+
+    def __init__(self, component: str) -> None:
+        if not component:
+            raise ReceiptError("a receipt chain needs its component name, e.g. 'gateway'")
+        self.component = component
+
+    async def append(self, conn: AsyncConnection, source: Iterable[SourcePart], message_id: str,
+                     digest_of_payload: str) -> Receipt:
+        """Append a receipt inside the caller's transaction; a repeated source returns the first one.
+
+        The caller commits or rolls back with its own work, so receipt and emission share fate.
+        """
+        parts = _check_source(source)
+        digest = digest_of_payload.lower()
+        if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+            raise ReceiptError(f"digest_of_payload must be a sha256 hex digest, got {digest_of_payload!r}; "
+                               "use kinshasa.kernel.receipts.payload_digest(payload)")
+        if not conn.in_transaction():
+            raise ReceiptError("ReceiptChain.append must run inside the caller's transaction "
+                               "(async with engine.begin() as conn: ...)")
+        await self._lock(conn)
+        encoded = encode_source(parts)
+        existing = await self._by_source(conn, encoded)
+        if existing is not None:
+            return existing
+        head = (await conn.execute(
+            select(receipts.c.seq, receipts.c.hash)
+            .where(receipts.c.component == self.component)
+            .order_by(receipts.c.seq.desc()).limit(1))).first()
+        seq, prev_hash = (head.seq + 1, head.hash) if head is not None else (1, GENESIS_HASH)
+        receipt = Receipt(seq=seq, component=self.component, source=parts, message_id=message_id,
+                          payload_digest=digest, prev_hash=prev_hash,
+                          hash=receipt_hash(seq, prev_hash, self.component, parts, message_id, digest),
+                          created_at=datetime.now(UTC))
+        await conn.execute(insert(receipts).values(
+            component=receipt.component, seq=receipt.seq, source=encoded,
+            message_id=receipt.message_id, payload_digest=receipt.payload_digest,
+            prev_hash=receipt.prev_hash, hash=receipt.hash, created_at=receipt.created_at))
+        return receipt
+
+    async def _lock(self, conn: AsyncConnection) -> None:
+        # PostgreSQL: a transaction-scoped advisory lock serialises appenders of this chain even
+        # when it is empty (a FOR UPDATE on the head row would lock nothing then). It is released
+        # at commit, after which the next appender's fresh READ COMMITTED snapshot sees our row.
+        # SQLite: every transaction already began with BEGIN IMMEDIATE and holds the write lock.
+        if conn.dialect.name == "postgresql":
+            await conn.execute(text("SELECT pg_advisory_xact_lock(:key)"),
+                               {"key": _lock_key(self.component)})
+
+    async def _by_source(self, conn: AsyncConnection, encoded: str) -> Receipt | None:
+        row = (await conn.execute(select(receipts).where(
+            receipts.c.component == self.component, receipts.c.source == encoded))).first()
+        return _row_to_receipt(row) if row is not None else None
+
+    async def get(self, conn: AsyncConnection, source: Iterable[SourcePart]) -> Receipt | None:
+        """The receipt for a source tuple, if one was appended."""
+        return await self._by_source(conn, encode_source(_check_source(source)))
+
+    async def head(self, conn: AsyncConnection) -> Receipt | None:
+        row = (await conn.execute(select(receipts).where(receipts.c.component == self.component)
+                                  .order_by(receipts.c.seq.desc()).limit(1))).first()
+        return _row_to_receipt(row) if row is not None else None
+
+    async def verify(self, conn: AsyncConnection) -> VerifyReport:
+        """Walk the whole chain in seq order, in batches, and report every problem by seq."""
+        checker = ChainChecker()
+        after = 0
+        while True:
+            rows = (await conn.execute(
+                select(receipts).where(receipts.c.component == self.component, receipts.c.seq > after)
+                .order_by(receipts.c.seq).limit(_VERIFY_BATCH))).all()
+            for row in rows:
+                checker.feed(_row_to_receipt(row))
+            if len(rows) < _VERIFY_BATCH:
+                return checker.report()
+            after = rows[-1].seq

@@ -1,0 +1,478 @@
+"""The outbox relay: publishes outbox rows to Kafka in batches, in per-key order, with backoff, dead state.
+
+One cycle (`OutboxRelay.run_once`): claim up to `batch_size` pending, due rows; publish them as one
+producer batch and wait for every acknowledgement; mark the delivered rows published with one UPDATE;
+for each failed row add one attempt, set `next_attempt_at` by exponential backoff and keep the error,
+and once `max_attempts` is reached set the row `dead` (the dead-letter state, listed by `dead_rows`,
+requeued by `SqlOutboxStore.requeue_dead`). Delivery is at least once: a relay that dies after the
+broker acknowledged but before its UPDATE committed republishes those rows, and consumers absorb the
+duplicate with their inbox.
+
+Per-key order. "Key" is the Kafka key (an entity's `service:id`, or a run id); rows without a key have
+no order to keep. Two rules hold for the rows of one key, even with several relays on one database:
+
+1. rows are published in `seq` order, and per key `seq` order is commit order (see `outbox.py`: SQLite
+   has a single writer; on PostgreSQL `append` holds an advisory lock per key until commit);
+2. no row is published while an earlier row of its key is still pending, for instance in backoff.
+
+How the claim keeps them:
+
+* Candidates are pending, due rows that are not behind a row of their key in backoff (the keys in
+  backoff come from a small CTE over the partial index on `next_attempt_at`), oldest first. A key
+  whose head is in backoff is therefore skipped entirely; its later rows wait.
+* SQLite allows one writer at a time, so run one relay per SQLite database. It reads candidates in a
+  short transaction, publishes outside any transaction (so handlers can write meanwhile), and records
+  outcomes in a second short transaction. Nothing else claims, so the candidates are the heads of
+  their keys' queues.
+* PostgreSQL keeps one transaction open from claim to mark, so every lock below lasts until the rows'
+  new state is committed:
+  1. candidates are selected `FOR UPDATE SKIP LOCKED`: a relay publishes only rows it holds locked,
+     so no row is ever in two batches, and rows in another relay's batch are skipped at once;
+  2. for each candidate key the relay takes `pg_try_advisory_xact_lock(RELAY_LOCK_NS, hash(key))`;
+     rows of keys another relay holds are dropped, and later rounds (up to three) leave those keys
+     out, so a hot key being published elsewhere does not starve this relay of other work;
+  3. it then re-reads the pending rows of its keys in a fresh snapshot (the candidate query's may
+     predate another relay's commit) and keeps, per key, only the run of rows it holds, due, that
+     starts at the key's current head (`outbox.publishable_prefixes`).
+  Why no two relays ever publish rows of one key at once, out of order: by step 3 a relay publishes a
+  run that starts at the oldest pending row of the key as seen after it locked its rows, and that
+  head row is one it holds. A row stays pending until the relay holding it commits, so while relay A
+  publishes (head h, ...), every other relay's fresh read still finds h pending, does not hold it,
+  and takes nothing of the key; after A commits, the next read sees A's outcome (published, or h in
+  backoff, which stops the key). Rule 1 means no earlier row can appear later. Step 3 alone is enough
+  for this argument; the key lock of step 2 is what lets a relay give up a busy key before it has
+  spent a round on it.
+* Within a batch the rows of one key go out in `seq` order through the idempotent producer
+  (`enable.idempotence`, `acks=all`), which keeps one partition's order across its own retries. That
+  covers a key's rows only if they share a partition, so a key's run in a batch also stops where its
+  topic changes: the rows for the next topic wait for the next batch, after the earlier ones are
+  acknowledged (otherwise a row for topic B could be acknowledged while an earlier one for topic A of
+  the same key failed).
+* If the producer cannot queue an item it stops there and reports the rest as not sent; those rows
+  keep their attempt count and stay due, so one poison message costs no other row an attempt.
+
+Pipelining. `run` keeps up to `pipeline_depth` batches in flight so that claiming and recording
+overlap the broker's acknowledgements. A new claim excludes every key (and row) of the batches still in
+flight, so two batches of one relay never hold the same key either; on PostgreSQL each in-flight batch
+also keeps its own transaction, whose row and key locks make the other batches skip its keys.
+
+What is not guaranteed: a dead row no longer blocks its key (the dead-letter posture: the stream moves
+on and an operator deals with the letter), and a dead row that is requeued is published after the later
+rows of its key that went out meanwhile. A broker that loses one message of a partition but acknowledges
+the next one would also break the order; that is logged as a warning.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import socket
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Protocol
+
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncTransaction
+
+from kinshasa.kernel.outbox import (
+    ClaimedRow,
+    FailedAttempt,
+    OutboxStore,
+    SqlOutboxStore,
+    dead_rows,
+    utcnow,
+)
+from kinshasa.topics.producer import Delivered, Outgoing, PublishError
+
+__all__ = [
+    "NOT_SENT_PREFIX",
+    "BatchPublisher",
+    "OutboxRelay",
+    "PublishOutcome",
+    "RelayStats",
+    "backoff_delay",
+    "dead_rows",
+    "default_relay_id",
+    "order_breaks",
+    "plan_failures",
+    "publish_outcomes",
+]
+
+log = logging.getLogger(__name__)
+
+# How AsyncProducer.send_batch marks items it never produced because an earlier item could not be queued.
+NOT_SENT_PREFIX = "not sent"
+
+
+class BatchPublisher(Protocol):
+    """What the relay needs of `kinshasa.topics.producer.AsyncProducer`."""
+
+    async def send_batch(self, items: Sequence[Outgoing]) -> list[Delivered]: ...
+
+
+@dataclass
+class RelayStats:
+    """What one relay cycle (or, summed, a whole run) did."""
+
+    claimed: int = 0
+    published: int = 0
+    retrying: int = 0  # failed, scheduled for another attempt
+    dead: int = 0  # failed for the last allowed time
+    not_sent: int = 0  # left untouched because an earlier item of the batch could not be queued
+    seconds: float = 0.0
+
+    def add(self, other: RelayStats) -> None:
+        self.claimed += other.claimed
+        self.published += other.published
+        self.retrying += other.retrying
+        self.dead += other.dead
+        self.not_sent += other.not_sent
+        self.seconds += other.seconds
+
+
+@dataclass(frozen=True)
+class PublishOutcome:
+    """The fate of one item of a batch: delivered, failed (an attempt), or never sent (no attempt)."""
+
+    delivered: bool
+    attempted: bool = True
+    error: str | None = None
+
+
+def backoff_delay(attempts: int, *, base_s: float, max_s: float, jitter: float = 0.0,
+                  rand: Callable[[], float] = random.random) -> float:
+    """Seconds to wait after the `attempts`-th failed attempt: base * 2^(attempts-1), capped at max_s.
+
+    `jitter` (0..1) shortens the delay by up to that fraction, so rows that failed together (or
+    several relays) do not all retry in the same instant; the cap is never exceeded.
+    """
+    if attempts < 1:
+        raise ValueError(f"attempts must be >= 1 after a failure, got {attempts}")
+    exponent = min(attempts - 1, 62)  # past this the cap applies anyway; avoids float overflow
+    delay = min(max_s, base_s * (2.0 ** exponent))
+    if jitter:
+        delay *= 1.0 - min(max(jitter, 0.0), 1.0) * rand()
+    return max(0.0, delay)
+
+
+def publish_outcomes(count: int, error: BaseException | None) -> list[PublishOutcome]:
+    """Per-item outcomes of a `send_batch` of `count` items that returned (error None) or raised `error`."""
+    if error is None:
+        return [PublishOutcome(delivered=True) for _ in range(count)]
+    if not isinstance(error, PublishError):
+        # The publisher failed as a whole (closed, bug, cancelled deliveries): count it against every row.
+        text = f"{type(error).__name__}: {error}"
+        return [PublishOutcome(delivered=False, error=text) for _ in range(count)]
+    outcomes = [PublishOutcome(delivered=error.delivered[i] is not None) if i < len(error.delivered)
+                else PublishOutcome(delivered=False, error="no delivery report") for i in range(count)]
+    for failure in error.failures:
+        if 0 <= failure.index < count:
+            attempted = not failure.error.startswith(NOT_SENT_PREFIX)
+            outcomes[failure.index] = PublishOutcome(delivered=False, attempted=attempted,
+                                                     error=failure.error)
+    return outcomes
+
+
+def plan_failures(rows: Sequence[ClaimedRow], outcomes: Sequence[PublishOutcome], *, now: datetime,
+                  max_attempts: int, base_backoff_s: float, max_backoff_s: float, jitter: float = 0.0,
+                  rand: Callable[[], float] = random.random) -> list[FailedAttempt]:
+    """The new attempt count, retry time and state of every row whose publish was attempted and failed."""
+    planned: list[FailedAttempt] = []
+    for row, outcome in zip(rows, outcomes, strict=True):
+        if outcome.delivered or not outcome.attempted:
+            continue
+        attempts = row.attempts + 1
+        dead = attempts >= max_attempts
+        # A dead row is never retried on its own; its next_attempt_at records when it died instead.
+        delay = 0.0 if dead else backoff_delay(attempts, base_s=base_backoff_s, max_s=max_backoff_s,
+                                               jitter=jitter, rand=rand)
+        planned.append(FailedAttempt(
+            seq=row.seq, attempts=attempts, next_attempt_at=now + timedelta(seconds=delay),
+            error=outcome.error or "publish failed", dead=dead,
+        ))
+    return planned
+
+
+def order_breaks(rows: Sequence[ClaimedRow], outcomes: Sequence[PublishOutcome]) -> list[ClaimedRow]:
+    """Delivered rows that follow a failed row of the same key in the batch (the broker broke the order)."""
+    failed_keys: set[bytes] = set()
+    broken: list[ClaimedRow] = []
+    for row, outcome in zip(rows, outcomes, strict=True):
+        if row.key is None:
+            continue
+        if outcome.delivered:
+            if row.key in failed_keys:
+                broken.append(row)
+        elif outcome.attempted:
+            failed_keys.add(row.key)
+    return broken
+
+
+def default_relay_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+
+
+@dataclass(eq=False)
+class _Batch:
+    """A claimed batch; on PostgreSQL it keeps its connection and transaction (and so its locks) open."""
+
+    rows: list[ClaimedRow]
+    conn: AsyncConnection | None = None
+    tx: AsyncTransaction | None = None
+
+    @property
+    def keys(self) -> set[bytes]:
+        return {r.key for r in self.rows if r.key is not None}
+
+    @property
+    def seqs(self) -> set[int]:
+        return {r.seq for r in self.rows}
+
+
+class OutboxRelay:
+    """Publishes a component's outbox to Kafka; run one per SQLite database, any number per PostgreSQL one.
+
+    `run` pipelines up to `pipeline_depth` batches: while one batch waits for the broker, the next is
+    claimed, so the database work hides behind the publish. A batch never holds a key another of its
+    in-flight batches holds (see `OutboxStore.claim`'s exclusions), so pipelining keeps per-key order.
+    """
+
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        publisher: BatchPublisher,
+        *,
+        batch_size: int = 500,
+        max_attempts: int = 10,
+        base_backoff_s: float = 0.2,
+        max_backoff_s: float = 30.0,
+        relay_id: str | None = None,
+        jitter: float = 0.1,
+        pipeline_depth: int = 2,
+        store: OutboxStore | None = None,
+        clock: Callable[[], datetime] = utcnow,
+        on_publish_failure: Callable[[str, int], None] | None = None,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        if max_attempts < 1:
+            raise ValueError(f"max_attempts must be at least 1, got {max_attempts}")
+        if base_backoff_s < 0 or max_backoff_s < base_backoff_s:
+            raise ValueError("backoff must satisfy 0 <= base_backoff_s <= max_backoff_s, "
+                             f"got base {base_backoff_s}, max {max_backoff_s}")
+        if pipeline_depth < 1:
+            raise ValueError(f"pipeline_depth must be at least 1, got {pipeline_depth}")
+        self.engine = engine
+        self.publisher = publisher
+        self.batch_size = batch_size
+        self.max_attempts = max_attempts
+        self.base_backoff_s = base_backoff_s
+        self.max_backoff_s = max_backoff_s
+        self.relay_id = relay_id or default_relay_id()
+        self.jitter = jitter
+        self.pipeline_depth = pipeline_depth
+        self.store = store or SqlOutboxStore()
+        self.clock = clock
+        # e.g. ComponentMetrics.publish_failed(topic, count)
+        self.on_publish_failure = on_publish_failure
+        self.totals = RelayStats()
+        self._wake = asyncio.Event()
+        # Batches claimed and not yet recorded, by any caller (run, run_once, a drain on shutdown): each
+        # claim excludes their keys, and claims are serialised so two cannot read the same rows.
+        self._inflight: list[_Batch] = []
+        self._claim_lock = asyncio.Lock()
+        self._postgres = engine.dialect.name == "postgresql"
+
+    def wake(self) -> None:
+        """Cut the idle sleep short, e.g. right after a unit of work committed outbox rows."""
+        self._wake.set()
+
+    async def run_once(self) -> RelayStats:
+        """Claim one batch, publish it, record the outcome; returns what happened (claimed 0 when idle)."""
+        started = time.perf_counter()
+        batch = await self._claim()
+        stats = await self._finish(batch)
+        stats.seconds = time.perf_counter() - started
+        return stats
+
+    async def _claim(self) -> _Batch:
+        async with self._claim_lock:
+            exclude_keys: set[bytes] = set().union(*(b.keys for b in self._inflight))
+            exclude_seqs: set[int] = set().union(*(b.seqs for b in self._inflight))
+            batch = await self._claim_excluding(exclude_keys, exclude_seqs)
+            if batch.rows:
+                self._inflight.append(batch)
+            return batch
+
+    async def _claim_excluding(self, exclude_keys: set[bytes], exclude_seqs: set[int]) -> _Batch:
+        if not self._postgres:
+            async with self.engine.begin() as conn:
+                rows = await self.store.claim(conn, limit=self.batch_size, now=self.clock(),
+                                              exclude_keys=exclude_keys, exclude_seqs=exclude_seqs)
+            # Publish outside any transaction: on SQLite a transaction holds the database's only write
+            # lock, and handlers must be able to commit while the broker acknowledges.
+            return _Batch(rows)
+        # Claim, publish and mark in one transaction: the row and key locks last until the new states
+        # are committed, which is what lets several relays (and pipelined batches) share one database.
+        conn = await self.engine.connect()
+        try:
+            tx = await conn.begin()
+            rows = await self.store.claim(conn, limit=self.batch_size, now=self.clock(),
+                                          exclude_keys=exclude_keys, exclude_seqs=exclude_seqs)
+        except BaseException:
+            await conn.close()
+            raise
+        if not rows:
+            await tx.rollback()
+            await conn.close()
+            return _Batch(rows)
+        return _Batch(rows, conn, tx)
+
+    async def _finish(self, batch: _Batch) -> RelayStats:
+        """Publish a claimed batch and record the outcome (committing its transaction on PostgreSQL)."""
+        try:
+            stats = await self._publish_and_record(batch)
+            if batch.tx is not None:
+                await batch.tx.commit()
+        finally:
+            await self._release(batch)
+        self.totals.add(stats)
+        return stats
+
+    async def _release(self, batch: _Batch) -> None:
+        try:
+            if batch.conn is not None and not batch.conn.closed:
+                await batch.conn.close()  # rolls back if the commit was not reached
+        finally:
+            if batch in self._inflight:
+                self._inflight.remove(batch)
+
+    async def _publish_and_record(self, batch: _Batch) -> RelayStats:
+        rows = batch.rows
+        stats = RelayStats(claimed=len(rows))
+        if not rows:
+            return stats
+        items = [Outgoing(r.topic, r.key, r.value, list(r.headers) or None) for r in rows]
+        error: BaseException | None = None
+        try:
+            await self.publisher.send_batch(items)
+        except Exception as exc:
+            error = exc
+        outcomes = publish_outcomes(len(rows), error)
+        now = self.clock()
+        published = [r.seq for r, o in zip(rows, outcomes, strict=True) if o.delivered]
+        failures = plan_failures(rows, outcomes, now=now, max_attempts=self.max_attempts,
+                                 base_backoff_s=self.base_backoff_s, max_backoff_s=self.max_backoff_s,
+                                 jitter=self.jitter)
+        if batch.conn is not None:
+            await self._record(batch.conn, published, failures, now)
+        else:
+            async with self.engine.begin() as conn:
+                await self._record(conn, published, failures, now)
+        stats.published = len(published)
+        stats.dead = sum(1 for f in failures if f.dead)
+        stats.retrying = len(failures) - stats.dead
+        stats.not_sent = sum(1 for o in outcomes if not o.delivered and not o.attempted)
+        self._report(rows, outcomes, failures)
+        return stats
+
+    async def _record(self, conn: AsyncConnection, published: list[int], failures: list[FailedAttempt],
+                      now: datetime) -> None:
+        await self.store.mark_published(conn, published, now=now, relay_id=self.relay_id)
+        await self.store.record_failures(conn, failures, relay_id=self.relay_id)
+
+    def _report(self, rows: list[ClaimedRow], outcomes: list[PublishOutcome],
+                failures: list[FailedAttempt]) -> None:
+        if not failures:
+            return
+        by_seq = {r.seq: r for r in rows}
+        per_topic: dict[str, int] = {}
+        for failure in failures:
+            row = by_seq[failure.seq]
+            per_topic[row.topic] = per_topic.get(row.topic, 0) + 1
+            if failure.dead:
+                log.error(
+                    "outbox message %s to %s is dead after %d attempts: %s. Fix the cause (does the topic "
+                    "exist? is the broker reachable?), then requeue it from the DLQ (dlq_reprocess).",
+                    row.message_id, row.topic, failure.attempts, failure.error)
+        first = failures[0]
+        log.warning("outbox relay %s: %d of %d messages failed to publish, retrying with backoff; first: %s",
+                    self.relay_id, len(failures), len(rows), first.error)
+        if self.on_publish_failure is not None:
+            for topic, count in per_topic.items():
+                self.on_publish_failure(topic, count)
+        for row in order_breaks(rows, outcomes):
+            log.warning("outbox message %s (key %r) was acknowledged after an earlier message of its key "
+                        "failed: consumers see it out of order", row.message_id, row.entity_key)
+
+    async def run(self, stop: asyncio.Event, idle_sleep_s: float = 0.2) -> RelayStats:
+        """Relay until `stop` is set, then finish the batches in flight; returns the totals.
+
+        A full batch is followed at once by the next claim, up to `pipeline_depth` batches in flight;
+        otherwise the relay idles `idle_sleep_s` (or until `wake()`). Database or publisher errors do
+        not end the loop: they are logged and retried with backoff, because a relay that exits silently
+        leaves every later message unpublished.
+        """
+        inflight: dict[asyncio.Task[RelayStats], _Batch] = {}
+        errors = 0
+        try:
+            while True:
+                claimed_full = False
+                if not stop.is_set() and len(inflight) < self.pipeline_depth:
+                    try:
+                        batch = await self._claim()
+                    except Exception:
+                        errors += 1
+                        log.exception("outbox relay %s: claiming a batch failed (%d in a row); check the "
+                                      "database", self.relay_id, errors)
+                        await self._after_error(stop, errors)
+                        continue
+                    errors = 0
+                    if batch.rows:
+                        inflight[asyncio.create_task(self._finish(batch))] = batch
+                        claimed_full = len(batch.rows) >= self.batch_size
+                if claimed_full and len(inflight) < self.pipeline_depth:
+                    continue  # more work is waiting: claim the next batch while this one publishes
+                if inflight:
+                    done, _ = await asyncio.wait(set(inflight), return_when=asyncio.FIRST_COMPLETED)
+                    for task in done:
+                        inflight.pop(task)
+                        if task.exception() is not None:
+                            errors += 1
+                            log.error("outbox relay %s: finishing a batch failed (%d in a row); its rows "
+                                      "stay pending and will be published again; check the database",
+                                      self.relay_id, errors, exc_info=task.exception())
+                            await self._after_error(stop, errors)
+                        else:
+                            errors = 0
+                    continue
+                if stop.is_set():
+                    return self.totals
+                await self._idle(stop, idle_sleep_s)
+        finally:
+            # Cancelled: give the in-flight batches' connections back; their rows stay pending.
+            for task in inflight:
+                task.cancel()
+            if inflight:
+                await asyncio.gather(*inflight, return_exceptions=True)
+            for batch in inflight.values():
+                await self._release(batch)  # a task cancelled before it started never released it
+
+    async def _after_error(self, stop: asyncio.Event, errors: int) -> None:
+        # Back off so a database outage is not hammered; `stop` still ends the wait at once.
+        await self._idle(stop, backoff_delay(errors, base_s=max(self.base_backoff_s, 0.05),
+                                             max_s=self.max_backoff_s))
+
+    async def _idle(self, stop: asyncio.Event, seconds: float) -> None:
+        stop_wait = asyncio.ensure_future(stop.wait())
+        wake_wait = asyncio.ensure_future(self._wake.wait())
+        try:
+            await asyncio.wait({stop_wait, wake_wait}, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop_wait.cancel()
+            wake_wait.cancel()
+        self._wake.clear()

@@ -1,0 +1,304 @@
+"""The outbox relay against a real Kafka broker and real SQLite / PostgreSQL databases."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import pytest
+from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from kinshasa.infra.kafka import KafkaBroker
+from kinshasa.infra.process import free_port
+from kinshasa.kernel.database import create_engine
+from kinshasa.kernel.install import install_kernel_tables
+from kinshasa.kernel.outbox import DEAD, PENDING, PUBLISHED, SqlOutboxStore, append, dead_rows, outbox
+from kinshasa.kernel.relay import OutboxRelay, RelayStats
+from kinshasa.kernel.unit_of_work import UnitOfWork
+from kinshasa.schemas.envelope import Actor, EntityRef, Envelope, utcnow
+from kinshasa.topics.admin import ensure_topics
+from kinshasa.topics.catalogue import TopicSpec
+from kinshasa.topics.consumer import to_record
+from kinshasa.topics.producer import AsyncProducer
+
+
+@dataclass(frozen=True)
+class Consumed:
+    key: bytes | None
+    value: bytes
+    partition: int
+    headers: dict[str, bytes]
+
+
+def create_topic(bootstrap: str, name: str, partitions: int = 3) -> str:
+    report = ensure_topics(bootstrap, [TopicSpec(name, partitions)])
+    assert name in report.created
+    return name
+
+
+def read_topic(bootstrap: str, topic: str, timeout: float = 30.0) -> list[Consumed]:
+    """Every message on `topic`, up to each partition's high watermark, partition by partition in order."""
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"reader-{uuid.uuid4().hex}",
+                         "enable.auto.commit": False, "auto.offset.reset": "earliest"})
+    try:
+        meta = consumer.list_topics(topic, timeout=timeout)
+        partitions = sorted(meta.topics[topic].partitions)
+        highs = {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout)[1]
+                 for p in partitions}
+        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
+        remaining = {p: high for p, high in highs.items() if high > 0}
+        out: list[Consumed] = []
+        deadline = time.monotonic() + timeout
+        while remaining and time.monotonic() < deadline:
+            for msg in consumer.consume(num_messages=1000, timeout=0.5):
+                if msg.error():
+                    raise AssertionError(f"consume error: {msg.error()}")
+                record = to_record(msg)
+                out.append(Consumed(record.key, record.value, record.partition, dict(record.headers)))
+                if record.offset + 1 >= remaining.get(record.partition, 0):
+                    remaining.pop(record.partition, None)
+        assert not remaining, f"did not reach the end of partitions {sorted(remaining)} of {topic}"
+        return out
+    finally:
+        consumer.close()
+
+
+def check_per_key_order(messages: list[Consumed], expected: dict[bytes, list[bytes]]) -> None:
+    """Each key's messages arrive exactly once, on one partition, in the order they were appended."""
+    seen: dict[bytes, list[bytes]] = defaultdict(list)
+    partitions: dict[bytes, set[int]] = defaultdict(set)
+    for m in messages:
+        assert m.key is not None
+        seen[m.key].append(m.value)
+        partitions[m.key].add(m.partition)
+    assert dict(seen) == expected
+    assert all(len(p) == 1 for p in partitions.values())
+
+
+@pytest.fixture
+async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
+    engine = create_engine(database_url)
+    await install_kernel_tables(engine)
+    try:
+        yield engine
+    finally:
+        await engine.dispose()
+
+
+@pytest.fixture
+async def producer(kafka: KafkaBroker, unique: str) -> AsyncIterator[AsyncProducer]:
+    producer = AsyncProducer(kafka.bootstrap, client_id=f"relay-test-{unique}",
+                             extra_config={"message.timeout.ms": 5000})
+    try:
+        yield producer
+    finally:
+        await producer.close(5)
+
+
+async def statuses(engine: AsyncEngine) -> dict[str, int]:
+    async with engine.connect() as conn:
+        rows = await conn.execute(select(outbox.c.status, func.count()).group_by(outbox.c.status))
+        return {status: int(n) for status, n in rows}
+
+
+async def wait_until_nothing_pending(engine: AsyncEngine, seconds: float = 60.0) -> None:
+    for _ in range(int(seconds / 0.05)):
+        if (await statuses(engine)).get(PENDING, 0) == 0:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"rows still pending after {seconds}s: {await statuses(engine)}")
+
+
+async def drain(relay: OutboxRelay, max_cycles: int = 100) -> RelayStats:
+    total = RelayStats()
+    for _ in range(max_cycles):
+        stats = await relay.run_once()
+        total.add(stats)
+        if stats.claimed == 0:
+            return total
+    raise AssertionError("the relay never ran out of work")
+
+
+async def append_interleaved(engine: AsyncEngine, topic: str, keys: int, per_key: int,
+                             prefix: str = "", start: int = 0) -> dict[bytes, list[bytes]]:
+    """Rows for `keys` keys, interleaved (k0#0, k1#0, ..., k0#1, ...), in small transactions."""
+    expected: dict[bytes, list[bytes]] = defaultdict(list)
+    for i in range(start, start + per_key):
+        async with engine.begin() as conn:
+            for k in range(keys):
+                key = f"documents:{prefix}{k}".encode()
+                value = f"{prefix}{k}#{i:04d}".encode()
+                await append(conn, topic, key, value, uuid.uuid4())
+                expected[key].append(value)
+    return dict(expected)
+
+
+async def test_relay_publishes_every_row_once_in_per_key_order(
+        kafka: KafkaBroker, unique: str, engine: AsyncEngine, producer: AsyncProducer) -> None:
+    topic = create_topic(kafka.bootstrap, f"relay.order.{unique}")
+    expected = await append_interleaved(engine, topic, keys=12, per_key=25)
+    relay = OutboxRelay(engine, producer, batch_size=64, relay_id="relay-a")
+    total = await drain(relay)
+    assert (total.claimed, total.published, total.retrying, total.dead) == (300, 300, 0, 0)
+    assert await statuses(engine) == {PUBLISHED: 300}
+    check_per_key_order(read_topic(kafka.bootstrap, topic), expected)
+    async with engine.connect() as conn:
+        backlog = await SqlOutboxStore().backlog(conn)
+    assert (backlog.pending, backlog.oldest_age_s) == (0, None)
+
+
+async def test_unit_of_work_envelopes_arrive_as_sent(
+        kafka: KafkaBroker, unique: str, engine: AsyncEngine, producer: AsyncProducer) -> None:
+    topic = create_topic(kafka.bootstrap, f"relay.envelopes.{unique}", partitions=1)
+    sent = []
+    relay = OutboxRelay(engine, producer, relay_id="relay-uow")
+    for title in ("a", "b", "c"):
+        env = Envelope(message_id=uuid.uuid4(), type="documents.rename.applied", run_id="run-7",
+                       actor=Actor(kind="service", id="documents"),
+                       entity=EntityRef(service="documents", type="document", id="d42"),
+                       occurred_at=utcnow(), payload={"new_title": title})
+        async with UnitOfWork(engine, on_commit=relay.wake) as uow:
+            uow.emit(topic, env)
+            await uow.commit()
+        sent.append(env)
+    await drain(relay)
+    got = read_topic(kafka.bootstrap, topic)
+    assert [Envelope.from_bytes(m.value) for m in got] == sent
+    assert all(m.key == b"documents:d42" for m in got)
+    assert [m.headers["message_id"].decode() for m in got] == [str(e.message_id) for e in sent]
+
+
+async def test_missing_topic_backs_off_then_dies_and_holds_its_key_until_then(
+        kafka: KafkaBroker, unique: str, engine: AsyncEngine) -> None:
+    good = create_topic(kafka.bootstrap, f"relay.good.{unique}", partitions=1)
+    missing = f"relay.missing.{unique}"  # never created; the broker does not auto-create topics
+    producer = AsyncProducer(kafka.bootstrap, client_id=f"relay-missing-{unique}",
+                             extra_config={"message.timeout.ms": 3000,
+                                           "topic.metadata.propagation.max.ms": 100})
+    poison, behind, other = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    async with engine.begin() as conn:
+        await append(conn, missing, b"documents:K", b"poison", poison)
+        await append(conn, good, b"documents:K", b"behind-poison", behind)
+        await append(conn, good, b"documents:J", b"other-key", other)
+    store = SqlOutboxStore()
+    relay = OutboxRelay(engine, producer, max_attempts=3, base_backoff_s=0.05, max_backoff_s=0.2, jitter=0,
+                        relay_id="relay-f")
+    try:
+        first = await relay.run_once()
+        assert (first.claimed, first.published, first.retrying, first.dead) == (2, 1, 1, 0)
+        async with engine.connect() as conn:
+            row = await store.get(conn, poison)
+            waiting = await store.get(conn, behind)
+        assert row is not None and (row.status, row.attempts) == (PENDING, 1)
+        assert row.last_error and "relay-f" == row.relay_id
+        assert row.next_attempt_at > row.created_at
+        assert waiting is not None and waiting.status == PENDING and waiting.attempts == 0
+
+        dead_seen = 0
+        deadline = time.monotonic() + 60
+        while dead_seen == 0 and time.monotonic() < deadline:
+            stats = await relay.run_once()
+            dead_seen += stats.dead
+            async with engine.connect() as conn:
+                waiting = await store.get(conn, behind)
+            # Never published while the earlier row of its key is pending.
+            if dead_seen == 0:
+                assert waiting is not None and waiting.status == PENDING
+            if stats.claimed == 0:
+                await asyncio.sleep(0.05)
+        async with engine.connect() as conn:
+            dead = await dead_rows(conn)
+        assert [(r.message_id, r.status, r.attempts) for r in dead] == [(poison, DEAD, 3)]
+        assert dead[0].last_error
+
+        await drain(relay)
+        assert await statuses(engine) == {DEAD: 1, PUBLISHED: 2}
+        assert [m.value for m in read_topic(kafka.bootstrap, good)] == [b"other-key", b"behind-poison"]
+    finally:
+        await producer.close(5)
+
+
+async def test_unreachable_broker_counts_attempts_until_dead(unique: str, engine: AsyncEngine) -> None:
+    producer = AsyncProducer(f"127.0.0.1:{free_port()}", client_id=f"relay-down-{unique}",
+                             extra_config={"message.timeout.ms": 400, "reconnect.backoff.max.ms": 100})
+    async with engine.begin() as conn:
+        for i in range(3):
+            await append(conn, "kinshasa.events.documents", f"documents:{i}", b"v", uuid.uuid4())
+    failures: list[tuple[str, int]] = []
+    relay = OutboxRelay(engine, producer, max_attempts=2, base_backoff_s=0.01, max_backoff_s=0.01, jitter=0,
+                        on_publish_failure=lambda topic, n: failures.append((topic, n)))
+    try:
+        first = await relay.run_once()
+        assert (first.claimed, first.retrying, first.published) == (3, 3, 0)
+        await asyncio.sleep(0.05)
+        second = await relay.run_once()
+        assert (second.claimed, second.dead) == (3, 3)
+        async with engine.connect() as conn:
+            dead = await dead_rows(conn)
+        assert [r.attempts for r in dead] == [2, 2, 2]
+        assert all("timed out" in (r.last_error or "").lower() for r in dead), dead[0].last_error
+        assert failures == [("kinshasa.events.documents", 3)] * 2
+        assert (await relay.run_once()).claimed == 0
+    finally:
+        await producer.close(1)
+
+
+async def test_run_pipelines_batches_while_rows_keep_arriving_and_stops_cleanly(
+        kafka: KafkaBroker, unique: str, engine: AsyncEngine, producer: AsyncProducer) -> None:
+    topic = create_topic(kafka.bootstrap, f"relay.run.{unique}")
+    expected = await append_interleaved(engine, topic, keys=40, per_key=10)
+    relay = OutboxRelay(engine, producer, batch_size=50, pipeline_depth=2, relay_id="relay-run")
+    stop = asyncio.Event()
+    running = asyncio.create_task(relay.run(stop, idle_sleep_s=0.02))
+    await asyncio.sleep(0.01)
+    # Drains on the same relay while run() has batches in flight (as a shutdown path does) must not
+    # claim what those batches hold, nor rows of their keys.
+    drains = asyncio.gather(*(relay.run_once() for _ in range(3)))
+    late = await append_interleaved(engine, topic, keys=40, per_key=5, start=10)
+    for key, values in late.items():
+        expected[key] = expected[key] + values
+    await drains
+    await wait_until_nothing_pending(engine)
+    stop.set()
+    totals = await asyncio.wait_for(running, 30)
+    assert totals.published == 600 and totals.retrying == totals.dead == 0
+    assert await statuses(engine) == {PUBLISHED: 600}
+    check_per_key_order(read_topic(kafka.bootstrap, topic), expected)
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+async def test_two_relays_on_one_postgres_database_publish_each_row_once_in_order(
+        database_url: str, kafka: KafkaBroker, unique: str, engine: AsyncEngine,
+        producer: AsyncProducer) -> None:
+    topic = create_topic(kafka.bootstrap, f"relay.pair.{unique}", partitions=4)
+    expected = await append_interleaved(engine, topic, keys=150, per_key=8, prefix="a")
+    second_producer = AsyncProducer(kafka.bootstrap, client_id=f"relay-b-{unique}")
+    relays = [OutboxRelay(engine, producer, batch_size=40, relay_id="relay-1"),
+              OutboxRelay(engine, second_producer, batch_size=40, relay_id="relay-2")]
+    stop = asyncio.Event()
+    runs = [asyncio.create_task(r.run(stop, idle_sleep_s=0.02)) for r in relays]
+    try:
+        # Keep appending while both relays run, so claims race with new rows of the same keys.
+        late = await append_interleaved(engine, topic, keys=150, per_key=4, prefix="a", start=8)
+        for key, values in late.items():
+            expected[key] = expected[key] + values
+        await wait_until_nothing_pending(engine)
+    finally:
+        stop.set()
+        await asyncio.gather(*runs)
+        await second_producer.close(5)
+    total = sum(len(v) for v in expected.values())
+    assert await statuses(engine) == {PUBLISHED: total}
+    check_per_key_order(read_topic(kafka.bootstrap, topic), expected)
+    async with engine.connect() as conn:
+        by_relay: dict[str | None, int] = dict((await conn.execute(
+            select(outbox.c.relay_id, func.count()).group_by(outbox.c.relay_id))).all())
+    assert set(by_relay) == {"relay-1", "relay-2"}, by_relay
+    assert sum(r.totals.published for r in relays) == total
