@@ -1,0 +1,330 @@
+"""One service process: consumer, inbox, DLQ guard, outbox relay and HTTP read/admin API, started and stopped.
+
+`ServiceRuntime(service, stack=..., settings=...).run(stop)` is the whole process. It installs the
+tables and triggers, makes sure the service's topics exist, then runs side by side:
+
+* the consumer of `kinshasa.commands.<service>` (group `kinshasa.svc.<service>`), each record going
+  through the DLQ guard into `CommandDispatcher.handle` (one transaction: inbox, domain, outbox);
+* the outbox relay publishing `kinshasa.events.<service>`, woken by every commit;
+* uvicorn serving the read API and the kernel admin endpoints (/healthz, /admin/dlq, /metrics).
+
+Setting `stop` (SIGTERM/SIGINT in `serve_forever`) lets the in-flight message finish and commit, stops
+consuming, drains the outbox to Kafka, then closes the producer and the server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from kinshasa.kernel.admin import admin_app, load_or_create_internal_token
+from kinshasa.kernel.database import create_engine
+from kinshasa.kernel.dlq import (
+    DeadLetterPolicy,
+    DeadLetterQueue,
+    OutboxDeadLetters,
+    SqlDeadLetterStore,
+    guarded_handler,
+)
+from kinshasa.kernel.logs import log_context
+from kinshasa.kernel.metrics import ComponentMetrics
+from kinshasa.kernel.outbox import SqlOutboxStore
+from kinshasa.kernel.relay import OutboxRelay
+from kinshasa.services.kit.declarations import Service
+from kinshasa.services.kit.dispatcher import CommandDispatcher
+from kinshasa.services.kit.install import install_service
+from kinshasa.services.kit.readapi import mount_reads
+from kinshasa.settings import ServiceSettings, StackSettings
+from kinshasa.topics.admin import ensure_topics
+from kinshasa.topics.catalogue import (
+    TopicSpec,
+    catalogue,
+    commands_topic,
+    dlq_topic,
+    events_topic,
+    group_id,
+)
+from kinshasa.topics.consumer import AsyncConsumer, Handler, Record
+from kinshasa.topics.producer import AsyncProducer
+
+log = logging.getLogger(__name__)
+
+LAG_INTERVAL_S = 5.0
+DRAIN_TIMEOUT_S = 15.0
+# Well under librdkafka's 45 s default: a replacement for a crashed process gets its partitions sooner.
+SESSION_TIMEOUT_MS = 10_000
+
+
+@dataclass(frozen=True)
+class ServiceTopics:
+    """The topics and consumer group one service process uses."""
+
+    commands: str
+    events: str
+    group: str
+
+    @classmethod
+    def for_service(cls, name: str, suffix: str | None = None) -> ServiceTopics:
+        """The catalogue's names; `suffix` gives an isolated copy (`kinshasa.commands.documents.<suffix>`,
+        group `kinshasa.svc.documents.<suffix>`) for tests or a side-by-side stack on one broker."""
+        if not suffix:
+            return cls(commands_topic(name), events_topic(name), group_id(name))
+        return cls(f"{commands_topic(name)}.{suffix}", f"{events_topic(name)}.{suffix}",
+                   group_id(name, suffix))
+
+    @property
+    def dlq(self) -> str:
+        return dlq_topic(self.group)
+
+    def specs(self, service: str) -> list[TopicSpec]:
+        """The catalogue's specs for this service's three topics, renamed when a suffix is in use."""
+        canonical = ServiceTopics.for_service(service)
+        renames = {canonical.commands: self.commands, canonical.events: self.events, canonical.dlq: self.dlq}
+        return [replace(spec, name=renames[spec.name])
+                for spec in catalogue([service], groups=[canonical.group]) if spec.name in renames]
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    """Knobs of the process that are not per-deployment settings."""
+
+    ensure_topics: bool = True
+    # Static group membership: a restarted process with the same instance id gets its partitions back
+    # at once instead of waiting for the old member's session to expire. One id per running replica.
+    instance_id: str | None = None
+    dlq_policy: DeadLetterPolicy = field(default_factory=DeadLetterPolicy)
+    relay_batch_size: int = 500
+    relay_max_attempts: int = 10
+    consumer_batch_size: int = 100
+
+
+def record_handler(dispatcher: CommandDispatcher) -> Handler:
+    """The consumer's handler: parse the record, then dispatch inside the message's log context.
+
+    Every log line written while the command is handled carries its run id, actor and message id.
+    """
+
+    async def on_record(record: Record) -> None:
+        envelope = record.envelope()  # InvalidMessage: the DLQ guard dead-letters it at once
+        with log_context(run_id=envelope.run_id, actor=envelope.actor, message_id=envelope.message_id):
+            await dispatcher.handle(envelope)
+
+    return on_record
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its own signal handling: the runtime owns SIGTERM/SIGINT and the shutdown order."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+class ServiceRuntime:
+    """Everything one service process runs; `run(stop)` returns once the process has shut down cleanly."""
+
+    def __init__(self, service: Service, *, stack: StackSettings, settings: ServiceSettings,
+                 topics: ServiceTopics | None = None, options: RuntimeOptions | None = None,
+                 token: str | None = None) -> None:
+        service.verify()  # a service with an undeclared or irreversible operation never starts
+        self.service = service
+        self.stack = stack
+        self.settings = settings
+        self.topics = topics or ServiceTopics.for_service(service.name)
+        self.options = options or RuntimeOptions()
+        self.token = token
+        self.metrics = ComponentMetrics(service.name)
+        self.admin_url: str | None = None
+        self.ready = asyncio.Event()
+
+    @property
+    def database_url(self) -> str:
+        return self.settings.resolved_database_url(self.stack, self.service.name)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        engine = create_engine(self.database_url)
+        try:
+            await install_service(engine, self.service)
+            if self.options.ensure_topics:
+                report = await asyncio.to_thread(ensure_topics, self.stack.kafka_bootstrap,
+                                                 self.topics.specs(self.service.name))
+                for mismatch in report.mismatches:
+                    log.warning("topic differs from the catalogue (fix with `kinshasa topics ensure`): %s",
+                                mismatch.line())
+            await self._run_with(engine, stop)
+        finally:
+            await engine.dispose()
+
+    async def _run_with(self, engine: AsyncEngine, stop: asyncio.Event) -> None:
+        name, topics, opts = self.service.name, self.topics, self.options
+        producer = AsyncProducer(self.stack.kafka_bootstrap, client_id=f"kinshasa-svc-{name}")
+        relay = OutboxRelay(engine, producer, batch_size=opts.relay_batch_size,
+                            max_attempts=opts.relay_max_attempts,
+                            on_publish_failure=self.metrics.publish_failed)
+        dispatcher = CommandDispatcher(self.service, engine, group=topics.group, events_topic=topics.events,
+                                       settings=self.settings, on_commit=relay.wake)
+        handler = record_handler(dispatcher)
+        dead_letters = SqlDeadLetterStore(engine)
+        guarded = guarded_handler(handler, store=dead_letters, producer=producer, group=topics.group,
+                                  backoff=opts.dlq_policy, metrics=self.metrics)
+        dlq = DeadLetterQueue(name, dead_letters, handlers=handler, metrics=self.metrics,
+                              outbox=OutboxDeadLetters(engine))
+        outbox_store = SqlOutboxStore()
+
+        async def outbox_numbers() -> tuple[int, float | None]:
+            async with engine.connect() as conn:
+                backlog = await outbox_store.backlog(conn)
+            return backlog.pending, backlog.oldest_age_s
+
+        self.metrics.set_outbox_callback(outbox_numbers)
+        self.metrics.set_dlq_callback(dlq.dlq_count)
+
+        extra: dict[str, Any] = {"session.timeout.ms": SESSION_TIMEOUT_MS}
+        if opts.instance_id:
+            extra["group.instance.id"] = opts.instance_id
+        consumer = AsyncConsumer(self.stack.kafka_bootstrap, topics.group, [topics.commands],
+                                 extra_config=extra, batch_size=opts.consumer_batch_size)
+        tasks: dict[str, asyncio.Task[Any]] = {}
+
+        async def database_ok() -> bool:
+            async with engine.connect() as conn:
+                await conn.execute(text("SELECT 1"))
+            return True
+
+        def alive(task_name: str) -> Any:
+            async def check() -> bool:
+                task = tasks.get(task_name)
+                return task is not None and not task.done()
+            return check
+
+        token = load_or_create_internal_token(self.stack.data_dir, self.token)
+        app = admin_app(name, token=token, dlq_api=dlq, metrics=self.metrics,
+                        health_checks={"database": database_ok, "consumer": alive("consumer"),
+                                       "relay": alive("relay")})
+        mount_reads(app, self.service, engine)
+        server = self._server(app)
+        relay_stop = asyncio.Event()
+        failure: BaseException | None = None
+        try:
+            tasks["server"] = asyncio.create_task(server.serve(), name=f"{name}-http")
+            await self._wait_started(server, tasks["server"])
+            tasks["relay"] = asyncio.create_task(relay.run(relay_stop), name=f"{name}-relay")
+            tasks["consumer"] = asyncio.create_task(consumer.run(guarded, stop), name=f"{name}-consumer")
+            tasks["lag"] = asyncio.create_task(self._watch_lag(consumer, stop), name=f"{name}-lag")
+            log.info("service %s ready: consuming %s as %s, publishing %s, HTTP on %s", name, topics.commands,
+                     topics.group, topics.events, self.admin_url)
+            self.ready.set()
+            # Whichever ends first: a stop request, or a task that died (then the process must stop too).
+            stop_wait = asyncio.create_task(stop.wait())
+            done, _ = await asyncio.wait([stop_wait, *tasks.values()], return_when=asyncio.FIRST_COMPLETED)
+            stop_wait.cancel()
+            for task in done:
+                if task is stop_wait or stop.is_set():
+                    continue
+                # Nothing but a stop request may end these tasks; a clean return is a failure too.
+                error = None if task.cancelled() else task.exception()
+                failure = error or RuntimeError(f"{task.get_name()} ended without a stop request")
+                log.error("%s stopped unexpectedly: %r; shutting the service down", task.get_name(), failure)
+            stop.set()
+            # The consumer finishes the message in hand (its handler is never cancelled), commits offsets
+            # and leaves the group.
+            with contextlib.suppress(Exception):
+                await tasks["consumer"]
+        finally:
+            stop.set()
+            relay_stop.set()
+            if "relay" in tasks:
+                with contextlib.suppress(Exception):
+                    await tasks["relay"]
+                await self._drain(relay)
+            if "consumer" not in tasks:
+                await consumer.close()  # never ran, so it never closed itself
+            if "lag" in tasks:
+                tasks["lag"].cancel()
+                with contextlib.suppress(BaseException):
+                    await tasks["lag"]
+            server.should_exit = True
+            if "server" in tasks:
+                with contextlib.suppress(BaseException):
+                    await tasks["server"]
+            await producer.close()
+            log.info("service %s stopped", name)
+        if failure is not None:
+            raise RuntimeError(f"service {name} stopped after a failure: {failure!r}") from failure
+
+    def _server(self, app: FastAPI) -> _Server:
+        config = uvicorn.Config(app, host=self.settings.admin_host, port=self.settings.admin_port,
+                                log_config=None, access_log=False, lifespan="off")
+        return _Server(config)
+
+    async def _wait_started(self, server: _Server, task: asyncio.Task[Any]) -> None:
+        while not server.started:
+            if task.done():
+                # uvicorn exits with SystemExit when it cannot bind.
+                raise RuntimeError(
+                    f"the HTTP server of {self.service.name} did not start on "
+                    f"{self.settings.admin_host}:{self.settings.admin_port}: is the port taken? set "
+                    f"KINSHASA_SVC_{self.service.name.upper()}_ADMIN_PORT to a free port (0 picks one)")
+            await asyncio.sleep(0.02)
+        host, port = server.servers[0].sockets[0].getsockname()[:2]
+        self.admin_url = f"http://{host}:{port}"
+        self._write_address_file(port)
+
+    def _write_address_file(self, port: int) -> None:
+        """`<data_dir>/run/svc-<name>.json`: how the stack and the gateway find a port picked at random."""
+        path = Path(self.stack.data_dir) / "run" / f"svc-{self.service.name}.json"
+        with contextlib.suppress(OSError):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps({"service": self.service.name, "url": self.admin_url, "port": port}))
+
+    async def _drain(self, relay: OutboxRelay) -> None:
+        """Publish what the last handled messages committed, so a clean stop leaves no backlog."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + DRAIN_TIMEOUT_S
+        while loop.time() < deadline:
+            try:
+                stats = await relay.run_once()
+            except Exception:
+                log.exception("outbox drain failed; the rows stay pending and go out after the restart")
+                return
+            if stats.claimed == 0:
+                return
+
+    async def _watch_lag(self, consumer: AsyncConsumer, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), LAG_INTERVAL_S)
+            if stop.is_set():
+                return
+            try:
+                lags = await consumer.lag()
+            except Exception as exc:  # lag is a metric: never let it take the process down
+                log.debug("could not read consumer lag: %s", exc)
+                continue
+            for (topic, partition), lag in lags.items():
+                self.metrics.set_consumer_lag(self.topics.group, topic, partition, lag)
+
+
+async def serve_forever(runtime: ServiceRuntime) -> None:
+    """Run until SIGTERM or SIGINT, then shut down gracefully (the in-flight message finishes first)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await runtime.run(stop)
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)

@@ -1,0 +1,229 @@
+"""Append-only storage for services: versioned entity tables and the record of applied forward steps.
+
+Nothing here ever updates or deletes a row (the database refuses it, see `kit.install`): an
+update is a new version, a delete is a tombstone version, a compensation is a row of its own. The
+current state of an entity is the newest version.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    Column,
+    DateTime,
+    Index,
+    Integer,
+    MetaData,
+    PrimaryKeyConstraint,
+    String,
+    Table,
+    and_,
+    func,
+    insert,
+    select,
+    text,
+)
+from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.schema import SchemaItem
+
+from kinshasa.schemas.envelope import EntityRef
+from kinshasa.services.kit.context import AppliedStep, CommandContext
+
+ID = String(128)
+MESSAGE_ID = String(36)
+STAMP_COLUMNS = ("run_id", "command_id", "actor", "recorded_at")
+
+
+# First key of the two-int PostgreSQL advisory locks the kit takes, distinct from the kernel's namespaces.
+_INVARIANT_LOCK_NS = 0x4B4E0102
+
+
+async def serialize_on(conn: AsyncConnection, *parts: str) -> None:
+    """Serialise, until commit, every transaction that checks an invariant spanning several entities.
+
+    Commands for one entity arrive in order on one partition, so per-entity checks need no lock. An
+    invariant over several entities (no two active links with the same ends) can be checked by two
+    replicas at once on PostgreSQL; both take this lock on the same parts first. SQLite needs nothing:
+    every transaction there already holds the database's write lock.
+    """
+    if conn.dialect.name != "postgresql":
+        return
+    digest = hashlib.blake2b("\x1f".join(parts).encode(), digest_size=4).digest()
+    await conn.execute(text("SELECT pg_advisory_xact_lock(:ns, :k)"),
+                       {"ns": _INVARIANT_LOCK_NS, "k": int.from_bytes(digest, "big", signed=True)})
+
+
+def utc(value: datetime) -> datetime:
+    """Timestamps read back from SQLite are naive; everything Kinshasa stores is UTC."""
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def _stamp_columns() -> list[Column[Any]]:
+    return [
+        Column("run_id", String(256), nullable=True),
+        Column("command_id", MESSAGE_ID, nullable=False),
+        Column("actor", String(300), nullable=False),
+        Column("recorded_at", DateTime(timezone=True), nullable=False),
+    ]
+
+
+def versioned_table(name: str, metadata: MetaData, key: str, *columns: SchemaItem) -> Table:
+    """An append-only table of entity versions: (key, version) plus the domain columns and provenance.
+
+    `columns` are the domain columns (and any extra indexes or constraints) of the entity.
+
+    Every row names the run, command and actor that wrote it, so "everything run X touched" is a query.
+    """
+    return Table(
+        name,
+        metadata,
+        Column(key, ID, nullable=False),
+        Column("version", Integer, nullable=False, autoincrement=False),
+        *columns,
+        *_stamp_columns(),
+        PrimaryKeyConstraint(key, "version", name=f"pk_{name}"),
+        Index(f"ix_{name}_run_id", "run_id"),
+    )
+
+
+def _row(mapping: Mapping[Any, Any]) -> dict[str, Any]:
+    row = dict(mapping)
+    if isinstance(row.get("recorded_at"), datetime):
+        row["recorded_at"] = utc(row["recorded_at"])
+    return row
+
+
+class Versions:
+    """Reads and appends the versions of one versioned table; the newest version is the current state."""
+
+    def __init__(self, table: Table, key: str) -> None:
+        self.table = table
+        self.key = key
+        self._key_col = table.c[key]
+
+    async def current(self, conn: AsyncConnection, entity_id: str) -> dict[str, Any] | None:
+        """The newest version of `entity_id`, tombstones included, or None if it never existed."""
+        row = (await conn.execute(
+            select(self.table).where(self._key_col == entity_id)
+            .order_by(self.table.c.version.desc()).limit(1)
+        )).mappings().first()
+        return None if row is None else _row(row)
+
+    async def history(self, conn: AsyncConnection, entity_id: str) -> list[dict[str, Any]]:
+        """Every version of `entity_id`, oldest first."""
+        rows = (await conn.execute(
+            select(self.table).where(self._key_col == entity_id).order_by(self.table.c.version)
+        )).mappings().all()
+        return [_row(r) for r in rows]
+
+    async def all_current(self, conn: AsyncConnection, *where: Any) -> list[dict[str, Any]]:
+        """The newest version of every entity, ordered by key.
+
+        `where` narrows the entities; it must hold for all versions of an entity or for none (filter on
+        columns a new version never changes, such as a link's ends, or on provenance).
+        """
+        latest = select(self._key_col.label("k"), func.max(self.table.c.version).label("v"))
+        if where:
+            latest = latest.where(*where)
+        sub = latest.group_by(self._key_col).subquery()
+        rows = (await conn.execute(
+            select(self.table)
+            .join(sub, and_(self._key_col == sub.c.k, self.table.c.version == sub.c.v))
+            .order_by(self._key_col)
+        )).mappings().all()
+        return [_row(r) for r in rows]
+
+    async def append(self, conn: AsyncConnection, entity_id: str, ctx: CommandContext,
+                     **values: Any) -> dict[str, Any]:
+        """Write the next version of `entity_id` with `values`; returns the row written.
+
+        The (key, version) primary key makes two concurrent writers of one entity collide instead of
+        both succeeding; the loser's transaction fails and its message is retried.
+        """
+        current = await self.current(conn, entity_id)
+        row = {self.key: entity_id, "version": 1 if current is None else current["version"] + 1,
+               **values, **ctx.stamp()}
+        await conn.execute(insert(self.table).values(**row))
+        return row
+
+
+class StepStore:
+    """The service's own record of applied forward steps and of their compensations.
+
+    The coordinator names only a forward event id; this is where the service finds what that step
+    did (its domain data) and whether it was already undone. A compensation is a separate row, never
+    a flag updated in place; the primary key on `forward_event_id` makes undoing a step twice impossible.
+    """
+
+    def __init__(self, service: str, metadata: MetaData) -> None:
+        self.service = service
+        self.steps = Table(
+            f"{service}_applied_steps",
+            metadata,
+            Column("event_id", MESSAGE_ID, primary_key=True),
+            # Unique: a command is applied at most once, whatever the broker redelivers.
+            Column("command_id", MESSAGE_ID, nullable=False, unique=True),
+            Column("command_type", String(200), nullable=False),
+            Column("entity_type", String(256), nullable=False),
+            Column("entity_id", String(256), nullable=False),
+            Column("run_id", String(256), nullable=True),
+            Column("actor", String(300), nullable=False),
+            Column("data", JSON, nullable=False),
+            Column("applied_at", DateTime(timezone=True), nullable=False),
+            Index(f"ix_{service}_applied_steps_run_id", "run_id"),
+        )
+        self.compensations = Table(
+            f"{service}_compensations",
+            metadata,
+            Column("forward_event_id", MESSAGE_ID, primary_key=True),
+            Column("compensate_command_id", MESSAGE_ID, nullable=False),
+            Column("run_id", String(256), nullable=True),
+            Column("actor", String(300), nullable=False),
+            Column("compensated_at", DateTime(timezone=True), nullable=False),
+        )
+
+    @property
+    def tables(self) -> tuple[Table, Table]:
+        return (self.steps, self.compensations)
+
+    async def record_applied(self, conn: AsyncConnection, event_id: str, ctx: CommandContext,
+                             command_type: str, data: Mapping[str, Any]) -> None:
+        stamp = ctx.stamp()
+        await conn.execute(insert(self.steps).values(
+            event_id=event_id, command_id=ctx.command_id, command_type=command_type,
+            entity_type=ctx.entity.type, entity_id=ctx.entity.id, run_id=ctx.run_id,
+            actor=stamp["actor"], data=dict(data), applied_at=ctx.received_at,
+        ))
+
+    async def get(self, conn: AsyncConnection, event_id: str) -> AppliedStep | None:
+        query = select(self.steps).where(self.steps.c.event_id == event_id)
+        row = (await conn.execute(query)).mappings().first()
+        if row is None:
+            return None
+        return AppliedStep(
+            event_id=row["event_id"], command_id=row["command_id"], command_type=row["command_type"],
+            entity=EntityRef(service=self.service, type=row["entity_type"], id=row["entity_id"]),
+            run_id=row["run_id"], data=dict(row["data"]), applied_at=utc(row["applied_at"]),
+        )
+
+    async def is_compensated(self, conn: AsyncConnection, event_id: str) -> bool:
+        found = await conn.execute(
+            select(self.compensations.c.forward_event_id)
+            .where(self.compensations.c.forward_event_id == event_id)
+        )
+        return found.first() is not None
+
+    async def record_compensated(self, conn: AsyncConnection, event_id: str, ctx: CommandContext) -> None:
+        stamp = ctx.stamp()
+        await conn.execute(insert(self.compensations).values(
+            forward_event_id=event_id, compensate_command_id=ctx.command_id, run_id=ctx.run_id,
+            actor=stamp["actor"], compensated_at=ctx.received_at,
+        ))
+
+    async def applied_count(self, conn: AsyncConnection) -> int:
+        return int((await conn.execute(select(func.count()).select_from(self.steps))).scalar_one())

@@ -1,0 +1,269 @@
+"""The ledger service: open accounts, post integer-cent entries; inverses close and reverse, never delete."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Literal
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    DateTime,
+    Index,
+    MetaData,
+    String,
+    Table,
+    func,
+    insert,
+    select,
+)
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from kinshasa.schemas.catalogue import MEMO_MAX, OpenAccount, PostEntry
+from kinshasa.schemas.envelope import deterministic_id
+from kinshasa.services.kit import (
+    AppliedStep,
+    CommandContext,
+    DomainError,
+    EntityExistsError,
+    EntityNotFoundError,
+    Service,
+    StateChangedError,
+    Versions,
+    utc,
+    versioned_table,
+)
+
+AccountStatus = Literal["open", "closed"]
+OPEN: AccountStatus = "open"
+CLOSED: AccountStatus = "closed"
+POSTED = "posted"
+REVERSAL = "reversal"
+
+metadata = MetaData()
+account_versions = versioned_table(
+    "account_versions", metadata, "account_id",
+    Column("name", String(200), nullable=False),
+    Column("currency", String(3), nullable=False),
+    Column("status", String(16), nullable=False),
+)
+# Entries are facts, not versions of anything: a posted entry is never changed; undoing it posts a
+# reversal that names it. `reverses` is unique, so no entry can be reversed twice.
+entries = Table(
+    "ledger_entries", metadata,
+    Column("entry_id", String(36), primary_key=True),
+    Column("account_id", String(128), nullable=False),
+    Column("amount_cents", BigInteger, nullable=False),
+    Column("memo", String(MEMO_MAX + 100), nullable=False),
+    Column("kind", String(16), nullable=False),
+    Column("reverses", String(36), nullable=True, unique=True),
+    Column("run_id", String(256), nullable=True),
+    Column("command_id", String(36), nullable=False),
+    Column("actor", String(300), nullable=False),
+    Column("recorded_at", DateTime(timezone=True), nullable=False),
+    Index("ix_ledger_entries_account_id", "account_id"),
+)
+accounts = Versions(account_versions, "account_id")
+
+ledger = Service("ledger", metadata=metadata, domain_tables=[account_versions, entries])
+
+
+# domain errors
+
+
+class AccountNotFoundError(EntityNotFoundError):
+    code = "ACCOUNT_NOT_FOUND"
+
+
+class AccountExistsError(EntityExistsError):
+    code = "ACCOUNT_EXISTS"
+
+
+class AccountClosedError(DomainError):
+    code = "ACCOUNT_CLOSED"
+
+
+class BalanceNotZeroError(StateChangedError):
+    code = "BALANCE_NOT_ZERO"
+
+
+class EntryReversedError(StateChangedError):
+    code = "ENTRY_ALREADY_REVERSED"
+
+
+# invariants
+
+
+def check_absent(current: Mapping[str, Any] | None, account_id: str) -> None:
+    if current is not None:
+        raise AccountExistsError(
+            f"account {account_id} already exists: use a fresh id (the gateway mints one per openAccount)"
+        )
+
+
+def check_open(current: dict[str, Any] | None, account_id: str) -> dict[str, Any]:
+    if current is None:
+        raise AccountNotFoundError(
+            f"account {account_id} does not exist: check the id returned by openAccount")
+    if current["status"] != OPEN:
+        raise AccountClosedError(
+            f"account {account_id} is closed and takes no entries: post to an open account")
+    return current
+
+
+def check_zero_balance(account_id: str, balance: int) -> None:
+    if balance != 0:
+        raise BalanceNotZeroError(
+            f"account {account_id} cannot be closed: its balance is {balance} cents; revert the entries "
+            "posted to it first (a revert does this newest first)"
+        )
+
+
+async def balance(conn: AsyncConnection, account_id: str) -> int:
+    total = (await conn.execute(
+        select(func.coalesce(func.sum(entries.c.amount_cents), 0)).where(entries.c.account_id == account_id)
+    )).scalar_one()
+    return int(total)
+
+
+async def _entry(conn: AsyncConnection, entry_id: str) -> dict[str, Any] | None:
+    row = (await conn.execute(select(entries).where(entries.c.entry_id == entry_id))).mappings().first()
+    return None if row is None else dict(row)
+
+
+async def _reversal_of(conn: AsyncConnection, entry_id: str) -> dict[str, Any] | None:
+    row = (await conn.execute(select(entries).where(entries.c.reverses == entry_id))).mappings().first()
+    return None if row is None else dict(row)
+
+
+# operations
+
+
+async def close_opened(conn: AsyncConnection, step: AppliedStep, ctx: CommandContext) -> None:
+    """Inverse of open_account: close it, refused while money sits on it."""
+    account_id = step.entity.id
+    account = check_open(await accounts.current(conn, account_id), account_id)
+    check_zero_balance(account_id, await balance(conn, account_id))
+    await accounts.append(conn, account_id, ctx, name=account["name"], currency=account["currency"],
+                          status=CLOSED)
+
+
+@ledger.operation("open_account", inverse=close_opened)
+async def open_account(conn: AsyncConnection, cmd: OpenAccount, ctx: CommandContext) -> dict[str, Any]:
+    check_absent(await accounts.current(conn, ctx.entity_id), ctx.entity_id)
+    await accounts.append(conn, ctx.entity_id, ctx, name=cmd.name, currency=cmd.currency, status=OPEN)
+    return {"account_id": ctx.entity_id, "name": cmd.name, "currency": cmd.currency}
+
+
+async def reverse_entry(conn: AsyncConnection, step: AppliedStep, ctx: CommandContext) -> None:
+    """Inverse of post_entry: post the opposite amount naming the entry ("posted -> reversed")."""
+    account_id, entry_id = step.data["account_id"], step.data["entry_id"]
+    check_open(await accounts.current(conn, account_id), account_id)
+    existing = await _reversal_of(conn, entry_id)
+    if existing is not None:
+        raise EntryReversedError(f"entry {entry_id} was already reversed by entry {existing['entry_id']}")
+    await conn.execute(insert(entries).values(
+        entry_id=str(deterministic_id("reversal", entry_id)), account_id=account_id,
+        amount_cents=-int(step.data["amount_cents"]), memo=f"reversal of {entry_id}", kind=REVERSAL,
+        reverses=entry_id, **ctx.stamp(),
+    ))
+
+
+@ledger.operation("post_entry", inverse=reverse_entry)
+async def post_entry(conn: AsyncConnection, cmd: PostEntry, ctx: CommandContext) -> dict[str, Any]:
+    check_open(await accounts.current(conn, cmd.account_id), cmd.account_id)
+    # The command id names the entry, so the entry and the command that posted it are one fact.
+    entry_id = ctx.command_id
+    await conn.execute(insert(entries).values(
+        entry_id=entry_id, account_id=cmd.account_id, amount_cents=cmd.amount_cents, memo=cmd.memo,
+        kind=POSTED, reverses=None, **ctx.stamp(),
+    ))
+    return {"account_id": cmd.account_id, "entry_id": entry_id, "amount_cents": cmd.amount_cents}
+
+
+# reads
+
+
+def _stamp(row: Mapping[str, Any]) -> dict[str, Any]:
+    return {"run_id": row["run_id"], "command_id": row["command_id"], "actor": row["actor"],
+            "recorded_at": utc(row["recorded_at"])}
+
+
+def _public_account(row: Mapping[str, Any]) -> dict[str, Any]:
+    return {"id": row["account_id"], "version": row["version"], "name": row["name"],
+            "currency": row["currency"], "status": row["status"], **_stamp(row)}
+
+
+def _public_entry(row: Mapping[Any, Any], reversed_by: str | None) -> dict[str, Any]:
+    status = REVERSAL if row["kind"] == REVERSAL else ("reversed" if reversed_by else POSTED)
+    return {"id": row["entry_id"], "account_id": row["account_id"], "amount_cents": row["amount_cents"],
+            "memo": row["memo"], "kind": row["kind"], "status": status, "reverses": row["reverses"],
+            "reversed_by": reversed_by, **_stamp(row)}
+
+
+async def _account_entries(conn: AsyncConnection, account_id: str) -> list[dict[str, Any]]:
+    rows = (await conn.execute(
+        select(entries).where(entries.c.account_id == account_id)
+        .order_by(entries.c.recorded_at, entries.c.entry_id)
+    )).mappings().all()
+    reversed_by = {r["reverses"]: r["entry_id"] for r in rows if r["reverses"]}
+    return [_public_entry(r, reversed_by.get(r["entry_id"])) for r in rows]
+
+
+async def read_account(conn: AsyncConnection, account_id: str) -> dict[str, Any] | None:
+    row = await accounts.current(conn, account_id)
+    if row is None:
+        return None
+    listed = await _account_entries(conn, account_id)
+    return {**_public_account(row), "balance_cents": sum(e["amount_cents"] for e in listed),
+            "entries": listed}
+
+
+async def read_account_versions(conn: AsyncConnection, account_id: str) -> list[dict[str, Any]]:
+    return [_public_account(row) for row in await accounts.history(conn, account_id)]
+
+
+async def read_entry(conn: AsyncConnection, entry_id: str) -> dict[str, Any] | None:
+    row = await _entry(conn, entry_id)
+    if row is None:
+        return None
+    reversal = await _reversal_of(conn, entry_id)
+    return _public_entry(row, reversal["entry_id"] if reversal else None)
+
+
+async def read_entry_versions(conn: AsyncConnection, entry_id: str) -> list[dict[str, Any]]:
+    """An entry's history: the posting, then the reversal if any ("posted -> reversed")."""
+    row = await _entry(conn, entry_id)
+    if row is None:
+        return []
+    reversal = await _reversal_of(conn, entry_id)
+    history = [_public_entry(row, None)]
+    if reversal is not None:
+        history.append(_public_entry(reversal, None))
+    return history
+
+
+ledger.read_model("account", current=read_account, versions=read_account_versions)
+ledger.read_model("entry", current=read_entry, versions=read_entry_versions)
+
+
+async def domain_state(conn: AsyncConnection) -> dict[str, dict[str, Any]]:
+    """Per account: name, currency, status, balance and the entries still standing (posted, not reversed)."""
+    rows = (await conn.execute(select(entries.c.entry_id, entries.c.account_id, entries.c.amount_cents,
+                                      entries.c.kind, entries.c.reverses))).all()
+    reversed_ids = {r.reverses for r in rows if r.reverses}
+    balances: dict[str, int] = {}
+    standing: dict[str, list[str]] = {}
+    for r in rows:
+        balances[r.account_id] = balances.get(r.account_id, 0) + int(r.amount_cents)
+        if r.kind == POSTED and r.entry_id not in reversed_ids:
+            standing.setdefault(r.account_id, []).append(r.entry_id)
+    return {row["account_id"]: {"name": row["name"], "currency": row["currency"], "status": row["status"],
+                                "balance_cents": balances.get(row["account_id"], 0),
+                                "standing_entries": sorted(standing.get(row["account_id"], []))}
+            for row in await accounts.all_current(conn)}
+
+
+def removed(state: Mapping[str, Any]) -> bool:
+    """True for the state a reverted open_account leaves behind: closed, empty."""
+    return bool(state["status"] == CLOSED and state["balance_cents"] == 0 and not state["standing_entries"])
