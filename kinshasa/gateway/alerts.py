@@ -1,0 +1,193 @@
+"""Operator alerts: self-contained, stored for the `alerts` query, on kinshasa.alerts and to a webhook."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import httpx
+from sqlalchemy import insert, select, update
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from kinshasa.gateway.store import alerts
+from kinshasa.gateway.uow import Tx
+from kinshasa.schemas.envelope import Actor, Envelope, new_id, utcnow
+from kinshasa.topics.catalogue import ALERTS
+
+log = logging.getLogger(__name__)
+
+ALERT_TYPE = "alert.run_tripped"
+GATEWAY_ACTOR = Actor(kind="system", id="gateway")
+
+
+@dataclass(frozen=True)
+class Alert:
+    alert_id: str
+    run_id: str
+    kind: str
+    created_at: datetime
+    summary: str
+    payload: dict[str, Any] = field(default_factory=dict)
+    webhook_status: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "alert_id": self.alert_id,
+            "run_id": self.run_id,
+            "kind": self.kind,
+            "created_at": self.created_at.isoformat(),
+            "summary": self.summary,
+            **self.payload,
+        }
+
+
+def trip_alert(
+    run_id: str,
+    agent_id: str,
+    entry_point: str,
+    threshold: str,
+    count: float,
+    limit: float,
+    reason: str,
+    services: list[str],
+    counts: dict[str, int],
+    auto_revert: bool,
+) -> Alert:
+    """Everything an operator needs to decide, in one message: no dashboard hunting."""
+    held = counts.get("held", 0)
+    awaiting = counts.get("awaiting_approval", 0)
+    published = counts.get("published", 0)
+    summary = (
+        f"run {run_id} of agent {agent_id} (entry point {entry_point}) tripped its breaker on "
+        f"{threshold}: {count:g} against a limit of {limit:g}. Services touched: "
+        f"{', '.join(services) or 'none'}. {held} command(s) held in quarantine and "
+        f"{awaiting} awaiting approval (nothing of those left); {published} already propagated"
+        f"{' and are being reverted' if auto_revert and published else ''}. "
+        "Decide with releaseRun, discardRun or revertRun."
+    )
+    return Alert(
+        alert_id=str(new_id()),
+        run_id=run_id,
+        kind="run_tripped",
+        created_at=utcnow(),
+        summary=summary,
+        payload={
+            "agent_id": agent_id,
+            "entry_point": entry_point,
+            "reason": reason,
+            "threshold": {"name": threshold, "count": count, "limit": limit},
+            "services_touched": services,
+            "held": held,
+            "awaiting_approval": awaiting,
+            "propagated": published,
+            "auto_revert": auto_revert,
+        },
+    )
+
+
+async def record_alert(tx: Tx, alert: Alert, webhook: bool) -> None:
+    """Store and emit the alert in the caller's transaction, so a trip and its alert are one fact."""
+    await tx.conn.execute(
+        insert(alerts).values(
+            alert_id=alert.alert_id,
+            run_id=alert.run_id,
+            kind=alert.kind,
+            created_at=alert.created_at,
+            summary=alert.summary,
+            payload=json.dumps(alert.payload, sort_keys=True),
+            webhook_status="PENDING" if webhook else None,
+            webhook_attempts=0,
+        )
+    )
+    await tx.emit(
+        ALERTS,
+        Envelope(
+            message_id=new_id(),
+            type=ALERT_TYPE,
+            run_id=alert.run_id,
+            actor=GATEWAY_ACTOR,
+            correlation_id=alert.run_id,
+            occurred_at=alert.created_at,
+            payload=alert.to_json(),
+        ),
+    )
+
+
+async def list_alerts(conn: AsyncConnection, run_id: str | None = None, limit: int = 100) -> list[Alert]:
+    query = select(alerts).order_by(alerts.c.created_at.desc()).limit(limit)
+    if run_id is not None:
+        query = query.where(alerts.c.run_id == run_id)
+    return [
+        Alert(
+            alert_id=r["alert_id"],
+            run_id=r["run_id"],
+            kind=r["kind"],
+            created_at=r["created_at"],
+            summary=r["summary"],
+            payload=json.loads(r["payload"]),
+            webhook_status=r["webhook_status"],
+        )
+        for r in (await conn.execute(query)).mappings()
+    ]
+
+
+class WebhookSender:
+    """POSTs alerts to an optional URL after the trip committed: best effort, retried with backoff.
+
+    Never inside the transaction: a slow webhook must not hold the run's breaker row.
+    """
+
+    def __init__(
+        self, engine: AsyncEngine, url: str | None, attempts: int, backoff_s: float, timeout_s: float
+    ) -> None:
+        self._engine = engine
+        self.url = url
+        self._attempts = attempts
+        self._backoff = backoff_s
+        self._timeout = timeout_s
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def send_later(self, alert: Alert) -> None:
+        if self.url is None:
+            return
+        task = asyncio.create_task(self._deliver(alert))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _deliver(self, alert: Alert) -> None:
+        assert self.url is not None
+        delay = self._backoff
+        status = "FAILED"
+        attempts = 0
+        async with httpx.AsyncClient(timeout=self._timeout) as client:
+            for attempts in range(1, self._attempts + 1):
+                try:
+                    response = await client.post(self.url, json=alert.to_json())
+                    if response.status_code < 300:
+                        status = "DELIVERED"
+                        break
+                    log.warning(
+                        "alert webhook answered %s for alert %s", response.status_code, alert.alert_id
+                    )
+                except httpx.HTTPError as exc:
+                    log.warning("alert webhook failed for alert %s: %s", alert.alert_id, exc)
+                if attempts < self._attempts:
+                    await asyncio.sleep(delay)
+                    delay *= 2
+        try:
+            async with self._engine.begin() as conn:
+                await conn.execute(
+                    update(alerts)
+                    .where(alerts.c.alert_id == alert.alert_id)
+                    .values(webhook_status=status, webhook_attempts=attempts)
+                )
+        except Exception:
+            log.exception("could not record webhook delivery of alert %s", alert.alert_id)
+
+    async def drain(self, within_s: float = 10.0) -> None:
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=within_s)

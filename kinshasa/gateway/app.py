@@ -1,0 +1,234 @@
+"""The gateway process: bootstrap wires database, schema, background tasks; `create_app` serves /graphql."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from cross_web import HTTPException
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from strawberry.fastapi import GraphQLRouter
+
+from kinshasa.gateway.alerts import WebhookSender
+from kinshasa.gateway.commands import CommandWriter
+from kinshasa.gateway.context import GatewayContext, Services
+from kinshasa.gateway.hardening import RequestGuard, error_body, schema_extensions
+from kinshasa.gateway.listener import GROUP, Listener, listened_topics
+from kinshasa.gateway.policy import PolicyBook
+from kinshasa.gateway.principals import PrincipalRegistry, load_registry
+from kinshasa.gateway.reads import Backends
+from kinshasa.gateway.releaser import Releaser
+from kinshasa.gateway.schema import build_schema
+from kinshasa.gateway.settings import GatewayConfig
+from kinshasa.gateway.store import install_gateway_tables
+from kinshasa.kernel.admin import admin_app, load_or_create_internal_token
+from kinshasa.kernel.database import create_engine
+from kinshasa.kernel.dlq import DeadLetterQueue, OutboxDeadLetters, SqlDeadLetterStore, guarded_handler
+from kinshasa.kernel.install import install_kernel_tables
+from kinshasa.kernel.metrics import ComponentMetrics
+from kinshasa.kernel.relay import OutboxRelay
+from kinshasa.schemas.catalogue import CATALOGUE
+from kinshasa.schemas.operations import OperationCatalogue
+from kinshasa.settings import StackSettings
+from kinshasa.topics.admin import ensure_topics
+from kinshasa.topics.catalogue import catalogue as topic_catalogue
+from kinshasa.topics.consumer import AsyncConsumer
+from kinshasa.topics.producer import AsyncProducer
+
+log = logging.getLogger(__name__)
+COMPONENT = "gateway"
+
+
+class Gateway:
+    """One gateway process: its wiring (`services`), its HTTP app, and its background tasks."""
+
+    def __init__(
+        self,
+        settings: GatewayConfig,
+        stack: StackSettings,
+        catalogue: OperationCatalogue = CATALOGUE,
+        registry: PrincipalRegistry | None = None,
+    ) -> None:
+        self.settings = settings
+        self.stack = stack
+        self.catalogue = catalogue
+        self.engine = create_engine(settings.resolved_database_url(stack, COMPONENT))
+        self.registry = (
+            registry
+            if registry is not None
+            else load_registry(settings.credentials_file, stack.data_dir, settings.dev_mode)
+        )
+        self.internal_token = load_or_create_internal_token(stack.data_dir, settings.internal_token)
+        self.metrics = ComponentMetrics(COMPONENT)
+        self.policies = PolicyBook()
+        self.webhook = WebhookSender(
+            self.engine,
+            settings.alert_webhook_url,
+            settings.webhook_attempts,
+            settings.webhook_backoff_s,
+            settings.http_timeout_s,
+        )
+        self.relay: OutboxRelay | None = None
+        self.producer: AsyncProducer | None = None
+        self.listener = Listener(self.engine, self.policies, self.webhook, self._wake)
+        self.dlq = DeadLetterQueue(
+            COMPONENT,
+            SqlDeadLetterStore(self.engine),
+            handlers={GROUP: self.listener.handle},
+            metrics=self.metrics,
+            outbox=OutboxDeadLetters(self.engine),
+        )
+        self.backends = Backends(
+            catalogue,
+            settings.service_urls,
+            settings.coordinator_url,
+            settings.admin_urls,
+            self.internal_token,
+            settings.http_timeout_s,
+        )
+        self.services = Services(
+            settings=settings,
+            engine=self.engine,
+            catalogue=catalogue,
+            registry=self.registry,
+            policies=self.policies,
+            writer=CommandWriter(self.engine, self.policies, self.webhook, self._wake),
+            webhook=self.webhook,
+            backends=self.backends,
+            local_dlq=self.dlq,
+            wake_relay=self._wake,
+        )
+        self.schema = build_schema(
+            catalogue, dev_mode=settings.dev_mode, extensions=schema_extensions(settings)
+        )
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task[Any]] = []
+        self.app = create_app(self)
+
+    def _wake(self) -> None:
+        if self.relay is not None:
+            self.relay.wake()
+
+    async def install(self) -> None:
+        await install_kernel_tables(self.engine)
+        await install_gateway_tables(self.engine)
+
+    async def start(self) -> None:
+        """Create tables, start the releaser; with `background` also topics, the relay and the listener."""
+        await self.install()
+        self._stop.clear()
+        releaser = Releaser(
+            self.engine, self.settings.releaser_interval_s, self.settings.releaser_batch, self._wake
+        )
+        self._tasks.append(asyncio.create_task(releaser.run(self._stop), name="gateway-releaser"))
+        if not self.settings.background:
+            return
+        bootstrap = self.stack.kafka_bootstrap
+        await asyncio.to_thread(ensure_topics, bootstrap, topic_catalogue())
+        self.producer = AsyncProducer(bootstrap, client_id="kinshasa-gateway")
+        self.relay = OutboxRelay(self.engine, self.producer, on_publish_failure=self.metrics.publish_failed)
+        self._tasks.append(
+            asyncio.create_task(self.relay.run(self._stop, idle_sleep_s=0.05), name="gateway-relay")
+        )
+        consumer = AsyncConsumer(bootstrap, GROUP, listened_topics(self.catalogue))
+        handler = guarded_handler(
+            self.listener.handle,
+            store=SqlDeadLetterStore(self.engine),
+            producer=self.producer,
+            group=GROUP,
+            metrics=self.metrics,
+        )
+        self._tasks.append(asyncio.create_task(consumer.run(handler, self._stop), name="gateway-listener"))
+
+    async def stop(self) -> None:
+        self._stop.set()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, asyncio.TimeoutError):
+                await asyncio.wait_for(task, timeout=15)
+        for task in self._tasks:
+            if not task.done():
+                task.cancel()
+        self._tasks.clear()
+        await self.webhook.drain()
+        if self.producer is not None:
+            await self.producer.close()
+            self.producer = None
+        await self.backends.close()
+        await self.engine.dispose()
+
+    def context(self, request: Request) -> GatewayContext:
+        header = request.headers.get("authorization")
+        principal = None
+        if header:
+            scheme, _, key = header.partition(" ")
+            if scheme.lower() == "bearer" and key.strip():
+                principal = self.registry.authenticate(key.strip())
+        return GatewayContext(self.services, principal, presented_key=bool(header))
+
+
+class GatewayRouter(GraphQLRouter[GatewayContext, None]):
+    """Strawberry's router, refusing JSON bodies that are not one object (a batch) or not objects at all."""
+
+    def parse_json(self, data: str | bytes) -> Any:
+        parsed = super().parse_json(data)
+        if not isinstance(parsed, dict | list):
+            raise HTTPException(
+                400, 'the request body must be a JSON object: {"query": "...", "variables": {...}}'
+            )
+        return parsed
+
+
+def create_app(gateway: Gateway, manage_lifecycle: bool = True) -> FastAPI:
+    """The FastAPI app: /graphql, plus /healthz, /admin/dlq and /metrics from the kernel's admin app."""
+    settings = gateway.settings
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        if manage_lifecycle:
+            await gateway.start()
+        try:
+            yield
+        finally:
+            if manage_lifecycle:
+                await gateway.stop()
+
+    app = FastAPI(
+        title="Kinshasa gateway", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None
+    )
+
+    async def get_context(request: Request) -> GatewayContext:
+        return gateway.context(request)
+
+    router = GatewayRouter(
+        gateway.schema,
+        context_getter=get_context,
+        graphql_ide="graphiql" if settings.dev_mode else None,
+        allow_queries_via_get=False,
+        multipart_uploads_enabled=False,
+    )
+    app.include_router(router, prefix="/graphql")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        # Strawberry refuses malformed JSON and batches with an HTTPException; answer in GraphQL's shape.
+        if request.url.path.startswith("/graphql") and exc.status_code < 500:
+            return Response(
+                error_body(str(exc.detail)), status_code=exc.status_code, media_type="application/json"
+            )
+        return JSONResponse({"detail": exc.detail}, status_code=exc.status_code)
+
+    admin = admin_app(COMPONENT, token=gateway.internal_token, dlq_api=gateway.dlq, metrics=gateway.metrics)
+    app.mount("/", admin)
+    app.add_middleware(RequestGuard, limit=settings.max_request_bytes)
+    return app
+
+
+def bootstrap(settings: GatewayConfig | None = None, stack: StackSettings | None = None) -> Gateway:
+    """Build the process's gateway from the environment (the only place settings are read)."""
+    return Gateway(settings or GatewayConfig(), stack or StackSettings())

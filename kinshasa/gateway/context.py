@@ -1,0 +1,67 @@
+"""The GraphQL request context: the caller's principal and the gateway's wired dependencies."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+from strawberry.fastapi import BaseContext
+
+from kinshasa.gateway.alerts import WebhookSender
+from kinshasa.gateway.commands import CommandWriter
+from kinshasa.gateway.errors import Forbidden, Unauthenticated
+from kinshasa.gateway.policy import PolicyBook
+from kinshasa.gateway.principals import Principal, PrincipalRegistry
+from kinshasa.gateway.reads import Backends
+from kinshasa.gateway.settings import GatewayConfig
+from kinshasa.schemas.operations import OperationCatalogue
+
+
+@dataclass
+class Services:
+    """Everything a resolver may use, built once by bootstrap."""
+
+    settings: GatewayConfig
+    engine: AsyncEngine
+    catalogue: OperationCatalogue
+    registry: PrincipalRegistry
+    policies: PolicyBook
+    writer: CommandWriter
+    webhook: WebhookSender
+    backends: Backends
+    # The gateway's own DLQ (kernel DeadLetterQueue), read in-process rather than over HTTP.
+    local_dlq: Any = None
+    wake_relay: Callable[[], None] | None = None
+
+
+class GatewayContext(BaseContext):
+    """Built per request by the context getter: authentication is done, authorization is per field."""
+
+    def __init__(self, services: Services, principal: Principal | None, presented_key: bool) -> None:
+        super().__init__()
+        self.services = services
+        self.principal = principal
+        self.presented_key = presented_key
+
+    def require_principal(self) -> Principal:
+        if self.principal is None:
+            if self.presented_key:
+                raise Unauthenticated(
+                    "the Bearer key is not recognised: check it, or ask an operator for one"
+                )
+            raise Unauthenticated("authentication required: send 'Authorization: Bearer <key>'")
+        return self.principal
+
+    def require_agent(self) -> Principal:
+        principal = self.require_principal()
+        if not principal.is_agent:
+            raise Forbidden("only agents write through runs: operators act with the operator mutations")
+        return principal
+
+    def require_operator(self) -> Principal:
+        principal = self.require_principal()
+        if not principal.is_operator:
+            raise Forbidden("this is an operator action: agents cannot call it")
+        return principal

@@ -1,0 +1,175 @@
+"""What the gateway learns back over Kafka: per-command results (errors feed the breaker) and revert outcomes.
+
+Consumes every `kinshasa.events.<service>` topic and `kinshasa.runs` in the group `kinshasa.gateway`.
+Each message is handled in one transaction with its inbox row, so a redelivery has no second effect.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from kinshasa.gateway import store
+from kinshasa.gateway.alerts import Alert, WebhookSender
+from kinshasa.gateway.breaker import Trip, probes_settled, trip
+from kinshasa.gateway.errors import RunNotFound
+from kinshasa.gateway.policy import PolicyBook
+from kinshasa.gateway.runs import load_run
+from kinshasa.gateway.store import commands, runs
+from kinshasa.gateway.uow import GatewayTx, transaction
+from kinshasa.kernel.inbox import Inbox
+from kinshasa.schemas.envelope import Actor, Envelope, EventSuffix, RunEventKind, split_type
+from kinshasa.schemas.operations import OperationCatalogue
+from kinshasa.topics.catalogue import RUNS, events_topic, group_id
+from kinshasa.topics.consumer import Record
+
+log = logging.getLogger(__name__)
+
+GROUP = group_id("gateway")
+GATEWAY = Actor(kind="system", id="gateway")
+
+
+def listened_topics(catalogue: OperationCatalogue) -> list[str]:
+    return [events_topic(service) for service in catalogue.services] + [RUNS]
+
+
+class Listener:
+    """The Kafka handler: parse, find the run, apply the effect with the inbox row in one transaction."""
+
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        policies: PolicyBook,
+        webhook: WebhookSender,
+        on_commit: Callable[[], None] | None = None,
+        group: str = GROUP,
+    ) -> None:
+        self._engine = engine
+        self._policies = policies
+        self._webhook = webhook
+        self._on_commit = on_commit
+        self._inbox = Inbox()
+        self.group = group
+
+    async def handle(self, record: Record) -> None:
+        # An unparsable message raises InvalidMessage: the kernel's DLQ guard dead-letters it.
+        await self.handle_envelope(record.envelope())
+
+    async def handle_envelope(self, envelope: Envelope) -> None:
+        if envelope.run_id is None:
+            return
+        service, _operation, suffix = split_type(envelope.type)
+        if service == "run":
+            kind = RunEventKind.from_type(envelope.type)
+            if kind in (RunEventKind.REVERTED, RunEventKind.REVERT_FAILED):
+                await self._revert_outcome(envelope, kind)
+            return
+        if suffix in (EventSuffix.APPLIED, EventSuffix.REJECTED, EventSuffix.COMPENSATED):
+            await self._result(envelope, EventSuffix(suffix))
+
+    async def _result(self, envelope: Envelope, suffix: EventSuffix) -> None:
+        alert: Alert | None = None
+        async with transaction(self._engine, self._on_commit) as tx:
+            try:
+                run = await load_run(tx.conn, envelope.run_id or "", lock=True)
+            except RunNotFound:
+                return  # not a run this gateway minted (or a foreign stack sharing the topic)
+            if not await self._inbox.record(tx.conn, self.group, envelope.message_id):
+                return
+            if suffix is EventSuffix.COMPENSATED:
+                await tx.conn.execute(
+                    update(runs).where(runs.c.run_id == run.run_id).values(compensated=runs.c.compensated + 1)
+                )
+                await tx.commit()
+                return
+            command = await self._command(tx, envelope)
+            if command is None:
+                await tx.commit()
+                return
+            if suffix is EventSuffix.APPLIED:
+                await tx.conn.execute(
+                    update(commands)
+                    .where(commands.c.command_id == command["command_id"])
+                    .values(result="APPLIED")
+                )
+                await tx.conn.execute(
+                    update(runs).where(runs.c.run_id == run.run_id).values(applied=runs.c.applied + 1)
+                )
+                run = await load_run(tx.conn, run.run_id)
+                if await probes_settled(tx, run):
+                    # Every probe went through: the run has shown it behaves, so it may write again.
+                    status = (
+                        store.RUNNING
+                        if run.status == store.TRIPPED and run.finished_at is None
+                        else (store.FINISHED if run.status == store.TRIPPED else run.status)
+                    )
+                    await tx.conn.execute(
+                        update(runs)
+                        .where(runs.c.run_id == run.run_id)
+                        .values(breaker_state=store.CLOSED, status=status)
+                    )
+            else:
+                reason = str(envelope.payload.get("reason", ""))[:2000] or None
+                await tx.conn.execute(
+                    update(commands)
+                    .where(commands.c.command_id == command["command_id"])
+                    .values(result="REJECTED", status=store.REJECTED, reason=reason)
+                )
+                await tx.conn.execute(
+                    update(runs).where(runs.c.run_id == run.run_id).values(errors=runs.c.errors + 1)
+                )
+                run = await load_run(tx.conn, run.run_id)
+                policy = await self._policies.effective(tx.conn, run.agent_id, run.entry_point)
+                cause: Trip | None = None
+                if run.breaker_state == store.HALF_OPEN and command["probe"]:
+                    cause = Trip("probe", run.errors, policy.max_errors)
+                elif (
+                    run.breaker_state == store.CLOSED
+                    and run.errors > policy.max_errors
+                    and not run.reverting_or_done
+                ):
+                    cause = Trip("errors", run.errors, policy.max_errors)
+                if cause is not None:
+                    _run, alert = await trip(tx, run, cause, policy, GATEWAY, self._webhook.url is not None)
+            await tx.commit()
+        if alert is not None:
+            self._webhook.send_later(alert)
+
+    async def _command(self, tx: GatewayTx, envelope: Envelope) -> Any:
+        if envelope.causation_id is None:
+            return None
+        return (
+            (
+                await tx.conn.execute(
+                    select(commands).where(commands.c.command_id == str(envelope.causation_id))
+                )
+            )
+            .mappings()
+            .first()
+        )
+
+    async def _revert_outcome(self, envelope: Envelope, kind: RunEventKind) -> None:
+        async with transaction(self._engine) as tx:
+            try:
+                run = await load_run(tx.conn, envelope.run_id or "", lock=True)
+            except RunNotFound:
+                return
+            if not await self._inbox.record(tx.conn, self.group, envelope.message_id):
+                return
+            status = store.REVERTED if kind is RunEventKind.REVERTED else store.REVERT_FAILED
+            if run.status in (store.REVERTING, store.REVERT_FAILED, store.TRIPPED, store.REVERTED):
+                await tx.conn.execute(
+                    update(runs)
+                    .where(runs.c.run_id == run.run_id)
+                    .values(
+                        status=status,
+                        breaker_state=store.OPEN,
+                        revert_detail=json.dumps(envelope.payload, sort_keys=True, default=str),
+                    )
+                )
+            await tx.commit()

@@ -1,0 +1,231 @@
+"""The quarantine window: held commands, their release into the outbox, operator release/discard/hold.
+
+A command is published only by moving it into the outbox, always in a transaction that holds its
+run's breaker row, so a trip, a hold or a revert committed first always wins over a release.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import and_, select, update
+
+from kinshasa.gateway import store
+from kinshasa.gateway.errors import RunClosed
+from kinshasa.gateway.policy import EffectivePolicy
+from kinshasa.gateway.runs import RunRecord, load_run, run_envelope
+from kinshasa.gateway.store import commands, runs
+from kinshasa.gateway.uow import Tx
+from kinshasa.schemas.envelope import Actor, Envelope, RunEventKind, utcnow
+from kinshasa.topics.catalogue import RUNS, commands_topic
+
+UNPUBLISHED = (store.HELD, store.AWAITING_APPROVAL)
+
+
+async def publish(tx: Tx, rows: Sequence[Any], now: datetime, decided_by: str | None = None) -> int:
+    """Move stored commands into the outbox and mark them PUBLISHED; the caller holds the run lock(s)."""
+    if not rows:
+        return 0
+    per_run: dict[str, int] = {}
+    for row in rows:
+        envelope = Envelope.model_validate_json(row["envelope"])
+        await tx.emit(commands_topic(row["service"]), envelope)
+        per_run[row["run_id"]] = per_run.get(row["run_id"], 0) + 1
+    ids = [row["command_id"] for row in rows]
+    await tx.conn.execute(
+        update(commands)
+        .where(commands.c.command_id.in_(ids))
+        .values(
+            status=store.PUBLISHED,
+            published_at=now,
+            manual_hold=False,
+            discard_at=None,
+            **({"decided_by": decided_by} if decided_by else {}),
+        )
+    )
+    for run_id, count in per_run.items():
+        await tx.conn.execute(
+            update(runs).where(runs.c.run_id == run_id).values(published=runs.c.published + count)
+        )
+    return len(rows)
+
+
+async def discard(tx: Tx, run_id: str, statuses: Sequence[str], reason: str, decided_by: str) -> int:
+    result = await tx.conn.execute(
+        update(commands)
+        .where(
+            commands.c.run_id == run_id,
+            commands.c.status.in_(statuses),
+        )
+        .values(
+            status=store.DISCARDED, reason=reason, decided_by=decided_by, manual_hold=False, discard_at=None
+        )
+    )
+    return int(result.rowcount or 0)
+
+
+def _actor(operator_id: str) -> Actor:
+    return Actor(kind="operator", id=operator_id)
+
+
+def _check_open(run: RunRecord, action: str) -> None:
+    if run.reverting_or_done:
+        raise RunClosed(f"run {run.run_id} is {run.status}: its commands can no longer be {action}")
+
+
+async def release_run(tx: Tx, run_id: str, operator_id: str) -> tuple[RunRecord, int]:
+    """Publish every HELD command of the run now, manual holds included: an operator's decision."""
+    run = await load_run(tx.conn, run_id, lock=True)
+    _check_open(run, "released")
+    rows = (
+        (
+            await tx.conn.execute(
+                select(commands)
+                .where(
+                    commands.c.run_id == run_id,
+                    commands.c.status == store.HELD,
+                )
+                .order_by(commands.c.accepted_at, commands.c.command_id)
+            )
+        )
+        .mappings()
+        .all()
+    )
+    count = await publish(tx, rows, utcnow(), decided_by=operator_id)
+    await tx.conn.execute(update(runs).where(runs.c.run_id == run_id).values(on_hold=False))
+    if count:
+        await tx.emit(
+            RUNS, run_envelope(run_id, RunEventKind.RELEASED, _actor(operator_id), {"count": count})
+        )
+    return await load_run(tx.conn, run_id), count
+
+
+async def discard_run(tx: Tx, run_id: str, operator_id: str) -> tuple[RunRecord, int]:
+    """Discard the run's unpublished commands (held and awaiting approval): nothing downstream saw them."""
+    run = await load_run(tx.conn, run_id, lock=True)
+    _check_open(run, "discarded")
+    count = await discard(tx, run_id, UNPUBLISHED, "discarded by operator", operator_id)
+    if count:
+        await tx.emit(
+            RUNS, run_envelope(run_id, RunEventKind.DISCARDED, _actor(operator_id), {"count": count})
+        )
+    return await load_run(tx.conn, run_id), count
+
+
+async def hold_run(tx: Tx, run_id: str, operator_id: str, policy: EffectivePolicy) -> tuple[RunRecord, int]:
+    """Stop the clock: held commands (and later ones) wait for releaseRun; a hold timeout can only discard."""
+    run = await load_run(tx.conn, run_id, lock=True)
+    _check_open(run, "held")
+    now = utcnow()
+    discard_at = now + timedelta(seconds=policy.hold_timeout_s) if policy.hold_timeout_s is not None else None
+    result = await tx.conn.execute(
+        update(commands)
+        .where(
+            commands.c.run_id == run_id,
+            commands.c.status == store.HELD,
+            commands.c.manual_hold.is_(False),
+        )
+        .values(manual_hold=True, discard_at=discard_at, decided_by=operator_id)
+    )
+    await tx.conn.execute(update(runs).where(runs.c.run_id == run_id).values(on_hold=True))
+    return await load_run(tx.conn, run_id), int(result.rowcount or 0)
+
+
+@dataclass
+class ReleaseStats:
+    released: int = 0
+    discarded: int = 0
+
+
+def _releasable(run: Any) -> bool:
+    return (
+        run["breaker_state"] != store.OPEN
+        and not run["on_hold"]
+        and run["status"] not in (store.REVERTING, store.REVERTED, store.REVERT_FAILED)
+    )
+
+
+async def release_due(tx: Tx, now: datetime, batch: int) -> ReleaseStats:
+    """One releaser pass in one transaction: publish due commands, discard expired manual holds.
+
+    Run rows are locked with SKIP LOCKED: a run busy with a write (or a trip) is simply taken on the
+    next pass, and two gateway replicas never wait on each other here.
+    """
+    stats = ReleaseStats()
+    due = commands.c.status == store.HELD
+    due_release = and_(due, commands.c.manual_hold.is_(False), commands.c.release_at <= now)
+    due_discard = and_(due, commands.c.manual_hold.is_(True), commands.c.discard_at <= now)
+    run_ids = sorted(
+        {r[0] for r in await tx.conn.execute(select(commands.c.run_id).where(due_release).limit(batch))}
+        | {r[0] for r in await tx.conn.execute(select(commands.c.run_id).where(due_discard).limit(batch))}
+    )
+    if not run_ids:
+        return stats
+    locked = (
+        (
+            await tx.conn.execute(
+                select(runs)
+                .where(runs.c.run_id.in_(run_ids))
+                .order_by(runs.c.run_id)
+                .with_for_update(skip_locked=True)
+            )
+        )
+        .mappings()
+        .all()
+    )
+    eligible = [r["run_id"] for r in locked if _releasable(r)]
+    if eligible:
+        rows = (
+            (
+                await tx.conn.execute(
+                    select(commands)
+                    .where(due_release, commands.c.run_id.in_(eligible))
+                    .order_by(commands.c.accepted_at, commands.c.command_id)
+                    .limit(batch)
+                )
+            )
+            .mappings()
+            .all()
+        )
+        stats.released = await publish(tx, rows, now)
+    for run in locked:
+        count = await discard_expired(tx, run["run_id"], now)
+        stats.discarded += count
+    return stats
+
+
+async def discard_expired(tx: Tx, run_id: str, now: datetime) -> int:
+    result = await tx.conn.execute(
+        update(commands)
+        .where(
+            commands.c.run_id == run_id,
+            commands.c.status == store.HELD,
+            commands.c.manual_hold.is_(True),
+            commands.c.discard_at <= now,
+        )
+        .values(
+            status=store.DISCARDED,
+            reason="hold timeout elapsed: discarded, never released",
+            manual_hold=False,
+        )
+    )
+    count = int(result.rowcount or 0)
+    if count:
+        await tx.emit(
+            RUNS,
+            run_envelope(
+                run_id,
+                RunEventKind.DISCARDED,
+                Actor(kind="system", id="gateway"),
+                {"count": count, "reason": "hold_timeout"},
+            ),
+        )
+    return count
+
+
+def payload_json(row: Any) -> dict[str, Any]:
+    return dict(json.loads(row["envelope"]).get("payload", {}))

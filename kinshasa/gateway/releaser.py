@@ -1,0 +1,47 @@
+"""The releaser: a background task that moves commands whose quarantine window elapsed into the outbox."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from kinshasa.gateway.quarantine import ReleaseStats, release_due
+from kinshasa.gateway.uow import transaction
+from kinshasa.schemas.envelope import utcnow
+
+log = logging.getLogger(__name__)
+
+
+class Releaser:
+    """Polls for due commands; each pass is one transaction. It never touches a held or tripped run."""
+
+    def __init__(
+        self, engine: AsyncEngine, interval_s: float, batch: int, on_commit: Callable[[], None] | None = None
+    ) -> None:
+        self._engine = engine
+        self._interval = interval_s
+        self._batch = batch
+        self._on_commit = on_commit
+
+    async def run_once(self) -> ReleaseStats:
+        async with transaction(self._engine, self._on_commit) as tx:
+            stats = await release_due(tx, utcnow(), self._batch)
+            await tx.commit()
+        return stats
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                stats = await self.run_once()
+                if stats.released >= self._batch:
+                    continue  # more are due: no sleep
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("releaser pass failed; retrying after %.2fs", self._interval)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self._interval)

@@ -1,0 +1,1116 @@
+"""The public GraphQL schema: reads, operator mutations, and one agent mutation per catalogued operation.
+
+Agent mutations are generated from the operation catalogue: each payload model becomes typed GraphQL
+arguments (camelCase), validated by the same pydantic model the services use, so an operation a service
+declares appears here without a hand-written resolver. Create operations and payloads of three or more
+fields take one `input` object (`createDocument(runId, input: {title, body})`); smaller updates take flat
+arguments (`renameDocument(runId, documentId, title)`).
+"""
+
+import enum
+import inspect
+import logging
+import types
+import typing
+from collections.abc import Callable
+from datetime import datetime, timedelta
+from typing import Annotated, Any, NewType, Union
+
+import annotated_types
+import strawberry
+from graphql import GraphQLError
+from pydantic import BaseModel, ValidationError
+from pydantic.fields import FieldInfo
+from strawberry.permission import BasePermission
+from strawberry.scalars import JSON
+from strawberry.schema.config import StrawberryConfig
+
+from kinshasa.gateway import breaker as breaker_mod
+from kinshasa.gateway import egress, quarantine, store
+from kinshasa.gateway import policy as policy_mod
+from kinshasa.gateway import revert as revert_mod
+from kinshasa.gateway import runs as runs_mod
+from kinshasa.gateway.alerts import list_alerts
+from kinshasa.gateway.commands import Receipt, get_command, list_commands
+from kinshasa.gateway.context import GatewayContext
+from kinshasa.gateway.errors import Forbidden, Invalid, NotFound, camel, code_errors, invalid_from_pydantic
+from kinshasa.gateway.uow import transaction
+from kinshasa.schemas.envelope import Actor, utcnow
+from kinshasa.schemas.operations import OperationCatalogue, OperationSpec
+
+log = logging.getLogger(__name__)
+
+INT32 = 2**31 - 1
+SAFE_INT = 2**53 - 1
+PAGE_MAX = 200
+ID_MAX = 256
+
+
+def _parse_long(value: Any) -> int:
+    # bool is an int in Python; a JSON true is never an amount.
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"Long must be an integer, got {type(value).__name__}")
+    if abs(value) > SAFE_INT:
+        raise ValueError("Long must be within ±(2^53 - 1) so every client can represent it exactly")
+    return value
+
+
+Long = NewType("Long", int)
+LONG_SCALAR = strawberry.scalar(
+    name="Long",
+    serialize=int,
+    parse_value=_parse_long,
+    description="A 53-bit signed integer (GraphQL Int is only 32-bit), e.g. an amount in cents.",
+)
+
+
+# --- enums ---------------------------------------------------------------------------------------------
+
+
+@strawberry.enum
+class RunStatus(enum.Enum):
+    RUNNING = "RUNNING"
+    FINISHED = "FINISHED"
+    TRIPPED = "TRIPPED"
+    REVERTING = "REVERTING"
+    REVERTED = "REVERTED"
+    REVERT_FAILED = "REVERT_FAILED"
+
+
+@strawberry.enum
+class BreakerState(enum.Enum):
+    CLOSED = "CLOSED"
+    OPEN = "OPEN"
+    HALF_OPEN = "HALF_OPEN"
+
+
+@strawberry.enum
+class CommandStatus(enum.Enum):
+    HELD = "HELD"
+    PUBLISHED = "PUBLISHED"
+    AWAITING_APPROVAL = "AWAITING_APPROVAL"
+    DISCARDED = "DISCARDED"
+    REJECTED = "REJECTED"
+
+
+strawberry.enum(policy_mod.PolicyScope)  # registers the policy's own enum as a GraphQL enum
+PolicyScope = policy_mod.PolicyScope
+
+
+# --- authorization: checked here, in one place ---------------------------------------------------------
+
+
+def _ctx(info: strawberry.Info) -> GatewayContext:
+    context: GatewayContext = info.context
+    return context
+
+
+class IsAuthenticated(BasePermission):
+    message = "authentication required: send 'Authorization: Bearer <key>'"
+
+    def has_permission(self, source: Any, info: strawberry.Info, **kwargs: Any) -> bool:
+        _ctx(info).require_principal()
+        return True
+
+
+class IsAgent(BasePermission):
+    message = "only agents may call this"
+
+    def has_permission(self, source: Any, info: strawberry.Info, **kwargs: Any) -> bool:
+        _ctx(info).require_agent()
+        return True
+
+
+class IsOperator(BasePermission):
+    message = "this is an operator action: agents cannot call it"
+
+    def has_permission(self, source: Any, info: strawberry.Info, **kwargs: Any) -> bool:
+        _ctx(info).require_operator()
+        return True
+
+
+AUTHENTICATED: list[type[BasePermission]] = [IsAuthenticated]
+AGENT: list[type[BasePermission]] = [IsAgent]
+OPERATOR: list[type[BasePermission]] = [IsOperator]
+
+
+def _bounded(value: str | None, name: str, limit: int = ID_MAX) -> None:
+    if value is not None and len(value) > limit:
+        raise Invalid(f"{name} is longer than {limit} characters", [(name, "too long")])
+
+
+def _page(first: int) -> int:
+    if first < 1 or first > PAGE_MAX:
+        raise Invalid(f"first must be between 1 and {PAGE_MAX}", [("first", "out of range")])
+    return first
+
+
+# --- output types --------------------------------------------------------------------------------------
+
+
+@strawberry.type(description="The run's circuit breaker as of this read.")
+class Breaker:
+    state: BreakerState
+    writes: int
+    errors: int
+    services_touched: list[str]
+    velocity: int = strawberry.field(description="writes inside the current velocity window")
+    velocity_window_s: float
+    tripped_reason: str | None
+    tripped_at: datetime | None
+    probes_left: int
+    trip_count: int
+
+
+@strawberry.type
+class RunCounts:
+    held: int
+    awaiting_approval: int
+    published: int
+    applied: int
+    compensated: int
+    discarded: int
+    rejected: int
+
+
+@strawberry.type(description="What an agent gets back for a write, at once.")
+class CommandReceipt:
+    command_id: strawberry.ID
+    run_id: strawberry.ID
+    operation: str = strawberry.field(description="command type, e.g. documents.rename")
+    mutation: str = strawberry.field(description="the GraphQL mutation that wrote it")
+    entity_id: strawberry.ID
+    status: CommandStatus
+    release_at: datetime | None
+    accepted_at: datetime | None
+    result: str | None = strawberry.field(description="what the service did: APPLIED or REJECTED, once known")
+    reason: str | None
+
+    @classmethod
+    def of(cls, receipt: Receipt) -> "CommandReceipt":
+        return cls(
+            command_id=strawberry.ID(receipt.command_id),
+            run_id=strawberry.ID(receipt.run_id),
+            operation=receipt.operation,
+            mutation=receipt.mutation,
+            entity_id=strawberry.ID(receipt.entity_id),
+            status=CommandStatus(receipt.status),
+            release_at=receipt.release_at,
+            accepted_at=receipt.accepted_at,
+            result=receipt.result,
+            reason=receipt.reason,
+        )
+
+
+@strawberry.type
+class Run:
+    id: strawberry.ID
+    agent_id: str
+    entry_point: str
+    purpose: str | None
+    status: RunStatus
+    started_at: datetime
+    finished_at: datetime | None
+    revert_reason: str | None
+    revert_requested_at: datetime | None
+    record: strawberry.Private[runs_mod.RunRecord]
+
+    @classmethod
+    def of(cls, record: runs_mod.RunRecord) -> "Run":
+        return cls(
+            id=strawberry.ID(record.run_id),
+            agent_id=record.agent_id,
+            entry_point=record.entry_point,
+            purpose=record.purpose,
+            status=RunStatus(record.status),
+            started_at=record.started_at,
+            finished_at=record.finished_at,
+            revert_reason=record.revert_reason,
+            revert_requested_at=record.revert_requested_at,
+            record=record,
+        )
+
+    @strawberry.field
+    async def breaker(self, info: strawberry.Info) -> Breaker:
+        services = _ctx(info).services
+        r = self.record
+        async with services.engine.connect() as conn:
+            policy = await services.policies.effective(conn, r.agent_id, r.entry_point)
+            recent = await runs_mod.velocity(
+                conn, r.run_id, utcnow() - timedelta(seconds=policy.velocity_window_s)
+            )
+            await conn.rollback()
+        return Breaker(
+            state=BreakerState(r.breaker_state),
+            writes=r.writes,
+            errors=r.errors,
+            services_touched=list(r.services),
+            velocity=recent,
+            velocity_window_s=policy.velocity_window_s,
+            tripped_reason=r.tripped_reason,
+            tripped_at=r.tripped_at,
+            probes_left=r.probes_left,
+            trip_count=r.trip_count,
+        )
+
+    @strawberry.field
+    async def counts(self, info: strawberry.Info) -> RunCounts:
+        async with _ctx(info).services.engine.connect() as conn:
+            by_status = await runs_mod.command_counts(conn, self.record.run_id)
+            await conn.rollback()
+        r = self.record
+        return RunCounts(
+            held=by_status.get(store.HELD, 0),
+            awaiting_approval=by_status.get(store.AWAITING_APPROVAL, 0),
+            published=r.published,
+            applied=r.applied,
+            compensated=r.compensated,
+            discarded=by_status.get(store.DISCARDED, 0),
+            rejected=by_status.get(store.REJECTED, 0),
+        )
+
+    @strawberry.field(
+        description="The run's steps from the coordinator's ledger, newest first; null with a "
+        "BACKEND_UNAVAILABLE error when the coordinator cannot be reached."
+    )
+    async def steps(
+        self, info: strawberry.Info, first: int = 50, before: str | None = None
+    ) -> list[JSON] | None:
+        _bounded(before, "before")
+        steps = await _ctx(info).services.backends.steps(self.record.run_id, _page(first), before)
+        return [JSON(step) for step in steps]
+
+    @strawberry.field(description="The run's commands in acceptance order.")
+    async def commands(
+        self, info: strawberry.Info, status: CommandStatus | None = None, first: int = 100
+    ) -> list[CommandReceipt]:
+        async with _ctx(info).services.engine.connect() as conn:
+            rows = await list_commands(
+                conn, self.record.run_id, status.value if status else None, _page(first)
+            )
+            await conn.rollback()
+        return [CommandReceipt.of(r) for r in rows]
+
+
+@strawberry.type
+class PageInfo:
+    has_next_page: bool
+    end_cursor: str | None
+
+
+@strawberry.type
+class RunEdge:
+    cursor: str
+    node: Run
+
+
+@strawberry.type
+class RunConnection:
+    edges: list[RunEdge]
+    nodes: list[Run]
+    page_info: PageInfo
+
+
+@strawberry.type
+class Document:
+    id: strawberry.ID
+    title: str | None
+    body: str | None
+    status: str | None
+    version: int | None
+    state: JSON
+
+    @classmethod
+    def of(cls, state: dict[str, Any]) -> "Document":
+        return cls(
+            id=strawberry.ID(str(state.get("id"))),
+            title=state.get("title"),
+            body=state.get("body"),
+            status=state.get("status"),
+            version=state.get("version"),
+            state=JSON(state),
+        )
+
+
+@strawberry.type
+class Account:
+    id: strawberry.ID
+    name: str | None
+    currency: str | None
+    status: str | None
+    balance_cents: Long | None
+    version: int | None
+    state: JSON
+
+    @classmethod
+    def of(cls, state: dict[str, Any]) -> "Account":
+        balance = state.get("balance_cents")
+        return cls(
+            id=strawberry.ID(str(state.get("id"))),
+            name=state.get("name"),
+            currency=state.get("currency"),
+            status=state.get("status"),
+            balance_cents=Long(balance) if isinstance(balance, int) else None,
+            version=state.get("version"),
+            state=JSON(state),
+        )
+
+
+@strawberry.type
+class Link:
+    id: strawberry.ID
+    from_id: str | None
+    to_id: str | None
+    kind: str | None
+    status: str | None
+    state: JSON
+
+    @classmethod
+    def of(cls, state: dict[str, Any]) -> "Link":
+        return cls(
+            id=strawberry.ID(str(state.get("id"))),
+            from_id=state.get("from_id"),
+            to_id=state.get("to_id"),
+            kind=state.get("kind"),
+            status=state.get("status"),
+            state=JSON(state),
+        )
+
+
+@strawberry.type
+class Email:
+    id: strawberry.ID
+    to: str | None
+    subject: str | None
+    body: str | None
+    status: str | None
+    run_id: str | None
+    state: JSON
+
+    @classmethod
+    def of(cls, state: dict[str, Any]) -> "Email":
+        return cls(
+            id=strawberry.ID(str(state.get("id"))),
+            to=state.get("to"),
+            subject=state.get("subject"),
+            body=state.get("body"),
+            status=state.get("status"),
+            run_id=state.get("run_id"),
+            state=JSON(state),
+        )
+
+
+@strawberry.type
+class AlertThreshold:
+    name: str
+    count: float
+    limit: float
+
+
+@strawberry.type
+class Alert:
+    id: strawberry.ID
+    run_id: strawberry.ID
+    kind: str
+    created_at: datetime
+    summary: str
+    agent_id: str | None
+    entry_point: str | None
+    threshold: AlertThreshold | None
+    services_touched: list[str]
+    held: int
+    awaiting_approval: int
+    propagated: int
+    auto_revert: bool
+    webhook_status: str | None
+
+
+@strawberry.type
+class DlqComponent:
+    component: str
+    count: int | None
+    entries: list[JSON]
+    error: str | None
+
+
+@strawberry.type
+class DlqReprocessResult:
+    component: str
+    results: list[JSON]
+    count: int | None
+
+
+@strawberry.type
+class RunActionResult:
+    run: Run
+    count: int = strawberry.field(description="how many commands the action moved")
+
+
+@strawberry.type
+class RevertRunsResult:
+    requested: list[Run] = strawberry.field(description="runs whose revert was requested now")
+    unchanged: list[Run] = strawberry.field(description="runs already reverting or reverted: left alone")
+
+
+@strawberry.type
+class PolicySettings:
+    max_writes: int | None
+    max_errors: int | None
+    max_services: int | None
+    max_velocity: int | None
+    velocity_window_s: float | None
+    quarantine_window_s: float | None
+    operation_windows: JSON | None
+    probe_writes: int | None
+    hold_timeout_s: float | None
+    auto_revert: bool | None
+
+    @classmethod
+    def of(cls, doc: Any) -> "PolicySettings":
+        return cls(
+            max_writes=doc.max_writes,
+            max_errors=doc.max_errors,
+            max_services=doc.max_services,
+            max_velocity=doc.max_velocity,
+            velocity_window_s=doc.velocity_window_s,
+            quarantine_window_s=doc.quarantine_window_s,
+            operation_windows=doc.operation_windows,
+            probe_writes=doc.probe_writes,
+            hold_timeout_s=doc.hold_timeout_s,
+            auto_revert=doc.auto_revert,
+        )
+
+
+@strawberry.type
+class PolicyVersion:
+    version: int
+    scope: PolicyScope
+    subject: str
+    settings: PolicySettings
+    author: str
+    reason: str
+    created_at: datetime
+
+    @classmethod
+    def of(cls, pv: policy_mod.PolicyVersion) -> "PolicyVersion":
+        return cls(
+            version=pv.version,
+            scope=pv.scope,
+            subject=pv.subject,
+            settings=PolicySettings.of(pv.document),
+            author=pv.author,
+            reason=pv.reason,
+            created_at=pv.created_at,
+        )
+
+
+@strawberry.type
+class PolicyView:
+    version: int
+    effective: PolicySettings = strawberry.field(
+        description="what applies to the agent and entry point asked"
+    )
+    layers: list[PolicyVersion] = strawberry.field(description="the latest version of every layer")
+    history: list[PolicyVersion] = strawberry.field(description="every version, newest first")
+
+
+@strawberry.type
+class Me:
+    id: str
+    kind: str
+    scopes: list[str]
+
+
+# --- inputs --------------------------------------------------------------------------------------------
+
+
+@strawberry.input
+class RunFilter:
+    agent_id: str | None = None
+    entry_point: str | None = None
+    status: RunStatus | None = None
+    started_after: datetime | None = None
+    started_before: datetime | None = None
+
+
+@strawberry.input
+class RunSelector:
+    run_ids: list[strawberry.ID] | None = None
+    agent_id: str | None = None
+    entry_point: str | None = None
+    started_after: datetime | None = None
+    started_before: datetime | None = None
+
+
+@strawberry.input(
+    description="Fields left null inherit from the layer below (defaults < agent < entry point)."
+)
+class PolicyInput:
+    max_writes: int | None = None
+    max_errors: int | None = None
+    max_services: int | None = None
+    max_velocity: int | None = None
+    velocity_window_s: float | None = None
+    quarantine_window_s: float | None = None
+    operation_windows: JSON | None = None
+    probe_writes: int | None = None
+    hold_timeout_s: float | None = None
+    auto_revert: bool | None = None
+
+
+# --- generated agent mutations -------------------------------------------------------------------------
+
+
+def _strip(annotation: Any) -> tuple[Any, bool]:
+    """(core type, optional?) of a pydantic annotation: Annotated and Optional removed."""
+    optional = False
+    while True:
+        origin = typing.get_origin(annotation)
+        if origin is Annotated:
+            annotation = typing.get_args(annotation)[0]
+        elif origin in (Union, types.UnionType):
+            args = [a for a in typing.get_args(annotation) if a is not type(None)]
+            optional = optional or len(args) < len(typing.get_args(annotation))
+            annotation = args[0] if len(args) == 1 else Any
+        else:
+            return annotation, optional
+
+
+def _int_fits_32(info: FieldInfo) -> bool:
+    low = high = None
+    for meta in info.metadata:
+        if isinstance(meta, annotated_types.Ge | annotated_types.Gt):
+            low = getattr(meta, "ge", getattr(meta, "gt", None))
+        if isinstance(meta, annotated_types.Le | annotated_types.Lt):
+            high = getattr(meta, "le", getattr(meta, "lt", None))
+    return low is not None and high is not None and -INT32 - 1 <= low and high <= INT32
+
+
+def graphql_type(info: FieldInfo) -> Any:
+    """The GraphQL argument type for one pydantic field; constraints stay with pydantic."""
+    core, _ = _strip(info.annotation)
+    if core is bool:
+        return bool
+    if core is int:
+        return int if _int_fits_32(info) else Long
+    if core is float:
+        return float
+    if core is str:
+        return str
+    return JSON
+
+
+def argument_type(name: str, info: FieldInfo) -> Any:
+    # Entity references are IDs to clients, whatever their constraints inside the payload model.
+    gql = graphql_type(info)
+    return strawberry.ID if gql is str and name.endswith("_id") else gql
+
+
+def _uses_input_object(spec: OperationSpec) -> bool:
+    return spec.creates or len(spec.payload_model.model_fields) > 2
+
+
+def _pascal(name: str) -> str:
+    return name[:1].upper() + name[1:]
+
+
+def build_input_type(spec: OperationSpec) -> type:
+    """`CreateDocumentInput { title: String!, body: String }` from the payload model."""
+    annotations: dict[str, Any] = {}
+    namespace: dict[str, Any] = {"__module__": __name__}
+    for name, info in spec.payload_model.model_fields.items():
+        gql = argument_type(name, info)
+        if info.is_required():
+            annotations[name] = gql
+        else:
+            annotations[name] = gql | None
+            namespace[name] = strawberry.field(default=strawberry.UNSET, description=info.description)
+            continue
+        if info.description:
+            namespace[name] = strawberry.field(description=info.description)
+    namespace["__annotations__"] = annotations
+    cls = types.new_class(f"{_pascal(spec.graphql_name)}Input", (), {}, lambda ns: ns.update(namespace))
+    return strawberry.input(cls, description=f"Input of {spec.graphql_name}: {spec.description}")
+
+
+def _payload(spec: OperationSpec, values: dict[str, Any], prefix: str) -> BaseModel:
+    # Omitted (UNSET) and null optional arguments both mean "use the model's default".
+    data = {k: v for k, v in values.items() if v is not strawberry.UNSET and v is not None}
+    try:
+        return spec.payload_model.model_validate(data)
+    except ValidationError as exc:
+        raise invalid_from_pydantic(exc, prefix) from exc
+
+
+def build_agent_mutation(spec: OperationSpec) -> Any:
+    """One Strawberry mutation field for one catalogued operation."""
+    fields = spec.payload_model.model_fields
+    params = [
+        inspect.Parameter("info", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=strawberry.Info),
+        inspect.Parameter("run_id", inspect.Parameter.KEYWORD_ONLY, annotation=strawberry.ID),
+    ]
+    if _uses_input_object(spec):
+        input_type = build_input_type(spec)
+        params.append(inspect.Parameter("input", inspect.Parameter.KEYWORD_ONLY, annotation=input_type))
+
+        def collect(kwargs: dict[str, Any]) -> tuple[dict[str, Any], str]:
+            given = kwargs["input"]
+            return {name: getattr(given, name, strawberry.UNSET) for name in fields}, "input."
+    else:
+        for name, info in fields.items():
+            gql = argument_type(name, info)
+            if info.is_required():
+                params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=gql))
+            else:
+                params.append(
+                    inspect.Parameter(
+                        name, inspect.Parameter.KEYWORD_ONLY, annotation=gql | None, default=strawberry.UNSET
+                    )
+                )
+
+        def collect(kwargs: dict[str, Any]) -> tuple[dict[str, Any], str]:
+            return {name: kwargs.get(name, strawberry.UNSET) for name in fields}, ""
+
+    async def resolver(info: strawberry.Info, **kwargs: Any) -> CommandReceipt:
+        context = _ctx(info)
+        principal = context.require_agent()
+        if not principal.may_call(spec):
+            raise Forbidden(
+                f"agent {principal.id} has no scope for {spec.command_type}: ask an operator to grant it"
+            )
+        run_id = str(kwargs["run_id"])
+        values, prefix = collect(kwargs)
+        payload = _payload(spec, values, prefix)
+        receipt = await context.services.writer.submit(principal, spec, run_id, payload)
+        return CommandReceipt.of(receipt)
+
+    resolver.__name__ = spec.graphql_name
+    resolver.__signature__ = inspect.Signature(params, return_annotation=CommandReceipt)  # type: ignore[attr-defined]
+    resolver.__annotations__ = {p.name: p.annotation for p in params} | {"return": CommandReceipt}
+    return strawberry.mutation(resolver=resolver, name=spec.graphql_name, description=spec.description)
+
+
+# --- reads ---------------------------------------------------------------------------------------------
+
+
+def _alert(a: Any) -> Alert:
+    p = a.payload
+    threshold = p.get("threshold")
+    return Alert(
+        id=strawberry.ID(a.alert_id),
+        run_id=strawberry.ID(a.run_id),
+        kind=a.kind,
+        created_at=a.created_at,
+        summary=a.summary,
+        agent_id=p.get("agent_id"),
+        entry_point=p.get("entry_point"),
+        threshold=AlertThreshold(**threshold) if isinstance(threshold, dict) else None,
+        services_touched=list(p.get("services_touched", [])),
+        held=int(p.get("held", 0)),
+        awaiting_approval=int(p.get("awaiting_approval", 0)),
+        propagated=int(p.get("propagated", 0)),
+        auto_revert=bool(p.get("auto_revert", False)),
+        webhook_status=a.webhook_status,
+    )
+
+
+async def _visible_run(info: strawberry.Info, run_id: str) -> runs_mod.RunRecord:
+    context = _ctx(info)
+    principal = context.require_principal()
+    async with context.services.engine.connect() as conn:
+        run = await runs_mod.load_run(conn, run_id)
+        await conn.rollback()
+    runs_mod.check_owner(run, principal)
+    return run
+
+
+@strawberry.type
+class Query:
+    @strawberry.field(permission_classes=AUTHENTICATED, description="Who the Bearer key belongs to.")
+    def me(self, info: strawberry.Info) -> Me:
+        p = _ctx(info).require_principal()
+        return Me(id=p.id, kind=p.kind, scopes=sorted(p.scopes))
+
+    @strawberry.field(permission_classes=AUTHENTICATED)
+    async def run(self, info: strawberry.Info, id: strawberry.ID) -> Run:
+        return Run.of(await _visible_run(info, str(id)))
+
+    @strawberry.field(
+        permission_classes=AUTHENTICATED, description="Runs newest first; agents see only their own."
+    )
+    async def runs(
+        self,
+        info: strawberry.Info,
+        filter: RunFilter | None = None,
+        first: int = 20,
+        after: str | None = None,
+    ) -> RunConnection:
+        context = _ctx(info)
+        principal = context.require_principal()
+        f = filter or RunFilter()
+        for name in ("agent_id", "entry_point"):
+            _bounded(getattr(f, name), camel(name))
+        _bounded(after, "after", 1024)
+        agent_id = principal.id if principal.is_agent else f.agent_id
+        if principal.is_agent and f.agent_id not in (None, principal.id):
+            return RunConnection(edges=[], nodes=[], page_info=PageInfo(has_next_page=False, end_cursor=None))
+        query = runs_mod.RunFilter(
+            agent_id=agent_id,
+            entry_point=f.entry_point,
+            status=f.status.value if f.status else None,
+            started_after=f.started_after,
+            started_before=f.started_before,
+        )
+        async with context.services.engine.connect() as conn:
+            rows, more = await runs_mod.list_runs(conn, query, _page(first), after)
+            await conn.rollback()
+        edges = [RunEdge(cursor=runs_mod.encode_cursor(r), node=Run.of(r)) for r in rows]
+        return RunConnection(
+            edges=edges,
+            nodes=[e.node for e in edges],
+            page_info=PageInfo(has_next_page=more, end_cursor=edges[-1].cursor if edges else None),
+        )
+
+    @strawberry.field(permission_classes=AUTHENTICATED)
+    async def command(self, info: strawberry.Info, id: strawberry.ID) -> CommandReceipt:
+        context = _ctx(info)
+        async with context.services.engine.connect() as conn:
+            row = await get_command(conn, str(id))
+            await conn.rollback()
+        await _visible_run(info, row["run_id"])
+        return CommandReceipt.of(Receipt.from_row(row))
+
+    @strawberry.field(
+        permission_classes=AUTHENTICATED, description="Current state; null if it does not exist."
+    )
+    async def document(self, info: strawberry.Info, id: strawberry.ID) -> Document | None:
+        _bounded(str(id), "id")
+        state = await _ctx(info).services.backends.entity("document", str(id))
+        return None if state is None else Document.of(state)
+
+    @strawberry.field(
+        permission_classes=AUTHENTICATED, description="Current state; null if it does not exist."
+    )
+    async def account(self, info: strawberry.Info, id: strawberry.ID) -> Account | None:
+        _bounded(str(id), "id")
+        state = await _ctx(info).services.backends.entity("account", str(id))
+        return None if state is None else Account.of(state)
+
+    @strawberry.field(permission_classes=AUTHENTICATED, description="Active links touching an entity.")
+    async def links(self, info: strawberry.Info, entity_id: strawberry.ID) -> list[Link]:
+        _bounded(str(entity_id), "entityId")
+        return [Link.of(s) for s in await _ctx(info).services.backends.links_of(str(entity_id))]
+
+    @strawberry.field(permission_classes=AUTHENTICATED, description="Emails a run sent.")
+    async def emails(self, info: strawberry.Info, run_id: strawberry.ID) -> list[Email]:
+        await _visible_run(info, str(run_id))
+        return [Email.of(s) for s in await _ctx(info).services.backends.emails_of(str(run_id))]
+
+    @strawberry.field(permission_classes=OPERATOR, description="Each component's dead letters.")
+    async def dlq(self, info: strawberry.Info, first: int = 50) -> list[DlqComponent]:
+        services = _ctx(info).services
+        limit = _page(first)
+        results: list[DlqComponent] = []
+        if services.local_dlq is not None:
+            entries = await services.local_dlq.dlq_inspect(limit)
+            results.append(
+                DlqComponent(
+                    component="gateway",
+                    count=await services.local_dlq.dlq_count(),
+                    entries=[e.to_json() for e in entries],
+                    error=None,
+                )
+            )
+        for d in await services.backends.dlq_all(limit):
+            if d["component"] == "gateway" and services.local_dlq is not None:
+                continue
+            results.append(
+                DlqComponent(
+                    component=d["component"],
+                    count=d.get("count"),
+                    entries=list(d.get("entries", [])),
+                    error=d.get("error"),
+                )
+            )
+        return results
+
+    @strawberry.field(permission_classes=OPERATOR, description="Operator alerts, newest first.")
+    async def alerts(
+        self, info: strawberry.Info, run_id: strawberry.ID | None = None, first: int = 50
+    ) -> list[Alert]:
+        _bounded(run_id, "runId")
+        async with _ctx(info).services.engine.connect() as conn:
+            found = await list_alerts(conn, str(run_id) if run_id else None, _page(first))
+            await conn.rollback()
+        return [_alert(a) for a in found]
+
+    @strawberry.field(permission_classes=OPERATOR, description="The breaker and quarantine policy.")
+    async def policy(
+        self, info: strawberry.Info, agent_id: str | None = None, entry_point: str | None = None
+    ) -> PolicyView:
+        _bounded(agent_id, "agentId")
+        _bounded(entry_point, "entryPoint")
+        services = _ctx(info).services
+        async with services.engine.connect() as conn:
+            effective = await services.policies.effective(conn, agent_id or "", entry_point or "")
+            past = await policy_mod.history(conn)
+            await conn.rollback()
+        resolved = policy_mod.PolicyDocument(
+            max_writes=effective.max_writes,
+            max_errors=effective.max_errors,
+            max_services=effective.max_services,
+            max_velocity=effective.max_velocity,
+            velocity_window_s=effective.velocity_window_s,
+            quarantine_window_s=effective.quarantine_window_s,
+            operation_windows=effective.operation_windows,
+            probe_writes=effective.probe_writes,
+            hold_timeout_s=effective.hold_timeout_s,
+            auto_revert=effective.auto_revert,
+        )
+        return PolicyView(
+            version=effective.version,
+            effective=PolicySettings.of(resolved),
+            layers=[PolicyVersion.of(v) for v in services.policies.layers()],
+            history=[PolicyVersion.of(v) for v in past],
+        )
+
+
+# --- mutations -----------------------------------------------------------------------------------------
+
+
+async def _in_tx(info: strawberry.Info, work: Callable[[Any], Any]) -> Any:
+    services = _ctx(info).services
+    async with transaction(services.engine, services.wake_relay) as tx:
+        result = await work(tx)
+        await tx.commit()
+    return result
+
+
+@strawberry.type
+class OperatorMutations:
+    """Hand-written mutations: run lifecycle for agents, and every operator action."""
+
+    @strawberry.mutation(
+        permission_classes=AGENT, description="Mint a run id bound to you and an entry point."
+    )
+    async def start_run(self, info: strawberry.Info, entry_point: str, purpose: str | None = None) -> Run:
+        principal = _ctx(info).require_agent()
+        return Run.of(await _in_tx(info, lambda tx: runs_mod.start_run(tx, principal, entry_point, purpose)))
+
+    @strawberry.mutation(
+        permission_classes=AGENT, description="Close your run; held commands still wait out their window."
+    )
+    async def finish_run(self, info: strawberry.Info, run_id: strawberry.ID) -> Run:
+        principal = _ctx(info).require_agent()
+        return Run.of(await _in_tx(info, lambda tx: runs_mod.finish_run(tx, principal, str(run_id))))
+
+    @strawberry.mutation(permission_classes=OPERATOR)
+    async def revert_run(self, info: strawberry.Info, run_id: strawberry.ID, reason: str) -> Run:
+        operator = _ctx(info).require_operator()
+        why = revert_mod.check_reason(reason)
+
+        async def work(tx: Any) -> runs_mod.RunRecord:
+            run, _ = await revert_mod.request_revert(tx, str(run_id), why, operator.id)
+            return run
+
+        return Run.of(await _in_tx(info, work))
+
+    @strawberry.mutation(permission_classes=OPERATOR)
+    async def revert_runs(
+        self, info: strawberry.Info, selector: RunSelector, reason: str
+    ) -> RevertRunsResult:
+        operator = _ctx(info).require_operator()
+        why = revert_mod.check_reason(reason)
+        for name in ("agent_id", "entry_point"):
+            _bounded(getattr(selector, name), f"selector.{camel(name)}")
+        for rid in selector.run_ids or []:
+            _bounded(str(rid), "selector.runIds")
+        sel = revert_mod.Selector(
+            run_ids=tuple(str(r) for r in selector.run_ids) if selector.run_ids else None,
+            agent_id=selector.agent_id,
+            entry_point=selector.entry_point,
+            started_after=selector.started_after,
+            started_before=selector.started_before,
+        )
+
+        async def work(tx: Any) -> RevertRunsResult:
+            requested: list[Run] = []
+            unchanged: list[Run] = []
+            for rid in await revert_mod.select_runs(tx, sel):
+                run, rung = await revert_mod.request_revert(tx, rid, why, operator.id)
+                (requested if rung else unchanged).append(Run.of(run))
+            return RevertRunsResult(requested=requested, unchanged=unchanged)
+
+        result: RevertRunsResult = await _in_tx(info, work)
+        return result
+
+    @strawberry.mutation(permission_classes=OPERATOR, description="Publish the run's held commands now.")
+    async def release_run(self, info: strawberry.Info, run_id: strawberry.ID) -> RunActionResult:
+        operator = _ctx(info).require_operator()
+        run, count = await _in_tx(info, lambda tx: quarantine.release_run(tx, str(run_id), operator.id))
+        return RunActionResult(run=Run.of(run), count=count)
+
+    @strawberry.mutation(permission_classes=OPERATOR, description="Discard the run's unpublished commands.")
+    async def discard_run(self, info: strawberry.Info, run_id: strawberry.ID) -> RunActionResult:
+        operator = _ctx(info).require_operator()
+        run, count = await _in_tx(info, lambda tx: quarantine.discard_run(tx, str(run_id), operator.id))
+        return RunActionResult(run=Run.of(run), count=count)
+
+    @strawberry.mutation(permission_classes=OPERATOR, description="Hold the run's commands until releaseRun.")
+    async def hold_run(self, info: strawberry.Info, run_id: strawberry.ID) -> RunActionResult:
+        operator = _ctx(info).require_operator()
+        services = _ctx(info).services
+
+        async def work(tx: Any) -> Any:
+            run = await runs_mod.load_run(tx.conn, str(run_id), lock=True)
+            policy = await services.policies.effective(tx.conn, run.agent_id, run.entry_point)
+            return await quarantine.hold_run(tx, str(run_id), operator.id, policy)
+
+        run, count = await _in_tx(info, work)
+        return RunActionResult(run=Run.of(run), count=count)
+
+    @strawberry.mutation(permission_classes=OPERATOR)
+    async def set_breaker(self, info: strawberry.Info, run_id: strawberry.ID, state: BreakerState) -> Run:
+        operator = _ctx(info).require_operator()
+        services = _ctx(info).services
+        actor = Actor(kind="operator", id=operator.id)
+        run, alert = await _in_tx(
+            info,
+            lambda tx: breaker_mod.set_state(
+                tx,
+                str(run_id),
+                state.value,
+                services.policies.effective,
+                actor,
+                services.webhook.url is not None,
+            ),
+        )
+        if alert is not None:
+            services.webhook.send_later(alert)
+        return Run.of(run)
+
+    @strawberry.mutation(
+        permission_classes=OPERATOR, description="Publish an egress command awaiting approval."
+    )
+    async def approve_egress(self, info: strawberry.Info, command_id: strawberry.ID) -> CommandReceipt:
+        operator = _ctx(info).require_operator()
+        row = await _in_tx(info, lambda tx: egress.approve(tx, str(command_id), operator.id))
+        return CommandReceipt.of(Receipt.from_row(row))
+
+    @strawberry.mutation(
+        permission_classes=OPERATOR, description="Discard an egress command, with the reason."
+    )
+    async def deny_egress(
+        self, info: strawberry.Info, command_id: strawberry.ID, reason: str
+    ) -> CommandReceipt:
+        operator = _ctx(info).require_operator()
+        row = await _in_tx(info, lambda tx: egress.deny(tx, str(command_id), reason, operator.id))
+        return CommandReceipt.of(Receipt.from_row(row))
+
+    @strawberry.mutation(permission_classes=OPERATOR, description="Re-run dead letters of one component.")
+    async def reprocess_dlq(
+        self, info: strawberry.Info, component: str, message_ids: list[str]
+    ) -> DlqReprocessResult:
+        _ctx(info).require_operator()
+        services = _ctx(info).services
+        if not message_ids or len(message_ids) > 1000 or any(len(m) > ID_MAX for m in message_ids):
+            raise Invalid(
+                "messageIds must list 1-1000 ids from the dlq query", [("messageIds", "bad length")]
+            )
+        if component == "gateway" and services.local_dlq is not None:
+            outcomes = await services.local_dlq.dlq_reprocess(message_ids)
+            return DlqReprocessResult(
+                component=component,
+                results=[o.to_json() for o in outcomes],
+                count=await services.local_dlq.dlq_count(),
+            )
+        _bounded(component, "component", 64)
+        answer = await services.backends.reprocess(component, message_ids)
+        return DlqReprocessResult(
+            component=component, results=list(answer.get("results", [])), count=answer.get("count")
+        )
+
+    @strawberry.mutation(permission_classes=OPERATOR, description="Append a policy version for one layer.")
+    async def set_policy(
+        self,
+        info: strawberry.Info,
+        scope: PolicyScope,
+        settings: PolicyInput,
+        reason: str,
+        subject: str | None = None,
+    ) -> PolicyVersion:
+        operator = _ctx(info).require_operator()
+        services = _ctx(info).services
+        scope_value = policy_mod.PolicyScope(scope)
+        reason = reason.strip()
+        if not reason or len(reason) > 2000:
+            raise Invalid(
+                "reason must be 1-2000 characters saying why the policy changes", [("reason", "required")]
+            )
+        if scope_value is not policy_mod.PolicyScope.DEFAULT and not (subject and subject.strip()):
+            raise Invalid(
+                f"scope {scope_value.value} needs a subject (the agent id or entry point)",
+                [("subject", "required")],
+            )
+        _bounded(subject, "subject")
+        raw = {name: getattr(settings, name) for name in policy_mod.PolicyDocument.model_fields}
+        if raw.get("operation_windows") is not None:
+            unknown = (
+                [op for op in raw["operation_windows"] if op not in services.catalogue]
+                if isinstance(raw["operation_windows"], dict)
+                else ["(not an object)"]
+            )
+            if unknown:
+                raise Invalid(
+                    f"operationWindows names unknown operations: {', '.join(map(str, unknown))}",
+                    [("settings.operationWindows", "unknown operation")],
+                )
+        try:
+            document = policy_mod.PolicyDocument.model_validate(raw)
+        except ValidationError as exc:
+            raise invalid_from_pydantic(exc, "settings.") from exc
+
+        async def work(tx: Any) -> int:
+            return await policy_mod.append_version(
+                tx.conn, scope_value, (subject or "").strip(), document, operator.id, reason
+            )
+
+        version = await _in_tx(info, work)
+        async with services.engine.connect() as conn:
+            for pv in await policy_mod.history(conn, limit=50):
+                if pv.version == version:
+                    await conn.rollback()
+                    return PolicyVersion.of(pv)
+        raise NotFound(f"policy version {version} vanished")  # pragma: no cover - append-only table
+
+
+def build_mutation_type(catalogue: OperationCatalogue) -> type:
+    namespace: dict[str, Any] = {"__module__": __name__}
+    for spec in catalogue:
+        namespace[spec.graphql_name] = build_agent_mutation(spec)
+    cls = types.new_class("Mutation", (OperatorMutations,), {}, lambda ns: ns.update(namespace))
+    return strawberry.type(cls)
+
+
+class GatewaySchema(strawberry.Schema):
+    """Strawberry's schema with coded, masked errors instead of a traceback logged per error.
+
+    Strawberry calls `process_errors` for every result, pre-execution failures included. A refused
+    write (BREAKER_OPEN, VALIDATION, ...) is the gateway working, not an incident: only errors it
+    masks as INTERNAL are logged.
+    """
+
+    def process_errors(self, errors: list[GraphQLError], execution_context: Any = None) -> None:
+        code_errors(errors, log)
+
+
+def build_schema(
+    catalogue: OperationCatalogue, *, dev_mode: bool, extensions: list[Any]
+) -> strawberry.Schema:
+    """The gateway schema for a catalogue; hardening extensions are passed in by the app."""
+    return GatewaySchema(
+        query=Query,
+        mutation=build_mutation_type(catalogue),
+        extensions=extensions,
+        config=StrawberryConfig(disable_field_suggestions=not dev_mode, scalar_map={Long: LONG_SCALAR}),
+    )

@@ -1,0 +1,198 @@
+"""The gateway's own tables: runs with their breaker row, commands, alerts and the policy versions."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    Boolean,
+    Column,
+    DateTime,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    TypeDecorator,
+    text,
+)
+from sqlalchemy.engine import Dialect
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+gateway_metadata = MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+
+class UtcDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC in and out; SQLite would otherwise hand back naive datetimes."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column: pass an aware datetime")
+        value = value.astimezone(UTC)
+        # SQLite compares timestamps as text; storing them naive keeps one comparable format.
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+# Run status.
+RUNNING, FINISHED, TRIPPED, REVERTING, REVERTED, REVERT_FAILED = (
+    "RUNNING",
+    "FINISHED",
+    "TRIPPED",
+    "REVERTING",
+    "REVERTED",
+    "REVERT_FAILED",
+)
+# Breaker state.
+CLOSED, OPEN, HALF_OPEN = "CLOSED", "OPEN", "HALF_OPEN"
+# Command status (CommandReceipt.status).
+HELD, PUBLISHED, AWAITING_APPROVAL, DISCARDED, REJECTED = (
+    "HELD",
+    "PUBLISHED",
+    "AWAITING_APPROVAL",
+    "DISCARDED",
+    "REJECTED",
+)
+
+runs = Table(
+    "gw_runs",
+    gateway_metadata,
+    Column("run_id", String(64), primary_key=True),
+    Column("agent_id", String(256), nullable=False),
+    Column("entry_point", String(256), nullable=False),
+    Column("purpose", Text),
+    Column("status", String(16), nullable=False),
+    Column("started_at", UtcDateTime, nullable=False),
+    Column("finished_at", UtcDateTime),
+    # The breaker row: locked (FOR UPDATE) by every write so check and count are one atomic step.
+    Column("breaker_state", String(10), nullable=False, default=CLOSED),
+    Column("writes", Integer, nullable=False, default=0),
+    Column("errors", Integer, nullable=False, default=0),
+    Column("services", Text, nullable=False, default="[]"),
+    Column("probes_left", Integer, nullable=False, default=0),
+    Column("tripped_reason", Text),
+    Column("tripped_at", UtcDateTime),
+    Column("trip_count", Integer, nullable=False, default=0),
+    # An operator's holdRun: nothing of this run leaves quarantine until releaseRun.
+    Column("on_hold", Boolean, nullable=False, default=False),
+    Column("published", Integer, nullable=False, default=0),
+    Column("applied", Integer, nullable=False, default=0),
+    Column("compensated", Integer, nullable=False, default=0),
+    Column("revert_reason", Text),
+    Column("revert_requested_at", UtcDateTime),
+    Column("revert_requested_by", String(256)),
+    Column("revert_detail", Text),
+    Index("ix_gw_runs_agent_started", "agent_id", "started_at"),
+    Index("ix_gw_runs_entry_started", "entry_point", "started_at"),
+    Index("ix_gw_runs_started", "started_at", "run_id"),
+)
+
+commands = Table(
+    "gw_commands",
+    gateway_metadata,
+    Column("command_id", String(36), primary_key=True),
+    Column("run_id", String(64), nullable=False),
+    Column("command_type", String(200), nullable=False),
+    Column("graphql_name", String(200), nullable=False),
+    Column("service", String(64), nullable=False),
+    Column("entity_id", String(200), nullable=False),
+    Column("status", String(20), nullable=False),
+    Column("egress", Boolean, nullable=False, default=False),
+    Column("probe", Boolean, nullable=False, default=False),
+    # Manual hold: set by a trip or holdRun; such a command is only ever released by an operator.
+    Column("manual_hold", Boolean, nullable=False, default=False),
+    Column("release_at", UtcDateTime),
+    Column("discard_at", UtcDateTime),
+    Column("accepted_at", UtcDateTime, nullable=False),
+    Column("published_at", UtcDateTime),
+    Column("decided_by", String(256)),
+    Column("reason", Text),
+    # What the service did with it, from the events topic: APPLIED, REJECTED, COMPENSATED.
+    Column("result", String(20)),
+    Column("envelope", Text, nullable=False),
+    Index("ix_gw_commands_run_accepted", "run_id", "accepted_at"),
+    Index("ix_gw_commands_status_release", "status", "release_at"),
+)
+
+alerts = Table(
+    "gw_alerts",
+    gateway_metadata,
+    Column("alert_id", String(36), primary_key=True),
+    Column("run_id", String(64), nullable=False),
+    Column("kind", String(64), nullable=False),
+    Column("created_at", UtcDateTime, nullable=False),
+    Column("summary", Text, nullable=False),
+    Column("payload", Text, nullable=False),
+    Column("webhook_status", String(20)),
+    Column("webhook_attempts", Integer, nullable=False, default=0),
+    Index("ix_gw_alerts_created", "created_at"),
+)
+
+policy_versions = Table(
+    "gw_policy_versions",
+    gateway_metadata,
+    Column("version", Integer, primary_key=True, autoincrement=True),
+    Column("scope", String(16), nullable=False),
+    Column("subject", String(256), nullable=False),
+    Column("document", Text, nullable=False),
+    Column("author", String(256), nullable=False),
+    Column("reason", Text, nullable=False),
+    Column("created_at", UtcDateTime, nullable=False),
+)
+
+_APPEND_ONLY = ("gw_policy_versions",)
+
+
+def _append_only_ddl(dialect: str) -> list[str]:
+    """Triggers refusing UPDATE and DELETE, so the policy history cannot be rewritten, even by hand."""
+    statements: list[str] = []
+    for table in _APPEND_ONLY:
+        if dialect == "sqlite":
+            for op in ("UPDATE", "DELETE"):
+                statements.append(
+                    f"CREATE TRIGGER IF NOT EXISTS {table}_no_{op.lower()} BEFORE {op} ON {table} "
+                    f"BEGIN SELECT RAISE(ABORT, '{table} is append-only'); END"
+                )
+        else:
+            statements.append(
+                f"CREATE OR REPLACE FUNCTION {table}_append_only() RETURNS trigger AS $$ BEGIN "
+                f"RAISE EXCEPTION '{table} is append-only'; END $$ LANGUAGE plpgsql"
+            )
+            statements.append(f"DROP TRIGGER IF EXISTS {table}_no_change ON {table}")
+            statements.append(
+                f"CREATE TRIGGER {table}_no_change BEFORE UPDATE OR DELETE ON {table} "
+                f"FOR EACH ROW EXECUTE FUNCTION {table}_append_only()"
+            )
+    return statements
+
+
+async def install_gateway_tables(engine: AsyncEngine) -> None:
+    """Create the gateway tables and their append-only triggers; safe to run on every start."""
+    async with engine.begin() as conn:
+        if engine.dialect.name == "postgresql":
+            # Two replicas starting together would race on CREATE TABLE; one advisory lock serialises them.
+            await conn.execute(text("SELECT pg_advisory_xact_lock(724115)"))
+        await conn.run_sync(gateway_metadata.create_all)
+        for statement in _append_only_ddl(engine.dialect.name):
+            await conn.execute(text(statement))
+
+
+def as_dict(row: Any) -> dict[str, Any]:
+    return dict(row._mapping) if hasattr(row, "_mapping") else dict(row)

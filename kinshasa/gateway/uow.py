@@ -1,0 +1,53 @@
+"""One gateway transaction: the kernel's unit of work (state change + outbox rows commit together)."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any, Protocol
+
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from kinshasa.kernel.unit_of_work import UnitOfWork
+from kinshasa.schemas.envelope import Envelope
+
+
+class Tx(Protocol):
+    """What gateway logic needs of a transaction: its connection and an outbox to emit into."""
+
+    @property
+    def conn(self) -> AsyncConnection: ...
+
+    async def emit(self, topic: str, envelope: Envelope) -> None: ...
+
+
+class GatewayTx:
+    """Adapts the kernel UnitOfWork to `Tx`; emitted envelopes are published by the relay after commit."""
+
+    def __init__(self, uow: Any) -> None:
+        self._uow = uow
+        self.emitted = 0
+
+    @property
+    def conn(self) -> AsyncConnection:
+        conn: AsyncConnection = self._uow.conn
+        return conn
+
+    async def emit(self, topic: str, envelope: Envelope) -> None:
+        result = self._uow.emit(topic, envelope)
+        if inspect.isawaitable(result):
+            await result
+        self.emitted += 1
+
+    async def commit(self) -> None:
+        await self._uow.commit()
+
+
+@asynccontextmanager
+async def transaction(
+    engine: AsyncEngine, on_commit: Callable[[], None] | None = None
+) -> AsyncIterator[GatewayTx]:
+    """Yield a transaction that rolls back unless `commit()` is called; `on_commit` wakes the relay."""
+    async with UnitOfWork(engine, on_commit=on_commit) as uow:
+        yield GatewayTx(uow)

@@ -1,0 +1,74 @@
+"""The quarantine window on Kafka: nothing before it elapses, all after; a tripped run's holds stay held."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from kinshasa.topics.catalogue import commands_topic
+from tests.integration.gateway.conftest import Harness, TopicReader
+
+
+async def test_held_command_reaches_kafka_only_after_its_window(
+    harness: Harness, reader: TopicReader
+) -> None:
+    c = harness.client
+    await c.set_policy({"quarantineWindowS": 3.0, "operationWindows": {"documents.archive": 0}})
+    run_id = await c.start_run(entry_point="window")
+    started = time.monotonic()
+    held = (await c.create_document(run_id))["data"]["createDocument"]
+    immediate = (
+        await c.data(
+            f'mutation {{ archiveDocument(runId: "{run_id}", documentId: "d") {{ commandId status }} }}'
+        )
+    )["archiveDocument"]
+    assert held["status"] == "HELD" and immediate["status"] == "PUBLISHED"  # per-operation window 0
+    topic = commands_topic("documents")
+    early = await reader.wait_for([topic], run_id, 1)
+    assert time.monotonic() - started < 2.5, "the check must run inside the window"
+    assert [str(e.message_id) for e in early] == [immediate["commandId"]]
+    late = await reader.wait_for([topic], run_id, 2, within_s=20)
+    assert {str(e.message_id) for e in late} == {held["commandId"], immediate["commandId"]}
+    assert time.monotonic() - started >= 3.0
+    status = (await c.data(f'{{ command(id: "{held["commandId"]}") {{ status }} }}'))["command"]["status"]
+    assert status == "PUBLISHED"
+
+
+async def test_tripped_runs_held_commands_stay_held(harness: Harness, reader: TopicReader) -> None:
+    c = harness.client
+    await c.set_policy({"quarantineWindowS": 1.0, "maxWrites": 2, "holdTimeoutS": None})
+    run_id = await c.start_run(entry_point="trip-hold")
+    held = [(await c.create_document(run_id))["data"]["createDocument"] for _ in range(2)]
+    assert (await c.create_document(run_id))["errors"][0]["extensions"]["code"] == "BREAKER_OPEN"
+    # Several windows and releaser passes later, nothing has left.
+    await asyncio.sleep(3.0)
+    assert await reader.envelopes([commands_topic("documents")], run_id) == []
+    listed = await c.data(
+        f'{{ run(id: "{run_id}") {{ commands {{ status }} counts {{ held published }} }} }}'
+    )
+    assert listed["run"]["counts"] == {"held": 2, "published": 0}
+    # Closing the breaker does not release them either: only releaseRun does.
+    await c.data(
+        f'mutation {{ setBreaker(runId: "{run_id}", state: CLOSED) {{ id }} }}',
+        key="test-operator-key-" + "c" * 40,
+    )
+    await asyncio.sleep(1.5)
+    assert await reader.envelopes([commands_topic("documents")], run_id) == []
+    assert {r["status"] for r in held} == {"HELD"}
+
+
+async def test_hold_timeout_discards_never_releases(harness: Harness, reader: TopicReader) -> None:
+    c = harness.client
+    await c.set_policy({"quarantineWindowS": 0.5, "maxWrites": 1, "holdTimeoutS": 1.0})
+    run_id = await c.start_run(entry_point="timeout")
+    await c.create_document(run_id)
+    assert (await c.create_document(run_id))["errors"][0]["extensions"]["code"] == "BREAKER_OPEN"
+    for _ in range(50):
+        counts = (await c.data(f'{{ run(id: "{run_id}") {{ counts {{ held discarded }} }} }}'))["run"][
+            "counts"
+        ]
+        if counts["discarded"] == 1:
+            break
+        await asyncio.sleep(0.2)
+    assert counts == {"held": 0, "discarded": 1}
+    assert await reader.envelopes([commands_topic("documents")], run_id) == []
