@@ -24,6 +24,8 @@ class StackSettings(BaseSettings):
     temporal_address: str = "127.0.0.1:7233"
     temporal_namespace: str = "default"
     log_level: str = "INFO"
+    # "json" for log shippers; "console" for a person reading a terminal (`make run` sets it).
+    log_format: str = "json"
 
 
 class InfraSettings(BaseSettings):

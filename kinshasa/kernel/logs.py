@@ -107,9 +107,22 @@ class _KinshasaHandler(logging.StreamHandler[TextIO]):
     """Marker type so reconfiguring replaces our handler and leaves others (pytest's) alone."""
 
 
+class ConsoleFormatter(logging.Formatter):
+    """One short human line per record, for `make run`'s prefixed terminal; the context stays on it."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        context = " ".join(f"{k}={v}" for k, v in current_context().items() if v)
+        line = f"{record.levelname:<7} {record.getMessage()}"
+        if context:
+            line = f"{line}  [{context}]"
+        if record.exc_info:
+            line = f"{line}\n{self.formatException(record.exc_info)}"
+        return line
+
+
 def configure_logging(component: str, level: str | int = "INFO", *,
-                      stream: TextIO | None = None) -> logging.Handler:
-    """Send every log record of this process as JSON lines to stderr (or `stream`).
+                      stream: TextIO | None = None, fmt: str = "json") -> logging.Handler:
+    """Send every log record of this process as JSON lines (or console lines) to stderr (or `stream`).
 
     Idempotent: calling it again (a test, a reload) swaps the handler instead of doubling output.
     """
@@ -122,7 +135,9 @@ def configure_logging(component: str, level: str | int = "INFO", *,
     for existing in [h for h in root.handlers if isinstance(h, _KinshasaHandler)]:
         root.removeHandler(existing)
     handler = _KinshasaHandler(stream if stream is not None else sys.stderr)
-    handler.setFormatter(JsonFormatter(component))
+    if fmt not in ("json", "console"):
+        raise ValueError(f"unknown log format {fmt!r}; use 'json' or 'console'")
+    handler.setFormatter(JsonFormatter(component) if fmt == "json" else ConsoleFormatter())
     root.addHandler(handler)
     root.setLevel(level)
     # The HTTP client logs every request at INFO; its warnings still come through.

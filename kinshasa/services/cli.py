@@ -29,7 +29,7 @@ def run_service(name: str, *, topic_suffix: str | None = None, instance_id: str 
     """Bootstrap: settings, logging, the verified service declaration, then the runtime until a signal."""
     stack = StackSettings()
     settings = ServiceSettings.for_service(name)
-    configure_logging(name, stack.log_level)
+    configure_logging(name, stack.log_level, fmt=stack.log_format)
     try:
         service = load_service(name)
         runtime = ServiceRuntime(service, stack=stack, settings=settings,
