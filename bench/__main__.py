@@ -12,7 +12,7 @@ from pathlib import Path
 def main(argv: list[str]) -> int:
     small = "--small" in argv
     wanted = [a for a in argv if not a.startswith("-")]
-    names = sorted(m.name for m in pkgutil.iter_modules([str(Path(__file__).parent))
+    names = sorted(m.name for m in pkgutil.iter_modules([str(Path(__file__).parent)])
                    if m.name.startswith("bench_"))
     if wanted:
         names = [n for n in names if n in wanted or n.removeprefix("bench_") in wanted]

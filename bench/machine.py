@@ -1,4 +1,4 @@
-"""Machine facts recorded next to every benchmark figure, so results from different machines are not confused."""
+"""Machine facts recorded next to every benchmark figure, so results from different machines stay apart."""
 
 from __future__ import annotations
 

@@ -211,12 +211,22 @@ class AsyncConsumer:
             await self._call(self._consumer.subscribe, self.topics, self._on_assign, self._on_revoke,
                              self._on_lost)
             while not stop.is_set():
-                messages = await self._call(self._consumer.consume, self._batch_size, self._poll_timeout)
+                messages = await self._call(self._fetch)
                 if await self._handle_batch(messages, handler, stop):
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(stop.wait(), self._failure_backoff)
         finally:
             await self.close()
+
+    def _fetch(self) -> list[Message]:
+        # consume(n, timeout) waits for n messages or the whole timeout, adding up to poll_timeout of
+        # latency per hop; poll() returns on the first message, then take only what is already fetched.
+        first = self._consumer.poll(self._poll_timeout)
+        if first is None:
+            return []
+        if self._batch_size == 1:
+            return [first]
+        return [first, *self._consumer.consume(self._batch_size - 1, 0)]
 
     async def _handle_batch(self, messages: list[Message], handler: Handler, stop: asyncio.Event) -> bool:
         """Handle a batch in order; returns True if some handler failed."""
