@@ -4,26 +4,33 @@ Both servers run as separate uvicorn processes with the same settings (one worke
 log) in the same run, driven in alternating rounds (median per side) by the same minimal keep-alive
 HTTP/1.1 load generator (cheap enough that the server, not the client, is the bottleneck).
 The gateway path is the real one:
-Bearer auth, run ownership, breaker check+count, quarantine window 0, one database transaction writing the
-command and its outbox row, and the relay publishing to a real Kafka broker. After the timed phase the
+Bearer auth, run ownership, breaker check+count, quarantine window 0, the command row, its outbox row and the
+count committed in one database transaction (group commit: writes queued together share it), and the
+relay publishing to a real Kafka broker. After the timed phase the
 bench waits until every accepted command is on Kafka and reports that drain rate too.
 
-    python bench/bench_gateway.py [--small] [--database-url URL] [--bootstrap HOST:PORT]
+A third server, the same echo with Strawberry's parser and validation caches (which the gateway has and
+the bare echo lacks), is measured alongside for information only: against it the ratio shows what the
+gateway's own work costs per request. The target ratio is the one against the bare echo.
 
-Writes bench/results/gateway.json. Target: gateway/echo ratio >= 0.7.
+    python -m bench.bench_gateway [--small] [--database-url URL] [--bootstrap HOST:PORT]
+    python -m bench [--small] gateway
+
+Writes bench/results/gateway.json (figures, the database they were measured on, machine facts and load).
+Target: gateway/echo ratio >= 0.7.
 """
 
 import argparse
 import asyncio
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,9 +45,11 @@ UVICORN = {"log_level": "warning", "access_log": False, "lifespan": "on", "loop"
 # --- the echo server: a bare Strawberry mutation, same FastAPI + uvicorn settings ---------------------
 
 
-def echo_app() -> Any:
+def echo_app(cached: bool = False) -> Any:
+    """The bare echo; `cached` adds only Strawberry's parser and validation caches, as the gateway has."""
     import strawberry
     from fastapi import FastAPI
+    from strawberry.extensions import ParserCache, ValidationCache
     from strawberry.fastapi import GraphQLRouter
 
     @strawberry.type
@@ -58,20 +67,23 @@ def echo_app() -> Any:
         def echo(self, run_id: strawberry.ID, title: str) -> Receipt:
             return Receipt(command_id=str(run_id), status=title)
 
+    extensions = [lambda: ParserCache(maxsize=1024), lambda: ValidationCache(maxsize=1024)] if cached else []
     app = FastAPI()
     app.include_router(
         GraphQLRouter(
-            strawberry.Schema(query=Query, mutation=Mutation), graphql_ide=None, allow_queries_via_get=False
+            strawberry.Schema(query=Query, mutation=Mutation, extensions=extensions),
+            graphql_ide=None,
+            allow_queries_via_get=False,
         ),
         prefix="/graphql",
     )
     return app
 
 
-def serve_echo(port: int) -> None:
+def serve_echo(port: int, cached: bool = False) -> None:
     import uvicorn
 
-    uvicorn.run(echo_app(), host="127.0.0.1", port=port, **UVICORN)  # type: ignore[arg-type]
+    uvicorn.run(echo_app(cached), host="127.0.0.1", port=port, **UVICORN)  # type: ignore[arg-type]
 
 
 def serve_gateway(port: int) -> None:
@@ -116,8 +128,56 @@ def request_bytes(port: int, body: dict[str, Any], key: str | None) -> bytes:
     ).encode() + payload
 
 
-async def drive(port: int, requests: list[bytes], seconds: float, warmup: float) -> tuple[int, int]:
-    """Each connection loops over its own request; returns (ok, failed) counted after the warm-up."""
+def process_cpu_s(pid: int) -> float | None:
+    """User + system CPU seconds of a process, all its threads included (Linux /proc); None elsewhere."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+@dataclass
+class Side:
+    """One server's rounds: requests answered without errors per second, and its CPU per request."""
+
+    rates: list[float] = field(default_factory=list)
+    cpu_ms: list[float] = field(default_factory=list)
+    failed: int = 0
+
+    def add(self, ok: int, failed: int, cpu_s: float | None, seconds: float) -> None:
+        self.rates.append(ok / seconds)
+        self.failed += failed
+        if cpu_s is not None and ok:
+            self.cpu_ms.append(1000 * cpu_s / ok)
+
+    @property
+    def rate(self) -> float:
+        return statistics.median(self.rates)
+
+    @property
+    def cpu_ms_per_request(self) -> float | None:
+        return statistics.median(self.cpu_ms) if self.cpu_ms else None
+
+    def figures(self) -> dict[str, Any]:
+        cpu = self.cpu_ms_per_request
+        return {
+            "per_s": round(self.rate, 1),
+            "rounds_per_s": [round(r, 1) for r in self.rates],
+            "failed": self.failed,
+            "cpu_ms_per_request": round(cpu, 3) if cpu is not None else None,
+            "rounds_cpu_ms_per_request": [round(c, 3) for c in self.cpu_ms],
+        }
+
+
+def ratio(numerator: float | None, denominator: float | None) -> float | None:
+    return round(numerator / denominator, 3) if numerator and denominator else None
+
+
+async def drive(
+    port: int, requests: list[bytes], seconds: float, warmup: float, pid: int | None = None
+) -> tuple[int, int, float | None]:
+    """Each connection loops over its own request; returns (ok, failed, server CPU s), after the warm-up."""
     ok = failed = 0
     counting = False
     stop = False
@@ -140,10 +200,13 @@ async def drive(port: int, requests: list[bytes], seconds: float, warmup: float)
     tasks = [asyncio.create_task(worker(r)) for r in requests]
     await asyncio.sleep(warmup)
     counting = True
+    cpu_start = process_cpu_s(pid) if pid is not None else None
     await asyncio.sleep(seconds)
     stop = True
+    cpu_end = process_cpu_s(pid) if pid is not None else None
     await asyncio.gather(*tasks, return_exceptions=True)
-    return ok, failed
+    cpu = cpu_end - cpu_start if cpu_start is not None and cpu_end is not None else None
+    return ok, failed, cpu
 
 
 # --- orchestration ---------------------------------------------------------------------------------
@@ -220,22 +283,11 @@ def outbox_backlog(database_url: str) -> int:
     return asyncio.run(count())
 
 
-def machine() -> dict[str, Any]:
-    model = ""
+def load_average() -> list[float]:
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
+        return [round(x, 2) for x in os.getloadavg()]
     except OSError:
-        pass
-    return {
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "cpus": os.cpu_count(),
-        "cpu_model": model,
-        "machine": platform.machine(),
-    }
+        return []
 
 
 async def bench(args: argparse.Namespace) -> dict[str, Any]:
@@ -283,21 +335,20 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
 
         # Both servers up at once (an idle one costs nothing); rounds alternate echo and gateway so a
         # load spike from elsewhere on the machine hits both sides alike rather than one.
-        echo_port, gw_port = free_port(), free_port()
+        echo_port, cached_port, gw_port = free_port(), free_port(), free_port()
         echo = spawn(["--serve-echo", str(echo_port)], env, root / "echo.log")
+        cached = spawn(["--serve-cached-echo", str(cached_port)], env, root / "cached-echo.log")
         gateway = spawn(["--serve-gateway", str(gw_port)], env, root / "gateway.log")
         try:
             await wait_http(echo_port, echo, root / "echo.log")
+            await wait_http(cached_port, cached, root / "cached-echo.log")
             await wait_http(gw_port, gateway, root / "gateway.log")
-            echo_request = request_bytes(
-                echo_port,
-                {
-                    "query": "mutation($r: ID!, $t: String!) "
-                    "{ echo(runId: $r, title: $t) { commandId status } }",
-                    "variables": {"r": "run", "t": "bench"},
-                },
-                AGENT_KEY,
-            )
+            echo_body = {
+                "query": "mutation($r: ID!, $t: String!) { echo(runId: $r, title: $t) { commandId status } }",
+                "variables": {"r": "run", "t": "bench"},
+            }
+            echo_request = request_bytes(echo_port, echo_body, AGENT_KEY)
+            cached_request = request_bytes(cached_port, echo_body, AGENT_KEY)
             await gql(
                 gw_port,
                 'mutation { setPolicy(scope: DEFAULT, reason: "bench", settings: {maxWrites: 10000000, '
@@ -317,17 +368,19 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
             requests = [
                 request_bytes(gw_port, {"query": mutation, "variables": {"r": r}}, AGENT_KEY) for r in run_ids
             ]
-            echo_rounds: list[float] = []
-            gw_rounds: list[float] = []
-            echo_failed = gw_failed = 0
+            echo_side, gw_side, cached_side = Side(), Side(), Side()
+            load_at_start = load_average()
             started = time.monotonic()
             for _ in range(rounds):
-                ok, failed = await drive(echo_port, [echo_request] * connections, seconds, warmup)
-                echo_rounds.append(ok / seconds)
-                echo_failed += failed
-                ok, failed = await drive(gw_port, requests, seconds, warmup)
-                gw_rounds.append(ok / seconds)
-                gw_failed += failed
+                echo_side.add(
+                    *await drive(echo_port, [echo_request] * connections, seconds, warmup, echo.pid), seconds
+                )
+                gw_side.add(*await drive(gw_port, requests, seconds, warmup, gateway.pid), seconds)
+                cached_side.add(
+                    *await drive(cached_port, [cached_request] * connections, seconds, warmup, cached.pid),
+                    seconds,
+                )
+            load_at_end = load_average()
             accepted_total = await published_count(gw_port, run_ids)
             # Drained: every accepted command is on Kafka (the outbox holds no unpublished row).
             deadline = time.monotonic() + 120
@@ -338,45 +391,58 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
             backlog = await asyncio.to_thread(outbox_backlog, database_url)
         finally:
             stop(echo)
+            stop(cached)
             stop(gateway)
     finally:
         if broker is not None:
             broker.stop()
         shutil.rmtree(root, ignore_errors=True)
 
-    echo_rate = statistics.median(echo_rounds)
-    gw_rate = statistics.median(gw_rounds)
+    from bench.machine import machine_info
+
     return {
         "benchmark": "gateway accepted mutations/s vs bare Strawberry echo mutation",
         "mode": "small" if args.small else "full",
+        # Every figure below was measured on this database (the gateway's; the echo servers have none).
         "database": "postgresql" if database_url.startswith("postgresql") else "sqlite",
+        "database_driver": database_url.split("://", 1)[0],
         "seconds_per_round": seconds,
         "rounds": rounds,
         "warmup_s": warmup,
         "connections": connections,
-        "echo": {
-            "per_s": round(echo_rate, 1),
-            "rounds_per_s": [round(r, 1) for r in echo_rounds],
-            "failed": echo_failed,
-        },
+        "echo": echo_side.figures(),
         "gateway": {
-            "per_s": round(gw_rate, 1),
-            "rounds_per_s": [round(r, 1) for r in gw_rounds],
-            "failed": gw_failed,
+            **gw_side.figures(),
             "accepted_incl_warmup": accepted_total,
             "outbox_backlog_after": backlog,
             # Seconds from the first timed round (echo rounds included) until the outbox was empty.
             "all_on_kafka_after_s": round(drained_s, 2),
         },
-        "ratio": round(gw_rate / echo_rate, 3) if echo_rate else None,
+        "ratio": ratio(gw_side.rate, echo_side.rate),
         "target_ratio": 0.7,
-        "machine": machine(),
+        # Server CPU per request, echo over gateway (the gateway's threads included, the Kafka broker
+        # not): what the ratio is when each side is CPU-bound with a whole core. On a machine busy with
+        # other work the throughput ratio also reflects how the scheduler shared the cores out (a process
+        # with more runnable threads gets more), which this figure does not.
+        "cpu_ratio": ratio(echo_side.cpu_ms_per_request, gw_side.cpu_ms_per_request),
+        # Informational, not the target: the bare echo parses and validates every request, while the
+        # gateway caches both. This echo adds only those two caches, so the ratios against it show
+        # what the gateway's own work (auth, breaker, database, outbox, relay) costs per request.
+        "cached_echo": cached_side.figures(),
+        "ratio_vs_cached_echo": ratio(gw_side.rate, cached_side.rate),
+        "cpu_ratio_vs_cached_echo": ratio(cached_side.cpu_ms_per_request, gw_side.cpu_ms_per_request),
+        "machine": {
+            **machine_info(),
+            "load_average_at_start": load_at_start,
+            "load_average_at_end": load_at_end,
+        },
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> int:
+    """Entry point for `python -m bench` (which passes ["--small"] or []) and for direct runs."""
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--small", action="store_true", help="a quick run (3 s per side, 16 connections)")
     parser.add_argument("--seconds", type=float, default=8.0, help="seconds per round and side")
     parser.add_argument("--connections", type=int, default=32)
@@ -390,27 +456,49 @@ def main() -> None:
         "--bootstrap", default=None, help="an existing Kafka; default starts a private broker"
     )
     parser.add_argument("--serve-echo", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--serve-cached-echo", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--serve-gateway", type=int, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.serve_echo:
         serve_echo(args.serve_echo)
-        return
+        return 0
+    if args.serve_cached_echo:
+        serve_echo(args.serve_cached_echo, cached=True)
+        return 0
     if args.serve_gateway:
         serve_gateway(args.serve_gateway)
-        return
+        return 0
+    from bench import machine
+
     result = asyncio.run(bench(args))
-    out = REPO / "bench" / "results" / "gateway.json"
+    out = machine.RESULTS / "gateway.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
+    gw = result["gateway"]
+    print(f"database:             {result['database']} ({result['database_driver']})")
     print(f"echo mutation:        {result['echo']['per_s']:>9.1f} /s")
     print(
-        f"gateway full path:    {result['gateway']['per_s']:>9.1f} accepted/s "
-        f"(all {result['gateway']['accepted_incl_warmup']} on Kafka after "
-        f"{result['gateway']['all_on_kafka_after_s']} s)"
+        f"gateway full path:    {gw['per_s']:>9.1f} accepted/s "
+        f"(all {gw['accepted_incl_warmup']} on Kafka after {gw['all_on_kafka_after_s']} s)"
     )
     print(f"ratio gateway/echo:   {result['ratio']}  (target >= {result['target_ratio']})")
+    print(
+        f"server CPU ms/request: echo {result['echo']['cpu_ms_per_request']}, gateway "
+        f"{gw['cpu_ms_per_request']} -> CPU ratio {result['cpu_ratio']}"
+    )
+    cached = result["cached_echo"]
+    print(
+        f"informational: echo with parser+validation caches {cached['per_s']:.1f} /s "
+        f"({cached['cpu_ms_per_request']} CPU ms/request): gateway/cached echo "
+        f"{result['ratio_vs_cached_echo']}, CPU ratio {result['cpu_ratio_vs_cached_echo']}"
+    )
+    print(
+        f"load average start/end: {result['machine']['load_average_at_start']} / "
+        f"{result['machine']['load_average_at_end']}"
+    )
     print(f"wrote {out}")
+    return 0 if gw["failed"] == 0 and gw["outbox_backlog_after"] == 0 else 1
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -155,6 +155,7 @@ class Gateway:
             if not task.done():
                 task.cancel()
         self._tasks.clear()
+        await self.services.writer.drain()
         await self.webhook.drain()
         if self.producer is not None:
             await self.producer.close()

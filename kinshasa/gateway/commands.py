@@ -1,30 +1,35 @@
-"""The command writer: one agent write, checked by the breaker and stored (held or published) in one tx."""
+"""The command writer: agent writes checked by the breaker and stored (held or published), group-committed."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import uuid
+from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
 
 from pydantic import BaseModel
-from sqlalchemy import insert, select, update
+from sqlalchemy import Integer, Text, bindparam, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from kinshasa.gateway import store
-from kinshasa.gateway.alerts import WebhookSender
+from kinshasa.gateway.alerts import Alert, WebhookSender
 from kinshasa.gateway.breaker import check_write, refusal, services_after, trip
-from kinshasa.gateway.errors import NotFound, RunClosed
-from kinshasa.gateway.policy import PolicyBook
+from kinshasa.gateway.errors import GatewayError, NotFound, RunClosed, RunNotFound
+from kinshasa.gateway.policy import EffectivePolicy, PolicyBook
 from kinshasa.gateway.principals import Principal
-from kinshasa.gateway.runs import check_owner, load_run_for_write, velocity
+from kinshasa.gateway.runs import RunRecord, check_owner, check_run_id, load_runs_for_write, velocities
 from kinshasa.gateway.store import commands, runs
-from kinshasa.gateway.uow import transaction
+from kinshasa.gateway.uow import GatewayTx, transaction
 from kinshasa.schemas.envelope import Actor, EntityRef, Envelope, utcnow
 from kinshasa.schemas.operations import OperationSpec
 from kinshasa.topics.catalogue import commands_topic
+
+log = logging.getLogger(__name__)
 
 CLOSED_STATUSES = (store.FINISHED, store.REVERTING, store.REVERTED, store.REVERT_FAILED)
 
@@ -60,8 +65,56 @@ class Receipt:
         )
 
 
+@dataclass(eq=False)
+class _Write:
+    """One queued agent write: what was asked, what could be computed before the transaction, its answer."""
+
+    principal: Principal
+    spec: OperationSpec
+    run_id: str
+    command_id: str
+    entity_id: str
+    payload: dict[str, Any]
+    future: asyncio.Future[Receipt]
+
+
+@dataclass
+class _Batch:
+    """What one group-commit transaction decided: an answer per write, alerts to send after the commit."""
+
+    answers: list[tuple[_Write, Receipt | GatewayError]] = field(default_factory=list)
+    alerts: list[Alert] = field(default_factory=list)
+    command_rows: list[dict[str, Any]] = field(default_factory=list)
+    run_bumps: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+# Prebuilt statements: executed with a list of parameter sets (executemany), compiled once.
+_INSERT_COMMANDS = insert(commands)
+_BUMP_RUN = (
+    update(runs)
+    .where(runs.c.run_id == bindparam("b_run_id"))
+    .values(
+        writes=runs.c.writes + bindparam("b_writes", type_=Integer),
+        published=runs.c.published + bindparam("b_published", type_=Integer),
+        probes_left=runs.c.probes_left - bindparam("b_probes", type_=Integer),
+        services=bindparam("b_services", type_=Text),
+    )
+)
+
+
 class CommandWriter:
-    """Accepts agent writes. The only I/O on this path is the gateway's database."""
+    """Accepts agent writes. The only I/O on this path is the gateway's database.
+
+    Group commit: `submit` queues the write and one drain task per process takes every queued write
+    and runs them one after another inside ONE transaction, each checked and counted against its run's
+    breaker in arrival order, then commits once and answers each. The breaker stays exact: the run rows
+    are locked (PostgreSQL FOR UPDATE, in run-id order; SQLite BEGIN IMMEDIATE) for the whole batch, the
+    checks are sequential on the locked counters, and the counters written back are the sum of what was
+    admitted. With several replicas on PostgreSQL the row lock serialises the batches of one run. Every
+    accepted command is in exactly one transaction, and its command row, its outbox row and the count
+    commit together; a write is answered only after that commit. A batch that fails as a whole (a
+    database error, not a refusal) is retried one write per transaction, so one bad write fails alone.
+    """
 
     def __init__(
         self,
@@ -69,101 +122,255 @@ class CommandWriter:
         policies: PolicyBook,
         webhook: WebhookSender,
         on_commit: Callable[[], None] | None = None,
+        max_batch: int = 256,
     ) -> None:
         self._engine = engine
         self._policies = policies
         self._webhook = webhook
         # Called after a commit that put rows in the outbox, to wake the relay without waiting for its poll.
         self._on_commit = on_commit
+        self._max_batch = max_batch
+        self._queue: deque[_Write] = deque()
+        self._drainer: asyncio.Task[None] | None = None
 
     async def submit(
         self, principal: Principal, spec: OperationSpec, run_id: str, payload: BaseModel
     ) -> Receipt:
-        """Check and count the write against the run's breaker, store it, commit: one transaction.
+        """Check and count the write against the run's breaker, store it, commit; answer once committed."""
+        check_run_id(run_id)
+        # Pure work is done here, before the write waits its turn, so the transaction holds locks briefly.
+        write = _Write(
+            principal=principal,
+            spec=spec,
+            run_id=run_id,
+            command_id=str(uuid.uuid4()),
+            entity_id=spec.entity_id(payload) or str(uuid.uuid4()),
+            payload=payload.model_dump(mode="json"),
+            future=asyncio.get_running_loop().create_future(),
+        )
+        self._queue.append(write)
+        if self._drainer is None or self._drainer.done():
+            self._drainer = asyncio.create_task(self._drain(), name="gateway-command-writer")
+        return await write.future
 
-        On PostgreSQL the run's row is locked FOR UPDATE first, so concurrent writers to one run (on any
-        number of gateway replicas) are serialised on it and the threshold admits exactly its limit.
-        """
+    async def drain(self) -> None:
+        """Wait until every queued write is answered (on shutdown, before the engine is disposed)."""
+        while self._drainer is not None and not self._drainer.done():
+            await asyncio.wait([self._drainer])
+
+    async def _drain(self) -> None:
+        """Write batches until the queue is empty, then end (the next submit starts a new drain)."""
+        batch: list[_Write] = []
+        try:
+            while self._queue:
+                batch = []
+                while self._queue and len(batch) < self._max_batch:
+                    write = self._queue.popleft()
+                    if not write.future.done():  # a caller that gave up (cancelled) is not written
+                        batch.append(write)
+                if batch:
+                    await self._write(batch)
+        except BaseException as exc:
+            # Cancelled (shutdown) or a bug: nobody may wait forever on a write that will not happen.
+            answer = exc if isinstance(exc, Exception) else None
+            for write in [*batch, *self._queue]:
+                _settle(write, answer)
+            self._queue.clear()
+            raise
+
+    async def _write(self, writes: list[_Write]) -> None:
+        try:
+            batch = await self._transact(writes)
+        except asyncio.CancelledError:
+            for write in writes:
+                _settle(write, None)
+            raise
+        except Exception as exc:
+            if len(writes) == 1:
+                _settle(writes[0], exc)
+                return
+            log.warning(
+                "a group commit of %d writes failed (%s: %s); retrying them one per transaction",
+                len(writes),
+                type(exc).__name__,
+                exc,
+            )
+            for write in writes:
+                if not write.future.done():
+                    await self._write([write])
+            return
+        for alert in batch.alerts:
+            self._webhook.send_later(alert)
+        for write, answer in batch.answers:
+            _settle(write, answer)
+
+    async def _transact(self, writes: list[_Write]) -> _Batch:
+        """One transaction for every write of the batch, checked and counted in order; committed once."""
+        batch = _Batch()
         async with transaction(self._engine, self._on_commit) as tx:
-            run, policy_version = await load_run_for_write(tx.conn, run_id)
-            check_owner(run, principal)
-            if run.status in CLOSED_STATUSES:
-                raise RunClosed(f"run {run_id} is {run.status}: it accepts no more writes; start a new run")
-            policy = await self._policies.effective(tx.conn, run.agent_id, run.entry_point, policy_version)
-            now = utcnow()
-            recent = await velocity(tx.conn, run_id, now - timedelta(seconds=policy.velocity_window_s))
-            verdict = check_write(run, policy, spec.service, recent)
-            if not verdict.accept:
-                if verdict.trip is None:
-                    raise refusal(run, recent)
-                actor = Actor(kind="system", id="gateway")
-                tripped, alert = await trip(
-                    tx, run, verdict.trip, policy, actor, self._webhook.url is not None
+            found, policy_version = await load_runs_for_write(tx.conn, [w.run_id for w in writes])
+            start = utcnow()
+            policies: dict[str, EffectivePolicy] = {}
+            for run in found.values():
+                policies[run.run_id] = await self._policies.effective(
+                    tx.conn, run.agent_id, run.entry_point, policy_version
                 )
-                await tx.commit()
-                self._webhook.send_later(alert)
-                raise refusal(tripped, recent)
-
-            command_id = str(uuid.uuid4())
-            entity_id = spec.entity_id(payload) or str(uuid.uuid4())
-            envelope = Envelope(
-                message_id=uuid.UUID(command_id),
-                type=spec.command_type,
-                run_id=run_id,
-                actor=Actor(kind="agent", id=principal.id),
-                correlation_id=run_id,
-                entity=EntityRef(service=spec.service, type=spec.entity_type, id=entity_id),
-                occurred_at=now,
-                payload=payload.model_dump(mode="json"),
-            )
-            window = policy.window_for(spec.command_type)
-            release_at: datetime | None = None
-            if spec.egress:
-                status = store.AWAITING_APPROVAL
-            elif window <= 0 and not run.on_hold:
-                status = store.PUBLISHED
-            else:
-                status = store.HELD
-                release_at = now + timedelta(seconds=window)
-            await tx.conn.execute(
-                insert(commands).values(
-                    command_id=command_id,
-                    run_id=run_id,
-                    command_type=spec.command_type,
-                    graphql_name=spec.graphql_name,
-                    service=spec.service,
-                    entity_id=entity_id,
-                    status=status,
-                    egress=spec.egress,
-                    probe=verdict.probe,
-                    manual_hold=run.on_hold and status == store.HELD,
-                    release_at=release_at,
-                    accepted_at=now,
-                    published_at=now if status == store.PUBLISHED else None,
-                    envelope=envelope.model_dump_json(),
-                )
-            )
-            if status == store.PUBLISHED:
-                await tx.emit(commands_topic(spec.service), envelope)
-            values: dict[str, Any] = {"writes": runs.c.writes + 1}
-            if spec.service not in run.services:
-                values["services"] = services_after(run, spec.service)
-            if verdict.probe:
-                values["probes_left"] = runs.c.probes_left - 1
-            if status == store.PUBLISHED:
-                values["published"] = runs.c.published + 1
-            await tx.conn.execute(update(runs).where(runs.c.run_id == run_id).values(**values))
+            recent = await self._velocities(tx, policies, start)
+            last = start
+            for write in writes:
+                # Strictly increasing accepted_at, so commands of one batch keep their order wherever
+                # they are sorted by acceptance (the releaser publishes held commands in that order).
+                now = utcnow()
+                now = now if now > last else last + _TICK
+                last = now
+                try:
+                    receipt = await self._admit(tx, batch, write, found, policies, recent, now)
+                except GatewayError as refused:
+                    batch.answers.append((write, refused))
+                else:
+                    batch.answers.append((write, receipt))
+            await self._flush(tx, batch)
             await tx.commit()
+        return batch
+
+    async def _velocities(
+        self, tx: GatewayTx, policies: dict[str, EffectivePolicy], now: datetime
+    ) -> dict[str, int]:
+        by_window: dict[float, list[str]] = {}
+        for run_id, policy in policies.items():
+            by_window.setdefault(policy.velocity_window_s, []).append(run_id)
+        recent: dict[str, int] = {}
+        for window, run_ids in by_window.items():
+            counts = await velocities(tx.conn, run_ids, now - timedelta(seconds=window))
+            recent.update({run_id: counts.get(run_id, 0) for run_id in run_ids})
+        return recent
+
+    async def _admit(
+        self,
+        tx: GatewayTx,
+        batch: _Batch,
+        write: _Write,
+        found: dict[str, RunRecord],
+        policies: dict[str, EffectivePolicy],
+        recent: dict[str, int],
+        now: datetime,
+    ) -> Receipt:
+        """Check one write against its run as the batch has left it; stage its rows or raise the refusal."""
+        run_id, spec = write.run_id, write.spec
+        run = found.get(run_id)
+        if run is None:
+            raise RunNotFound(f"run {run_id!r} does not exist: start one with startRun and use its id")
+        check_owner(run, write.principal)
+        if run.status in CLOSED_STATUSES:
+            raise RunClosed(f"run {run_id} is {run.status}: it accepts no more writes; start a new run")
+        policy = policies[run_id]
+        verdict = check_write(run, policy, spec.service, recent[run_id])
+        if not verdict.accept:
+            if verdict.trip is None:
+                raise refusal(run, recent[run_id])
+            # The trip reads and moves the run's held commands: they must include this batch's.
+            await self._flush(tx, batch)
+            tripped, alert = await trip(tx, run, verdict.trip, policy, _SYSTEM, self._webhook.url is not None)
+            found[run_id] = tripped
+            batch.alerts.append(alert)
+            raise refusal(tripped, recent[run_id])
+
+        envelope = Envelope(
+            message_id=uuid.UUID(write.command_id),
+            type=spec.command_type,
+            run_id=run_id,
+            actor=Actor(kind="agent", id=write.principal.id),
+            correlation_id=run_id,
+            entity=EntityRef(service=spec.service, type=spec.entity_type, id=write.entity_id),
+            occurred_at=now,
+            payload=write.payload,
+        )
+        wire = envelope.to_bytes()
+        window = policy.window_for(spec.command_type)
+        release_at: datetime | None = None
+        if spec.egress:
+            status = store.AWAITING_APPROVAL
+        elif window <= 0 and not run.on_hold:
+            status = store.PUBLISHED
+        else:
+            status = store.HELD
+            release_at = now + timedelta(seconds=window)
+        batch.command_rows.append(
+            {
+                "command_id": write.command_id,
+                "run_id": run_id,
+                "command_type": spec.command_type,
+                "graphql_name": spec.graphql_name,
+                "service": spec.service,
+                "entity_id": write.entity_id,
+                "status": status,
+                "egress": spec.egress,
+                "probe": verdict.probe,
+                "manual_hold": run.on_hold and status == store.HELD,
+                "release_at": release_at,
+                "accepted_at": now,
+                "published_at": now if status == store.PUBLISHED else None,
+                "envelope": wire.decode(),
+            }
+        )
+        if status == store.PUBLISHED:
+            await tx.emit_serialised(commands_topic(spec.service), envelope, wire)
+
+        # Count it on the locked row as the batch sees it, so the next write of this run is checked on it.
+        published = status == store.PUBLISHED
+        services = services_after(run, spec.service)
+        found[run_id] = replace(
+            run,
+            writes=run.writes + 1,
+            services=tuple(json.loads(services)),
+            probes_left=run.probes_left - 1 if verdict.probe else run.probes_left,
+            published=run.published + 1 if published else run.published,
+        )
+        recent[run_id] += 1
+        bump = batch.run_bumps.setdefault(
+            run_id, {"b_run_id": run_id, "b_writes": 0, "b_published": 0, "b_probes": 0}
+        )
+        bump["b_writes"] += 1
+        bump["b_published"] += int(published)
+        bump["b_probes"] += int(verdict.probe)
+        bump["b_services"] = services
         return Receipt(
-            command_id=command_id,
+            command_id=write.command_id,
             run_id=run_id,
             operation=spec.command_type,
             mutation=spec.graphql_name,
-            entity_id=entity_id,
+            entity_id=write.entity_id,
             status=status,
             release_at=release_at,
             accepted_at=now,
         )
+
+    @staticmethod
+    async def _flush(tx: GatewayTx, batch: _Batch) -> None:
+        """Write the staged command rows and run counters (one executemany each)."""
+        if batch.command_rows:
+            await tx.conn.execute(_INSERT_COMMANDS, batch.command_rows)
+            batch.command_rows = []
+        if batch.run_bumps:
+            await tx.conn.execute(_BUMP_RUN, list(batch.run_bumps.values()))
+            batch.run_bumps = {}
+
+
+_SYSTEM = Actor(kind="system", id="gateway")
+# accepted_at resolution: UtcDateTime keeps microseconds on both backends.
+_TICK = timedelta(microseconds=1)
+
+
+def _settle(write: _Write, answer: Receipt | BaseException | None) -> None:
+    """Answer a queued write; None cancels it. A caller that already gave up is left alone."""
+    if write.future.done():
+        return
+    if answer is None:
+        write.future.cancel()
+    elif isinstance(answer, BaseException):
+        write.future.set_exception(answer)
+    else:
+        write.future.set_result(answer)
 
 
 async def get_command(conn: AsyncConnection, command_id: str) -> Any:

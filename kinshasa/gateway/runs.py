@@ -5,11 +5,12 @@ from __future__ import annotations
 import base64
 import json
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, func, insert, or_, select, update
+from sqlalchemy import and_, bindparam, func, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from kinshasa.gateway import store
@@ -102,17 +103,36 @@ def check_run_id(run_id: str) -> str:
     return run_id
 
 
-async def load_run_for_write(conn: AsyncConnection, run_id: str) -> tuple[RunRecord, int]:
-    """The run with its breaker row locked, and the latest policy version, in one statement (hot path)."""
-    query = (
-        select(runs, LATEST_VERSION.label("policy_version"))
-        .where(runs.c.run_id == check_run_id(run_id))
-        .with_for_update(of=runs)
+# Built once: the compiled form is cached by SQLAlchemy, and the hot path builds no statement objects.
+_LOAD_FOR_WRITE = (
+    select(runs, LATEST_VERSION.label("policy_version"))
+    .where(runs.c.run_id.in_(bindparam("run_ids", expanding=True)))
+    # Sorted, so two writers locking several runs (on any replica) take the row locks in one order.
+    .order_by(runs.c.run_id)
+    .with_for_update(of=runs)
+)
+_VELOCITY = (
+    select(commands.c.run_id, func.count())
+    .where(
+        commands.c.run_id.in_(bindparam("run_ids", expanding=True)),
+        commands.c.accepted_at > bindparam("since", type_=store.UtcDateTime),
     )
-    row = (await conn.execute(query)).first()
-    if row is None:
-        raise RunNotFound(f"run {run_id!r} does not exist: start one with startRun and use its id")
-    return RunRecord.from_row(row), int(row._mapping["policy_version"])
+    .group_by(commands.c.run_id)
+)
+
+
+async def load_runs_for_write(
+    conn: AsyncConnection, run_ids: Sequence[str]
+) -> tuple[dict[str, RunRecord], int | None]:
+    """Runs by id with their breaker rows locked, and the latest policy version, in one statement (hot path).
+
+    PostgreSQL locks the rows FOR UPDATE in run-id order; SQLite's BEGIN IMMEDIATE already holds the
+    database's write lock. Ids that name no run are simply absent from the result, and with no run
+    found there is no policy version either (None).
+    """
+    rows = (await conn.execute(_LOAD_FOR_WRITE, {"run_ids": sorted(set(run_ids))})).all()
+    policy_version = int(rows[0]._mapping["policy_version"]) if rows else None
+    return {row._mapping["run_id"]: RunRecord.from_row(row) for row in rows}, policy_version
 
 
 async def load_run(conn: AsyncConnection, run_id: str, *, lock: bool = False) -> RunRecord:
@@ -210,6 +230,12 @@ async def command_counts(conn: AsyncConnection, run_id: str) -> dict[str, int]:
         select(commands.c.status, func.count()).where(commands.c.run_id == run_id).group_by(commands.c.status)
     )
     return {status: int(count) for status, count in rows}
+
+
+async def velocities(conn: AsyncConnection, run_ids: Sequence[str], since: datetime) -> dict[str, int]:
+    """Commands accepted after `since`, per run (runs without any are absent): the velocity counts."""
+    rows = await conn.execute(_VELOCITY, {"run_ids": sorted(set(run_ids)), "since": since})
+    return {run_id: int(count) for run_id, count in rows}
 
 
 async def velocity(conn: AsyncConnection, run_id: str, since: datetime) -> int:

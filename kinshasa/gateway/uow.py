@@ -5,7 +5,9 @@ from __future__ import annotations
 import inspect
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any, Protocol
+from uuid import UUID
 
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -22,6 +24,32 @@ class Tx(Protocol):
     async def emit(self, topic: str, envelope: Envelope) -> None: ...
 
 
+@dataclass(frozen=True)
+class Serialised:
+    """An envelope with its wire form computed once; the producer's own mapping reads the rest."""
+
+    envelope: Envelope
+    wire: bytes
+
+    @property
+    def message_id(self) -> UUID:
+        return self.envelope.message_id
+
+    @property
+    def type(self) -> str:
+        return self.envelope.type
+
+    @property
+    def traceparent(self) -> str | None:
+        return self.envelope.traceparent
+
+    def kafka_key(self) -> bytes:
+        return self.envelope.kafka_key()
+
+    def to_bytes(self) -> bytes:
+        return self.wire
+
+
 class GatewayTx:
     """Adapts the kernel UnitOfWork to `Tx`; emitted envelopes are published by the relay after commit."""
 
@@ -36,6 +64,13 @@ class GatewayTx:
 
     async def emit(self, topic: str, envelope: Envelope) -> None:
         result = self._uow.emit(topic, envelope)
+        if inspect.isawaitable(result):
+            await result
+        self.emitted += 1
+
+    async def emit_serialised(self, topic: str, envelope: Envelope, wire: bytes) -> None:
+        """Emit an envelope whose `to_bytes()` the caller already has (the command row stores it too)."""
+        result = self._uow.emit(topic, Serialised(envelope, wire))
         if inspect.isawaitable(result):
             await result
         self.emitted += 1
