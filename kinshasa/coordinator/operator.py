@@ -1,0 +1,244 @@
+"""The operator's client: revert, list and inspect runs through the gateway's GraphQL with an operator key."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+# Run statuses after which a revert has nothing more to do.
+SETTLED = ("REVERTED", "REVERT_FAILED")
+
+RUN_FIELDS = """id agentId entryPoint purpose status startedAt finishedAt revertReason revertRequestedAt
+  counts { held awaitingApproval published applied rejected compensated discarded }"""
+REVERT_RUN = f"""mutation($runId: ID!, $reason: String!) {{
+  revertRun(runId: $runId, reason: $reason) {{ {RUN_FIELDS} }}
+}}"""
+REVERT_RUNS = f"""mutation($selector: RunSelector!, $reason: String!) {{
+  revertRuns(selector: $selector, reason: $reason) {{
+    requested {{ {RUN_FIELDS} }}
+    unchanged {{ {RUN_FIELDS} }}
+  }}
+}}"""
+RUNS = f"""query($filter: RunFilter, $first: Int!, $after: String) {{
+  runs(filter: $filter, first: $first, after: $after) {{
+    nodes {{ {RUN_FIELDS} }}
+    pageInfo {{ hasNextPage endCursor }}
+  }}
+}}"""
+RUN = f"""query($id: ID!, $first: Int!) {{
+  run(id: $id) {{
+    {RUN_FIELDS}
+    breaker {{ state writes errors servicesTouched velocity trippedReason trippedAt }}
+    steps(first: $first)
+  }}
+}}"""
+RUN_PROGRESS = f"""query($id: ID!) {{ run(id: $id) {{ {RUN_FIELDS} }} }}"""
+
+
+class GatewayError(RuntimeError):
+    """The gateway refused or failed a request; `code` is its `extensions.code` when it gave one."""
+
+    def __init__(self, message: str, code: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def operator_key(explicit: str | None, data_dir: Path) -> str:
+    """The key given, else the first operator key in the dev stack's `<data_dir>/credentials.json`."""
+    if explicit:
+        return explicit
+    path = data_dir / "credentials.json"
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise GatewayError(f"no operator key: pass --key (or KINSHASA_OPERATOR_KEY); the dev stack's "
+                           f"{path} could not be read ({exc})") from exc
+    for principal in document.get("principals", []):
+        if principal.get("kind") == "operator" and isinstance(principal.get("key"), str):
+            return str(principal["key"])
+    raise GatewayError(f"no operator key in {path}: pass --key with an operator's key")
+
+
+@dataclass
+class GatewayClient:
+    """A thin GraphQL client: one POST per call, errors raised with the gateway's code and message.
+
+    A field error under data that did come back (the coordinator down, so a run's `steps` is null) is
+    not fatal: the data is returned and the messages are kept in `warnings`.
+    """
+
+    url: str
+    key: str
+    timeout_s: float = 30.0
+    transport: httpx.AsyncBaseTransport | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    async def call(self, query: str, variables: dict[str, Any]) -> dict[str, Any]:
+        async with httpx.AsyncClient(timeout=self.timeout_s, transport=self.transport) as http:
+            try:
+                response = await http.post(self.url, json={"query": query, "variables": variables},
+                                           headers={"Authorization": f"Bearer {self.key}"})
+            except httpx.HTTPError as exc:
+                raise GatewayError(f"the gateway at {self.url} did not answer ({type(exc).__name__}): is the "
+                                   "stack running (`kinshasa up`)? is --gateway right?") from exc
+        try:
+            body = response.json()
+        except ValueError as exc:
+            raise GatewayError(f"the gateway answered {response.status_code} without JSON") from exc
+        if not isinstance(body, dict):
+            raise GatewayError(f"the gateway answered {response.status_code}: {str(body)[:300]}")
+        errors = body.get("errors") or []
+        data = body.get("data")
+        if errors and (data is None or not all(e.get("path") for e in errors)):
+            first = errors[0]
+            code = (first.get("extensions") or {}).get("code")
+            raise GatewayError(f"{code or 'ERROR'}: {first.get('message')}", code)
+        if response.status_code >= 400 or data is None:
+            raise GatewayError(f"the gateway answered {response.status_code}: {str(body)[:300]}")
+        self.warnings.extend(f"{'.'.join(map(str, e.get('path', [])))}: {e.get('message')}" for e in errors)
+        result: dict[str, Any] = data
+        return result
+
+    async def revert_run(self, run_id: str, reason: str) -> dict[str, Any]:
+        data = await self.call(REVERT_RUN, {"runId": run_id, "reason": reason})
+        result: dict[str, Any] = data["revertRun"]
+        return result
+
+    async def revert_runs(self, selector: dict[str, Any], reason: str) -> dict[str, Any]:
+        data = await self.call(REVERT_RUNS, {"selector": selector, "reason": reason})
+        result: dict[str, Any] = data["revertRuns"]
+        return result
+
+    async def runs(self, filter: dict[str, Any], first: int, after: str | None = None) -> dict[str, Any]:
+        data = await self.call(RUNS, {"filter": filter, "first": first, "after": after})
+        result: dict[str, Any] = data["runs"]
+        return result
+
+    async def run(self, run_id: str, steps: int = 50) -> dict[str, Any]:
+        result: dict[str, Any] = (await self.call(RUN, {"id": run_id, "first": steps}))["run"]
+        return result
+
+    async def run_progress(self, run_id: str) -> dict[str, Any]:
+        result: dict[str, Any] = (await self.call(RUN_PROGRESS, {"id": run_id}))["run"]
+        return result
+
+
+def selector(run_ids: Sequence[str], agent: str | None, entry_point: str | None, since: datetime | None,
+             until: datetime | None) -> dict[str, Any]:
+    """The GraphQL RunSelector for the CLI's options; at least one criterion is required."""
+    out: dict[str, Any] = {}
+    if run_ids:
+        out["runIds"] = list(run_ids)
+    if agent:
+        out["agentId"] = agent
+    if entry_point:
+        out["entryPoint"] = entry_point
+    if since:
+        out["startedAfter"] = since.isoformat()
+    if until:
+        out["startedBefore"] = until.isoformat()
+    if not out:
+        raise GatewayError("say which runs: --run ID (repeatable), --agent, --entry-point, --since, --until")
+    return out
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Where a set of reverts stands: runs settled, and compensations done of the steps applied."""
+
+    runs: int
+    settled: int
+    failed: int
+    applied: int
+    compensated: int
+
+
+async def watch(client: GatewayClient, run_ids: Sequence[str], on_progress: Callable[[Progress], None], *,
+                interval_s: float = 1.0, timeout_s: float = 3600.0,
+                concurrency: int = 8) -> dict[str, dict[str, Any]]:
+    """Poll the runs until each is REVERTED or REVERT_FAILED (or the timeout); returns their last state."""
+    latest: dict[str, dict[str, Any]] = {}
+    gate = asyncio.Semaphore(concurrency)
+    deadline = time.monotonic() + timeout_s
+
+    async def one(run_id: str) -> None:
+        async with gate:
+            latest[run_id] = await client.run_progress(run_id)
+
+    while True:
+        await asyncio.gather(*(one(r) for r in run_ids if latest.get(r, {}).get("status") not in SETTLED))
+        states = [latest[r] for r in run_ids if r in latest]
+        on_progress(Progress(
+            runs=len(run_ids), settled=sum(1 for s in states if s["status"] in SETTLED),
+            failed=sum(1 for s in states if s["status"] == "REVERT_FAILED"),
+            applied=sum(int(s["counts"]["applied"]) for s in states),
+            compensated=sum(int(s["counts"]["compensated"]) for s in states)))
+        if all(latest.get(r, {}).get("status") in SETTLED for r in run_ids) or time.monotonic() > deadline:
+            return latest
+        await asyncio.sleep(interval_s)
+
+
+def _when(value: Any) -> str:
+    if not value:
+        return "-"
+    try:
+        return datetime.fromisoformat(str(value).replace("Z", "+00:00")).strftime("%Y-%m-%d %H:%M:%S")
+    except ValueError:
+        return str(value)
+
+
+def run_line(run: dict[str, Any]) -> str:
+    c = run.get("counts") or {}
+    return (f"{run['id']:<38} {run.get('status', '?'):<13} {str(run.get('agentId', '-'))[:20]:<20} "
+            f"{str(run.get('entryPoint', '-'))[:16]:<16} {_when(run.get('startedAt')):<19} "
+            f"pub {c.get('published', 0):>5}  app {c.get('applied', 0):>5}  "
+            f"comp {c.get('compensated', 0):>5}")
+
+
+RUNS_HEADER = (f"{'RUN':<38} {'STATUS':<13} {'AGENT':<20} {'ENTRY POINT':<16} {'STARTED (UTC)':<19} "
+               "COUNTS")
+
+
+def timeline(run: dict[str, Any]) -> list[str]:
+    """A run as an operator reads it: who, what state, what it touched, and its steps newest first."""
+    c = run.get("counts") or {}
+    b = run.get("breaker") or {}
+    lines = [
+        f"run {run['id']}  ({run.get('status')})",
+        f"  agent {run.get('agentId')}  entry point {run.get('entryPoint')}"
+        + (f"  purpose: {run['purpose']}" if run.get("purpose") else ""),
+        f"  started {_when(run.get('startedAt'))}  finished {_when(run.get('finishedAt'))}",
+        f"  breaker {b.get('state', '-')}: {b.get('writes', 0)} writes, {b.get('errors', 0)} errors, "
+        f"services {', '.join(b.get('servicesTouched') or []) or '-'}"
+        + (f"; tripped: {b['trippedReason']}" if b.get("trippedReason") else ""),
+        f"  commands: {c.get('published', 0)} published, {c.get('held', 0)} held, "
+        f"{c.get('awaitingApproval', 0)} awaiting approval, {c.get('discarded', 0)} discarded, "
+        f"{c.get('rejected', 0)} rejected",
+        f"  ledger: {c.get('applied', 0)} applied, {c.get('compensated', 0)} compensated",
+    ]
+    if run.get("revertReason"):
+        lines.append(f"  revert requested {_when(run.get('revertRequestedAt'))}: {run['revertReason']}")
+    steps = run.get("steps")
+    if steps is None:
+        lines.append("  steps: the coordinator's ledger could not be reached")
+        return lines
+    lines.append(f"  steps, newest first ({len(steps)} shown):")
+    for step in steps:
+        mark = {"compensated": "undone", "irreversible": "IRREVERSIBLE (egress)",
+                "compensation_failed": "REFUSED", "compensating": "undoing", "applied": "applied"}
+        status = str(step.get("status"))
+        line = (f"    #{step.get('step_id'):<6} {_when(step.get('applied_at'))}  "
+                f"{step.get('forward_type', ''):<36} {step.get('entity_key', ''):<48} "
+                f"{mark.get(status, status)}")
+        if step.get("failure_reason") and status != "compensated":
+            line += f"  ({step['failure_reason']})"
+        lines.append(line)
+    return lines

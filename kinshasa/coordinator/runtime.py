@@ -1,0 +1,311 @@
+"""The coordinator process: ledger projector, Temporal worker, HTTP API and outbox relay, started and stopped.
+
+`CoordinatorRuntime(stack=..., settings=..., options=...).run(stop)` is the whole process. It installs
+its tables, makes sure its topics exist, then runs side by side (each role can be switched off, e.g. a
+worker-only process):
+
+* the projector: a consumer of every `kinshasa.events.*` topic and `kinshasa.runs` (DLQ-guarded) that
+  folds events into the ledger and starts or joins `RevertRun` on `revert_requested` / `tripped`;
+* the Temporal worker running `RevertRun` / `RevertRuns` and their activities;
+* uvicorn serving the ledger API and the kernel admin endpoints (/healthz, /admin/dlq, /metrics);
+* the outbox relay publishing compensate commands, run outcomes and alerts, woken by every commit.
+
+Setting `stop` ends the consumer after its in-flight record, lets the worker finish or hand back its
+activities (Temporal retries them elsewhere: their state is in the ledger), drains the outbox, then
+closes the producer and the server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+from temporalio.client import Client
+
+from kinshasa.coordinator.activities import RevertActivities
+from kinshasa.coordinator.api import install_error_handlers, ledger_router
+from kinshasa.coordinator.consumer import BatchConsumer
+from kinshasa.coordinator.handlers import LedgerHandler
+from kinshasa.coordinator.ledger import Ledger
+from kinshasa.coordinator.models import RevertPolicy, RevertRequest
+from kinshasa.coordinator.projector import RevertTrigger
+from kinshasa.coordinator.starter import start_revert
+from kinshasa.coordinator.store import install_ledger
+from kinshasa.coordinator.topics import CoordinatorTopics
+from kinshasa.coordinator.worker import build_worker, connect
+from kinshasa.kernel.admin import admin_app, load_or_create_internal_token
+from kinshasa.kernel.database import create_engine
+from kinshasa.kernel.dlq import (
+    DeadLetterPolicy,
+    DeadLetterQueue,
+    OutboxDeadLetters,
+    SqlDeadLetterStore,
+    guarded_handler,
+)
+from kinshasa.kernel.install import install_kernel_tables
+from kinshasa.kernel.metrics import ComponentMetrics
+from kinshasa.kernel.outbox import SqlOutboxStore
+from kinshasa.kernel.relay import OutboxRelay
+from kinshasa.settings import CoordinatorSettings, StackSettings
+from kinshasa.topics.admin import ensure_topics
+from kinshasa.topics.producer import AsyncProducer
+
+log = logging.getLogger(__name__)
+
+COMPONENT = "coordinator"
+ROLES = ("projector", "worker", "api", "relay")
+DRAIN_TIMEOUT_S = 15.0
+SESSION_TIMEOUT_MS = 10_000
+
+
+@dataclass(frozen=True)
+class CoordinatorOptions:
+    """Knobs of the process that are not per-deployment settings."""
+
+    roles: tuple[str, ...] = ROLES
+    topic_suffix: str | None = None
+    ensure_topics: bool = True
+    policy: RevertPolicy = field(default_factory=RevertPolicy)
+    dlq_policy: DeadLetterPolicy = field(default_factory=DeadLetterPolicy)
+    max_concurrent_activities: int = 100
+    consumer_batch_size: int = 500
+    relay_batch_size: int = 1000
+    # Consumer group of the projector; None is the catalogue's (a test gives each ledger its own).
+    consumer_group: str | None = None
+    # Seconds the worker waits for running activities on shutdown before cancelling them.
+    worker_shutdown_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        unknown = set(self.roles) - set(ROLES)
+        if unknown or not self.roles:
+            raise ValueError(f"unknown coordinator role(s) {sorted(unknown)}: choose from {', '.join(ROLES)}")
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its own signal handling: the runtime owns SIGTERM/SIGINT and the shutdown order."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+class CoordinatorRuntime:
+    """Everything the coordinator process runs; `run(stop)` returns once it has shut down cleanly."""
+
+    def __init__(self, *, stack: StackSettings, settings: CoordinatorSettings,
+                 options: CoordinatorOptions | None = None, token: str | None = None) -> None:
+        self.stack = stack
+        self.settings = settings
+        self.options = options or CoordinatorOptions()
+        self.topics = CoordinatorTopics(suffix=self.options.topic_suffix)
+        self.token = token
+        self.metrics = ComponentMetrics(COMPONENT)
+        self.api_url: str | None = None
+        self.ready = asyncio.Event()
+        self.relay: OutboxRelay | None = None
+
+    @property
+    def database_url(self) -> str:
+        return self.settings.resolved_database_url(self.stack, COMPONENT)
+
+    def has(self, role: str) -> bool:
+        return role in self.options.roles
+
+    async def run(self, stop: asyncio.Event) -> None:
+        engine = create_engine(self.database_url)
+        try:
+            await install_kernel_tables(engine)
+            await install_ledger(engine)
+            if self.options.ensure_topics:
+                report = await asyncio.to_thread(ensure_topics, self.stack.kafka_bootstrap,
+                                                 self.topics.specs())
+                for mismatch in report.mismatches:
+                    log.warning("topic differs from the catalogue (fix with `kinshasa topics ensure`): %s",
+                                mismatch.line())
+            await self._run_with(engine, stop)
+        finally:
+            await engine.dispose()
+
+    async def _run_with(self, engine: AsyncEngine, stop: asyncio.Event) -> None:
+        opts, topics = self.options, self.topics
+        producer = AsyncProducer(self.stack.kafka_bootstrap, client_id="kinshasa-coordinator")
+        relay = OutboxRelay(engine, producer, batch_size=opts.relay_batch_size,
+                            on_publish_failure=self.metrics.publish_failed)
+        self.relay = relay
+        client: Client | None = None
+        if self.has("worker") or self.has("projector") or self.has("api"):
+            client = await connect(self.stack.temporal_address, self.stack.temporal_namespace)
+        queue = self.settings.task_queue
+        ledger = Ledger(engine)
+        activities = RevertActivities(engine, ledger=ledger, topics=topics, client=client, task_queue=queue,
+                                      on_emit=relay.wake)
+
+        async def start(trigger: RevertTrigger) -> None:
+            assert client is not None
+            await start_revert(client, queue, RevertRequest(
+                run_id=trigger.run_id, reason=trigger.reason, requested_by=trigger.requested_by,
+                published_count=trigger.published_count, request_id=trigger.message_id), opts.policy)
+
+        handler = LedgerHandler(engine, start_revert=start if client is not None else None)
+        dead_letters = SqlDeadLetterStore(engine)
+        guarded = guarded_handler(handler, store=dead_letters, producer=producer, group=topics.group,
+                                  backoff=opts.dlq_policy, metrics=self.metrics)
+        dlq = DeadLetterQueue(COMPONENT, dead_letters, handlers=handler, metrics=self.metrics,
+                              outbox=OutboxDeadLetters(engine))
+        outbox_store = SqlOutboxStore()
+
+        async def outbox_numbers() -> tuple[int, float | None]:
+            async with engine.connect() as conn:
+                backlog = await outbox_store.backlog(conn)
+            return backlog.pending, backlog.oldest_age_s
+
+        self.metrics.set_outbox_callback(outbox_numbers)
+        self.metrics.set_dlq_callback(dlq.dlq_count)
+        tasks: dict[str, asyncio.Task[Any]] = {}
+
+        async def database_ok() -> bool:
+            async with engine.connect() as conn:
+                await conn.execute(text("SELECT 1"))
+            return True
+
+        def alive(name: str) -> Any:
+            async def check() -> bool:
+                task = tasks.get(name)
+                return task is not None and not task.done()
+            return check
+
+        checks = {"database": database_ok}
+        checks.update({role: alive(role) for role in ("projector", "worker", "relay") if self.has(role)})
+        token = load_or_create_internal_token(self.stack.data_dir, self.token)
+        server: _Server | None = None
+        if self.has("api"):
+            app = self._app(ledger, client, queue, token, dlq, checks)
+            server = self._server(app)
+        worker = None
+        if self.has("worker") and client is not None:
+            worker = build_worker(client, queue, activities,
+                                  max_concurrent_activities=opts.max_concurrent_activities,
+                                  graceful_shutdown_timeout=timedelta(seconds=opts.worker_shutdown_s))
+        group = opts.consumer_group or topics.group
+        consumer = BatchConsumer(self.stack.kafka_bootstrap, group, topics.consumed(),
+                                 extra_config={"session.timeout.ms": SESSION_TIMEOUT_MS},
+                                 batch_size=opts.consumer_batch_size) if self.has("projector") else None
+        relay_stop = asyncio.Event()
+        failure: BaseException | None = None
+        try:
+            if server is not None:
+                tasks["api"] = asyncio.create_task(server.serve(), name="coordinator-http")
+                await self._wait_started(server, tasks["api"])
+            if self.has("relay"):
+                tasks["relay"] = asyncio.create_task(relay.run(relay_stop),
+                                                     name="coordinator-relay")
+            if worker is not None:
+                tasks["worker"] = asyncio.create_task(worker.run(), name="coordinator-worker")
+            if consumer is not None:
+                tasks["projector"] = asyncio.create_task(consumer.run(handler.handle_batch, guarded, stop),
+                                                         name="coordinator-projector")
+            log.info("coordinator ready: roles %s, task queue %s, consuming %s as %s, API on %s",
+                     ",".join(opts.roles), queue, ", ".join(topics.consumed()), group, self.api_url)
+            self.ready.set()
+            stop_wait = asyncio.create_task(stop.wait())
+            done, _ = await asyncio.wait([stop_wait, *tasks.values()], return_when=asyncio.FIRST_COMPLETED)
+            stop_wait.cancel()
+            for task in done:
+                if task is not stop_wait and not task.cancelled() and task.exception() is not None:
+                    failure = task.exception()
+                    log.error("%s stopped unexpectedly: %r; shutting the coordinator down", task.get_name(),
+                              failure)
+            stop.set()
+            if "projector" in tasks:
+                with contextlib.suppress(Exception):
+                    await tasks["projector"]
+        finally:
+            stop.set()
+            if worker is not None and "worker" in tasks:
+                with contextlib.suppress(Exception):
+                    await worker.shutdown()
+                with contextlib.suppress(BaseException):
+                    await tasks["worker"]
+            relay_stop.set()
+            if "relay" in tasks:
+                with contextlib.suppress(Exception):
+                    await tasks["relay"]
+                await self._drain(relay)
+            if server is not None:
+                server.should_exit = True
+                with contextlib.suppress(BaseException):
+                    await tasks["api"]
+            await producer.close()
+            await ledger.close()
+            log.info("coordinator stopped")
+        if failure is not None:
+            raise RuntimeError(f"coordinator stopped after a failure: {failure!r}") from failure
+
+    def _app(self, ledger: Ledger, client: Client | None, queue: str, token: str, dlq: DeadLetterQueue,
+             checks: dict[str, Any]) -> FastAPI:
+        app = FastAPI(title="kinshasa coordinator", docs_url=None, redoc_url=None, openapi_url=None)
+        install_error_handlers(app)
+        app.include_router(ledger_router(ledger, client=client, task_queue=queue, token=token,
+                                         policy=self.options.policy))
+        # The kernel's admin endpoints (/healthz, /admin/dlq, /metrics) answer what the ledger API does not.
+        app.mount("/", admin_app(COMPONENT, token=token, dlq_api=dlq, metrics=self.metrics,
+                                 health_checks=checks))
+        return app
+
+    def _server(self, app: FastAPI) -> _Server:
+        config = uvicorn.Config(app, host=self.settings.admin_host, port=self.settings.admin_port,
+                                log_config=None, access_log=False, lifespan="off")
+        return _Server(config)
+
+    async def _wait_started(self, server: _Server, task: asyncio.Task[Any]) -> None:
+        while not server.started:
+            if task.done():
+                raise RuntimeError(
+                    f"the coordinator's HTTP server did not start on {self.settings.admin_host}:"
+                    f"{self.settings.admin_port}: is the port taken? set KINSHASA_COORDINATOR_ADMIN_PORT to "
+                    "a free port (0 picks one)")
+            await asyncio.sleep(0.02)
+        host, port = server.servers[0].sockets[0].getsockname()[:2]
+        self.api_url = f"http://{host}:{port}"
+        path = Path(self.stack.data_dir) / "run" / "coordinator.json"
+        with contextlib.suppress(OSError):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps({"component": COMPONENT, "url": self.api_url, "port": port}))
+
+    async def _drain(self, relay: OutboxRelay) -> None:
+        """Publish what was committed last, so a clean stop leaves no backlog."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + DRAIN_TIMEOUT_S
+        while loop.time() < deadline:
+            try:
+                stats = await relay.run_once()
+            except Exception:
+                log.exception("outbox drain failed; the rows stay pending and go out after the restart")
+                return
+            if stats.claimed == 0:
+                return
+
+
+async def serve_forever(runtime: CoordinatorRuntime) -> None:
+    """Run until SIGTERM or SIGINT, then shut down gracefully."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await runtime.run(stop)
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)

@@ -1,0 +1,1 @@
+"""Coordinator integration tests: real Kafka, Temporal, databases and example services."""

@@ -1,0 +1,1 @@
+"""Coordinator unit tests: pure logic and the ledger store."""

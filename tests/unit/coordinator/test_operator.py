@@ -1,0 +1,63 @@
+"""The operator CLI's selector and readable timeline."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from kinshasa.coordinator.operator import GatewayError, operator_key, run_line, selector, timeline
+
+RUN = {"id": "run-1", "agentId": "agent-7", "entryPoint": "chat", "purpose": "tidy docs",
+       "status": "REVERTED", "startedAt": "2025-01-01T12:00:00+00:00", "finishedAt": None,
+       "revertReason": "rogue", "revertRequestedAt": "2025-01-01T12:05:00+00:00",
+       "counts": {"held": 0, "awaitingApproval": 1, "published": 3, "applied": 3, "rejected": 0,
+                  "compensated": 2, "discarded": 4},
+       "breaker": {"state": "OPEN", "writes": 7, "errors": 0, "servicesTouched": ["documents", "notifier"],
+                   "trippedReason": "writes 7 > 6"},
+       "steps": [
+           {"step_id": 3, "applied_at": "2025-01-01T12:00:03+00:00",
+            "forward_type": "notifier.send_email.applied", "entity_key": "notifier:e1",
+            "status": "irreversible"},
+           {"step_id": 2, "applied_at": "2025-01-01T12:00:02+00:00",
+            "forward_type": "documents.rename.applied", "entity_key": "documents:d1",
+            "status": "compensation_failed", "failure_reason": "title changed"},
+           {"step_id": 1, "applied_at": "2025-01-01T12:00:01+00:00",
+            "forward_type": "documents.create.applied", "entity_key": "documents:d1",
+            "status": "compensated"}]}
+
+
+def test_selector_maps_options_to_the_graphql_input() -> None:
+    since = datetime(2025, 1, 1, tzinfo=UTC)
+    assert selector(["r1", "r2"], "a", "chat", since, None) == {
+        "runIds": ["r1", "r2"], "agentId": "a", "entryPoint": "chat",
+        "startedAfter": "2025-01-01T00:00:00+00:00"}
+    with pytest.raises(GatewayError, match="say which runs"):
+        selector([], None, None, None, None)
+
+
+def test_timeline_reads_as_a_story_newest_step_first() -> None:
+    lines = timeline(RUN)
+    assert lines[0] == "run run-1  (REVERTED)"
+    assert "tripped: writes 7 > 6" in lines[3]
+    steps = lines[lines.index("  steps, newest first (3 shown):") + 1:]
+    assert "#3" in steps[0] and "IRREVERSIBLE (egress)" in steps[0]
+    assert "REFUSED" in steps[1] and "(title changed)" in steps[1]
+    assert "#1" in steps[2] and "undone" in steps[2]
+    assert "revert requested 2025-01-01 12:05:00: rogue" in "\n".join(lines)
+
+
+def test_run_line_and_a_missing_ledger() -> None:
+    assert run_line(RUN).startswith("run-1") and "comp     2" in run_line(RUN)
+    assert "could not be reached" in timeline({**RUN, "steps": None})[-1]
+
+
+def test_operator_key_comes_from_the_option_or_the_dev_credentials(tmp_path: Path) -> None:
+    assert operator_key("explicit", tmp_path) == "explicit"
+    with pytest.raises(GatewayError, match="--key"):
+        operator_key(None, tmp_path)
+    (tmp_path / "credentials.json").write_text(json.dumps({"principals": [
+        {"id": "a", "kind": "agent", "key": "agent-key"}, {"id": "o", "kind": "operator", "key": "op-key"}]}))
+    assert operator_key(None, tmp_path) == "op-key"
