@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import signal
 import sys
-import time
 
 import typer
 
@@ -17,6 +16,29 @@ app = typer.Typer(help="Kinshasa: the deterministic ring AI agents write through
 infra_app = typer.Typer(help="Local Kafka, Temporal and PostgreSQL, started by the project itself.",
                         no_args_is_help=True)
 app.add_typer(infra_app, name="infra")
+
+
+def _mount() -> None:
+    """Each component owns its commands; this app only gathers them under one name."""
+    from kinshasa.coordinator.cli import app as coordinator_app
+    from kinshasa.coordinator.cli import operator_app
+    from kinshasa.demo import app as demo_app
+    from kinshasa.gateway.cli import app as gateway_app
+    from kinshasa.kernel.receipts_cli import app as receipts_app
+    from kinshasa.services.cli import app as service_app
+    from kinshasa.topics.cli import app as topics_app
+
+    app.add_typer(topics_app, name="topics")
+    app.add_typer(receipts_app, name="receipts", help="Verify a component's hash-chained receipts.")
+    app.add_typer(service_app, name="service")
+    app.add_typer(gateway_app, name="gateway")
+    app.add_typer(coordinator_app, name="coordinator")
+    # Operator verbs read best at the top: `kinshasa revert --run ID`.
+    app.add_typer(operator_app)
+    app.add_typer(demo_app)
+
+
+_mount()
 
 
 def _local_infra() -> LocalInfra:
@@ -55,24 +77,20 @@ def infra_down() -> None:
 
 
 @app.command("up")
-def up(postgres: bool = typer.Option(False, "--postgres", help="Also start PostgreSQL.")) -> None:
-    """Start the stack in the foreground; Ctrl-C stops all of it."""
-    infra = _local_infra()
+def up(postgres: str | None = typer.Option(
+        None, "--postgres", metavar="URL",
+        help="Run every component on this PostgreSQL server (one database per component).")) -> None:
+    """Start the whole stack in the foreground; Ctrl-C stops all of it."""
+    from kinshasa.launcher import run_stack
+
     # Turn SIGTERM into the same clean path as Ctrl-C.
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
-        infra.up(with_postgres=postgres, attached=True, report=typer.echo)
-        for row in infra.status():
-            typer.echo(row.line())
-        typer.echo("Infrastructure is up. Ctrl-C stops it.")
-        while True:
-            time.sleep(1)
+        run_stack(postgres, report=typer.echo)
     except InfraError as exc:
-        infra.down(report=typer.echo)
         _fail(exc)
     except KeyboardInterrupt:
-        typer.echo("stopping...")
-        infra.down(report=typer.echo)
+        typer.echo("stopped.")
 
 
 def main() -> None:

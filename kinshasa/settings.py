@@ -109,9 +109,12 @@ def env_keys(model: type[BaseSettings], prefix: str | None = None) -> set[str]:
 
 def process_env_keys() -> dict[str, set[str]]:
     """Environment keys understood by each Kinshasa process, by process name."""
+    # The gateway process reads an extended model (its read backends and hardening limits).
+    from kinshasa.gateway.settings import GatewayConfig
+
     shared = env_keys(StackSettings)
     keys = {
-        "gateway": shared | env_keys(GatewaySettings),
+        "gateway": shared | env_keys(GatewayConfig),
         "coordinator": shared | env_keys(CoordinatorSettings),
     }
     for name in SERVICE_NAMES:

@@ -130,11 +130,14 @@ def write_dev_credentials(
         ]
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    # Create with 0600 from the start: a chmod after writing would leave a window where others can read.
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    # Create with 0600 from the start (a chmod after writing would leave a window where others can
+    # read), and write beside the target then rename, so a reader never sees a half-written file.
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w", encoding="utf-8") as handle:
         json.dump(document, handle, indent=2)
-    os.chmod(path, 0o600)
+    os.chmod(partial, 0o600)
+    os.replace(partial, path)
     return document
 
 

@@ -1,0 +1,173 @@
+"""`kinshasa up`: the infrastructure plus every Kinshasa process, each its own process, logs prefixed."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from kinshasa.infra.stack import LocalInfra
+from kinshasa.kernel.admin import load_or_create_internal_token
+from kinshasa.settings import (
+    SERVICE_NAMES,
+    CoordinatorSettings,
+    GatewaySettings,
+    InfraSettings,
+    ServiceSettings,
+    StackSettings,
+    service_env_prefix,
+)
+from kinshasa.topics.admin import ensure_topics
+from kinshasa.topics.catalogue import catalogue
+
+
+@dataclass
+class StackPorts:
+    """Where each process listens; the defaults are the documented local ports."""
+
+    gateway: int = 8000
+    coordinator: int = 8010
+    smtp: int = 2525
+    services: dict[str, int] = field(default_factory=lambda: {
+        name: 8101 + i for i, name in enumerate(SERVICE_NAMES)})
+
+    @classmethod
+    def from_settings(cls) -> StackPorts:
+        """The defaults, each overridden by the setting its process reads (KINSHASA_GATEWAY_PORT, ...)."""
+        default = cls()
+        services = {name: ServiceSettings.for_service(name).admin_port or port
+                    for name, port in default.services.items()}
+        return cls(gateway=GatewaySettings().port, coordinator=CoordinatorSettings().admin_port,
+                   smtp=ServiceSettings.for_service("notifier").smtp_port, services=services)
+
+
+@dataclass
+class StackPlan:
+    """Every process of the stack as (name, argv, env): pure data, so tests can read it."""
+
+    stack: StackSettings
+    ports: StackPorts
+    postgres_url: str | None = None
+    dev_mode: bool = True
+
+    def _database_url(self, component: str) -> dict[str, str]:
+        if self.postgres_url is None:
+            return {}
+        # One database per component on the given server keeps component autonomy.
+        return {"DATABASE_URL": self.postgres_url.rsplit("/", 1)[0] + f"/kinshasa_{component}"}
+
+    def databases(self) -> list[str]:
+        return [f"kinshasa_{c}" for c in ("gateway", "coordinator", *SERVICE_NAMES)]
+
+    def processes(self) -> list[tuple[str, list[str], dict[str, str]]]:
+        exe = [sys.executable, "-m", "kinshasa.cli"]
+        shared = {
+            "KINSHASA_DATA_DIR": str(self.stack.data_dir.resolve()),
+            "KINSHASA_KAFKA_BOOTSTRAP": self.stack.kafka_bootstrap,
+            "KINSHASA_TEMPORAL_ADDRESS": self.stack.temporal_address,
+            "KINSHASA_LOG_LEVEL": self.stack.log_level,
+            "KINSHASA_LOG_FORMAT": "console",
+            "PYTHONUNBUFFERED": "1",
+        }
+        mail = self.stack.data_dir.resolve() / "mail"
+        procs: list[tuple[str, list[str], dict[str, str]]] = [
+            ("smtp-sink", [*exe, "service", "smtp-sink", "--dir", str(mail),
+                           "--port", str(self.ports.smtp)], dict(shared)),
+        ]
+        for name in SERVICE_NAMES:
+            prefix = service_env_prefix(name)
+            env = shared | {f"{prefix}ADMIN_PORT": str(self.ports.services[name]),
+                            f"{prefix}SMTP_PORT": str(self.ports.smtp)}
+            env |= {f"{prefix}{k}": v for k, v in self._database_url(name).items()}
+            procs.append((name, [*exe, "service", name], env))
+        coordinator_env = shared | {"KINSHASA_COORDINATOR_ADMIN_PORT": str(self.ports.coordinator)}
+        coordinator_env |= {f"KINSHASA_COORDINATOR_{k}": v
+                            for k, v in self._database_url("coordinator").items()}
+        procs.append(("coordinator", [*exe, "coordinator"], coordinator_env))
+        service_urls = {n: f"http://127.0.0.1:{p}" for n, p in self.ports.services.items()}
+        admin_urls = service_urls | {"coordinator": f"http://127.0.0.1:{self.ports.coordinator}"}
+        gateway_env = shared | {
+            "KINSHASA_GATEWAY_PORT": str(self.ports.gateway),
+            "KINSHASA_GATEWAY_DEV_MODE": "true" if self.dev_mode else "false",
+            "KINSHASA_GATEWAY_SERVICE_URLS": json.dumps(service_urls),
+            "KINSHASA_GATEWAY_ADMIN_URLS": json.dumps(admin_urls),
+            "KINSHASA_GATEWAY_COORDINATOR_URL": f"http://127.0.0.1:{self.ports.coordinator}",
+        }
+        gateway_env |= {f"KINSHASA_GATEWAY_{k}": v for k, v in self._database_url("gateway").items()}
+        procs.append(("gateway", [*exe, "gateway"], gateway_env))
+        return procs
+
+
+async def _create_databases(url: str, names: list[str]) -> None:
+    import asyncpg
+
+    base = url.replace("postgresql+asyncpg://", "postgresql://", 1).rsplit("/", 1)[0]
+    conn = await asyncpg.connect(f"{base}/postgres")
+    try:
+        existing = {r["datname"] for r in await conn.fetch("SELECT datname FROM pg_database")}
+        for name in names:
+            if name not in existing:
+                await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+
+
+def banner(stack: StackSettings, ports: StackPorts) -> str:
+    creds = stack.data_dir.resolve() / "credentials.json"
+    url = f"http://127.0.0.1:{ports.gateway}/graphql"
+    return "\n".join([
+        "",
+        "Kinshasa is up.",
+        f"  GraphQL endpoint (point your agent here): {url}",
+        f"  API keys (agent and operator):            {creds}",
+        "  Try it:",
+        f"    KEY=$(python3 -c 'import json,sys; print(next(p[\"key\"] for p in json.load(open(sys.argv[1]))"
+        f"[\"principals\"] if p[\"kind\"] == \"agent\"))' {creds})",
+        f"    curl -s {url} -H \"Authorization: Bearer $KEY\" -H 'Content-Type: application/json' \\",
+        "      -d '{\"query\":\"mutation { startRun(entryPoint: \\\"hello\\\") { id status } }\"}'",
+        "  Tell the story: kinshasa demo      Stop: Ctrl-C",
+        "",
+    ])
+
+
+def run_stack(postgres_url: str | None, report: Callable[[str], None] = print) -> None:
+    """Start infrastructure and processes in the foreground; Ctrl-C or SIGTERM stops everything."""
+    import asyncio
+
+    import honcho.manager
+    from honcho.manager import Manager
+    from honcho.printer import Printer
+
+    stack = StackSettings()
+    infra = LocalInfra.from_settings(stack, InfraSettings())
+    ports = StackPorts.from_settings()
+    try:
+        infra.up(attached=True, report=report)
+        report_ = ensure_topics(stack.kafka_bootstrap, catalogue())
+        report(f"topics: {len(report_.created)} created, {len(report_.existing)} existing")
+        for mismatch in report_.mismatches:
+            report(f"warning: topic {mismatch.topic} {mismatch.field}: expected {mismatch.expected}, "
+                   f"found {mismatch.actual}")
+        load_or_create_internal_token(stack.data_dir)
+        plan = StackPlan(stack, ports, postgres_url=postgres_url)
+        if postgres_url:
+            asyncio.run(_create_databases(postgres_url, plan.databases()))
+        # The coordinator's Temporal worker may take up to 10 s to hand back its activities cleanly;
+        # honcho's default 5 s before SIGKILL would cut that short on every Ctrl-C.
+        honcho.manager.KILL_WAIT = 15
+        manager = Manager(Printer(sys.stdout))
+        for name, argv, env in plan.processes():
+            manager.add_process(name, " ".join(_quote(a) for a in argv), env=os.environ | env)
+        report(banner(stack, ports))
+        # honcho stops every process when one exits or on Ctrl-C / SIGTERM, and says which.
+        manager.loop()
+    finally:
+        infra.down(report=report)
+
+
+def _quote(arg: str) -> str:
+    import shlex
+
+    return shlex.quote(arg)
