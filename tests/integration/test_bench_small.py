@@ -1,0 +1,61 @@
+"""Benchmarks 2, 4, 5 and 6 at small size: each runs, exits 0 and writes its figures (no timed checks)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+import bench.machine
+from bench import bench_discard, bench_latency, bench_relay, bench_trip
+
+PERCENTILES = ("p50", "p95", "p99")
+CASES = [
+    pytest.param(bench_latency, "latency", [
+        "offered_per_s", "commands", "accepted", "applied", "in_ledger",
+        *(f"{span}.{p}" for span in ("mutation_ms", "accepted_to_applied_ms", "accepted_to_ledger_ms",
+                                     "applied_to_ledger_ms") for p in PERCENTILES),
+    ], id="latency"),
+    pytest.param(bench_trip, "trip", [
+        "threshold", "writers", "gateways", "total_excess", "max_excess", "all_exact",
+    ], id="trip", marks=pytest.mark.postgres),
+    pytest.param(bench_discard, "discard", [
+        "commands", "discarded", "discard_s", "commands_on_kafka", "events_on_kafka", "run_facts_on_kafka",
+    ], id="discard"),
+    pytest.param(bench_relay, "relay", [
+        "messages", "keys", *(f"{db}.{k}" for db in ("sqlite", "postgresql")
+                              for k in ("bare_per_s", "relay_per_s", "ratio")),
+    ], id="relay", marks=pytest.mark.postgres),
+]
+
+
+def lookup(figures: dict[str, Any], path: str) -> Any:
+    value: Any = figures
+    for part in path.split("."):
+        assert isinstance(value, dict) and part in value, f"figure {path!r} missing from {figures}"
+        value = value[part]
+    return value
+
+
+@pytest.mark.parametrize(("module", "name", "figure_keys"), CASES)
+def test_small_run_writes_its_figures(module: ModuleType, name: str, figure_keys: list[str], tmp_path: Path,
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    # Results go to a temp dir so the suite never overwrites figures from a full run.
+    monkeypatch.setattr(bench.machine, "RESULTS", tmp_path)
+
+    assert module.main(["--small"]) == 0
+
+    result = json.loads((tmp_path / f"{name}.json").read_text())
+    assert result["benchmark"] == name
+    assert result["machine"]["cores"]
+    figures = result["figures"]
+    assert figures["mode"] == "small"
+    for key in figure_keys:
+        assert lookup(figures, key) is not None, f"figure {key!r} is empty: {figures}"
+    if name == "trip":
+        assert [lookup(t, "excess") for t in figures["trials"]] == [0] * len(figures["trials"])
+    if name == "discard":
+        assert figures["commands_on_kafka"] == figures["events_on_kafka"] == 0
