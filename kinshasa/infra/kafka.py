@@ -137,7 +137,10 @@ class KafkaBroker:
         cluster_id_file = self.root / "cluster.id"
         if not cluster_id_file.exists():
             # Kafka wants a base64url UUID without padding, which is what random-uuid prints.
-            cid = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+            # ...and one starting with '-' would be read by StorageTool as an option.
+            cid = "-"
+            while cid.startswith("-"):
+                cid = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
             cluster_id_file.write_text(cid)
         cid = cluster_id_file.read_text().strip()
         result = subprocess.run(

@@ -7,7 +7,10 @@ import random
 import uuid
 from pathlib import Path
 
+from sqlalchemy import func, select
+
 from kinshasa.coordinator.store import RunStatus
+from kinshasa.coordinator.store import steps as ledger_steps
 from kinshasa.infra.temporal import TemporalServer
 from kinshasa.schemas.envelope import deterministic_id
 from tests.integration.coordinator.harness import (
@@ -153,7 +156,15 @@ async def test_stragglers_of_a_service_that_was_down_are_re_emitted_until_acknow
                     counts.compensated + counts.compensating == counts.steps
 
             await wait_for(stuck_on_links, 60, "every other service's compensations to settle")
-            await asyncio.sleep(policy.straggler_timeout_s + 1)  # the first pass gives up on the stragglers
+
+            async def re_emitted() -> bool:
+                # A step claimed by a later pass carries attempt 2: the first pass gave up on it.
+                async with stack.ledger.engine.connect() as conn:
+                    highest = await conn.scalar(
+                        select(func.max(ledger_steps.c.attempt)).where(ledger_steps.c.run_id == run_id))
+                return (highest or 0) >= 2
+
+            await wait_for(re_emitted, 120, "a later pass to re-emit the unanswered compensations")
         finally:
             await asyncio.to_thread(fleet.start, "links")
             await asyncio.to_thread(fleet.wait_ready, "links")
