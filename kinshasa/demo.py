@@ -407,8 +407,9 @@ class Story:
             say(f"     - {w.label}")
         say("")
         alerts = self.operator.call(
-            """query($id: ID!) { alerts(runId: $id) { id kind summary threshold { name count limit }
-                 servicesTouched held propagated autoRevert } }""", id=run_id)["alerts"]
+            """query($id: ID!) { alerts(runId: $id, kind: "run_tripped") { id kind summary
+                 threshold { name count limit } servicesTouched held propagated autoRevert } }""",
+            id=run_id)["alerts"]
         if not alerts:
             raise DemoError(f"run {run_id} tripped but the alerts query has no alert for it")
         alert: dict[str, Any] = alerts[0]
@@ -445,11 +446,12 @@ class Story:
         if final["status"] != "REVERTED":
             raise DemoError(
                 f"run {run_id} ended {final['status']}: `kinshasa run {run_id}` shows the refused steps")
-        steps = self.operator.call("query($id: ID!) { run(id: $id) { steps(first: 50) } }", id=run_id)
+        steps = self.operator.call(
+            "query($id: ID!) { run(id: $id) { steps(first: 12) { nodes { operation entityKey status } } } }",
+            id=run_id)["run"]["steps"]
         say("   The coordinator's ledger for the run, newest first:")
-        for step in (steps["run"]["steps"] or [])[:12]:
-            forward = str(step.get("forward_type", "")).removesuffix(".applied")
-            say(f"     {forward:<22} {step.get('entity_key', '')}  {step.get('status')}")
+        for step in (steps or {}).get("nodes", []):
+            say(f"     {step['operation']:<22} {step['entityKey']}  {str(step['status']).lower()}")
         say("")
         return final
 

@@ -53,7 +53,7 @@ def coordinator(
         return
     stack = StackSettings()
     settings = CoordinatorSettings()
-    configure_logging("coordinator", stack.log_level)
+    configure_logging("coordinator", stack.log_level, fmt=stack.log_format)
     try:
         policy = RevertPolicy.model_validate_json(policy_json) if policy_json else RevertPolicy()
         options = CoordinatorOptions(roles=tuple(dict.fromkeys(role)), topic_suffix=topic_suffix,

@@ -33,13 +33,20 @@ RUNS = f"""query($filter: RunFilter, $first: Int!, $after: String) {{
     pageInfo {{ hasNextPage endCursor }}
   }}
 }}"""
+STEP_FIELDS = """nodes { stepId forwardType operation entityKey appliedAt status attempts failureReason }
+      pageInfo { hasNextPage endCursor }"""
 RUN = f"""query($id: ID!, $first: Int!) {{
   run(id: $id) {{
     {RUN_FIELDS}
     breaker {{ state writes errors servicesTouched velocity trippedReason trippedAt }}
-    steps(first: $first)
+    steps(first: $first) {{ {STEP_FIELDS} }}
   }}
 }}"""
+RUN_STEPS = f"""query($id: ID!, $first: Int!, $after: String) {{
+  run(id: $id) {{ steps(first: $first, after: $after) {{ {STEP_FIELDS} }} }}
+}}"""
+# The most steps the gateway gives in one page.
+STEPS_PAGE = 200
 RUN_PROGRESS = f"""query($id: ID!) {{ run(id: $id) {{ {RUN_FIELDS} }} }}"""
 
 
@@ -123,7 +130,19 @@ class GatewayClient:
         return result
 
     async def run(self, run_id: str, steps: int = 50) -> dict[str, Any]:
-        result: dict[str, Any] = (await self.call(RUN, {"id": run_id, "first": steps}))["run"]
+        """The run with its newest `steps` steps, fetched a page at a time (`steps` stays null if the
+        coordinator cannot be reached)."""
+        result: dict[str, Any] = (
+            await self.call(RUN, {"id": run_id, "first": min(steps, STEPS_PAGE)}))["run"]
+        page = result.get("steps")
+        while page is not None and page["pageInfo"]["hasNextPage"] and len(page["nodes"]) < steps:
+            variables = {"id": run_id, "first": min(steps - len(page["nodes"]), STEPS_PAGE),
+                         "after": page["pageInfo"]["endCursor"]}
+            more = (await self.call(RUN_STEPS, variables))["run"]["steps"]
+            if more is None:
+                break
+            page = {"nodes": page["nodes"] + more["nodes"], "pageInfo": more["pageInfo"]}
+        result["steps"] = page
         return result
 
     async def run_progress(self, run_id: str) -> dict[str, Any]:
@@ -226,19 +245,21 @@ def timeline(run: dict[str, Any]) -> list[str]:
     ]
     if run.get("revertReason"):
         lines.append(f"  revert requested {_when(run.get('revertRequestedAt'))}: {run['revertReason']}")
-    steps = run.get("steps")
-    if steps is None:
+    page = run.get("steps")
+    if page is None:
         lines.append("  steps: the coordinator's ledger could not be reached")
         return lines
-    lines.append(f"  steps, newest first ({len(steps)} shown):")
+    steps = page.get("nodes") or []
+    more = (page.get("pageInfo") or {}).get("hasNextPage")
+    lines.append(f"  steps, newest first ({len(steps)} shown{', older ones not' if more else ''}):")
+    mark = {"COMPENSATED": "undone", "IRREVERSIBLE": "IRREVERSIBLE (egress)",
+            "COMPENSATION_FAILED": "REFUSED", "COMPENSATING": "undoing", "APPLIED": "applied"}
     for step in steps:
-        mark = {"compensated": "undone", "irreversible": "IRREVERSIBLE (egress)",
-                "compensation_failed": "REFUSED", "compensating": "undoing", "applied": "applied"}
         status = str(step.get("status"))
-        line = (f"    #{step.get('step_id'):<6} {_when(step.get('applied_at'))}  "
-                f"{step.get('forward_type', ''):<36} {step.get('entity_key', ''):<48} "
+        line = (f"    #{step.get('stepId'):<6} {_when(step.get('appliedAt'))}  "
+                f"{step.get('forwardType', ''):<36} {step.get('entityKey', ''):<48} "
                 f"{mark.get(status, status)}")
-        if step.get("failure_reason") and status != "compensated":
-            line += f"  ({step['failure_reason']})"
+        if step.get("failureReason") and status != "COMPENSATED":
+            line += f"  ({step['failureReason']})"
         lines.append(line)
     return lines

@@ -1,4 +1,9 @@
-"""Operator alerts: self-contained, stored for the `alerts` query, on kinshasa.alerts and to a webhook."""
+"""Operator alerts: self-contained, stored for the `alerts` query, on kinshasa.alerts and to a webhook.
+
+The gateway is the stack's alert sink: it stores the alerts it raises itself (breaker trips) and, read
+back from kinshasa.alerts, those other components raise (the coordinator's `revert_failed`), so one
+`alerts` query shows them all, each with the `source` that raised it.
+"""
 
 from __future__ import annotations
 
@@ -15,13 +20,20 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from kinshasa.gateway.store import alerts
 from kinshasa.gateway.uow import Tx
+from kinshasa.kernel.logs import log_context
 from kinshasa.schemas.envelope import Actor, Envelope, new_id, utcnow
 from kinshasa.topics.catalogue import ALERTS
 
 log = logging.getLogger(__name__)
 
 ALERT_TYPE = "alert.run_tripped"
-GATEWAY_ACTOR = Actor(kind="system", id="gateway")
+# Every message on kinshasa.alerts has a type `alert.<kind>`.
+ALERT_TYPE_PREFIX = "alert."
+GATEWAY_SOURCE = "gateway"
+GATEWAY_ACTOR = Actor(kind="system", id=GATEWAY_SOURCE)
+# Payload keys an alert message repeats from the alert row itself; the rest are the alert's details.
+_ROW_KEYS = frozenset({"alert_id", "run_id", "kind", "created_at", "summary", "source"})
+_KIND_MAX = 64
 
 
 @dataclass(frozen=True)
@@ -33,6 +45,8 @@ class Alert:
     summary: str
     payload: dict[str, Any] = field(default_factory=dict)
     webhook_status: str | None = None
+    # The component that raised it (the actor id of its message): gateway, coordinator, ...
+    source: str = GATEWAY_SOURCE
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -41,8 +55,43 @@ class Alert:
             "kind": self.kind,
             "created_at": self.created_at.isoformat(),
             "summary": self.summary,
+            "source": self.source,
             **self.payload,
         }
+
+
+def is_alert(envelope: Envelope) -> bool:
+    return envelope.type.startswith(ALERT_TYPE_PREFIX)
+
+
+def raised_by_gateway(envelope: Envelope) -> bool:
+    """A gateway's own alert coming back: it was stored in the transaction that emitted it.
+
+    Replicas of one gateway share its database, so any gateway's alert is already there.
+    """
+    return envelope.actor == GATEWAY_ACTOR
+
+
+def alert_from_envelope(envelope: Envelope) -> Alert:
+    """An alert another component published, as the gateway stores it: its id is the message id."""
+    payload = envelope.payload
+    kind = payload.get("kind")
+    if not isinstance(kind, str) or not kind.strip():
+        kind = envelope.type.removeprefix(ALERT_TYPE_PREFIX)
+    summary = payload.get("summary")
+    source = envelope.actor.id
+    if not isinstance(summary, str) or not summary.strip():
+        summary = f"{kind} alert from {source}" + (f" about run {envelope.run_id}" if envelope.run_id else "")
+    return Alert(
+        alert_id=str(envelope.message_id),
+        # An alert about no run in particular lists under the empty run id.
+        run_id=envelope.run_id or "",
+        kind=kind.strip()[:_KIND_MAX],
+        created_at=envelope.occurred_at,
+        summary=summary,
+        payload={k: v for k, v in payload.items() if k not in _ROW_KEYS},
+        source=source,
+    )
 
 
 def trip_alert(
@@ -89,20 +138,32 @@ def trip_alert(
     )
 
 
-async def record_alert(tx: Tx, alert: Alert, webhook: bool) -> None:
-    """Store and emit the alert in the caller's transaction, so a trip and its alert are one fact."""
-    await tx.conn.execute(
+async def store_alert(conn: AsyncConnection, alert: Alert, webhook: bool) -> bool:
+    """Insert the alert row unless one with its id exists; False if it did (nothing changed)."""
+    exists = (
+        await conn.execute(select(alerts.c.alert_id).where(alerts.c.alert_id == alert.alert_id))
+    ).first()
+    if exists is not None:
+        return False
+    # The source rides in the payload document (no column of its own): a row without one is the gateway's.
+    await conn.execute(
         insert(alerts).values(
             alert_id=alert.alert_id,
             run_id=alert.run_id,
             kind=alert.kind,
             created_at=alert.created_at,
             summary=alert.summary,
-            payload=json.dumps(alert.payload, sort_keys=True),
+            payload=json.dumps({**alert.payload, "source": alert.source}, sort_keys=True, default=str),
             webhook_status="PENDING" if webhook else None,
             webhook_attempts=0,
         )
     )
+    return True
+
+
+async def record_alert(tx: Tx, alert: Alert, webhook: bool) -> None:
+    """Store and emit the alert in the caller's transaction, so a trip and its alert are one fact."""
+    await store_alert(tx.conn, alert, webhook)
     await tx.emit(
         ALERTS,
         Envelope(
@@ -117,22 +178,31 @@ async def record_alert(tx: Tx, alert: Alert, webhook: bool) -> None:
     )
 
 
-async def list_alerts(conn: AsyncConnection, run_id: str | None = None, limit: int = 100) -> list[Alert]:
-    query = select(alerts).order_by(alerts.c.created_at.desc()).limit(limit)
+async def list_alerts(
+    conn: AsyncConnection, run_id: str | None = None, limit: int = 100, kind: str | None = None
+) -> list[Alert]:
+    query = select(alerts).order_by(alerts.c.created_at.desc(), alerts.c.alert_id).limit(limit)
     if run_id is not None:
         query = query.where(alerts.c.run_id == run_id)
-    return [
-        Alert(
-            alert_id=r["alert_id"],
-            run_id=r["run_id"],
-            kind=r["kind"],
-            created_at=r["created_at"],
-            summary=r["summary"],
-            payload=json.loads(r["payload"]),
-            webhook_status=r["webhook_status"],
+    if kind is not None:
+        query = query.where(alerts.c.kind == kind)
+    found: list[Alert] = []
+    for r in (await conn.execute(query)).mappings():
+        payload = json.loads(r["payload"])
+        source = payload.pop("source", GATEWAY_SOURCE)
+        found.append(
+            Alert(
+                alert_id=r["alert_id"],
+                run_id=r["run_id"],
+                kind=r["kind"],
+                created_at=r["created_at"],
+                summary=r["summary"],
+                payload=payload,
+                webhook_status=r["webhook_status"],
+                source=str(source),
+            )
         )
-        for r in (await conn.execute(query)).mappings()
-    ]
+    return found
 
 
 class WebhookSender:
@@ -159,6 +229,10 @@ class WebhookSender:
         task.add_done_callback(self._tasks.discard)
 
     async def _deliver(self, alert: Alert) -> None:
+        with log_context(run_id=alert.run_id or None):
+            await self._deliver_in_context(alert)
+
+    async def _deliver_in_context(self, alert: Alert) -> None:
         assert self.url is not None
         delay = self._backoff
         status = "FAILED"

@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import json
 import logging
+from typing import Any, TextIO
 
 import typer
 import uvicorn
 
 from kinshasa.gateway.principals import hash_key, new_key
+from kinshasa.kernel.logs import configure_logging
+from kinshasa.settings import StackSettings
+
+COMPONENT = "gateway"
 
 app = typer.Typer(
     help="The GraphQL gateway: agents' only door.",
@@ -25,22 +30,30 @@ def main(ctx: typer.Context) -> None:
         serve()
 
 
+def configure_gateway_logging(stack: StackSettings, stream: TextIO | None = None) -> logging.Handler:
+    """The kernel's logging, as every component sets it up: KINSHASA_LOG_LEVEL and KINSHASA_LOG_FORMAT."""
+    return configure_logging(COMPONENT, stack.log_level, stream=stream, fmt=stack.log_format)
+
+
+# No log config of uvicorn's own: its loggers (uvicorn.error) propagate to the kernel's root handler, so
+# its lines come out in the same format; no access log (a line per agent write would drown the rest).
+UVICORN_LOGGING: dict[str, Any] = {"log_config": None, "access_log": False}
+
+
 @app.command("serve")
 def serve() -> None:
     """Run the gateway in the foreground on KINSHASA_GATEWAY_HOST:PORT until Ctrl-C."""
     from kinshasa.gateway.app import bootstrap
-    from kinshasa.settings import StackSettings
 
     stack = StackSettings()
-    logging.basicConfig(level=stack.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    configure_gateway_logging(stack)
     gateway = bootstrap(stack=stack)
     uvicorn.run(
         gateway.app,
         host=gateway.settings.host,
         port=gateway.settings.port,
-        log_level="warning",
-        access_log=False,
         lifespan="on",
+        **UVICORN_LOGGING,
     )
 
 

@@ -1,7 +1,9 @@
-"""What the gateway learns back over Kafka: per-command results (errors feed the breaker) and revert outcomes.
+"""What the gateway learns back over Kafka: per-command results (errors feed the breaker), revert outcomes
+and the alerts other components raise.
 
-Consumes every `kinshasa.events.<service>` topic and `kinshasa.runs` in the group `kinshasa.gateway`.
-Each message is handled in one transaction with its inbox row, so a redelivery has no second effect.
+Consumes every `kinshasa.events.<service>` topic, `kinshasa.runs` and `kinshasa.alerts` in the group
+`kinshasa.gateway`. Each message is handled in one transaction with its inbox row, so a redelivery has
+no second effect.
 """
 
 from __future__ import annotations
@@ -15,7 +17,14 @@ from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from kinshasa.gateway import store
-from kinshasa.gateway.alerts import Alert, WebhookSender
+from kinshasa.gateway.alerts import (
+    Alert,
+    WebhookSender,
+    alert_from_envelope,
+    is_alert,
+    raised_by_gateway,
+    store_alert,
+)
 from kinshasa.gateway.breaker import Trip, probes_settled, trip
 from kinshasa.gateway.errors import RunNotFound
 from kinshasa.gateway.policy import PolicyBook
@@ -23,9 +32,10 @@ from kinshasa.gateway.runs import load_run
 from kinshasa.gateway.store import commands, runs
 from kinshasa.gateway.uow import GatewayTx, transaction
 from kinshasa.kernel.inbox import Inbox
+from kinshasa.kernel.logs import log_context
 from kinshasa.schemas.envelope import Actor, Envelope, EventSuffix, RunEventKind, split_type
 from kinshasa.schemas.operations import OperationCatalogue
-from kinshasa.topics.catalogue import RUNS, events_topic, group_id
+from kinshasa.topics.catalogue import ALERTS, RUNS, events_topic, group_id
 from kinshasa.topics.consumer import Record
 
 log = logging.getLogger(__name__)
@@ -35,7 +45,7 @@ GATEWAY = Actor(kind="system", id="gateway")
 
 
 def listened_topics(catalogue: OperationCatalogue) -> list[str]:
-    return [events_topic(service) for service in catalogue.services] + [RUNS]
+    return [events_topic(service) for service in catalogue.services] + [RUNS, ALERTS]
 
 
 class Listener:
@@ -61,6 +71,13 @@ class Listener:
         await self.handle_envelope(record.envelope())
 
     async def handle_envelope(self, envelope: Envelope) -> None:
+        with log_context(run_id=envelope.run_id, actor=envelope.actor):
+            await self._dispatch(envelope)
+
+    async def _dispatch(self, envelope: Envelope) -> None:
+        if is_alert(envelope):
+            await self._alert(envelope)
+            return
         if envelope.run_id is None:
             return
         service, _operation, suffix = split_type(envelope.type)
@@ -115,6 +132,7 @@ class Listener:
                     )
             else:
                 reason = str(envelope.payload.get("reason", ""))[:2000] or None
+                log.info("command %s (%s) rejected: %s", command["command_id"], envelope.type, reason)
                 await tx.conn.execute(
                     update(commands)
                     .where(commands.c.command_id == command["command_id"])
@@ -138,6 +156,26 @@ class Listener:
                     _run, alert = await trip(tx, run, cause, policy, GATEWAY, self._webhook.url is not None)
             await tx.commit()
         if alert is not None:
+            log.warning("breaker tripped: %s", alert.summary)
+            self._webhook.send_later(alert)
+
+    async def _alert(self, envelope: Envelope) -> None:
+        """Store an alert another component raised, once per message id, and pass it to the webhook."""
+        if raised_by_gateway(envelope):
+            return
+        alert = alert_from_envelope(envelope)
+        async with transaction(self._engine) as tx:
+            if envelope.run_id is not None:
+                try:
+                    await load_run(tx.conn, envelope.run_id)
+                except RunNotFound:
+                    return  # about a run of a foreign stack sharing the topic
+            if not await self._inbox.record(tx.conn, self.group, envelope.message_id):
+                return
+            stored = await store_alert(tx.conn, alert, self._webhook.url is not None)
+            await tx.commit()
+        if stored:
+            log.warning("alert %s from %s: %s", alert.kind, alert.source, alert.summary)
             self._webhook.send_later(alert)
 
     async def _command(self, tx: GatewayTx, envelope: Envelope) -> Any:

@@ -7,6 +7,7 @@ BACKEND_UNAVAILABLE error naming it and the setting to fix, never a hang or a 50
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
@@ -14,6 +15,15 @@ import httpx
 
 from kinshasa.gateway.errors import BackendUnavailable, Invalid
 from kinshasa.schemas.operations import OperationCatalogue
+
+
+@dataclass(frozen=True)
+class StepsPage:
+    """One page of a run's ledger steps, newest first, as the coordinator's ledger API returns it."""
+
+    steps: list[dict[str, Any]]
+    # The `before` of the next (older) page: the step id of this page's last step; None at the end.
+    next_before: int | None
 
 
 class Backends:
@@ -109,21 +119,29 @@ class Backends:
         result = await self._get(service, f"{self._service_url(service)}/emails", {"run_id": run_id})
         return list(result or [])
 
-    async def steps(self, run_id: str, limit: int, before: str | None) -> list[dict[str, Any]]:
+    async def steps(self, run_id: str, limit: int, before: int | None) -> StepsPage:
+        """A page of the run's steps; an empty page when the ledger has not seen the run yet (404)."""
         if self._coordinator_url is None:
             raise BackendUnavailable(
                 "the coordinator's ledger API is not configured: set KINSHASA_GATEWAY_COORDINATOR_URL",
                 backend="coordinator",
             )
         params: dict[str, Any] = {"limit": limit}
-        if before:
+        if before is not None:
             params["before"] = before
         result = await self._get(
             "coordinator", f"{self._coordinator_url}/runs/{quote(run_id, safe='')}/steps", params
         )
-        if isinstance(result, dict):
-            result = result.get("steps", [])
-        return list(result or [])
+        if isinstance(result, list):
+            return StepsPage(list(result), None)
+        if not isinstance(result, dict):
+            return StepsPage([], None)
+        next_before = result.get("next_before")
+        steps = result.get("steps")
+        return StepsPage(
+            list(steps) if isinstance(steps, list) else [],
+            next_before if isinstance(next_before, int) and not isinstance(next_before, bool) else None,
+        )
 
     def _admin(self, component: str) -> str:
         url = self._admin_urls.get(component)

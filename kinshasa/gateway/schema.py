@@ -33,8 +33,17 @@ from kinshasa.gateway import runs as runs_mod
 from kinshasa.gateway.alerts import list_alerts
 from kinshasa.gateway.commands import Receipt, get_command, list_commands
 from kinshasa.gateway.context import GatewayContext
-from kinshasa.gateway.errors import Forbidden, Invalid, NotFound, camel, code_errors, invalid_from_pydantic
+from kinshasa.gateway.errors import (
+    BackendUnavailable,
+    Forbidden,
+    Invalid,
+    NotFound,
+    camel,
+    code_errors,
+    invalid_from_pydantic,
+)
 from kinshasa.gateway.uow import transaction
+from kinshasa.kernel.logs import log_context
 from kinshasa.schemas.envelope import Actor, utcnow
 from kinshasa.schemas.operations import OperationCatalogue, OperationSpec
 
@@ -203,6 +212,114 @@ class CommandReceipt:
 
 
 @strawberry.type
+class PageInfo:
+    has_next_page: bool
+    end_cursor: str | None
+
+
+@strawberry.enum(description="Where one applied forward step stands on the way back.")
+class StepStatus(enum.Enum):
+    APPLIED = "applied"
+    COMPENSATING = "compensating"
+    COMPENSATED = "compensated"
+    COMPENSATION_FAILED = "compensation_failed"
+    IRREVERSIBLE = "irreversible"
+
+
+@strawberry.type(name="EntityRef", description="The entity a message is about.")
+class EntityRefView:
+    service: str
+    type: str
+    id: strawberry.ID
+
+
+@strawberry.type(name="Actor", description="Who caused a message: agent, operator, service or system.")
+class ActorView:
+    kind: str
+    id: str
+
+
+def _stamp(value: Any) -> datetime | None:
+    return None if value is None else datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+
+
+@strawberry.type(description="One applied forward step of a run, as the coordinator's ledger holds it.")
+class RunStep:
+    step_id: int = strawberry.field(description="the step's place in the run's apply order, 1 first")
+    forward_event_id: strawberry.ID = strawberry.field(description="message id of the *.applied event")
+    forward_type: str = strawberry.field(description="that event's type, e.g. documents.rename.applied")
+    operation: str = strawberry.field(description="the command type, e.g. documents.rename")
+    command_id: strawberry.ID | None = strawberry.field(description="the gateway's commandId it applied")
+    service: str
+    entity: EntityRefView
+    entity_key: str = strawberry.field(description="service:id, the Kafka key of the entity's messages")
+    actor: ActorView = strawberry.field(description="who wrote the forward command")
+    applied_at: datetime | None
+    status: StepStatus
+    attempts: int = strawberry.field(description="compensate commands emitted for it so far")
+    resolved_at: datetime | None = strawberry.field(description="when it was compensated or refused")
+    failure_reason: str | None = strawberry.field(description="why the service refused its inverse")
+
+    @classmethod
+    def of(cls, step: dict[str, Any]) -> "RunStep":
+        """Parse one step of the ledger API; a shape this gateway cannot read is the backend's fault."""
+        try:
+            entity, actor = step["entity"], step["actor"]
+            forward_type = str(step["forward_type"])
+            return cls(
+                step_id=int(step["step_id"]),
+                forward_event_id=strawberry.ID(str(step["forward_event_id"])),
+                forward_type=forward_type,
+                operation=forward_type.rsplit(".", 1)[0],
+                command_id=strawberry.ID(str(step["command_id"])) if step.get("command_id") else None,
+                service=str(step["service"]),
+                entity=EntityRefView(
+                    service=str(entity["service"]),
+                    type=str(entity["type"]),
+                    id=strawberry.ID(str(entity["id"])),
+                ),
+                entity_key=str(step["entity_key"]),
+                actor=ActorView(kind=str(actor["kind"]), id=str(actor["id"])),
+                applied_at=_stamp(step.get("applied_at")),
+                status=StepStatus(step["status"]),
+                attempts=int(step.get("attempts") or 0),
+                resolved_at=_stamp(step.get("resolved_at")),
+                failure_reason=step.get("failure_reason"),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise BackendUnavailable(
+                f"the coordinator's ledger API answered a step this gateway cannot read ({exc!r}): are the "
+                "gateway and the coordinator the same version?",
+                backend="coordinator",
+            ) from exc
+
+
+@strawberry.type
+class RunStepEdge:
+    cursor: str
+    node: RunStep
+
+
+@strawberry.type(description="A page of a run's steps, newest first.")
+class RunStepConnection:
+    edges: list[RunStepEdge]
+    nodes: list[RunStep]
+    page_info: PageInfo
+
+
+def _step_cursor(after: str | None) -> int | None:
+    """`after` of Run.steps: the cursor of a step (its step id), as pageInfo.endCursor gave it."""
+    if after is None:
+        return None
+    if not after.isdigit() or len(after) > 15 or int(after) < 1:
+        raise Invalid(
+            "after must be a cursor from a previous page's steps.pageInfo.endCursor",
+            [("after", "not a step cursor")],
+        )
+    return int(after)
+
+
+@strawberry.type
 class Run:
     id: strawberry.ID
     agent_id: str
@@ -270,15 +387,24 @@ class Run:
         )
 
     @strawberry.field(
-        description="The run's steps from the coordinator's ledger, newest first; null with a "
-        "BACKEND_UNAVAILABLE error when the coordinator cannot be reached."
+        description="The run's steps from the coordinator's ledger, newest first, `first` at a time; pass "
+        "pageInfo.endCursor as `after` for the next (older) page. Null with a BACKEND_UNAVAILABLE error "
+        "when the coordinator cannot be reached."
     )
     async def steps(
-        self, info: strawberry.Info, first: int = 50, before: str | None = None
-    ) -> list[JSON] | None:
-        _bounded(before, "before")
-        steps = await _ctx(info).services.backends.steps(self.record.run_id, _page(first), before)
-        return [JSON(step) for step in steps]
+        self, info: strawberry.Info, first: int = 50, after: str | None = None
+    ) -> RunStepConnection | None:
+        before = _step_cursor(after)
+        page = await _ctx(info).services.backends.steps(self.record.run_id, _page(first), before)
+        nodes = [RunStep.of(step) for step in page.steps]
+        edges = [RunStepEdge(cursor=str(node.step_id), node=node) for node in nodes]
+        return RunStepConnection(
+            edges=edges,
+            nodes=nodes,
+            page_info=PageInfo(
+                has_next_page=page.next_before is not None, end_cursor=edges[-1].cursor if edges else None
+            ),
+        )
 
     @strawberry.field(description="The run's commands in acceptance order.")
     async def commands(
@@ -290,12 +416,6 @@ class Run:
             )
             await conn.rollback()
         return [CommandReceipt.of(r) for r in rows]
-
-
-@strawberry.type
-class PageInfo:
-    has_next_page: bool
-    end_cursor: str | None
 
 
 @strawberry.type
@@ -407,11 +527,23 @@ class AlertThreshold:
     limit: float
 
 
-@strawberry.type
+@strawberry.type(description="A step a revert could not compensate, as a revert_failed alert lists it.")
+class AlertFailingStep:
+    step_id: int | None
+    forward_event_id: strawberry.ID | None
+    forward_type: str | None
+    reason: str | None
+
+
+@strawberry.type(
+    description="An operator alert: the gateway's breaker trips (kind run_tripped) and the alerts other "
+    "components publish on kinshasa.alerts, such as the coordinator's revert_failed."
+)
 class Alert:
     id: strawberry.ID
-    run_id: strawberry.ID
-    kind: str
+    run_id: strawberry.ID = strawberry.field(description="the run it is about; empty if about no run")
+    kind: str = strawberry.field(description="what happened: run_tripped, revert_failed, ...")
+    source: str = strawberry.field(description="the component that raised it: gateway, coordinator, ...")
     created_at: datetime
     summary: str
     agent_id: str | None
@@ -422,6 +554,11 @@ class Alert:
     awaiting_approval: int
     propagated: int
     auto_revert: bool
+    failing_steps: list[AlertFailingStep] = strawberry.field(
+        description="revert_failed: the steps not compensated (the first ones; failingCount has the total)"
+    )
+    failing_count: int | None = strawberry.field(description="revert_failed: how many steps did not settle")
+    details: JSON = strawberry.field(description="everything else the alert carries, as its source sent it")
     webhook_status: str | None
 
 
@@ -693,23 +830,64 @@ def build_agent_mutation(spec: OperationSpec) -> Any:
 # --- reads ---------------------------------------------------------------------------------------------
 
 
+def _int_or(value: Any, default: int | None) -> int | None:
+    # Alerts of other components are foreign documents: a field of an unexpected type reads as absent.
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) <= INT32:
+        return value
+    return default
+
+
+def _text_or_none(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _failing_steps(value: Any) -> list[AlertFailingStep]:
+    if not isinstance(value, list):
+        return []
+    return [
+        AlertFailingStep(
+            step_id=_int_or(s.get("step_id"), None),
+            forward_event_id=strawberry.ID(s["forward_event_id"])
+            if isinstance(s.get("forward_event_id"), str)
+            else None,
+            forward_type=_text_or_none(s.get("forward_type")),
+            reason=_text_or_none(s.get("reason")),
+        )
+        for s in value
+        if isinstance(s, dict)
+    ]
+
+
+def _threshold(value: Any) -> AlertThreshold | None:
+    if not isinstance(value, dict):
+        return None
+    name, count, limit = value.get("name"), value.get("count"), value.get("limit")
+    if not (isinstance(name, str) and isinstance(count, int | float) and isinstance(limit, int | float)):
+        return None
+    return AlertThreshold(name=name, count=float(count), limit=float(limit))
+
+
 def _alert(a: Any) -> Alert:
     p = a.payload
-    threshold = p.get("threshold")
+    services = p.get("services_touched")
     return Alert(
         id=strawberry.ID(a.alert_id),
         run_id=strawberry.ID(a.run_id),
         kind=a.kind,
+        source=a.source,
         created_at=a.created_at,
         summary=a.summary,
-        agent_id=p.get("agent_id"),
-        entry_point=p.get("entry_point"),
-        threshold=AlertThreshold(**threshold) if isinstance(threshold, dict) else None,
-        services_touched=list(p.get("services_touched", [])),
-        held=int(p.get("held", 0)),
-        awaiting_approval=int(p.get("awaiting_approval", 0)),
-        propagated=int(p.get("propagated", 0)),
-        auto_revert=bool(p.get("auto_revert", False)),
+        agent_id=_text_or_none(p.get("agent_id")),
+        entry_point=_text_or_none(p.get("entry_point")),
+        threshold=_threshold(p.get("threshold")),
+        services_touched=[str(s) for s in services] if isinstance(services, list) else [],
+        held=_int_or(p.get("held"), 0) or 0,
+        awaiting_approval=_int_or(p.get("awaiting_approval"), 0) or 0,
+        propagated=_int_or(p.get("propagated"), 0) or 0,
+        auto_revert=p.get("auto_revert") is True,
+        failing_steps=_failing_steps(p.get("failing_steps")),
+        failing_count=_int_or(p.get("failing_count"), None),
+        details=JSON(p),
         webhook_status=a.webhook_status,
     )
 
@@ -834,13 +1012,21 @@ class Query:
             )
         return results
 
-    @strawberry.field(permission_classes=OPERATOR, description="Operator alerts, newest first.")
+    @strawberry.field(
+        permission_classes=OPERATOR,
+        description="Operator alerts, newest first: the gateway's own and those of the other components.",
+    )
     async def alerts(
-        self, info: strawberry.Info, run_id: strawberry.ID | None = None, first: int = 50
+        self,
+        info: strawberry.Info,
+        run_id: strawberry.ID | None = None,
+        first: int = 50,
+        kind: str | None = None,
     ) -> list[Alert]:
         _bounded(run_id, "runId")
+        _bounded(kind, "kind", 64)
         async with _ctx(info).services.engine.connect() as conn:
-            found = await list_alerts(conn, str(run_id) if run_id else None, _page(first))
+            found = await list_alerts(conn, str(run_id) if run_id else None, _page(first), kind)
             await conn.rollback()
         return [_alert(a) for a in found]
 
@@ -1101,7 +1287,12 @@ class GatewaySchema(strawberry.Schema):
     """
 
     def process_errors(self, errors: list[GraphQLError], execution_context: Any = None) -> None:
-        code_errors(errors, log)
+        # The run a failed request named (as a variable; a literal is not worth parsing for) goes on
+        # the log line of an unexpected error, so it can be found by run id.
+        variables = getattr(execution_context, "variables", None)
+        run_id = variables.get("runId") if isinstance(variables, dict) else None
+        with log_context(run_id=run_id if isinstance(run_id, str) else None):
+            code_errors(errors, log)
 
 
 def build_schema(

@@ -88,9 +88,18 @@ class Api:
         return found
 
     def steps(self, run_id: str) -> list[dict[str, Any]]:
-        found: list[dict[str, Any]] = self.call("query($id: ID!) { run(id: $id) { steps(first: 200) } }",
-                                                id=run_id)["run"]["steps"]
-        return found
+        """Every step of the run, newest first, following the steps connection page by page."""
+        found: list[dict[str, Any]] = []
+        after: str | None = None
+        while True:
+            page = self.call("""query($id: ID!, $after: String) { run(id: $id) {
+                steps(first: 200, after: $after) { nodes { stepId forwardType entityKey status }
+                                                   pageInfo { hasNextPage endCursor } } } }""",
+                             id=run_id, after=after)["run"]["steps"]
+            found += page["nodes"]
+            if not page["pageInfo"]["hasNextPage"]:
+                return found
+            after = page["pageInfo"]["endCursor"]
 
     def set_policy(self, entry_point: str, **settings: Any) -> None:
         self.call("""mutation($s: String!, $p: PolicyInput!) {

@@ -95,7 +95,7 @@ def test_a_service_killed_mid_run_loses_nothing_and_applies_nothing_twice(
     assert sorted(e["command_id"] for e in entries) == sorted([*accepted.values(), marker["commandId"]])
     assert account["balance_cents"] == sum(range(1, 61)) + 1_000_000
     steps = operator.steps(run_id)
-    assert len(steps) == 62 and len({s["step_id"] for s in steps}) == 62
+    assert len(steps) == 62 and len({s["stepId"] for s in steps}) == 62
     _no_dead_letters(operator)
 
 
@@ -136,7 +136,7 @@ def test_the_coordinator_killed_mid_revert_finishes_it_compensating_each_step_on
              lambda: operator.run(run_id)["counts"]["compensated"] >= total, timeout_s=60)
     assert operator.run(run_id)["counts"]["compensated"] == total
     steps = operator.steps(run_id)
-    assert len(steps) == total and {s["status"] for s in steps} == {"compensated"}
+    assert len(steps) == total and {s["status"] for s in steps} == {"COMPENSATED"}
 
     # Each inverse took effect exactly once, whatever was re-emitted: one extra version per entity,
     # one reversal per entry.

@@ -87,7 +87,7 @@ def test_demo_tells_the_story_and_the_state_agrees(stack: Stack, operator: Api) 
     assert sorted(by_status["PUBLISHED"]) == ["documents.create", "documents.create", "documents.edit",
                                               "documents.rename", "ledger.open_account", "links.unlink"]
     steps = operator.steps(rogue["id"])
-    assert len(steps) == 6 and {s["status"] for s in steps} == {"compensated"}
+    assert len(steps) == 6 and {s["status"] for s in steps} == {"COMPENSATED"}
 
     alerts = operator.call("""query($id: ID!) { alerts(runId: $id) {
         kind held propagated servicesTouched threshold { name count limit } } }""", id=rogue["id"])["alerts"]

@@ -437,7 +437,7 @@ async def test_reads_say_which_backend_is_missing(harness: Harness) -> None:
         error = await c.error(query)
         assert error["extensions"]["code"] == "BACKEND_UNAVAILABLE", error
         assert "KINSHASA_GATEWAY_SERVICE_URLS" in error["message"]
-    body = await c.gql(f'{{ run(id: "{run_id}") {{ id steps }} }}')
+    body = await c.gql(f'{{ run(id: "{run_id}") {{ id steps {{ nodes {{ stepId status }} }} }} }}')
     assert body["data"]["run"] == {"id": run_id, "steps": None}
     assert body["errors"][0]["extensions"]["code"] == "BACKEND_UNAVAILABLE"
     dlq = (await c.data("{ dlq { component count entries error } }", key=OPERATOR_KEY))["dlq"]

@@ -17,16 +17,17 @@ RUN = {"id": "run-1", "agentId": "agent-7", "entryPoint": "chat", "purpose": "ti
                   "compensated": 2, "discarded": 4},
        "breaker": {"state": "OPEN", "writes": 7, "errors": 0, "servicesTouched": ["documents", "notifier"],
                    "trippedReason": "writes 7 > 6"},
-       "steps": [
-           {"step_id": 3, "applied_at": "2025-01-01T12:00:03+00:00",
-            "forward_type": "notifier.send_email.applied", "entity_key": "notifier:e1",
-            "status": "irreversible"},
-           {"step_id": 2, "applied_at": "2025-01-01T12:00:02+00:00",
-            "forward_type": "documents.rename.applied", "entity_key": "documents:d1",
-            "status": "compensation_failed", "failure_reason": "title changed"},
-           {"step_id": 1, "applied_at": "2025-01-01T12:00:01+00:00",
-            "forward_type": "documents.create.applied", "entity_key": "documents:d1",
-            "status": "compensated"}]}
+       "steps": {"nodes": [
+           {"stepId": 3, "appliedAt": "2025-01-01T12:00:03+00:00",
+            "forwardType": "notifier.send_email.applied", "entityKey": "notifier:e1",
+            "status": "IRREVERSIBLE"},
+           {"stepId": 2, "appliedAt": "2025-01-01T12:00:02+00:00",
+            "forwardType": "documents.rename.applied", "entityKey": "documents:d1",
+            "status": "COMPENSATION_FAILED", "failureReason": "title changed"},
+           {"stepId": 1, "appliedAt": "2025-01-01T12:00:01+00:00",
+            "forwardType": "documents.create.applied", "entityKey": "documents:d1",
+            "status": "COMPENSATED"}],
+           "pageInfo": {"hasNextPage": False, "endCursor": "1"}}}
 
 
 def test_selector_maps_options_to_the_graphql_input() -> None:
@@ -47,6 +48,8 @@ def test_timeline_reads_as_a_story_newest_step_first() -> None:
     assert "REFUSED" in steps[1] and "(title changed)" in steps[1]
     assert "#1" in steps[2] and "undone" in steps[2]
     assert "revert requested 2025-01-01 12:05:00: rogue" in "\n".join(lines)
+    more = timeline({**RUN, "steps": {"nodes": [], "pageInfo": {"hasNextPage": True, "endCursor": "9"}}})
+    assert more[-1] == "  steps, newest first (0 shown, older ones not):"
 
 
 def test_run_line_and_a_missing_ledger() -> None:
