@@ -81,6 +81,15 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 
 @pytest.fixture
+def other_database_url(request: pytest.FixtureRequest, database_url: str, tmp_path: Path) -> str:
+    """A second fresh database on the same backend as `database_url`, for side-by-side comparisons."""
+    if database_url.startswith("sqlite"):
+        return f"sqlite+aiosqlite:///{tmp_path / 'other.sqlite3'}"
+    cluster: PostgresCluster = request.getfixturevalue("postgres")
+    return asyncio.run(_create_database(cluster, f"t_{uuid.uuid4().hex[:12]}"))
+
+
+@pytest.fixture
 def postgres_url(postgres: PostgresCluster) -> str:
     """A fresh, empty PostgreSQL database, for behaviour only PostgreSQL has (row locks, SKIP LOCKED)."""
     return asyncio.run(_create_database(postgres, f"t_{uuid.uuid4().hex[:12]}"))

@@ -14,6 +14,7 @@ and then sees False if the first committed, True if it rolled back.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterable
 from datetime import UTC, datetime
 
 from sqlalchemy import Column, DateTime, PrimaryKeyConstraint, String, Table, Uuid, delete, select
@@ -30,6 +31,10 @@ inbox = Table(
     Column("processed_at", DateTime(timezone=True), nullable=False),
     PrimaryKeyConstraint("consumer_group", "message_id", name="pk_inbox"),
 )
+
+
+# Rows per multi-row INSERT: well inside SQLite's and PostgreSQL's bound-parameter limits.
+_CHUNK = 500
 
 
 class InboxError(ValueError):
@@ -57,6 +62,27 @@ class Inbox:
         insert = postgresql.insert(inbox) if conn.dialect.name == "postgresql" else sqlite.insert(inbox)
         stmt = insert.values(values).on_conflict_do_nothing().returning(inbox.c.message_id)
         return (await conn.execute(stmt)).first() is not None
+
+    async def record_many(self, conn: AsyncConnection, group: str,
+                          message_ids: Iterable[uuid.UUID | str]) -> set[uuid.UUID]:
+        """`record` for several messages in one statement; returns the ids recorded now (first time).
+
+        An id listed twice is recorded once: the caller applies its first occurrence only.
+        """
+        if not group:
+            raise InboxError("consumer group is empty: pass the Kafka group id of the consuming component")
+        ids = list(dict.fromkeys(_message_uuid(m) for m in message_ids))
+        if not ids:
+            return set()
+        now = datetime.now(UTC)
+        insert = postgresql.insert(inbox) if conn.dialect.name == "postgresql" else sqlite.insert(inbox)
+        fresh: set[uuid.UUID] = set()
+        for start in range(0, len(ids), _CHUNK):
+            rows = [{"consumer_group": group, "message_id": m, "processed_at": now}
+                    for m in ids[start:start + _CHUNK]]
+            stmt = insert.values(rows).on_conflict_do_nothing().returning(inbox.c.message_id)
+            fresh.update((await conn.execute(stmt)).scalars())
+        return fresh
 
     async def seen(self, conn: AsyncConnection, group: str, message_id: uuid.UUID | str) -> bool:
         """Whether `group` has processed `message_id` (a read; use `record` to claim it)."""

@@ -193,6 +193,10 @@ def check_chain(rows: Iterable[Receipt]) -> VerifyReport:
     return checker.report()
 
 
+# Sources per IN (...) lookup in append_many.
+_LOOKUP_CHUNK = 500
+
+
 def _lock_key(component: str) -> int:
     # A stable signed 64-bit key per component for pg_advisory_xact_lock.
     return int.from_bytes(hashlib.sha256(f"kinshasa.receipts:{component}".encode()).digest()[:8],
@@ -223,33 +227,63 @@ class ReceiptChain:
 
         The caller commits or rolls back with its own work, so receipt and emission share fate.
         """
-        parts = _check_source(source)
-        digest = digest_of_payload.lower()
-        if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
-            raise ReceiptError(f"digest_of_payload must be a sha256 hex digest, got {digest_of_payload!r}; "
-                               "use kinshasa.kernel.receipts.payload_digest(payload)")
+        return (await self.append_many(conn, [(source, message_id, digest_of_payload)]))[0]
+
+    async def append_many(self, conn: AsyncConnection,
+                          items: Iterable[tuple[Iterable[SourcePart], str, str]]) -> list[Receipt]:
+        """`append` for several (source, message_id, digest) items at once, chained in the given order.
+
+        One lookup of the sources already there, one read of the head and one insert, whatever the
+        count: the same receipts, seqs and hashes as appending them one by one. A source listed twice,
+        or already in the chain, yields the first receipt again and appends nothing.
+        """
+        checked = []
+        for source, message_id, digest_of_payload in items:
+            parts = _check_source(source)
+            digest = digest_of_payload.lower()
+            if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+                raise ReceiptError(f"digest_of_payload must be a sha256 hex digest, got "
+                                   f"{digest_of_payload!r}; use kinshasa.kernel.receipts.payload_digest")
+            checked.append((parts, encode_source(parts), message_id, digest))
+        if not checked:
+            return []
         if not conn.in_transaction():
             raise ReceiptError("ReceiptChain.append must run inside the caller's transaction "
                                "(async with engine.begin() as conn: ...)")
         await self._lock(conn)
-        encoded = encode_source(parts)
-        existing = await self._by_source(conn, encoded)
-        if existing is not None:
-            return existing
+        known: dict[str, Receipt] = {}
+        encoded = list(dict.fromkeys(e for _, e, _, _ in checked))
+        for start in range(0, len(encoded), _LOOKUP_CHUNK):
+            rows = (await conn.execute(select(receipts).where(
+                receipts.c.component == self.component,
+                receipts.c.source.in_(encoded[start:start + _LOOKUP_CHUNK])))).all()
+            known.update((row.source, _row_to_receipt(row)) for row in rows)
         head = (await conn.execute(
             select(receipts.c.seq, receipts.c.hash)
             .where(receipts.c.component == self.component)
             .order_by(receipts.c.seq.desc()).limit(1))).first()
-        seq, prev_hash = (head.seq + 1, head.hash) if head is not None else (1, GENESIS_HASH)
-        receipt = Receipt(seq=seq, component=self.component, source=parts, message_id=message_id,
-                          payload_digest=digest, prev_hash=prev_hash,
-                          hash=receipt_hash(seq, prev_hash, self.component, parts, message_id, digest),
-                          created_at=datetime.now(UTC))
-        await conn.execute(insert(receipts).values(
-            component=receipt.component, seq=receipt.seq, source=encoded,
-            message_id=receipt.message_id, payload_digest=receipt.payload_digest,
-            prev_hash=receipt.prev_hash, hash=receipt.hash, created_at=receipt.created_at))
-        return receipt
+        seq, prev_hash = (head.seq, head.hash) if head is not None else (0, GENESIS_HASH)
+        result, new_rows = [], []
+        now = datetime.now(UTC)
+        for parts, enc, message_id, digest in checked:
+            receipt = known.get(enc)
+            if receipt is None:
+                seq += 1
+                receipt = Receipt(seq=seq, component=self.component, source=parts, message_id=message_id,
+                                  payload_digest=digest, prev_hash=prev_hash,
+                                  hash=receipt_hash(seq, prev_hash, self.component, parts, message_id,
+                                                    digest),
+                                  created_at=now)
+                prev_hash = receipt.hash
+                known[enc] = receipt
+                new_rows.append({"component": receipt.component, "seq": receipt.seq, "source": enc,
+                                 "message_id": receipt.message_id, "payload_digest": receipt.payload_digest,
+                                 "prev_hash": receipt.prev_hash, "hash": receipt.hash,
+                                 "created_at": receipt.created_at})
+            result.append(receipt)
+        if new_rows:
+            await conn.execute(insert(receipts), new_rows)
+        return result
 
     async def _lock(self, conn: AsyncConnection) -> None:
         # PostgreSQL: a transaction-scoped advisory lock serialises appenders of this chain even

@@ -116,7 +116,7 @@ async def _current(conn: AsyncConnection, document_id: str) -> dict[str, Any]:
 
 async def _write(conn: AsyncConnection, doc: Mapping[str, Any], ctx: CommandContext, **changes: Any) -> None:
     values = {"title": doc["title"], "body": doc["body"], "status": doc["status"], **changes}
-    await versions.append(conn, doc["document_id"], ctx, **values)
+    await versions.append(conn, doc["document_id"], ctx, after=doc, **values)
 
 
 # operations: each inverse sits right above the forward handler it undoes
@@ -134,7 +134,7 @@ async def delete_created(conn: AsyncConnection, step: AppliedStep, ctx: CommandC
 @documents.operation("create", inverse=delete_created)
 async def create(conn: AsyncConnection, cmd: CreateDocument, ctx: CommandContext) -> dict[str, Any]:
     check_absent(await versions.current(conn, ctx.entity_id), ctx.entity_id)
-    await versions.append(conn, ctx.entity_id, ctx, title=cmd.title, body=cmd.body, status=ACTIVE)
+    await versions.append(conn, ctx.entity_id, ctx, after=None, title=cmd.title, body=cmd.body, status=ACTIVE)
     return {"document_id": ctx.entity_id, "title": cmd.title, "body": cmd.body}
 
 

@@ -144,14 +144,15 @@ async def close_opened(conn: AsyncConnection, step: AppliedStep, ctx: CommandCon
     account_id = step.entity.id
     account = check_open(await accounts.current(conn, account_id), account_id)
     check_zero_balance(account_id, await balance(conn, account_id))
-    await accounts.append(conn, account_id, ctx, name=account["name"], currency=account["currency"],
-                          status=CLOSED)
+    await accounts.append(conn, account_id, ctx, after=account, name=account["name"],
+                          currency=account["currency"], status=CLOSED)
 
 
 @ledger.operation("open_account", inverse=close_opened)
 async def open_account(conn: AsyncConnection, cmd: OpenAccount, ctx: CommandContext) -> dict[str, Any]:
     check_absent(await accounts.current(conn, ctx.entity_id), ctx.entity_id)
-    await accounts.append(conn, ctx.entity_id, ctx, name=cmd.name, currency=cmd.currency, status=OPEN)
+    await accounts.append(conn, ctx.entity_id, ctx, after=None, name=cmd.name, currency=cmd.currency,
+                          status=OPEN)
     return {"account_id": ctx.entity_id, "name": cmd.name, "currency": cmd.currency}
 
 

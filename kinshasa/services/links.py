@@ -105,9 +105,11 @@ def _data(link: Mapping[str, Any]) -> dict[str, Any]:
 
 
 async def _write(conn: AsyncConnection, link: Mapping[str, Any], ctx: CommandContext,
-                 status: LinkStatus) -> None:
-    await versions.append(conn, link["link_id"], ctx, from_id=link["from_id"], to_id=link["to_id"],
-                          kind=link["kind"], status=status)
+                 status: LinkStatus, *, new: bool = False) -> None:
+    """The next version of `link`, which is the current version read in this transaction (or, when
+    `new`, the first one)."""
+    await versions.append(conn, link["link_id"], ctx, after=None if new else link, from_id=link["from_id"],
+                          to_id=link["to_id"], kind=link["kind"], status=status)
 
 
 # operations
@@ -129,7 +131,7 @@ async def link(conn: AsyncConnection, cmd: Link, ctx: CommandContext) -> dict[st
     check_absent(await versions.current(conn, ctx.entity_id), ctx.entity_id)
     await check_no_duplicate(conn, cmd.from_id, cmd.to_id, cmd.kind)
     row = {"link_id": ctx.entity_id, "from_id": cmd.from_id, "to_id": cmd.to_id, "kind": cmd.kind}
-    await _write(conn, row, ctx, ACTIVE)
+    await _write(conn, row, ctx, ACTIVE, new=True)
     return _data(row)
 
 

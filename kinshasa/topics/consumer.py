@@ -10,6 +10,11 @@ Delivery contract of `AsyncConsumer.run`:
   again, in order, before any later message of its partition. The consumer itself never skips a message:
   giving up (retry budget, DLQ) is the job of the kernel layer that wraps handlers.
 
+With a `batch_handler`, a fetched batch is first offered whole: if it returns normally every offset
+of the batch is stored (the handler committed all of them together); if it raises, it must have
+committed none, and the batch is handled again one record at a time through `handler`, with the
+per-record contract above.
+
 Redelivery is therefore normal (after a crash, a rebalance or a handler error); handlers are made
 idempotent by the inbox.
 """
@@ -75,6 +80,8 @@ class Record:
 
 
 Handler = Callable[[Record], Awaitable[None]]
+# All records or none: returns once every record's effect is committed, raises having committed nothing.
+BatchHandler = Callable[[list[Record]], Awaitable[None]]
 
 
 def to_record(msg: Message) -> Record:
@@ -197,11 +204,14 @@ class AsyncConsumer:
 
     # --- the loop -----------------------------------------------------------------------------------
 
-    async def run(self, handler: Handler, stop: asyncio.Event) -> None:
+    async def run(self, handler: Handler, stop: asyncio.Event,
+                  batch_handler: BatchHandler | None = None) -> None:
         """Hand every message to `handler` until `stop` is set; closes the consumer when it returns.
 
         A handler exception is logged, the message is not acknowledged and comes again (after
         `failure_backoff` seconds) in the same run; cancellation or ConsumerError end the run.
+        With `batch_handler`, each fetched batch of two or more records goes to it first (see the
+        module docstring); `handler` takes over for a batch it refused.
         """
         if self._ran:
             raise RuntimeError("AsyncConsumer.run was already called: create a new AsyncConsumer "
@@ -212,6 +222,8 @@ class AsyncConsumer:
                              self._on_lost)
             while not stop.is_set():
                 messages = await self._call(self._fetch)
+                if batch_handler is not None and len(messages) > 1:
+                    messages = await self._offer_batch(messages, batch_handler)
                 if await self._handle_batch(messages, handler, stop):
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(stop.wait(), self._failure_backoff)
@@ -227,6 +239,35 @@ class AsyncConsumer:
         if self._batch_size == 1:
             return [first]
         return [first, *self._consumer.consume(self._batch_size - 1, 0)]
+
+    async def _offer_batch(self, messages: list[Message], batch_handler: BatchHandler) -> list[Message]:
+        """Give the batch handler every good record; returns the messages left for per-record handling."""
+        good = []
+        for msg in messages:
+            error = msg.error()
+            if error is not None:
+                self._client_error(error)
+            else:
+                good.append(msg)
+        if len(good) < 2:
+            return good
+        try:
+            await batch_handler([to_record(msg) for msg in good])
+        except Exception as exc:
+            log.info("%s: batch of %d refused as a whole (%s: %s); handling its records one by one",
+                     self.group_id, len(good), type(exc).__name__, exc)
+            return good
+        for msg in good:
+            self._store(msg)
+        return []
+
+    def _store(self, msg: Message) -> None:
+        try:
+            self._consumer.store_offsets(message=msg)
+        except KafkaException as exc:
+            # The partition moved to another member mid-batch: it will redeliver, the inbox dedupes.
+            log.warning("%s: could not store offset of %s[%s]@%s: %s", self.group_id, msg.topic(),
+                        msg.partition(), msg.offset(), exc)
 
     async def _handle_batch(self, messages: list[Message], handler: Handler, stop: asyncio.Event) -> bool:
         """Handle a batch in order; returns True if some handler failed."""
@@ -251,12 +292,7 @@ class AsyncConsumer:
                 failed.add(partition)
                 await self._rewind(record)
                 continue
-            try:
-                self._consumer.store_offsets(message=msg)
-            except KafkaException as exc:
-                # The partition moved to another member mid-batch: it will redeliver, the inbox dedupes.
-                log.warning("%s: could not store offset of %s[%d]@%d: %s", self.group_id, record.topic,
-                            record.partition, record.offset, exc)
+            self._store(msg)
         return bool(failed)
 
     async def _rewind(self, record: Record) -> None:

@@ -114,3 +114,18 @@ async def test_postgres_concurrent_duplicates_apply_once(database_url: str) -> N
         assert len(await all_effects(engine)) == 1
     finally:
         await engine.dispose()
+
+
+async def test_record_many_claims_only_the_new_ids_once_each(engine: AsyncEngine) -> None:
+    seen, a, b = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    async with engine.begin() as conn:
+        assert await Inbox().record(conn, GROUP, seen) is True
+    async with engine.begin() as conn:
+        fresh = await Inbox().record_many(conn, GROUP, [a, seen, str(b), a])
+    assert fresh == {a, b}
+    async with engine.begin() as conn:
+        assert await Inbox().record_many(conn, GROUP, [a, b, seen]) == set()
+        assert await Inbox().record_many(conn, "kinshasa.svc.other", [a]) == {a}
+    with pytest.raises(InboxError, match="not a UUID"):
+        async with engine.begin() as conn:
+            await Inbox().record_many(conn, GROUP, [uuid.uuid4(), "nope"])

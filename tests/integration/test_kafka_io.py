@@ -365,3 +365,49 @@ async def test_revoke_commits_handled_offsets_before_the_partition_moves(
         await asyncio.wait_for(asyncio.gather(*runs), 30)
         await first.close()
         await second.close()
+
+
+async def test_batches_go_to_the_batch_handler_and_a_refused_batch_record_by_record(
+    kafka: KafkaBroker, unique: str, producer: AsyncProducer
+) -> None:
+    topic = f"test.batch.{unique}"
+    ensure_topics(kafka.bootstrap, [TopicSpec(topic, 1)])
+    await producer.send_batch([Outgoing(topic, b"k", f"m{i}".encode()) for i in range(40)])
+    group = f"test.group.{unique}"
+    batches: list[list[bytes]] = []
+    singles: list[bytes] = []
+    stop = asyncio.Event()
+
+    async def whole(records: list[Record]) -> None:
+        values = [r.value for r in records]
+        batches.append(values)
+        if b"m7" in values:
+            raise RuntimeError("refused as a whole")  # committed nothing, by contract
+        if b"m39" in values:
+            stop.set()
+
+    async def single(record: Record) -> None:
+        singles.append(record.value)
+        if record.value == b"m39":
+            stop.set()
+
+    c = AsyncConsumer(kafka.bootstrap, group, [topic], extra_config=CONSUMER_OPTS, poll_timeout=0.2,
+                      batch_size=10)
+    await asyncio.wait_for(c.run(single, stop, batch_handler=whole), 30)
+    accepted = [v for batch in batches if b"m7" not in batch for v in batch]
+    refused = next(batch for batch in batches if b"m7" in batch)
+    # Each message was handled exactly once: in an accepted batch, or one by one after a refusal.
+    assert sorted(accepted + singles, key=lambda v: int(v[1:])) == [f"m{i}".encode() for i in range(40)]
+    assert singles[:len(refused)] == refused
+    assert any(len(batch) > 1 for batch in batches)
+
+    # Every offset was stored: the next member of the group starts after m39.
+    await producer.send(topic, b"k", b"marker")
+    after: list[bytes] = []
+
+    async def handle_after(record: Record, stop: asyncio.Event) -> None:
+        after.append(record.value)
+        stop.set()
+
+    await run_until(consumer(kafka, group, topic), handle_after)
+    assert after == [b"marker"]

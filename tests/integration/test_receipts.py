@@ -214,3 +214,29 @@ def test_cli_refuses_unknown_component_and_missing_store(tmp_path: Path) -> None
     result = runner.invoke(receipts_app, ["verify", "-c", "gateway", "--database-url", missing])
     assert result.exit_code == 2 and "no database for gateway" in result.output
     assert not (tmp_path / "absent.sqlite3").exists()
+
+
+async def test_append_many_builds_the_chain_appending_one_by_one_would(
+    database_url: str, other_database_url: str
+) -> None:
+    singly, together = await _engine(database_url), await _engine(other_database_url)
+    chain = ReceiptChain(COMPONENT)
+    items = [(("command", f"c-{i % 7}"), f"m-{i}", payload_digest({"i": i})) for i in range(12)]
+    try:
+        for engine in (singly, together):
+            async with engine.begin() as conn:
+                await chain.append(conn, ("command", "first"), "m-first", payload_digest(b"f"))
+        expected = []
+        async with singly.begin() as conn:
+            for source, message_id, digest in items:
+                expected.append(await chain.append(conn, source, message_id, digest))
+        async with together.begin() as conn:
+            got = await chain.append_many(conn, items)
+        assert [(r.seq, r.hash, r.message_id) for r in got] == [
+            (r.seq, r.hash, r.message_id) for r in expected]
+        assert [r.seq for r in got] == [2, 3, 4, 5, 6, 7, 8, 2, 3, 4, 5, 6]  # repeats return the first
+        report = await _verify(together)
+        assert report.ok and report.checked == 8
+    finally:
+        await singly.dispose()
+        await together.dispose()

@@ -13,15 +13,17 @@ redelivered command has no second effect and no committed effect lacks its event
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+import uuid
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
 
 from pydantic import ValidationError
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from kinshasa.kernel.inbox import Inbox
+from kinshasa.kernel.logs import log_context
 from kinshasa.kernel.receipts import ReceiptChain, payload_digest
 from kinshasa.kernel.unit_of_work import UnitOfWork
 from kinshasa.schemas.envelope import (
@@ -43,6 +45,7 @@ from kinshasa.schemas.envelope import (
 from kinshasa.services.kit.context import AppliedStep, CommandContext
 from kinshasa.services.kit.declarations import Operation, Service
 from kinshasa.services.kit.errors import DomainError, PoisonMessageError
+from kinshasa.services.kit.store import StepStore
 from kinshasa.settings import ServiceSettings
 
 log = logging.getLogger(__name__)
@@ -60,12 +63,42 @@ class Outcome:
     event: Envelope | None = None
 
 
+class _RefusedWithoutSavepoint(Exception):
+    """A handler refused its command in a batch running without savepoints; run the batch with them."""
+
+
+@dataclass
+class _Batch:
+    """One transaction's commands: what it claimed and looked up, and the rows it writes at the end."""
+
+    uow: UnitOfWork
+    savepoints: bool
+    fresh: set[uuid.UUID]  # message ids this transaction claimed in the inbox and has yet to apply
+    steps: dict[str, AppliedStep] = field(default_factory=dict)
+    compensated: set[str] = field(default_factory=set)
+    looked_up: set[str] = field(default_factory=set)
+    applied_rows: list[dict[str, Any]] = field(default_factory=list)
+    compensation_rows: list[dict[str, Any]] = field(default_factory=list)
+    receipts: list[tuple[tuple[str, str], str, str]] = field(default_factory=list)
+    emitted: set[str] = field(default_factory=set)
+
+
+def _named_forward_id(envelope: Envelope) -> str | None:
+    """The forward event id a compensate command names, read loosely for the bulk lookup (the
+    payload is validated properly when the command is handled)."""
+    if not envelope.type.endswith(f".{COMPENSATE}") or not isinstance(envelope.payload, Mapping):
+        return None
+    named = envelope.payload.get("forward_event_id")
+    return named if isinstance(named, str) else None
+
+
 def _poison(field: str, problem: str) -> PoisonMessageError:
     return PoisonMessageError([(field, problem)], "command")
 
 
 class CommandDispatcher:
-    """Runs one service's declared handlers for the commands of its topic, one transaction per command."""
+    """Runs one service's declared handlers for the commands of its topic, one transaction per command
+    (`handle`) or per batch of commands (`handle_batch`)."""
 
     def __init__(
         self,
@@ -91,14 +124,73 @@ class CommandDispatcher:
 
     async def handle(self, envelope: Envelope) -> Outcome:
         """Handle one command in its own transaction; raises only for poison messages and infrastructure."""
-        async with UnitOfWork(self.engine, on_commit=self.on_commit) as uow:
-            outcome = await self.process(uow, envelope)
-            await uow.commit()
-        return outcome
+        return (await self._run([envelope], savepoints=True))[0]
+
+    async def handle_batch(self, envelopes: Sequence[Envelope]) -> list[Outcome]:
+        """Handle commands in order in one shared transaction: all of them commit, or none does.
+
+        Each command gets exactly what `handle` gives it (its inbox row, its domain write, its step or
+        compensation record, its event and receipt); sharing the transaction saves the per-commit
+        cost, and the bookkeeping rows go in with one statement per table. Handlers run without a
+        savepoint each: when one refuses its command (a DomainError) the batch is rolled back and run
+        again with savepoints, which is what undoes a refused handler's partial writes. A poison
+        message or an infrastructure error raises and rolls the whole batch back, so the caller can
+        fall back to `handle` one command at a time and dead-letter just the bad one.
+        """
+        if not envelopes:
+            return []
+        try:
+            return await self._run(envelopes, savepoints=len(envelopes) == 1)
+        except _RefusedWithoutSavepoint:
+            return await self._run(envelopes, savepoints=True)
 
     async def process(self, uow: UnitOfWork, envelope: Envelope) -> Outcome:
         """Everything `handle` does but the commit: the caller commits (or, by not committing, undoes it)."""
+        batch = await self._open(uow, [envelope], savepoints=True)
+        outcome = await self._process(batch, envelope)
+        await self._close(batch)
+        return outcome
+
+    async def _run(self, envelopes: Sequence[Envelope], *, savepoints: bool) -> list[Outcome]:
+        async with UnitOfWork(self.engine, on_commit=self.on_commit) as uow:
+            batch = await self._open(uow, envelopes, savepoints=savepoints)
+            outcomes = []
+            for envelope in envelopes:
+                # Each command's log lines carry its own run id, actor and message id.
+                with log_context(run_id=envelope.run_id, actor=envelope.actor,
+                                 message_id=envelope.message_id):
+                    outcomes.append(await self._process(batch, envelope))
+            await self._close(batch)
+            await uow.commit()
+        return outcomes
+
+    async def _open(self, uow: UnitOfWork, envelopes: Sequence[Envelope], *, savepoints: bool) -> _Batch:
+        """Claim every command in the inbox and read the steps the compensations name, in bulk."""
         conn = uow.conn
+        batch = _Batch(uow=uow, savepoints=savepoints,
+                       fresh=await self.inbox.record_many(conn, self.group,
+                                                          [e.message_id for e in envelopes]))
+        await self._look_up(batch, [forward_id for e in envelopes
+                                     if (forward_id := _named_forward_id(e)) is not None])
+        return batch
+
+    async def _look_up(self, batch: _Batch, forward_ids: list[str]) -> None:
+        wanted = [f for f in forward_ids if f not in batch.looked_up]
+        if not wanted:
+            return
+        conn, store = batch.uow.conn, self.service.store
+        batch.steps.update(await store.get_many(conn, wanted))
+        batch.compensated.update(await store.compensated_among(conn, wanted))
+        batch.looked_up.update(wanted)
+
+    async def _close(self, batch: _Batch) -> None:
+        """Write what the batch's commands recorded: step and compensation rows, then the receipts."""
+        conn = batch.uow.conn
+        await self.service.store.insert_rows(conn, applied=batch.applied_rows,
+                                             compensations=batch.compensation_rows)
+        await self.receipts.append_many(conn, batch.receipts)
+
+    async def _process(self, batch: _Batch, envelope: Envelope) -> Outcome:
         service, operation, suffix = split_type(envelope.type)
         if service != self.service.name:
             raise _poison("type", f"{envelope.type} is not a command of {self.service.name}: it was sent "
@@ -108,26 +200,43 @@ class CommandDispatcher:
         if envelope.entity is None:
             raise _poison("entity", "commands must name their entity {service, type, id}: the Kafka key and "
                                     "every event derive from it")
-        if not await self.inbox.record(conn, self.group, envelope.message_id):
+        if envelope.message_id not in batch.fresh:
             log.info("command %s (%s) was already handled; acknowledging without effect",
                      envelope.message_id, envelope.type)
             return Outcome("duplicate")
+        batch.fresh.discard(envelope.message_id)  # a second copy in this batch is a duplicate
         command_type = f"{service}.{operation}"
         if suffix == COMPENSATE:
-            outcome = await self._compensate(conn, envelope, command_type)
+            outcome = await self._compensate(batch, envelope, command_type)
         else:
-            outcome = await self._forward(conn, envelope, command_type)
-        assert outcome.event is not None
-        uow.emit(self.events_topic, outcome.event)
-        await self.receipts.append(conn, (self.events_topic, str(outcome.event.message_id)),
-                                   str(outcome.event.message_id), payload_digest(outcome.event.to_bytes()))
-        log.info("%s -> %s", envelope.type, outcome.event.type,
-                 extra={"event_id": str(outcome.event.message_id), "entity": envelope.entity.key})
+            outcome = await self._forward(batch, envelope, command_type)
+        event = outcome.event
+        assert event is not None
+        event_id = str(event.message_id)
+        # Two compensates of one step in one batch acknowledge with the same event: emitted once (the
+        # outbox would absorb the second anyway), and its receipt source repeats, so it is kept once.
+        if event_id not in batch.emitted:
+            batch.emitted.add(event_id)
+            batch.uow.emit(self.events_topic, event)
+        batch.receipts.append(((self.events_topic, event_id), event_id, payload_digest(event.to_bytes())))
+        log.info("%s -> %s", envelope.type, event.type, extra={"event_id": event_id,
+                                                                "entity": envelope.entity.key})
         return outcome
+
+    async def _guarded(self, batch: _Batch, call: Awaitable[Any]) -> Any:
+        """Run a handler; with savepoints, a DomainError undoes its writes but keeps the inbox row, so
+        the refusal itself is recorded exactly once. Without, the batch must run again with them."""
+        if batch.savepoints:
+            async with batch.uow.conn.begin_nested():
+                return await call
+        try:
+            return await call
+        except DomainError as err:
+            raise _RefusedWithoutSavepoint() from err
 
     # forward
 
-    async def _forward(self, conn: AsyncConnection, envelope: Envelope, command_type: str) -> Outcome:
+    async def _forward(self, batch: _Batch, envelope: Envelope, command_type: str) -> Outcome:
         op = self.service.get(command_type)
         if op is None:
             known = ", ".join(self.service.operations)
@@ -147,15 +256,19 @@ class CommandDispatcher:
         ctx = CommandContext(envelope=envelope, entity=entity, received_at=self.clock(),
                              settings=self.settings)
         try:
-            # A savepoint: a domain error undoes the handler's writes but keeps the inbox row, so the
-            # rejection itself is recorded exactly once.
-            async with conn.begin_nested():
-                data = await op.forward(conn, payload, ctx)
+            data = await self._guarded(batch, op.forward(batch.uow.conn, payload, ctx))
         except DomainError as err:
             return self._rejected(envelope, command_type, err.code, err.reason)
         event = self._event(envelope, event_type(command_type, APPLIED),
                             deterministic_id(str(APPLIED), str(envelope.message_id)), dict(data))
-        await self.service.store.record_applied(conn, str(event.message_id), ctx, command_type, event.payload)
+        event_id = str(event.message_id)
+        row = StepStore.applied_row(event_id, ctx, command_type, event.payload)
+        batch.applied_rows.append(row)
+        # A compensate of this step later in the same batch finds it here, before the row is written.
+        batch.steps[event_id] = AppliedStep(event_id=event_id, command_id=row["command_id"],
+                                            command_type=command_type, entity=entity, run_id=ctx.run_id,
+                                            data=dict(event.payload), applied_at=ctx.received_at)
+        batch.looked_up.add(event_id)
         return Outcome("applied", event)
 
     def _entity_problem(self, op: Operation, entity: EntityRef, payload: Any) -> str | None:
@@ -178,7 +291,7 @@ class CommandDispatcher:
 
     # compensate
 
-    async def _compensate(self, conn: AsyncConnection, envelope: Envelope, command_type: str) -> Outcome:
+    async def _compensate(self, batch: _Batch, envelope: Envelope, command_type: str) -> Outcome:
         try:
             request = CompensatePayload.model_validate(envelope.payload)
         except ValidationError as exc:
@@ -198,7 +311,8 @@ class CommandDispatcher:
                                 f"{command_type} is egress: what it sent cannot be taken back, so it is "
                                 "never compensated; it was gated for approval before it left")
         forward_id = str(request.forward_event_id)
-        step = await self.service.store.get(conn, forward_id)
+        await self._look_up(batch, [forward_id])
+        step = batch.steps.get(forward_id)
         if step is None or step.command_type != command_type:
             return self._failed(envelope, command_type, request,
                                 f"{self.service.name} has no applied {command_type} step with event id "
@@ -206,15 +320,15 @@ class CommandDispatcher:
                                 "undone)")
         ctx = CommandContext(envelope=envelope, entity=step.entity, received_at=self.clock(),
                              settings=self.settings)
-        if await self.service.store.is_compensated(conn, forward_id):
+        if forward_id in batch.compensated:
             log.info("step %s was already compensated; acknowledging again", forward_id)
             return self._compensated(envelope, command_type, request, step)
         try:
-            async with conn.begin_nested():
-                await op.inverse(conn, step, ctx)
+            await self._guarded(batch, op.inverse(batch.uow.conn, step, ctx))
         except DomainError as err:
             return self._failed(envelope, command_type, request, err.reason)
-        await self.service.store.record_compensated(conn, forward_id, ctx)
+        batch.compensated.add(forward_id)
+        batch.compensation_rows.append(StepStore.compensation_row(forward_id, ctx))
         return self._compensated(envelope, command_type, request, step)
 
     def _compensated(self, envelope: Envelope, command_type: str, request: CompensatePayload,

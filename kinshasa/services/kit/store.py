@@ -8,7 +8,7 @@ current state of an entity is the newest version.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -35,6 +35,8 @@ from kinshasa.schemas.envelope import EntityRef
 from kinshasa.services.kit.context import AppliedStep, CommandContext
 
 ID = String(128)
+# Ids per IN (...) lookup: well inside SQLite's and PostgreSQL's bound-parameter limits.
+_IN_CHUNK = 500
 MESSAGE_ID = String(36)
 STAMP_COLUMNS = ("run_id", "command_id", "actor", "recorded_at")
 
@@ -91,6 +93,13 @@ def versioned_table(name: str, metadata: MetaData, key: str, *columns: SchemaIte
     )
 
 
+class _Unread:
+    """Marks an `after` argument left out: the current version has not been read by the caller."""
+
+
+UNREAD = _Unread()
+
+
 def _row(mapping: Mapping[Any, Any]) -> dict[str, Any]:
     row = dict(mapping)
     if isinstance(row.get("recorded_at"), datetime):
@@ -139,13 +148,17 @@ class Versions:
         return [_row(r) for r in rows]
 
     async def append(self, conn: AsyncConnection, entity_id: str, ctx: CommandContext,
-                     **values: Any) -> dict[str, Any]:
+                     after: Mapping[str, Any] | _Unread | None = UNREAD, **values: Any) -> dict[str, Any]:
         """Write the next version of `entity_id` with `values`; returns the row written.
 
-        The (key, version) primary key makes two concurrent writers of one entity collide instead of
-        both succeeding; the loser's transaction fails and its message is retried.
+        `after` is the current version the caller already read in this transaction (None: the entity
+        does not exist yet), which saves reading it again. The (key, version) primary key makes two
+        concurrent writers of one entity collide instead of both succeeding; the loser's transaction
+        fails and its message is retried.
         """
-        current = await self.current(conn, entity_id)
+        current = await self.current(conn, entity_id) if isinstance(after, _Unread) else after
+        if current is not None and current[self.key] != entity_id:
+            raise ValueError(f"`after` is a version of {current[self.key]!r}, not of {entity_id!r}")
         row = {self.key: entity_id, "version": 1 if current is None else current["version"] + 1,
                **values, **ctx.stamp()}
         await conn.execute(insert(self.table).values(**row))
@@ -191,39 +204,67 @@ class StepStore:
     def tables(self) -> tuple[Table, Table]:
         return (self.steps, self.compensations)
 
+    @staticmethod
+    def applied_row(event_id: str, ctx: CommandContext, command_type: str,
+                    data: Mapping[str, Any]) -> dict[str, Any]:
+        """The steps row recording that the command of `ctx` applied as event `event_id`."""
+        return {"event_id": event_id, "command_id": ctx.command_id, "command_type": command_type,
+                "entity_type": ctx.entity.type, "entity_id": ctx.entity.id, "run_id": ctx.run_id,
+                "actor": ctx.stamp()["actor"], "data": dict(data), "applied_at": ctx.received_at}
+
+    @staticmethod
+    def compensation_row(event_id: str, ctx: CommandContext) -> dict[str, Any]:
+        """The compensations row recording that the compensate command of `ctx` undid step `event_id`."""
+        return {"forward_event_id": event_id, "compensate_command_id": ctx.command_id,
+                "run_id": ctx.run_id, "actor": ctx.stamp()["actor"], "compensated_at": ctx.received_at}
+
     async def record_applied(self, conn: AsyncConnection, event_id: str, ctx: CommandContext,
                              command_type: str, data: Mapping[str, Any]) -> None:
-        stamp = ctx.stamp()
-        await conn.execute(insert(self.steps).values(
-            event_id=event_id, command_id=ctx.command_id, command_type=command_type,
-            entity_type=ctx.entity.type, entity_id=ctx.entity.id, run_id=ctx.run_id,
-            actor=stamp["actor"], data=dict(data), applied_at=ctx.received_at,
-        ))
+        await self.insert_rows(conn, applied=[self.applied_row(event_id, ctx, command_type, data)])
 
-    async def get(self, conn: AsyncConnection, event_id: str) -> AppliedStep | None:
-        query = select(self.steps).where(self.steps.c.event_id == event_id)
-        row = (await conn.execute(query)).mappings().first()
-        if row is None:
-            return None
+    async def record_compensated(self, conn: AsyncConnection, event_id: str, ctx: CommandContext) -> None:
+        await self.insert_rows(conn, compensations=[self.compensation_row(event_id, ctx)])
+
+    async def insert_rows(self, conn: AsyncConnection, *, applied: Sequence[Mapping[str, Any]] = (),
+                          compensations: Sequence[Mapping[str, Any]] = ()) -> None:
+        """Insert step and compensation rows, one statement per table."""
+        if applied:
+            await conn.execute(insert(self.steps), list(applied))
+        if compensations:
+            await conn.execute(insert(self.compensations), list(compensations))
+
+    def _step(self, row: Any) -> AppliedStep:
         return AppliedStep(
             event_id=row["event_id"], command_id=row["command_id"], command_type=row["command_type"],
             entity=EntityRef(service=self.service, type=row["entity_type"], id=row["entity_id"]),
             run_id=row["run_id"], data=dict(row["data"]), applied_at=utc(row["applied_at"]),
         )
 
-    async def is_compensated(self, conn: AsyncConnection, event_id: str) -> bool:
-        found = await conn.execute(
-            select(self.compensations.c.forward_event_id)
-            .where(self.compensations.c.forward_event_id == event_id)
-        )
-        return found.first() is not None
+    async def get(self, conn: AsyncConnection, event_id: str) -> AppliedStep | None:
+        return (await self.get_many(conn, [event_id])).get(event_id)
 
-    async def record_compensated(self, conn: AsyncConnection, event_id: str, ctx: CommandContext) -> None:
-        stamp = ctx.stamp()
-        await conn.execute(insert(self.compensations).values(
-            forward_event_id=event_id, compensate_command_id=ctx.command_id, run_id=ctx.run_id,
-            actor=stamp["actor"], compensated_at=ctx.received_at,
-        ))
+    async def get_many(self, conn: AsyncConnection, event_ids: Iterable[str]) -> dict[str, AppliedStep]:
+        """The applied steps among `event_ids`, by event id (ids with no step are left out)."""
+        ids = list(dict.fromkeys(event_ids))
+        found: dict[str, AppliedStep] = {}
+        for start in range(0, len(ids), _IN_CHUNK):
+            rows = (await conn.execute(select(self.steps).where(
+                self.steps.c.event_id.in_(ids[start:start + _IN_CHUNK])))).mappings().all()
+            found.update((row["event_id"], self._step(row)) for row in rows)
+        return found
+
+    async def is_compensated(self, conn: AsyncConnection, event_id: str) -> bool:
+        return bool(await self.compensated_among(conn, [event_id]))
+
+    async def compensated_among(self, conn: AsyncConnection, event_ids: Iterable[str]) -> set[str]:
+        """The step event ids among `event_ids` that have a compensation row."""
+        ids = list(dict.fromkeys(event_ids))
+        done: set[str] = set()
+        column = self.compensations.c.forward_event_id
+        for start in range(0, len(ids), _IN_CHUNK):
+            done.update((await conn.execute(
+                select(column).where(column.in_(ids[start:start + _IN_CHUNK])))).scalars())
+        return done
 
     async def applied_count(self, conn: AsyncConnection) -> int:
         return int((await conn.execute(select(func.count()).select_from(self.steps))).scalar_one())
