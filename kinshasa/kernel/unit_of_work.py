@@ -80,12 +80,16 @@ class UnitOfWork:
         """Messages emitted so far and not yet committed."""
         return tuple(self._messages)
 
-    def emit(self, topic: str, envelope: EnvelopeLike) -> None:
-        """Buffer an envelope for `topic`, keyed by its entity (or run id); it is written at commit()."""
+    def emit(self, topic: str, envelope: EnvelopeLike) -> bytes:
+        """Buffer an envelope for `topic`, keyed by its entity (or run id); it is written at commit().
+
+        Returns the message's wire bytes, e.g. for a receipt's digest, so nobody serializes it twice.
+        """
         # The producer's own envelope mapping, so relayed messages carry the same key and headers as
         # messages published directly.
         outgoing = envelope_message(topic, envelope)
         self._add(outbox_message(topic, outgoing.key, outgoing.value, envelope.message_id, outgoing.headers))
+        return outgoing.value
 
     def emit_raw(self, topic: str, key: bytes | str | None, value: bytes | str, message_id: object,
                  headers: HeadersIn = None) -> None:

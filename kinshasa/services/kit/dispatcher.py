@@ -80,7 +80,7 @@ class _Batch:
     applied_rows: list[dict[str, Any]] = field(default_factory=list)
     compensation_rows: list[dict[str, Any]] = field(default_factory=list)
     receipts: list[tuple[tuple[str, str], str, str]] = field(default_factory=list)
-    emitted: set[str] = field(default_factory=set)
+    emitted: dict[str, str] = field(default_factory=dict)  # event id -> digest of its wire bytes
 
 
 def _named_forward_id(envelope: Envelope) -> str | None:
@@ -216,9 +216,8 @@ class CommandDispatcher:
         # Two compensates of one step in one batch acknowledge with the same event: emitted once (the
         # outbox would absorb the second anyway), and its receipt source repeats, so it is kept once.
         if event_id not in batch.emitted:
-            batch.emitted.add(event_id)
-            batch.uow.emit(self.events_topic, event)
-        batch.receipts.append(((self.events_topic, event_id), event_id, payload_digest(event.to_bytes())))
+            batch.emitted[event_id] = payload_digest(batch.uow.emit(self.events_topic, event))
+        batch.receipts.append(((self.events_topic, event_id), event_id, batch.emitted[event_id]))
         log.info("%s -> %s", envelope.type, event.type, extra={"event_id": event_id,
                                                                 "entity": envelope.entity.key})
         return outcome

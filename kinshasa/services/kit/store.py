@@ -23,6 +23,7 @@ from sqlalchemy import (
     String,
     Table,
     and_,
+    bindparam,
     func,
     insert,
     select,
@@ -114,13 +115,15 @@ class Versions:
         self.table = table
         self.key = key
         self._key_col = table.c[key]
+        # Built once: these run for nearly every command, and building a statement costs more than
+        # executing its cached compiled form.
+        self._current = (select(table).where(self._key_col == bindparam("entity_id"))
+                         .order_by(table.c.version.desc()).limit(1))
+        self._insert = insert(table)
 
     async def current(self, conn: AsyncConnection, entity_id: str) -> dict[str, Any] | None:
         """The newest version of `entity_id`, tombstones included, or None if it never existed."""
-        row = (await conn.execute(
-            select(self.table).where(self._key_col == entity_id)
-            .order_by(self.table.c.version.desc()).limit(1)
-        )).mappings().first()
+        row = (await conn.execute(self._current, {"entity_id": entity_id})).mappings().first()
         return None if row is None else _row(row)
 
     async def history(self, conn: AsyncConnection, entity_id: str) -> list[dict[str, Any]]:
@@ -161,7 +164,7 @@ class Versions:
             raise ValueError(f"`after` is a version of {current[self.key]!r}, not of {entity_id!r}")
         row = {self.key: entity_id, "version": 1 if current is None else current["version"] + 1,
                **values, **ctx.stamp()}
-        await conn.execute(insert(self.table).values(**row))
+        await conn.execute(self._insert, row)
         return row
 
 
