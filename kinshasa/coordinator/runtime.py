@@ -30,7 +30,6 @@ from typing import Any
 
 import uvicorn
 from fastapi import FastAPI
-from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 from temporalio.client import Client
 
@@ -46,17 +45,11 @@ from kinshasa.coordinator.store import install_ledger
 from kinshasa.coordinator.topics import CoordinatorTopics
 from kinshasa.coordinator.worker import build_worker, connect
 from kinshasa.kernel.admin import admin_app, load_or_create_internal_token
+from kinshasa.kernel.component import database_check, task_check, wire_dead_letters
 from kinshasa.kernel.database import create_engine
-from kinshasa.kernel.dlq import (
-    DeadLetterPolicy,
-    DeadLetterQueue,
-    OutboxDeadLetters,
-    SqlDeadLetterStore,
-    guarded_handler,
-)
+from kinshasa.kernel.dlq import DeadLetterPolicy, DeadLetterQueue
 from kinshasa.kernel.install import install_kernel_tables
 from kinshasa.kernel.metrics import ComponentMetrics
-from kinshasa.kernel.outbox import SqlOutboxStore
 from kinshasa.kernel.relay import OutboxRelay
 from kinshasa.settings import CoordinatorSettings, StackSettings
 from kinshasa.topics.admin import ensure_topics
@@ -159,35 +152,13 @@ class CoordinatorRuntime:
                 published_count=trigger.published_count, request_id=trigger.message_id), opts.policy)
 
         handler = LedgerHandler(engine, start_revert=start if client is not None else None)
-        dead_letters = SqlDeadLetterStore(engine)
-        guarded = guarded_handler(handler, store=dead_letters, producer=producer, group=topics.group,
-                                  backoff=opts.dlq_policy, metrics=self.metrics)
-        dlq = DeadLetterQueue(COMPONENT, dead_letters, handlers=handler, metrics=self.metrics,
-                              outbox=OutboxDeadLetters(engine))
-        outbox_store = SqlOutboxStore()
-
-        async def outbox_numbers() -> tuple[int, float | None]:
-            async with engine.connect() as conn:
-                backlog = await outbox_store.backlog(conn)
-            return backlog.pending, backlog.oldest_age_s
-
-        self.metrics.set_outbox_callback(outbox_numbers)
-        self.metrics.set_dlq_callback(dlq.dlq_count)
+        dead_letters = wire_dead_letters(COMPONENT, engine, handler, producer=producer, group=topics.group,
+                                         policy=opts.dlq_policy, metrics=self.metrics)
+        dlq, guarded = dead_letters.queue, dead_letters.guarded
         tasks: dict[str, asyncio.Task[Any]] = {}
-
-        async def database_ok() -> bool:
-            async with engine.connect() as conn:
-                await conn.execute(text("SELECT 1"))
-            return True
-
-        def alive(name: str) -> Any:
-            async def check() -> bool:
-                task = tasks.get(name)
-                return task is not None and not task.done()
-            return check
-
-        checks = {"database": database_ok}
-        checks.update({role: alive(role) for role in ("projector", "worker", "relay") if self.has(role)})
+        checks = {"database": database_check(engine)}
+        checks.update({role: task_check(tasks, role) for role in ("projector", "worker", "relay")
+                       if self.has(role)})
         token = load_or_create_internal_token(self.stack.data_dir, self.token)
         server: _Server | None = None
         if self.has("api"):

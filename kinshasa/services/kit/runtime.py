@@ -27,21 +27,13 @@ from typing import Any
 
 import uvicorn
 from fastapi import FastAPI
-from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from kinshasa.kernel.admin import admin_app, load_or_create_internal_token
+from kinshasa.kernel.component import database_check, task_check, wire_dead_letters
 from kinshasa.kernel.database import create_engine
-from kinshasa.kernel.dlq import (
-    DeadLetterPolicy,
-    DeadLetterQueue,
-    OutboxDeadLetters,
-    SqlDeadLetterStore,
-    guarded_handler,
-)
-from kinshasa.kernel.logs import log_context
+from kinshasa.kernel.dlq import DeadLetterPolicy
 from kinshasa.kernel.metrics import ComponentMetrics
-from kinshasa.kernel.outbox import SqlOutboxStore
 from kinshasa.kernel.relay import OutboxRelay
 from kinshasa.services.kit.declarations import Service
 from kinshasa.services.kit.dispatcher import CommandDispatcher
@@ -114,15 +106,15 @@ class RuntimeOptions:
 
 
 def record_handler(dispatcher: CommandDispatcher) -> Handler:
-    """The consumer's handler: parse the record, then dispatch inside the message's log context.
+    """The consumer's handler: parse the record, then dispatch it in a transaction of its own.
 
-    Every log line written while the command is handled carries its run id, actor and message id.
+    Every log line written while the command is handled carries its run id, actor and message id
+    (the dispatcher sets that context).
     """
 
     async def on_record(record: Record) -> None:
-        envelope = record.envelope()  # InvalidMessage: the DLQ guard dead-letters it at once
-        with log_context(run_id=envelope.run_id, actor=envelope.actor, message_id=envelope.message_id):
-            await dispatcher.handle(envelope)
+        # InvalidMessage: the DLQ guard dead-letters it at once.
+        await dispatcher.handle(record.envelope())
 
     return on_record
 
@@ -197,21 +189,8 @@ class ServiceRuntime:
                             on_publish_failure=self.metrics.publish_failed)
         dispatcher = CommandDispatcher(self.service, engine, group=topics.group, events_topic=topics.events,
                                        settings=self.settings, on_commit=relay.wake)
-        handler = record_handler(dispatcher)
-        dead_letters = SqlDeadLetterStore(engine)
-        guarded = guarded_handler(handler, store=dead_letters, producer=producer, group=topics.group,
-                                  backoff=opts.dlq_policy, metrics=self.metrics)
-        dlq = DeadLetterQueue(name, dead_letters, handlers=handler, metrics=self.metrics,
-                              outbox=OutboxDeadLetters(engine))
-        outbox_store = SqlOutboxStore()
-
-        async def outbox_numbers() -> tuple[int, float | None]:
-            async with engine.connect() as conn:
-                backlog = await outbox_store.backlog(conn)
-            return backlog.pending, backlog.oldest_age_s
-
-        self.metrics.set_outbox_callback(outbox_numbers)
-        self.metrics.set_dlq_callback(dlq.dlq_count)
+        dead_letters = wire_dead_letters(name, engine, record_handler(dispatcher), producer=producer,
+                                         group=topics.group, policy=opts.dlq_policy, metrics=self.metrics)
 
         extra: dict[str, Any] = {"session.timeout.ms": SESSION_TIMEOUT_MS}
         if opts.instance_id:
@@ -220,21 +199,11 @@ class ServiceRuntime:
                                  extra_config=extra, batch_size=opts.consumer_batch_size)
         tasks: dict[str, asyncio.Task[Any]] = {}
 
-        async def database_ok() -> bool:
-            async with engine.connect() as conn:
-                await conn.execute(text("SELECT 1"))
-            return True
-
-        def alive(task_name: str) -> Any:
-            async def check() -> bool:
-                task = tasks.get(task_name)
-                return task is not None and not task.done()
-            return check
-
         token = load_or_create_internal_token(self.stack.data_dir, self.token)
-        app = admin_app(name, token=token, dlq_api=dlq, metrics=self.metrics,
-                        health_checks={"database": database_ok, "consumer": alive("consumer"),
-                                       "relay": alive("relay")})
+        app = admin_app(name, token=token, dlq_api=dead_letters.queue, metrics=self.metrics,
+                        health_checks={"database": database_check(engine),
+                                       "consumer": task_check(tasks, "consumer"),
+                                       "relay": task_check(tasks, "relay")})
         mount_reads(app, self.service, engine)
         server = self._server(app)
         relay_stop = asyncio.Event()
@@ -244,7 +213,7 @@ class ServiceRuntime:
             await self._wait_started(server, tasks["server"])
             tasks["relay"] = asyncio.create_task(relay.run(relay_stop), name=f"{name}-relay")
             batch = batch_record_handler(dispatcher, self.metrics) if opts.batch_transactions else None
-            tasks["consumer"] = asyncio.create_task(consumer.run(guarded, stop, batch),
+            tasks["consumer"] = asyncio.create_task(consumer.run(dead_letters.guarded, stop, batch),
                                                     name=f"{name}-consumer")
             tasks["lag"] = asyncio.create_task(self._watch_lag(consumer, stop), name=f"{name}-lag")
             log.info("service %s ready: consuming %s as %s, publishing %s, HTTP on %s", name, topics.commands,
