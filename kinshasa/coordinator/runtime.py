@@ -35,7 +35,6 @@ from temporalio.client import Client
 
 from kinshasa.coordinator.activities import RevertActivities
 from kinshasa.coordinator.api import install_error_handlers, ledger_router
-from kinshasa.coordinator.consumer import BatchConsumer
 from kinshasa.coordinator.handlers import LedgerHandler
 from kinshasa.coordinator.ledger import Ledger
 from kinshasa.coordinator.models import RevertPolicy, RevertRequest
@@ -53,6 +52,7 @@ from kinshasa.kernel.metrics import ComponentMetrics
 from kinshasa.kernel.relay import OutboxRelay
 from kinshasa.settings import CoordinatorSettings, StackSettings
 from kinshasa.topics.admin import ensure_topics
+from kinshasa.topics.consumer import AsyncConsumer
 from kinshasa.topics.producer import AsyncProducer
 
 log = logging.getLogger(__name__)
@@ -170,7 +170,9 @@ class CoordinatorRuntime:
                                   max_concurrent_activities=opts.max_concurrent_activities,
                                   graceful_shutdown_timeout=timedelta(seconds=opts.worker_shutdown_s))
         group = opts.consumer_group or topics.group
-        consumer = BatchConsumer(self.stack.kafka_bootstrap, group, topics.consumed(),
+        # Whole fetched batches in one ledger transaction; a batch that fails goes record by record
+        # through the DLQ guard, so one poison event is dead-lettered instead of blocking the ledger.
+        consumer = AsyncConsumer(self.stack.kafka_bootstrap, group, topics.consumed(),
                                  extra_config={"session.timeout.ms": SESSION_TIMEOUT_MS},
                                  batch_size=opts.consumer_batch_size) if self.has("projector") else None
         relay_stop = asyncio.Event()
@@ -185,7 +187,7 @@ class CoordinatorRuntime:
             if worker is not None:
                 tasks["worker"] = asyncio.create_task(worker.run(), name="coordinator-worker")
             if consumer is not None:
-                tasks["projector"] = asyncio.create_task(consumer.run(handler.handle_batch, guarded, stop),
+                tasks["projector"] = asyncio.create_task(consumer.run(guarded, stop, handler.handle_batch),
                                                          name="coordinator-projector")
             log.info("coordinator ready: roles %s, task queue %s, consuming %s as %s, API on %s",
                      ",".join(opts.roles), queue, ", ".join(topics.consumed()), group, self.api_url)
@@ -218,6 +220,8 @@ class CoordinatorRuntime:
                 server.should_exit = True
                 with contextlib.suppress(BaseException):
                     await tasks["api"]
+            if consumer is not None and "projector" not in tasks:
+                await consumer.close()  # never ran, so it never closed itself
             await producer.close()
             await ledger.close()
             log.info("coordinator stopped")

@@ -5,15 +5,16 @@ Delivery contract of `AsyncConsumer.run`:
 * a message's offset is stored only after its handler returned normally, so the handler's database
   commit (effect + inbox row) always happens before Kafka may forget the message;
 * stored offsets are committed by auto-commit (which commits only stored offsets), synchronously when
-  partitions are revoked, and once more before close;
+  partitions are revoked, and once more before close (offsets are stored by the consumer's own thread
+  before its next poll, so a revoke during that poll commits every handled message);
 * if the handler raises, nothing is stored and the consumer seeks back to that message, so it comes
   again, in order, before any later message of its partition. The consumer itself never skips a message:
   giving up (retry budget, DLQ) is the job of the kernel layer that wraps handlers.
 
 With a `batch_handler`, a fetched batch is first offered whole: if it returns normally every offset
-of the batch is stored (the handler committed all of them together); if it raises, it must have
-committed none, and the batch is handled again one record at a time through `handler`, with the
-per-record contract above.
+of the batch is stored (the handler committed all of them together); if it raises, the batch is
+handled again one record at a time through `handler`, with the per-record contract above, so a
+batch handler that raises must have committed nothing or have idempotent effects.
 
 Redelivery is therefore normal (after a crash, a rebalance or a handler error); handlers are made
 idempotent by the inbox.
@@ -80,7 +81,8 @@ class Record:
 
 
 Handler = Callable[[Record], Awaitable[None]]
-# All records or none: returns once every record's effect is committed, raises having committed nothing.
+# All records or none: returns once every record's effect is committed; raising hands them to the
+# per-record handler, so it must have committed nothing (or be idempotent).
 BatchHandler = Callable[[list[Record]], Awaitable[None]]
 
 
@@ -165,6 +167,9 @@ class AsyncConsumer:
         self._consumer = Consumer({**self._config, "on_commit": self._on_commit})
         self._ran = False
         self._closed = False
+        # Offsets after handled messages, stored by the consumer thread before its next call: librdkafka's
+        # store_offsets blocks while another thread is inside poll() or a broker request.
+        self._pending: list[TopicPartition] = []
 
     @property
     def config(self) -> dict[str, Any]:
@@ -230,7 +235,21 @@ class AsyncConsumer:
         finally:
             await self.close()
 
+    def _store_pending(self) -> None:
+        """Store the queued offsets (consumer thread only)."""
+        pending, self._pending = self._pending, []
+        if not pending:
+            return
+        try:
+            self._consumer.store_offsets(offsets=pending)
+        except KafkaException as exc:
+            # A partition moved to another member: it will redeliver, the inbox dedupes.
+            log.warning("%s: could not store offsets %s: %s", self.group_id,
+                        [(p.topic, p.partition, p.offset) for p in pending], exc)
+
     def _fetch(self) -> list[Message]:
+        # Stored before polling, so a revoke inside this poll commits everything handled so far.
+        self._store_pending()
         # consume(n, timeout) waits for n messages or the whole timeout, adding up to poll_timeout of
         # latency per hop; poll() returns on the first message, then take only what is already fetched.
         first = self._consumer.poll(self._poll_timeout)
@@ -262,12 +281,9 @@ class AsyncConsumer:
         return []
 
     def _store(self, msg: Message) -> None:
-        try:
-            self._consumer.store_offsets(message=msg)
-        except KafkaException as exc:
-            # The partition moved to another member mid-batch: it will redeliver, the inbox dedupes.
-            log.warning("%s: could not store offset of %s[%s]@%s: %s", self.group_id, msg.topic(),
-                        msg.partition(), msg.offset(), exc)
+        """Queue the offset after `msg` (its handler committed) for the consumer thread to store."""
+        self._pending.append(TopicPartition(str(msg.topic()), int(msg.partition() or 0),
+                                            int(msg.offset() or 0) + 1))
 
     async def _handle_batch(self, messages: list[Message], handler: Handler, stop: asyncio.Event) -> bool:
         """Handle a batch in order; returns True if some handler failed."""
@@ -320,6 +336,7 @@ class AsyncConsumer:
     # --- offsets and lag ----------------------------------------------------------------------------
 
     def _commit_stored(self) -> None:
+        self._store_pending()
         try:
             self._consumer.commit(asynchronous=False)
         except KafkaException as exc:
