@@ -55,6 +55,8 @@ class ComponentSettings(BaseSettings):
     database_url: str | None = None
     admin_host: str = "127.0.0.1"
     admin_port: int = 0
+    # Published outbox rows older than this are pruned (every 10 minutes); 0 prunes at the next round.
+    outbox_keep_published_hours: float = Field(default=24.0, ge=0)
 
     def resolved_database_url(self, stack: StackSettings, component: str) -> str:
         if self.database_url:

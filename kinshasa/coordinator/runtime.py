@@ -47,6 +47,7 @@ from kinshasa.kernel.admin import admin_app, load_or_create_internal_token
 from kinshasa.kernel.component import database_check, task_check, wire_dead_letters
 from kinshasa.kernel.database import create_engine
 from kinshasa.kernel.dlq import DeadLetterPolicy, DeadLetterQueue
+from kinshasa.kernel.housekeeping import Housekeeper, housekeeping_policy
 from kinshasa.kernel.install import install_kernel_tables
 from kinshasa.kernel.metrics import ComponentMetrics
 from kinshasa.kernel.relay import OutboxRelay
@@ -184,6 +185,10 @@ class CoordinatorRuntime:
             if self.has("relay"):
                 tasks["relay"] = asyncio.create_task(relay.run(relay_stop),
                                                      name="coordinator-relay")
+                # The relay's process owns the outbox, so it also prunes what was published long ago.
+                tasks["housekeeping"] = asyncio.create_task(
+                    Housekeeper(engine, housekeeping_policy(self.settings)).run(stop),
+                    name="coordinator-housekeeping")
             if worker is not None:
                 tasks["worker"] = asyncio.create_task(worker.run(), name="coordinator-worker")
             if consumer is not None:
@@ -212,6 +217,10 @@ class CoordinatorRuntime:
                 with contextlib.suppress(BaseException):
                     await tasks["worker"]
             relay_stop.set()
+            if "housekeeping" in tasks:
+                tasks["housekeeping"].cancel()
+                with contextlib.suppress(BaseException):
+                    await tasks["housekeeping"]
             if "relay" in tasks:
                 with contextlib.suppress(Exception):
                     await tasks["relay"]

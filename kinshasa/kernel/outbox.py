@@ -358,8 +358,9 @@ class OutboxStore(ABC):
         """Make dead rows pending again with a fresh attempt budget; returns how many were requeued."""
 
     @abstractmethod
-    async def prune_published(self, conn: AsyncConnection, *, published_before: datetime) -> int:
-        """Delete rows published before a time; returns how many were deleted."""
+    async def prune_published(self, conn: AsyncConnection, *, published_before: datetime,
+                              limit: int | None = None) -> int:
+        """Delete rows published before a time, the oldest `limit` of them if given; returns the count."""
 
     @abstractmethod
     async def get(self, conn: AsyncConnection, message_id: uuid.UUID | str) -> OutboxRow | None:
@@ -578,12 +579,14 @@ class SqlOutboxStore(OutboxStore):
         )
         return len(result.all())
 
-    async def prune_published(self, conn: AsyncConnection, *, published_before: datetime) -> int:
-        result = await conn.execute(
-            delete(outbox)
-            .where(_status_is(PUBLISHED), outbox.c.published_at < published_before)
-            .returning(outbox.c.seq)
-        )
+    async def prune_published(self, conn: AsyncConnection, *, published_before: datetime,
+                              limit: int | None = None) -> int:
+        old: ColumnElement[bool] = _status_is(PUBLISHED) & (outbox.c.published_at < published_before)
+        if limit is not None:
+            # Oldest first by seq (the primary key): old published rows sit at the start of the table.
+            old = outbox.c.seq.in_(select(outbox.c.seq).where(old).order_by(outbox.c.seq).limit(limit)
+                                   .scalar_subquery())
+        result = await conn.execute(delete(outbox).where(old).returning(outbox.c.seq))
         return len(result.all())
 
     async def get(self, conn: AsyncConnection, message_id: uuid.UUID | str) -> OutboxRow | None:

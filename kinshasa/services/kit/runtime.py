@@ -6,7 +6,8 @@ tables and triggers, makes sure the service's topics exist, then runs side by si
 * the consumer of `kinshasa.commands.<service>` (group `kinshasa.svc.<service>`), each record going
   through the DLQ guard into `CommandDispatcher.handle` (one transaction: inbox, domain, outbox);
 * the outbox relay publishing `kinshasa.events.<service>`, woken by every commit;
-* uvicorn serving the read API and the kernel admin endpoints (/healthz, /admin/dlq, /metrics).
+* uvicorn serving the read API and the kernel admin endpoints (/healthz, /admin/dlq, /metrics);
+* the housekeeper pruning published outbox rows once they are old enough.
 
 Setting `stop` (SIGTERM/SIGINT in `serve_forever`) lets the in-flight message finish and commit, stops
 consuming, drains the outbox to Kafka, then closes the producer and the server.
@@ -33,6 +34,7 @@ from kinshasa.kernel.admin import admin_app, load_or_create_internal_token
 from kinshasa.kernel.component import database_check, task_check, wire_dead_letters
 from kinshasa.kernel.database import create_engine
 from kinshasa.kernel.dlq import DeadLetterPolicy
+from kinshasa.kernel.housekeeping import Housekeeper, housekeeping_policy
 from kinshasa.kernel.metrics import ComponentMetrics
 from kinshasa.kernel.relay import OutboxRelay
 from kinshasa.services.kit.declarations import Service
@@ -216,6 +218,8 @@ class ServiceRuntime:
             tasks["consumer"] = asyncio.create_task(consumer.run(dead_letters.guarded, stop, batch),
                                                     name=f"{name}-consumer")
             tasks["lag"] = asyncio.create_task(self._watch_lag(consumer, stop), name=f"{name}-lag")
+            housekeeper = Housekeeper(engine, housekeeping_policy(self.settings))
+            tasks["housekeeping"] = asyncio.create_task(housekeeper.run(stop), name=f"{name}-housekeeping")
             log.info("service %s ready: consuming %s as %s, publishing %s, HTTP on %s", name, topics.commands,
                      topics.group, topics.events, self.admin_url)
             self.ready.set()
@@ -244,10 +248,11 @@ class ServiceRuntime:
                 await self._drain(relay)
             if "consumer" not in tasks:
                 await consumer.close()  # never ran, so it never closed itself
-            if "lag" in tasks:
-                tasks["lag"].cancel()
-                with contextlib.suppress(BaseException):
-                    await tasks["lag"]
+            for chore in ("lag", "housekeeping"):
+                if chore in tasks:
+                    tasks[chore].cancel()
+                    with contextlib.suppress(BaseException):
+                        await tasks[chore]
             server.should_exit = True
             if "server" in tasks:
                 with contextlib.suppress(BaseException):
