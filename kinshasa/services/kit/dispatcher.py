@@ -121,6 +121,8 @@ class CommandDispatcher:
         self.clock = clock
         self.inbox = Inbox()
         self.receipts = ReceiptChain(service.name)
+        # Egress handlers act outside the database; they must never be rolled back and run again.
+        self.own_transactions = any(op.egress for op in service.operations.values())
 
     async def handle(self, envelope: Envelope) -> Outcome:
         """Handle one command in its own transaction; raises only for poison messages and infrastructure."""
@@ -136,9 +138,17 @@ class CommandDispatcher:
         again with savepoints, which is what undoes a refused handler's partial writes. A poison
         message or an infrastructure error raises and rolls the whole batch back, so the caller can
         fall back to `handle` one command at a time and dead-letter just the bad one.
+
+        A handler may therefore run more than once before its command commits. A service with an
+        egress operation (an effect outside its database) gets one transaction per command instead:
+        whatever this returns or raises, the commands before the failing one stay committed.
         """
         if not envelopes:
             return []
+        if self.own_transactions:
+            # Effects outside the database (an email sent) cannot be rolled back with the batch and run
+            # again, so each command commits alone; a redelivered one is absorbed by the inbox.
+            return [await self.handle(envelope) for envelope in envelopes]
         try:
             return await self._run(envelopes, savepoints=len(envelopes) == 1)
         except _RefusedWithoutSavepoint:

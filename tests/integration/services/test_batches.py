@@ -11,21 +11,25 @@ from __future__ import annotations
 import random
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from kinshasa.infra.process import free_port
 from kinshasa.kernel.inbox import inbox
 from kinshasa.kernel.outbox import outbox
 from kinshasa.kernel.receipts import ReceiptChain, receipts
 from kinshasa.kernel.unit_of_work import UnitOfWork
 from kinshasa.schemas.envelope import Envelope
-from kinshasa.services import documents, ledger
+from kinshasa.services import documents, ledger, notifier
 from kinshasa.services.kit import PoisonMessageError, Service
 from kinshasa.services.kit.dispatcher import CommandDispatcher, Outcome
 from kinshasa.services.kit.runtime import ServiceTopics
+from kinshasa.services.smtp_sink import MailStore, SmtpSink
+from kinshasa.settings import ServiceSettings
 from tests.integration.services.helpers import command, compensate, new_entity_id, service_engine
 
 Factory = Callable[[Service], Awaitable[CommandDispatcher]]
@@ -220,3 +224,35 @@ async def test_a_poison_message_rolls_the_whole_batch_back(dispatcher_for: Facto
     with pytest.raises(PoisonMessageError):
         await d.handle(poison)
     assert await _count(d.engine, inbox) == 1
+
+
+async def test_egress_commands_each_commit_alone_so_no_email_goes_twice(
+    database_url: str, tmp_path: Path
+) -> None:
+    port = free_port()
+    engine = await service_engine(database_url, notifier.notifier)
+    topics = ServiceTopics.for_service("notifier")
+    d = CommandDispatcher(notifier.notifier, engine, group=topics.group, events_topic=topics.events,
+                          settings=ServiceSettings(smtp_port=port))
+    first, second = new_entity_id(), new_entity_id()
+
+    def mail(email_id: str, subject: str) -> Envelope:
+        return command("notifier", "send_email", {"to": "ops@example.org", "subject": subject, "body": "b"},
+                       email_id)
+
+    try:
+        with SmtpSink(tmp_path / "mail", port=port):
+            # The second command reuses the first's id and is refused; a batch rolled back and run again
+            # would send the first email twice.
+            outcomes = await d.handle_batch([mail(first, "one"), mail(first, "again"), mail(second, "two")])
+            assert [o.kind for o in outcomes] == ["applied", "rejected", "applied"]
+            with pytest.raises(PoisonMessageError):
+                await d.handle_batch([mail(new_entity_id(), "three"),
+                                      mail(new_entity_id(), "bad").model_copy(update={"entity": None})])
+        sent = sorted(m.subject for m in MailStore(tmp_path / "mail").messages())
+        # "three" committed before the poison message raised; the consumer's per-record fallback then
+        # finds it in the inbox and sends nothing more.
+        assert sent == ["one", "three", "two"]
+        assert await _count(engine, inbox) == 4
+    finally:
+        await engine.dispose()
