@@ -21,6 +21,22 @@ Writing a service (see `kinshasa.services.documents` for a complete one):
 5. Reads: `svc.read_model("<entity type>", current=..., versions=...)` and, if needed,
    `@svc.router` for extra routes.
 6. Register it in `kinshasa.services.registry`; `kinshasa service <name>` runs it.
+
+What the kit does, and so what a handler may assume: each command is applied at most once (the
+inbox), in its entity's order (one partition per key), in the same transaction as its event's outbox
+row, its step record and its receipt. Commands are committed a fetched batch at a time.
+
+What it asks of handlers:
+
+* Every effect goes through `conn`. A handler may run more than once before its command commits
+  (when another command of its batch is refused, the batch is rolled back and run again), so a
+  forward handler must not act outside the database; an operation that must (send an email) is
+  `egress=True`, and a service with egress operations commits each command alone.
+* Refuse with a `DomainError` subclass (the command becomes `*.rejected` with its code and message);
+  never catch database errors, which belong to the kit's retry and dead-letter handling.
+* An inverse refuses (`StateChangedError`) when its entity changed since the forward step. The
+  coordinator sends several compensations of one entity at once, newest first; that refusal is what
+  stops an older one from being applied over a newer one that did not apply.
 """
 
 from kinshasa.services.kit.context import AppliedStep, CommandContext
