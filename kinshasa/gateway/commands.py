@@ -163,6 +163,7 @@ class CommandWriter:
         batch: list[_Write] = []
         try:
             while self._queue:
+                await self._gather()
                 batch = []
                 while self._queue and len(batch) < self._max_batch:
                     write = self._queue.popleft()
@@ -177,6 +178,23 @@ class CommandWriter:
                 _settle(write, answer)
             self._queue.clear()
             raise
+
+    async def _gather(self) -> None:
+        """Let the event loop turn a few times before a batch starts, so writes on their way join it.
+
+        Requests already received are a few awaits away from `submit`; two turns of the loop let them
+        join this batch rather than wait for the next transaction, and it waits on (up to a bound) while
+        more keep arriving. With 32 clients in the benchmark this makes batches of 32 instead of two
+        alternating halves of 16, and each transaction's fixed cost (about 20 round trips to SQLite's
+        thread) is shared by twice as many writes. An idle writer pays two turns of the loop.
+        """
+        for turn in range(_GATHER_TURNS):
+            waiting = len(self._queue)
+            if waiting >= self._max_batch:
+                return
+            await asyncio.sleep(0)
+            if turn >= _GATHER_MIN_TURNS - 1 and len(self._queue) == waiting:
+                return
 
     async def _write(self, writes: list[_Write]) -> None:
         try:
@@ -357,6 +375,8 @@ class CommandWriter:
 
 
 _SYSTEM = Actor(kind="system", id="gateway")
+# Loop turns a batch waits for writes on their way: at least the first, at most the second.
+_GATHER_MIN_TURNS, _GATHER_TURNS = 2, 8
 # accepted_at resolution: UtcDateTime keeps microseconds on both backends.
 _TICK = timedelta(microseconds=1)
 

@@ -8,20 +8,15 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from functools import lru_cache
 from typing import Any
 
+from graphql import ASTValidationRule, DocumentNode, GraphQLError, GraphQLSchema, parse
 from graphql.validation import NoSchemaIntrospectionCustomRule
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
-from strawberry.extensions import (
-    AddValidationRules,
-    MaxAliasesLimiter,
-    MaxTokensLimiter,
-    ParserCache,
-    QueryDepthLimiter,
-    SchemaExtension,
-    ValidationCache,
-)
+from strawberry.extensions import MaxAliasesLimiter, QueryDepthLimiter, SchemaExtension
+from strawberry.schema.schema import validate_document
 
 from kinshasa.gateway.errors import VALIDATION
 from kinshasa.gateway.settings import GatewayConfig
@@ -33,11 +28,11 @@ ExtensionFactory = Callable[[], SchemaExtension]
 
 
 def schema_extensions(settings: GatewayConfig) -> list[ExtensionFactory]:
-    """Factories, so each request gets fresh extension instances (Strawberry's supported form).
+    """Factories, so each request gets a fresh extension instance (Strawberry's supported form).
 
-    The limiters' validation rules are built once and shared: the validation cache is keyed by the
-    rule classes, so rules rebuilt per request would never hit it and every request would pay for
-    a full validation.
+    One extension does what MaxTokensLimiter, AddValidationRules, ParserCache and ValidationCache
+    would do as four: Strawberry sets up every extension's hooks anew on each request, and four of them
+    cost the hot path more than the parsing they save. The limiters' rules are built once, here.
     """
     rules = [
         *QueryDepthLimiter(max_depth=settings.max_depth).validation_rules,
@@ -45,16 +40,55 @@ def schema_extensions(settings: GatewayConfig) -> list[ExtensionFactory]:
     ]
     if not settings.dev_mode:
         rules.append(NoSchemaIntrospectionCustomRule)
-    max_tokens = settings.max_tokens
-    return [
+    documents = DocumentCache(max_tokens=settings.max_tokens, rules=tuple(rules), maxsize=1024)
+    return [lambda: HardenedDocuments(documents)]
+
+
+class DocumentCache:
+    """Each distinct document is parsed (token-limited) and validated (with the extra rules) once.
+
+    Agents send the same few documents over and over. Both caches are LRU and keyed by the query text,
+    which is what the parse depends on; validation also depends on the schema and the rule set, so
+    those are part of its key. Keying validation by the text rather than the parsed document (as
+    Strawberry's ValidationCache does) matters: hashing a document walks its whole syntax tree.
+    A document that fails to parse raises every time, uncached, as it would without the cache.
+    """
+
+    def __init__(self, max_tokens: int, rules: tuple[type[ASTValidationRule], ...], maxsize: int) -> None:
+        self.max_tokens = max_tokens
+        self.rules = rules
+        self.parse: Callable[[str], DocumentNode] = lru_cache(maxsize=maxsize)(self._parse)
+        self.validate: Callable[
+            [GraphQLSchema, str, tuple[type[ASTValidationRule], ...]], list[GraphQLError]
+        ] = lru_cache(maxsize=maxsize)(self._validate)
+
+    def _parse(self, query: str) -> DocumentNode:
         # Tokens are limited while parsing, so a huge document is cut off before it is even built.
-        lambda: MaxTokensLimiter(max_token_count=max_tokens),
-        lambda: AddValidationRules(rules),
-        # Agents send the same few documents over and over: parse and validate each once (Strawberry keeps
-        # these LRU caches process-wide, keyed by size, so a fresh instance per request still hits them).
-        lambda: ParserCache(maxsize=1024),
-        lambda: ValidationCache(maxsize=1024),
-    ]
+        return parse(query, max_tokens=self.max_tokens)
+
+    def _validate(
+        self, schema: GraphQLSchema, query: str, rules: tuple[type[ASTValidationRule], ...]
+    ) -> list[GraphQLError]:
+        return validate_document(schema, self.parse(query), rules)
+
+
+class HardenedDocuments(SchemaExtension):
+    """Parse with the token limit and validate with the depth, alias (and introspection) rules, cached."""
+
+    def __init__(self, documents: DocumentCache) -> None:
+        self.documents = documents
+
+    def on_parse(self) -> Iterator[None]:
+        context = self.execution_context
+        context.graphql_document = self.documents.parse(context.query or "")
+        yield
+
+    def on_validate(self) -> Iterator[None]:
+        context = self.execution_context
+        context.pre_execution_errors = self.documents.validate(
+            context.schema._schema, context.query or "", context.validation_rules + self.documents.rules
+        )
+        yield
 
 
 def error_body(message: str, code: str = VALIDATION, **extra: Any) -> bytes:

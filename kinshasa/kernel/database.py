@@ -10,6 +10,9 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 
 SUPPORTED = ("sqlite+aiosqlite", "postgresql+asyncpg")
+# Execution option for a connection that only reads: on SQLite its transactions begin DEFERRED, so they
+# never take (or wait for) the write lock; WAL gives them a consistent snapshot. Ignored on PostgreSQL.
+READ_ONLY = "kinshasa_read_only"
 
 
 class DatabaseUrlError(ValueError):
@@ -41,7 +44,9 @@ def create_engine(url: str, **kwargs: Any) -> AsyncEngine:
 
     SQLite runs in WAL mode with a busy timeout so a reader (the relay) and a writer (a handler)
     in the same process do not fail on each other; `BEGIN IMMEDIATE` makes every transaction take
-    the write lock up front, which is what makes check-then-write atomic on SQLite.
+    the write lock up front, which is what makes check-then-write atomic on SQLite. A connection with
+    the `READ_ONLY` execution option begins plain (deferred) transactions instead: a reader that took the
+    write lock would make every writer wait for it.
     """
     url = normalise_url(url)
     parsed = make_url(url)
@@ -63,7 +68,8 @@ def create_engine(url: str, **kwargs: Any) -> AsyncEngine:
 
         @event.listens_for(engine.sync_engine, "begin")
         def _sqlite_begin(conn: Any) -> None:
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
+            read_only = conn.get_execution_options().get(READ_ONLY)
+            conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
         return engine
     kwargs.setdefault("pool_size", 10)

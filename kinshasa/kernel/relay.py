@@ -78,6 +78,7 @@ from typing import Protocol
 
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncTransaction
 
+from kinshasa.kernel.database import READ_ONLY
 from kinshasa.kernel.outbox import (
     ClaimedRow,
     FailedAttempt,
@@ -310,9 +311,13 @@ class OutboxRelay:
 
     async def _claim_excluding(self, exclude_keys: set[bytes], exclude_seqs: set[int]) -> _Batch:
         if not self._postgres:
-            async with self.engine.begin() as conn:
-                rows = await self.store.claim(conn, limit=self.batch_size, now=self.clock(),
-                                              exclude_keys=exclude_keys, exclude_seqs=exclude_seqs)
+            # A read (deferred) transaction: the claim writes nothing on SQLite, and taking the database's
+            # only write lock for it would make every writer of the process wait for the relay.
+            async with self.engine.connect() as conn:
+                await conn.execution_options(**{READ_ONLY: True})
+                async with conn.begin():
+                    rows = await self.store.claim(conn, limit=self.batch_size, now=self.clock(),
+                                                  exclude_keys=exclude_keys, exclude_seqs=exclude_seqs)
             # Publish outside any transaction: on SQLite a transaction holds the database's only write
             # lock, and handlers must be able to commit while the broker acknowledges.
             return _Batch(rows)

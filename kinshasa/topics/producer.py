@@ -1,8 +1,8 @@
 """The idempotent Kafka producer every component publishes through (the outbox relay first of all).
 
 `AsyncProducer` wraps confluent-kafka's Producer (`enable.idempotence=true`, `acks=all`) for asyncio: a
-background thread serves librdkafka's delivery reports and each report resolves the asyncio future of
-its send, so `await send(...)` returns only once the broker has acknowledged the write.
+background thread serves librdkafka's delivery reports and the last report of a batch wakes its sender,
+so `await send(...)` returns only once the broker has acknowledged the write.
 
 Fatal errors. With idempotence on, librdkafka can raise a fatal error (e.g. an unrecoverable sequence
 gap); the instance is then unusable. The producer is rebuilt before the next send. What happens to sends
@@ -152,14 +152,63 @@ def envelope_message(topic: str, envelope: EnvelopeLike) -> Outgoing:
     return Outgoing(topic, envelope.kafka_key(), envelope.to_bytes(), headers)
 
 
-def _settle(future: asyncio.Future[Delivered], error: KafkaError | None, where: Delivered | None) -> None:
-    if future.done():
-        return  # the awaiting send was cancelled
-    if error is not None:
-        future.set_exception(_DeliveryFailed(error))
-    else:
-        assert where is not None
-        future.set_result(where)
+class _Deliveries:
+    """The delivery reports of one `send_batch`, collected where librdkafka serves them.
+
+    Each report is stored by item index; only the last one wakes the event loop, so a batch of N
+    messages costs the loop one wakeup instead of N (a thread-safe call each).
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, count: int, on_fatal: Any) -> None:
+        self._loop = loop
+        self._on_fatal = on_fatal
+        self._lock = threading.Lock()
+        self._reported = 0
+        self._expected: int | None = None
+        self.results: list[Delivered | _DeliveryFailed | None] = [None] * count
+        self.done: asyncio.Future[None] = loop.create_future()
+
+    def callback(self, index: int) -> Any:
+        def report(error: KafkaError | None, msg: Message) -> None:
+            if error is not None and should_rebuild(error):
+                self._on_fatal(error)
+            result: Delivered | _DeliveryFailed = (
+                _DeliveryFailed(error) if error is not None
+                else Delivered(str(msg.topic()), int(msg.partition() or 0), int(msg.offset() or 0))
+            )
+            with self._lock:
+                self.results[index] = result
+                self._reported += 1
+                complete = self._reported == self._expected
+            if complete:
+                self._wake()
+        return report
+
+    def expect(self, produced: int) -> None:
+        """Called once every item was handed to librdkafka (or one could not be): wait for that many."""
+        with self._lock:
+            self._expected = produced
+            complete = self._reported == produced
+        if complete:
+            self._settle()
+
+    def fail_unreported(self, error: str) -> None:
+        """Give every item still without a report this error, and release the waiting sender."""
+        with self._lock:
+            for index in range(self._expected or 0):
+                if self.results[index] is None:
+                    self.results[index] = _DeliveryFailed(error)
+        self._settle()
+
+    def _wake(self) -> None:
+        try:
+            self._loop.call_soon_threadsafe(self._settle)
+        except RuntimeError:
+            pass  # the loop is closed: nobody is waiting for these reports any more
+
+    def _settle(self) -> None:
+        if not self.done.done():  # the awaiting send may have been cancelled
+            self.done.set_result(None)
 
 
 class AsyncProducer:
@@ -181,7 +230,7 @@ class AsyncProducer:
         self._fatal_lock = threading.Lock()
         # Producers replaced after a fatal error, still polled until their in-flight reports arrive.
         self._retired: list[Producer] = []
-        self._pending: set[asyncio.Future[Delivered]] = set()
+        self._pending: set[_Deliveries] = set()
         self._closed = False
         self.rebuilds = 0
         self._producer = self._build()
@@ -226,19 +275,6 @@ class AsyncProducer:
                 # Dying here would leave every later send waiting forever for its delivery report.
                 log.exception("kafka producer: delivery report handling failed; polling goes on")
 
-    def _on_delivery(self, loop: asyncio.AbstractEventLoop, future: asyncio.Future[Delivered]) -> Any:
-        def report(error: KafkaError | None, msg: Message) -> None:
-            if error is not None and should_rebuild(error):
-                self._note_fatal(error)
-            where = None
-            if error is None:
-                where = Delivered(str(msg.topic()), int(msg.partition() or 0), int(msg.offset() or 0))
-            try:
-                loop.call_soon_threadsafe(_settle, future, error, where)
-            except RuntimeError:
-                pass  # the loop is closed: nobody is waiting for this report any more
-        return report
-
     # --- event loop side ----------------------------------------------------------------------------
 
     def _rebuild_if_fatal(self) -> None:
@@ -252,7 +288,7 @@ class AsyncProducer:
         self.rebuilds += 1
         log.warning("kafka producer rebuilt after fatal error %s (rebuild #%d)", error, self.rebuilds)
 
-    async def _produce(self, item: Outgoing, future: asyncio.Future[Delivered]) -> None:
+    async def _produce(self, item: Outgoing, on_delivery: Any) -> None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._queue_full_timeout
         retried_fatal = False
@@ -262,7 +298,7 @@ class AsyncProducer:
             try:
                 self._producer.produce(item.topic, value=item.value, key=item.key,
                                        headers=_headers(item.headers),
-                                       on_delivery=self._on_delivery(loop, future))
+                                       on_delivery=on_delivery)
                 return
             except BufferError:
                 # Local queue full: serve reports so it drains, then try again rather than drop the send.
@@ -297,31 +333,32 @@ class AsyncProducer:
         earlier message after a later one of the same key) and are reported as failed too.
         """
         self._check_open()
-        loop = asyncio.get_running_loop()
-        futures: list[asyncio.Future[Delivered]] = []
+        deliveries = _Deliveries(asyncio.get_running_loop(), len(items), self._note_fatal)
         failures: list[FailedSend] = []
-        for index, item in enumerate(items):
-            future: asyncio.Future[Delivered] = loop.create_future()
-            try:
-                await self._produce(item, future)
-            except _DeliveryFailed as exc:
-                future.cancel()
-                failures.append(FailedSend(index, item, str(exc.error), exc.fatal))
-                failures.extend(FailedSend(i, it, f"not sent: item {index} before it failed")
-                                for i, it in enumerate(items[index + 1:], start=index + 1))
-                break
-            self._pending.add(future)
-            future.add_done_callback(self._pending.discard)
-            futures.append(future)
-        results = await asyncio.gather(*futures, return_exceptions=True)
+        produced = 0
+        self._pending.add(deliveries)
+        try:
+            for index, item in enumerate(items):
+                try:
+                    await self._produce(item, deliveries.callback(index))
+                except _DeliveryFailed as exc:
+                    failures.append(FailedSend(index, item, str(exc.error), exc.fatal))
+                    failures.extend(FailedSend(i, it, f"not sent: item {index} before it failed")
+                                    for i, it in enumerate(items[index + 1:], start=index + 1))
+                    break
+                produced += 1
+            deliveries.expect(produced)
+            await deliveries.done
+        finally:
+            self._pending.discard(deliveries)
         delivered: list[Delivered | None] = [None] * len(items)
-        for index, result in enumerate(results):
+        for index, result in enumerate(deliveries.results[:produced]):
             if isinstance(result, Delivered):
                 delivered[index] = result
             elif isinstance(result, _DeliveryFailed):
                 failures.append(FailedSend(index, items[index], str(result.error), result.fatal))
             else:
-                failures.append(FailedSend(index, items[index], repr(result)))
+                failures.append(FailedSend(index, items[index], "no delivery report"))
         if failures:
             failures.sort(key=lambda f: f.index)
             raise PublishError(failures, delivered)
@@ -356,9 +393,8 @@ class AsyncProducer:
             self._stop.set()
             await asyncio.to_thread(self._thread.join)
             await asyncio.sleep(0)  # let the reports just scheduled settle their futures
-            for future in list(self._pending):
-                if not future.done():
-                    future.set_exception(_DeliveryFailed("producer closed before the broker acknowledged"))
+            for deliveries in list(self._pending):
+                deliveries.fail_unreported("producer closed before the broker acknowledged")
 
     async def __aenter__(self) -> AsyncProducer:
         return self
