@@ -31,6 +31,7 @@ from kinshasa.gateway.store import install_gateway_tables
 from kinshasa.kernel.admin import admin_app, load_or_create_internal_token
 from kinshasa.kernel.database import create_engine
 from kinshasa.kernel.dlq import DeadLetterQueue, OutboxDeadLetters, SqlDeadLetterStore, guarded_handler
+from kinshasa.kernel.housekeeping import Housekeeper, housekeeping_policy
 from kinshasa.kernel.install import install_kernel_tables
 from kinshasa.kernel.metrics import ComponentMetrics
 from kinshasa.kernel.relay import OutboxRelay
@@ -121,7 +122,8 @@ class Gateway:
         await install_gateway_tables(self.engine)
 
     async def start(self) -> None:
-        """Create tables, start the releaser; with `background` also topics, the relay and the listener."""
+        """Create tables, start the releaser; with `background` also topics, the relay, the outbox
+        housekeeper and the listener."""
         await self.install()
         self._stop.clear()
         releaser = Releaser(
@@ -137,6 +139,8 @@ class Gateway:
         self._tasks.append(
             asyncio.create_task(self.relay.run(self._stop, idle_sleep_s=0.05), name="gateway-relay")
         )
+        housekeeper = Housekeeper(self.engine, housekeeping_policy(self.settings))
+        self._tasks.append(asyncio.create_task(housekeeper.run(self._stop), name="gateway-housekeeping"))
         consumer = AsyncConsumer(bootstrap, GROUP, listened_topics(self.catalogue))
         handler = guarded_handler(
             self.listener.handle,
