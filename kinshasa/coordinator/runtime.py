@@ -19,16 +19,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
-import signal
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
-import uvicorn
 from fastapi import FastAPI
 from sqlalchemy.ext.asyncio import AsyncEngine
 from temporalio.client import Client
@@ -44,7 +39,17 @@ from kinshasa.coordinator.store import install_ledger
 from kinshasa.coordinator.topics import CoordinatorTopics
 from kinshasa.coordinator.worker import build_worker, connect
 from kinshasa.kernel.admin import admin_app, load_or_create_internal_token
-from kinshasa.kernel.component import database_check, task_check, wire_dead_letters
+from kinshasa.kernel.component import (
+    QuietServer,
+    database_check,
+    drain_outbox,
+    http_server,
+    serve_until_signalled,
+    task_check,
+    wait_started,
+    wire_dead_letters,
+    write_address_file,
+)
 from kinshasa.kernel.database import create_engine
 from kinshasa.kernel.dlq import DeadLetterPolicy, DeadLetterQueue
 from kinshasa.kernel.housekeeping import Housekeeper, housekeeping_policy
@@ -60,7 +65,6 @@ log = logging.getLogger(__name__)
 
 COMPONENT = "coordinator"
 ROLES = ("projector", "worker", "api", "relay")
-DRAIN_TIMEOUT_S = 15.0
 SESSION_TIMEOUT_MS = 10_000
 
 
@@ -85,14 +89,6 @@ class CoordinatorOptions:
         unknown = set(self.roles) - set(ROLES)
         if unknown or not self.roles:
             raise ValueError(f"unknown coordinator role(s) {sorted(unknown)}: choose from {', '.join(ROLES)}")
-
-
-class _Server(uvicorn.Server):
-    """uvicorn without its own signal handling: the runtime owns SIGTERM/SIGINT and the shutdown order."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
 
 
 class CoordinatorRuntime:
@@ -161,10 +157,10 @@ class CoordinatorRuntime:
         checks.update({role: task_check(tasks, role) for role in ("projector", "worker", "relay")
                        if self.has(role)})
         token = load_or_create_internal_token(self.stack.data_dir, self.token)
-        server: _Server | None = None
+        server: QuietServer | None = None
         if self.has("api"):
             app = self._app(ledger, client, queue, token, dlq, checks)
-            server = self._server(app)
+            server = http_server(app, self.settings.admin_host, self.settings.admin_port)
         worker = None
         if self.has("worker") and client is not None:
             worker = build_worker(client, queue, activities,
@@ -224,7 +220,7 @@ class CoordinatorRuntime:
             if "relay" in tasks:
                 with contextlib.suppress(Exception):
                     await tasks["relay"]
-                await self._drain(relay)
+                await drain_outbox(relay)
             if server is not None:
                 server.should_exit = True
                 with contextlib.suppress(BaseException):
@@ -248,48 +244,16 @@ class CoordinatorRuntime:
                                  health_checks=checks))
         return app
 
-    def _server(self, app: FastAPI) -> _Server:
-        config = uvicorn.Config(app, host=self.settings.admin_host, port=self.settings.admin_port,
-                                log_config=None, access_log=False, lifespan="off")
-        return _Server(config)
-
-    async def _wait_started(self, server: _Server, task: asyncio.Task[Any]) -> None:
-        while not server.started:
-            if task.done():
-                raise RuntimeError(
-                    f"the coordinator's HTTP server did not start on {self.settings.admin_host}:"
-                    f"{self.settings.admin_port}: is the port taken? set KINSHASA_COORDINATOR_ADMIN_PORT to "
-                    "a free port (0 picks one)")
-            await asyncio.sleep(0.02)
-        host, port = server.servers[0].sockets[0].getsockname()[:2]
+    async def _wait_started(self, server: QuietServer, task: asyncio.Task[Any]) -> None:
+        settings = self.settings
+        host, port = await wait_started(server, task, (
+            f"the coordinator's HTTP server did not start on {settings.admin_host}:{settings.admin_port}: is "
+            "the port taken? set KINSHASA_COORDINATOR_ADMIN_PORT to a free port (0 picks one)"))
         self.api_url = f"http://{host}:{port}"
-        path = Path(self.stack.data_dir) / "run" / "coordinator.json"
-        with contextlib.suppress(OSError):
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps({"component": COMPONENT, "url": self.api_url, "port": port}))
-
-    async def _drain(self, relay: OutboxRelay) -> None:
-        """Publish what was committed last, so a clean stop leaves no backlog."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + DRAIN_TIMEOUT_S
-        while loop.time() < deadline:
-            try:
-                stats = await relay.run_once()
-            except Exception:
-                log.exception("outbox drain failed; the rows stay pending and go out after the restart")
-                return
-            if stats.claimed == 0:
-                return
+        write_address_file(self.stack.data_dir, "coordinator",
+                           {"component": COMPONENT, "url": self.api_url, "port": port})
 
 
 async def serve_forever(runtime: CoordinatorRuntime) -> None:
     """Run until SIGTERM or SIGINT, then shut down gracefully."""
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        await runtime.run(stop)
-    finally:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(sig)
+    await serve_until_signalled(runtime.run)

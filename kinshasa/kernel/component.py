@@ -1,17 +1,26 @@
-"""Wiring every consuming component (a service, the coordinator) shares: DLQ guard, metrics, health checks.
+"""What every component process (a service, the coordinator) shares: wiring, its HTTP server, its shutdown.
 
 `wire_dead_letters` puts the DLQ guard around a component's record handler and builds the dead-letter
 queue its admin API serves, and points the component's metrics at its outbox backlog and DLQ count.
-`database_check` and `task_check` are the health checks `/healthz` runs.
+`database_check` and `task_check` are the health checks `/healthz` runs. `http_server`, `wait_started`
+and `write_address_file` run the admin/read API and publish where it listens; `drain_outbox` empties
+the outbox on a clean stop; `serve_until_signalled` runs a component until SIGTERM or SIGINT.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+import contextlib
+import json
+import logging
+import signal
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import uvicorn
+from fastapi import FastAPI
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -26,7 +35,12 @@ from kinshasa.kernel.dlq import (
 )
 from kinshasa.kernel.metrics import ComponentMetrics
 from kinshasa.kernel.outbox import SqlOutboxStore
+from kinshasa.kernel.relay import OutboxRelay
 from kinshasa.topics.consumer import Handler
+
+log = logging.getLogger(__name__)
+
+DRAIN_TIMEOUT_S = 15.0
 
 
 @dataclass(frozen=True)
@@ -77,3 +91,63 @@ def task_check(tasks: Mapping[str, asyncio.Task[Any]], name: str) -> HealthCheck
         return task is not None and not task.done()
 
     return check
+
+
+class QuietServer(uvicorn.Server):
+    """uvicorn without its own signal handling: the component owns SIGTERM/SIGINT and the shutdown order."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def http_server(app: FastAPI, host: str, port: int) -> QuietServer:
+    """A component's HTTP server: no access log, no lifespan, logging left to the component's setup."""
+    return QuietServer(uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False,
+                                      lifespan="off"))
+
+
+async def wait_started(server: QuietServer, task: asyncio.Task[Any], failure: str) -> tuple[str, int]:
+    """Wait until `server` (running as `task`) listens; returns its (host, port). `failure` is the
+    error's message when it could not bind (uvicorn then exits with SystemExit)."""
+    while not server.started:
+        if task.done():
+            raise RuntimeError(failure)
+        await asyncio.sleep(0.02)
+    host, port = server.servers[0].sockets[0].getsockname()[:2]
+    return str(host), int(port)
+
+
+def write_address_file(data_dir: Path, name: str, address: Mapping[str, Any]) -> None:
+    """`<data_dir>/run/<name>.json`: how the stack and the gateway find a port picked at random."""
+    path = Path(data_dir) / "run" / f"{name}.json"
+    with contextlib.suppress(OSError):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(dict(address)))
+
+
+async def drain_outbox(relay: OutboxRelay, timeout_s: float = DRAIN_TIMEOUT_S) -> None:
+    """Publish what was committed last, so a clean stop leaves no backlog."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while loop.time() < deadline:
+        try:
+            stats = await relay.run_once()
+        except Exception:
+            log.exception("outbox drain failed; the rows stay pending and go out after the restart")
+            return
+        if stats.claimed == 0:
+            return
+
+
+async def serve_until_signalled(run: Callable[[asyncio.Event], Awaitable[None]]) -> None:
+    """`run(stop)` until SIGTERM or SIGINT sets `stop`; the component then shuts down gracefully."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await run(stop)
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)

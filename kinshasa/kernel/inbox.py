@@ -55,13 +55,7 @@ class Inbox:
 
     async def record(self, conn: AsyncConnection, group: str, message_id: uuid.UUID | str) -> bool:
         """Mark `message_id` processed by `group` in the caller's transaction; False if it already was."""
-        if not group:
-            raise InboxError("consumer group is empty: pass the Kafka group id of the consuming component")
-        values = {"consumer_group": group, "message_id": _message_uuid(message_id),
-                  "processed_at": datetime.now(UTC)}
-        insert = postgresql.insert(inbox) if conn.dialect.name == "postgresql" else sqlite.insert(inbox)
-        stmt = insert.values(values).on_conflict_do_nothing().returning(inbox.c.message_id)
-        return (await conn.execute(stmt)).first() is not None
+        return _message_uuid(message_id) in await self.record_many(conn, group, [message_id])
 
     async def record_many(self, conn: AsyncConnection, group: str,
                           message_ids: Iterable[uuid.UUID | str]) -> set[uuid.UUID]:

@@ -17,21 +17,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
-import signal
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
-import uvicorn
-from fastapi import FastAPI
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from kinshasa.kernel.admin import admin_app, load_or_create_internal_token
-from kinshasa.kernel.component import database_check, task_check, wire_dead_letters
+from kinshasa.kernel.component import (
+    QuietServer,
+    database_check,
+    drain_outbox,
+    http_server,
+    serve_until_signalled,
+    task_check,
+    wait_started,
+    wire_dead_letters,
+    write_address_file,
+)
 from kinshasa.kernel.database import create_engine
 from kinshasa.kernel.dlq import DeadLetterPolicy
 from kinshasa.kernel.housekeeping import Housekeeper, housekeeping_policy
@@ -57,7 +61,6 @@ from kinshasa.topics.producer import AsyncProducer
 log = logging.getLogger(__name__)
 
 LAG_INTERVAL_S = 5.0
-DRAIN_TIMEOUT_S = 15.0
 # Well under librdkafka's 45 s default: a replacement for a crashed process gets its partitions sooner.
 SESSION_TIMEOUT_MS = 10_000
 
@@ -102,9 +105,8 @@ class RuntimeOptions:
     dlq_policy: DeadLetterPolicy = field(default_factory=DeadLetterPolicy)
     relay_batch_size: int = 500
     relay_max_attempts: int = 10
+    # Records per fetch; each fetched batch is one transaction (see batch_record_handler).
     consumer_batch_size: int = 100
-    # One transaction per fetched batch (see batch_record_handler); False: one per command.
-    batch_transactions: bool = True
 
 
 def record_handler(dispatcher: CommandDispatcher) -> Handler:
@@ -138,14 +140,6 @@ def batch_record_handler(dispatcher: CommandDispatcher, metrics: ComponentMetric
             metrics.observe_handler(envelope.type, share, "ok")
 
     return on_batch
-
-
-class _Server(uvicorn.Server):
-    """uvicorn without its own signal handling: the runtime owns SIGTERM/SIGINT and the shutdown order."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
 
 
 class ServiceRuntime:
@@ -207,14 +201,14 @@ class ServiceRuntime:
                                        "consumer": task_check(tasks, "consumer"),
                                        "relay": task_check(tasks, "relay")})
         mount_reads(app, self.service, engine)
-        server = self._server(app)
+        server = http_server(app, self.settings.admin_host, self.settings.admin_port)
         relay_stop = asyncio.Event()
         failure: BaseException | None = None
         try:
             tasks["server"] = asyncio.create_task(server.serve(), name=f"{name}-http")
             await self._wait_started(server, tasks["server"])
             tasks["relay"] = asyncio.create_task(relay.run(relay_stop), name=f"{name}-relay")
-            batch = batch_record_handler(dispatcher, self.metrics) if opts.batch_transactions else None
+            batch = batch_record_handler(dispatcher, self.metrics)
             tasks["consumer"] = asyncio.create_task(consumer.run(dead_letters.guarded, stop, batch),
                                                     name=f"{name}-consumer")
             tasks["lag"] = asyncio.create_task(self._watch_lag(consumer, stop), name=f"{name}-lag")
@@ -245,7 +239,7 @@ class ServiceRuntime:
             if "relay" in tasks:
                 with contextlib.suppress(Exception):
                     await tasks["relay"]
-                await self._drain(relay)
+                await drain_outbox(relay)
             if "consumer" not in tasks:
                 await consumer.close()  # never ran, so it never closed itself
             for chore in ("lag", "housekeeping"):
@@ -262,43 +256,14 @@ class ServiceRuntime:
         if failure is not None:
             raise RuntimeError(f"service {name} stopped after a failure: {failure!r}") from failure
 
-    def _server(self, app: FastAPI) -> _Server:
-        config = uvicorn.Config(app, host=self.settings.admin_host, port=self.settings.admin_port,
-                                log_config=None, access_log=False, lifespan="off")
-        return _Server(config)
-
-    async def _wait_started(self, server: _Server, task: asyncio.Task[Any]) -> None:
-        while not server.started:
-            if task.done():
-                # uvicorn exits with SystemExit when it cannot bind.
-                raise RuntimeError(
-                    f"the HTTP server of {self.service.name} did not start on "
-                    f"{self.settings.admin_host}:{self.settings.admin_port}: is the port taken? set "
-                    f"KINSHASA_SVC_{self.service.name.upper()}_ADMIN_PORT to a free port (0 picks one)")
-            await asyncio.sleep(0.02)
-        host, port = server.servers[0].sockets[0].getsockname()[:2]
+    async def _wait_started(self, server: QuietServer, task: asyncio.Task[Any]) -> None:
+        name, settings = self.service.name, self.settings
+        host, port = await wait_started(server, task, (
+            f"the HTTP server of {name} did not start on {settings.admin_host}:{settings.admin_port}: is "
+            f"the port taken? set KINSHASA_SVC_{name.upper()}_ADMIN_PORT to a free port (0 picks one)"))
         self.admin_url = f"http://{host}:{port}"
-        self._write_address_file(port)
-
-    def _write_address_file(self, port: int) -> None:
-        """`<data_dir>/run/svc-<name>.json`: how the stack and the gateway find a port picked at random."""
-        path = Path(self.stack.data_dir) / "run" / f"svc-{self.service.name}.json"
-        with contextlib.suppress(OSError):
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps({"service": self.service.name, "url": self.admin_url, "port": port}))
-
-    async def _drain(self, relay: OutboxRelay) -> None:
-        """Publish what the last handled messages committed, so a clean stop leaves no backlog."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + DRAIN_TIMEOUT_S
-        while loop.time() < deadline:
-            try:
-                stats = await relay.run_once()
-            except Exception:
-                log.exception("outbox drain failed; the rows stay pending and go out after the restart")
-                return
-            if stats.claimed == 0:
-                return
+        write_address_file(self.stack.data_dir, f"svc-{name}",
+                           {"service": name, "url": self.admin_url, "port": port})
 
     async def _watch_lag(self, consumer: AsyncConsumer, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -317,12 +282,4 @@ class ServiceRuntime:
 
 async def serve_forever(runtime: ServiceRuntime) -> None:
     """Run until SIGTERM or SIGINT, then shut down gracefully (the in-flight message finishes first)."""
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        await runtime.run(stop)
-    finally:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(sig)
+    await serve_until_signalled(runtime.run)

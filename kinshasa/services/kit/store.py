@@ -221,13 +221,6 @@ class StepStore:
         return {"forward_event_id": event_id, "compensate_command_id": ctx.command_id,
                 "run_id": ctx.run_id, "actor": ctx.stamp()["actor"], "compensated_at": ctx.received_at}
 
-    async def record_applied(self, conn: AsyncConnection, event_id: str, ctx: CommandContext,
-                             command_type: str, data: Mapping[str, Any]) -> None:
-        await self.insert_rows(conn, applied=[self.applied_row(event_id, ctx, command_type, data)])
-
-    async def record_compensated(self, conn: AsyncConnection, event_id: str, ctx: CommandContext) -> None:
-        await self.insert_rows(conn, compensations=[self.compensation_row(event_id, ctx)])
-
     async def insert_rows(self, conn: AsyncConnection, *, applied: Sequence[Mapping[str, Any]] = (),
                           compensations: Sequence[Mapping[str, Any]] = ()) -> None:
         """Insert step and compensation rows, one statement per table."""
@@ -243,9 +236,6 @@ class StepStore:
             run_id=row["run_id"], data=dict(row["data"]), applied_at=utc(row["applied_at"]),
         )
 
-    async def get(self, conn: AsyncConnection, event_id: str) -> AppliedStep | None:
-        return (await self.get_many(conn, [event_id])).get(event_id)
-
     async def get_many(self, conn: AsyncConnection, event_ids: Iterable[str]) -> dict[str, AppliedStep]:
         """The applied steps among `event_ids`, by event id (ids with no step are left out)."""
         ids = list(dict.fromkeys(event_ids))
@@ -255,9 +245,6 @@ class StepStore:
                 self.steps.c.event_id.in_(ids[start:start + _IN_CHUNK])))).mappings().all()
             found.update((row["event_id"], self._step(row)) for row in rows)
         return found
-
-    async def is_compensated(self, conn: AsyncConnection, event_id: str) -> bool:
-        return bool(await self.compensated_among(conn, [event_id]))
 
     async def compensated_among(self, conn: AsyncConnection, event_ids: Iterable[str]) -> set[str]:
         """The step event ids among `event_ids` that have a compensation row."""

@@ -7,10 +7,9 @@ port; the CLI runs as the operator would run it, as a child process with an oper
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
@@ -23,17 +22,12 @@ from kinshasa.gateway.principals import PrincipalRegistry
 from kinshasa.gateway.settings import GatewayConfig
 from kinshasa.infra.kafka import KafkaBroker
 from kinshasa.infra.process import free_port
+from kinshasa.kernel.component import QuietServer
 from kinshasa.settings import StackSettings
 
 REPO = Path(__file__).resolve().parents[3]
 AGENT_KEY = "cli-agent-key-" + "a" * 40
 OPERATOR_KEY = "cli-operator-key-" + "o" * 40
-
-
-class _Server(uvicorn.Server):
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
 
 
 @pytest.fixture
@@ -47,7 +41,7 @@ async def gateway_url(kafka: KafkaBroker, tmp_path: Path) -> AsyncIterator[str]:
                       registry=registry)
     await gateway.start()
     port = free_port()
-    server = _Server(uvicorn.Config(gateway.app, host="127.0.0.1", port=port, log_config=None,
+    server = QuietServer(uvicorn.Config(gateway.app, host="127.0.0.1", port=port, log_config=None,
                                     lifespan="off"))
     task = asyncio.create_task(server.serve())
     for _ in range(500):

@@ -7,9 +7,8 @@ projector from contract-shaped events; the gateway reads it over HTTP as in the 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -27,6 +26,7 @@ from kinshasa.coordinator.store import install_ledger
 from kinshasa.gateway.app import Gateway
 from kinshasa.gateway.settings import GatewayConfig
 from kinshasa.infra.process import free_port
+from kinshasa.kernel.component import QuietServer
 from kinshasa.kernel.database import create_engine
 from kinshasa.schemas.catalogue import CATALOGUE
 from kinshasa.schemas.envelope import Actor, EntityRef, Envelope, deterministic_id
@@ -39,12 +39,6 @@ T0 = datetime(2025, 1, 1, 12, 0, tzinfo=UTC)
 
 STEP_FIELDS = """stepId forwardEventId forwardType operation commandId service
   entity { service type id } entityKey actor { kind id } appliedAt status attempts resolvedAt failureReason"""
-
-
-class _Server(uvicorn.Server):
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
 
 
 @dataclass
@@ -60,7 +54,7 @@ async def stack(database_url: str, tmp_path: Path) -> AsyncIterator[Stack]:
     await install_ledger(engine)
     ledger = Ledger(engine)
     port = free_port()
-    server = _Server(
+    server = QuietServer(
         uvicorn.Config(
             ledger_app(ledger), host="127.0.0.1", port=port, log_config=None, access_log=False, lifespan="off"
         )
