@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, select, update
+from sqlalchemy import and_, bindparam, exists, select, update
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from kinshasa.gateway import store
 from kinshasa.gateway.errors import RunClosed
@@ -149,6 +150,30 @@ def _releasable(run: Any) -> bool:
     )
 
 
+def _due_release(now: Any) -> Any:
+    """Held, not on a manual hold, window elapsed."""
+    held = commands.c.status == store.HELD
+    return and_(held, commands.c.manual_hold.is_(False), commands.c.release_at <= now)
+
+
+def _due_discard(now: Any) -> Any:
+    """Held on a manual hold whose timeout elapsed."""
+    held = commands.c.status == store.HELD
+    return and_(held, commands.c.manual_hold.is_(True), commands.c.discard_at <= now)
+
+
+# Whether a releaser pass has anything to do; run without locks before the pass takes any.
+_ANY_DUE = select(
+    exists().where(_due_release(bindparam("now", type_=commands.c.release_at.type)))
+    | exists().where(_due_discard(bindparam("now", type_=commands.c.release_at.type)))
+)
+
+
+async def any_due(conn: AsyncConnection, now: datetime) -> bool:
+    """True if some held command's window or hold timeout has elapsed (its run may still be held)."""
+    return bool((await conn.execute(_ANY_DUE, {"now": now})).scalar())
+
+
 async def release_due(tx: Tx, now: datetime, batch: int) -> ReleaseStats:
     """One releaser pass in one transaction: publish due commands, discard expired manual holds.
 
@@ -156,9 +181,7 @@ async def release_due(tx: Tx, now: datetime, batch: int) -> ReleaseStats:
     next pass, and two gateway replicas never wait on each other here.
     """
     stats = ReleaseStats()
-    due = commands.c.status == store.HELD
-    due_release = and_(due, commands.c.manual_hold.is_(False), commands.c.release_at <= now)
-    due_discard = and_(due, commands.c.manual_hold.is_(True), commands.c.discard_at <= now)
+    due_release, due_discard = _due_release(now), _due_discard(now)
     run_ids = sorted(
         {r[0] for r in await tx.conn.execute(select(commands.c.run_id).where(due_release).limit(batch))}
         | {r[0] for r in await tx.conn.execute(select(commands.c.run_id).where(due_discard).limit(batch))}

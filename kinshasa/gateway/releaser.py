@@ -9,8 +9,9 @@ from collections.abc import Callable
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from kinshasa.gateway.quarantine import ReleaseStats, release_due
+from kinshasa.gateway.quarantine import ReleaseStats, any_due, release_due
 from kinshasa.gateway.uow import transaction
+from kinshasa.kernel.database import READ_ONLY
 from kinshasa.schemas.envelope import utcnow
 
 log = logging.getLogger(__name__)
@@ -28,8 +29,15 @@ class Releaser:
         self._on_commit = on_commit
 
     async def run_once(self) -> ReleaseStats:
+        now = utcnow()
+        # Most passes find nothing due: ask without locks first, so an idle pass does not take SQLite's
+        # write lock (which every agent write needs) or PostgreSQL row locks.
+        async with self._engine.connect() as conn:
+            await conn.execution_options(**{READ_ONLY: True})
+            if not await any_due(conn, now):
+                return ReleaseStats()
         async with transaction(self._engine, self._on_commit) as tx:
-            stats = await release_due(tx, utcnow(), self._batch)
+            stats = await release_due(tx, now, self._batch)
             await tx.commit()
         return stats
 

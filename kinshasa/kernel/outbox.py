@@ -17,6 +17,7 @@ that lock is held briefly.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import uuid
 from abc import ABC, abstractmethod
@@ -259,11 +260,71 @@ def outbox_message(topic: str, key: bytes | str | None, value: bytes | str, mess
     return OutboxMessage(topic, key_bytes, value_bytes, mid, normalise_headers(headers), entity_key)
 
 
-def _seq_in(conn: AsyncConnection, seqs: Sequence[int]) -> ColumnElement[bool]:
-    if conn.dialect.name == "postgresql":
+def _seq_in(dialect: str) -> ColumnElement[bool]:
+    """`seq` is one of the list bound as "seqs"."""
+    if dialect == "postgresql":
         # One array parameter: the statement text (and so its prepared plan) is the same for every batch.
-        return outbox.c.seq == any_(bindparam("seqs", list(seqs), type_=postgresql.ARRAY(BigInteger)))
-    return outbox.c.seq.in_(list(seqs))
+        return outbox.c.seq == any_(bindparam("seqs", type_=postgresql.ARRAY(BigInteger)))
+    return outbox.c.seq.in_(bindparam("seqs", expanding=True))
+
+
+# The relay's statements, built once and run with parameters: building and cache-keying a statement
+# cost more than executing it on a small backlog, and the relay runs them after every commit.
+_NOW = bindparam("c_now", type_=outbox.c.next_attempt_at.type)
+_NARROW_COLUMNS = [outbox.c.seq, outbox.c.key, outbox.c.topic,
+                   (outbox.c.next_attempt_at <= _NOW).label("due")]
+
+
+@functools.cache
+def _candidates(narrow: bool, *, after: bool, busy: bool, skip: bool, lock: bool) -> Any:
+    """Pending, due rows, oldest first, leaving out every row behind a row of its key in backoff.
+
+    Parameters: c_now, c_limit; c_after (seq greater than) if `after`; c_busy (keys to leave out) if
+    `busy`; c_skip (seqs to leave out) if `skip`. `narrow` selects seq, key, topic and due; otherwise
+    the ClaimedRow columns. `lock` adds FOR UPDATE SKIP LOCKED (PostgreSQL).
+    """
+    # The keys in backoff and where their wait starts, computed once (few rows, through the partial
+    # index on next_attempt_at) rather than probed per candidate: a per-row probe walks every earlier
+    # row of the key, which is quadratic for a hot key. MATERIALIZED keeps PostgreSQL from inlining it.
+    # No GROUP BY: grouping would steer SQLite onto the (key, seq) index, a scan of every pending row.
+    blocked = (select(outbox.c.key, outbox.c.seq)
+               .where(_status_is(PENDING), outbox.c.next_attempt_at > _NOW, outbox.c.key.is_not(None))
+               .cte("blocked")
+               .prefix_with("MATERIALIZED"))
+    behind_backoff = exists().where(blocked.c.key == outbox.c.key, blocked.c.seq < outbox.c.seq)
+    stmt = (select(*(_NARROW_COLUMNS if narrow else _CLAIM_COLUMNS))
+            .where(_status_is(PENDING), outbox.c.next_attempt_at <= _NOW, ~behind_backoff)
+            .order_by(outbox.c.seq)
+            .limit(bindparam("c_limit", type_=Integer)))
+    if after:
+        stmt = stmt.where(outbox.c.seq > bindparam("c_after", type_=BigInteger))
+    if busy:
+        stmt = stmt.where(outbox.c.key.is_(None) | outbox.c.key.not_in(bindparam("c_busy", expanding=True)))
+    if skip:
+        stmt = stmt.where(outbox.c.seq.not_in(bindparam("c_skip", expanding=True)))
+    if lock:
+        stmt = stmt.with_for_update(skip_locked=True, of=outbox)
+    return stmt
+
+
+# The owned keys' pending rows up to a seq (the PostgreSQL claim's fresh read); params c_now, c_keys, c_max.
+_FRESH_HEADS = select(*_NARROW_COLUMNS).where(
+    _status_is(PENDING), outbox.c.key.in_(bindparam("c_keys", expanding=True)),
+    outbox.c.seq <= bindparam("c_max", type_=BigInteger))
+
+
+@functools.cache
+def _rows_by_seq(dialect: str) -> Any:
+    """The ClaimedRow columns of the rows whose seqs are bound as "seqs"."""
+    return select(*_CLAIM_COLUMNS).where(_seq_in(dialect))
+
+
+@functools.cache
+def _mark_published(dialect: str) -> Any:
+    """Rows bound as "seqs" published; params b_now, b_relay."""
+    return update(outbox).where(_seq_in(dialect)).values(
+        status=PUBLISHED, published_at=bindparam("b_now", type_=outbox.c.published_at.type),
+        relay_id=bindparam("b_relay", type_=outbox.c.relay_id.type))
 
 
 def _row(r: Any) -> OutboxRow:
@@ -400,30 +461,6 @@ class SqlOutboxStore(OutboxStore):
 
     # --- claiming -----------------------------------------------------------------------------------
 
-    def _candidates(self, columns: Sequence[Any], *, now: datetime, limit: int, after_seq: int | None,
-                    busy_keys: Collection[bytes], exclude_seqs: Collection[int] = ()) -> Any:
-        """Pending, due rows, oldest first, leaving out every row behind a row of its key in backoff."""
-        # The keys in backoff and where their wait starts, computed once (few rows, through the partial
-        # index on next_attempt_at) rather than probed per candidate: a per-row probe walks every earlier
-        # row of the key, which is quadratic for a hot key. MATERIALIZED keeps PostgreSQL from inlining it.
-        # No GROUP BY: grouping would steer SQLite onto the (key, seq) index, a scan of every pending row.
-        blocked = (select(outbox.c.key, outbox.c.seq)
-                   .where(_status_is(PENDING), outbox.c.next_attempt_at > now, outbox.c.key.is_not(None))
-                   .cte("blocked")
-                   .prefix_with("MATERIALIZED"))
-        behind_backoff = exists().where(blocked.c.key == outbox.c.key, blocked.c.seq < outbox.c.seq)
-        stmt = (select(*columns)
-                .where(_status_is(PENDING), outbox.c.next_attempt_at <= now, ~behind_backoff)
-                .order_by(outbox.c.seq)
-                .limit(limit))
-        if after_seq is not None:
-            stmt = stmt.where(outbox.c.seq > after_seq)
-        if busy_keys:
-            stmt = stmt.where(outbox.c.key.is_(None) | outbox.c.key.not_in(list(busy_keys)))
-        if exclude_seqs:
-            stmt = stmt.where(outbox.c.seq.not_in(list(exclude_seqs)))
-        return stmt
-
     async def claim(self, conn: AsyncConnection, *, limit: int, now: datetime,
                     exclude_keys: Collection[bytes] = (),
                     exclude_seqs: Collection[int] = ()) -> list[ClaimedRow]:
@@ -431,9 +468,11 @@ class SqlOutboxStore(OutboxStore):
             return []
         if conn.dialect.name != "postgresql":
             # SQLite: one relay per database (one writer at a time), so no one else can be claiming.
-            stmt = self._candidates(_CLAIM_COLUMNS, now=now, limit=limit, after_seq=None,
-                                    busy_keys=exclude_keys, exclude_seqs=exclude_seqs)
-            rows = [_claimed(r) for r in await conn.execute(stmt)]
+            stmt = _candidates(False, after=False, busy=bool(exclude_keys), skip=bool(exclude_seqs),
+                               lock=False)
+            params = {"c_now": now, "c_limit": limit, "c_busy": list(exclude_keys),
+                      "c_skip": list(exclude_seqs)}
+            rows = [_claimed(r) for r in await conn.execute(stmt, params)]
             # Candidates are due and hold each key's pending rows from its head; only cut at topic changes.
             allowed = publishable_prefixes([(r.seq, r.key, r.topic, True) for r in rows],
                                            {r.seq for r in rows})
@@ -451,7 +490,6 @@ class SqlOutboxStore(OutboxStore):
         that even a plan made without table statistics sorts little; values are fetched only for the
         rows that survive.
         """
-        narrow = [outbox.c.seq, outbox.c.key, outbox.c.topic, (outbox.c.next_attempt_at <= now).label("due")]
         # Queue tables defeat the planner: statistics taken when the outbox was nearly empty make a
         # backlog look tiny, and it then bitmap-scans every pending row and sorts them, a cost that
         # grows with the backlog on every claim. The claim wants the ordered walk of the partial index
@@ -470,10 +508,12 @@ class SqlOutboxStore(OutboxStore):
             want = limit - len(claimed)
             if want <= 0:
                 break
-            stmt = self._candidates(narrow, now=now, limit=want, after_seq=after_seq, busy_keys=busy_keys,
-                                    exclude_seqs=exclude_seqs)
+            stmt = _candidates(True, after=after_seq is not None, busy=bool(busy_keys),
+                               skip=bool(exclude_seqs), lock=True)
+            params = {"c_now": now, "c_limit": want, "c_after": after_seq, "c_busy": list(busy_keys),
+                      "c_skip": list(exclude_seqs)}
             rows = [(int(seq), key, topic, bool(due)) for seq, key, topic, due in
-                    await conn.execute(stmt.with_for_update(skip_locked=True, of=outbox))]
+                    await conn.execute(stmt, params)]
             if not rows:
                 break
             after_seq = rows[-1][0]
@@ -508,17 +548,14 @@ class SqlOutboxStore(OutboxStore):
             # Re-read the owned keys now that we hold their locks: the candidate query ran on an older
             # snapshot, and the previous owner may have committed since (published rows, or put an
             # earlier row into backoff). Only a run of our rows from each key's current head may go out.
-            fresh = await conn.execute(
-                select(*narrow)
-                .where(_status_is(PENDING), outbox.c.key.in_(list(keys)),
-                       outbox.c.seq <= max(seq for seq, _, _, _ in claimed))
-            )
+            fresh = await conn.execute(_FRESH_HEADS, {
+                "c_now": now, "c_keys": list(keys), "c_max": max(seq for seq, _, _, _ in claimed)})
             candidates += [(int(seq), key, topic, bool(due)) for seq, key, topic, due in fresh]
             candidates.sort(key=lambda row: row[0])
         allowed = publishable_prefixes(candidates, {seq for seq, _, _, _ in claimed})
         if not allowed:
             return []
-        full = await conn.execute(select(*_CLAIM_COLUMNS).where(_seq_in(conn, sorted(allowed))))
+        full = await conn.execute(_rows_by_seq(conn.dialect.name), {"seqs": sorted(allowed)})
         return sorted((_claimed(r) for r in full), key=lambda r: r.seq)
 
     # --- recording outcomes -------------------------------------------------------------------------
@@ -528,11 +565,8 @@ class SqlOutboxStore(OutboxStore):
         if not seqs:
             return
         # One UPDATE per batch: this statement is most of the relay's database cost per message.
-        await conn.execute(
-            update(outbox)
-            .where(_seq_in(conn, seqs))
-            .values(status=PUBLISHED, published_at=now, relay_id=relay_id)
-        )
+        await conn.execute(_mark_published(conn.dialect.name),
+                           {"seqs": list(seqs), "b_now": now, "b_relay": relay_id})
 
     async def record_failures(self, conn: AsyncConnection, failures: Sequence[FailedAttempt], *,
                               relay_id: str) -> None:

@@ -424,10 +424,16 @@ class OutboxRelay:
         """
         inflight: dict[asyncio.Task[RelayStats], _Batch] = {}
         errors = 0
+        # Whether rows may be waiting that no claim has taken: false after a claim that was not full and
+        # left nothing out, until the next wake or poll. Rows committed after that claim read the outbox
+        # wake the relay (or the poll finds them), so claiming again before waiting would find nothing.
+        may_have_more = True
         try:
             while True:
                 claimed_full = False
-                if not stop.is_set() and len(inflight) < self.pipeline_depth:
+                if not stop.is_set() and len(inflight) < self.pipeline_depth and may_have_more:
+                    # A claim beside batches in flight leaves their keys' rows for later.
+                    excluding = bool(self._inflight)
                     try:
                         batch = await self._claim()
                     except Exception:
@@ -437,9 +443,10 @@ class OutboxRelay:
                         await self._after_error(stop, errors)
                         continue
                     errors = 0
+                    claimed_full = len(batch.rows) >= self.batch_size
+                    may_have_more = claimed_full or excluding
                     if batch.rows:
                         inflight[asyncio.create_task(self._finish(batch))] = batch
-                        claimed_full = len(batch.rows) >= self.batch_size
                 if claimed_full and len(inflight) < self.pipeline_depth:
                     continue  # more work is waiting: claim the next batch while this one publishes
                 if inflight:
@@ -458,6 +465,7 @@ class OutboxRelay:
                 if stop.is_set():
                     return self.totals
                 await self._idle(stop, idle_sleep_s)
+                may_have_more = True
         finally:
             # Cancelled: give the in-flight batches' connections back; their rows stay pending.
             for task in inflight:

@@ -272,6 +272,31 @@ async def test_run_pipelines_batches_while_rows_keep_arriving_and_stops_cleanly(
     check_per_key_order(read_topic(kafka.bootstrap, topic), expected)
 
 
+async def test_run_publishes_without_its_poll_what_commits_and_exclusions_left_behind(
+        kafka: KafkaBroker, unique: str, engine: AsyncEngine, producer: AsyncProducer) -> None:
+    """The relay claims again only when it may find something: after a full batch, after a claim that
+    left in-flight keys out, or when woken. Rows of both kinds must go out with the poll an hour away."""
+    topic = create_topic(kafka.bootstrap, f"relay.nopoll.{unique}")
+    # 5 keys x 40 rows, batches of 30: every full batch holds all 5 keys, so the pipelined claim beside
+    # it finds only rows of in-flight keys and takes nothing.
+    expected = await append_interleaved(engine, topic, keys=5, per_key=40)
+    relay = OutboxRelay(engine, producer, batch_size=30, pipeline_depth=2, relay_id="relay-nopoll")
+    stop = asyncio.Event()
+    running = asyncio.create_task(relay.run(stop, idle_sleep_s=3600))
+    for start in range(40, 60, 4):
+        # Committed while batches are in flight or the relay idles; the committer wakes it.
+        late = await append_interleaved(engine, topic, keys=5, per_key=4, start=start)
+        relay.wake()
+        for key, values in late.items():
+            expected[key] = expected[key] + values
+        await asyncio.sleep(0.02)
+    await wait_until_nothing_pending(engine, seconds=20)
+    stop.set()
+    totals = await asyncio.wait_for(running, 30)
+    assert totals.published == 300 and totals.retrying == totals.dead == 0
+    check_per_key_order(read_topic(kafka.bootstrap, topic), expected)
+
+
 @pytest.mark.postgres
 @pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
 async def test_two_relays_on_one_postgres_database_publish_each_row_once_in_order(

@@ -5,6 +5,11 @@ from __future__ import annotations
 import asyncio
 import time
 
+from sqlalchemy import select
+
+from kinshasa.gateway.quarantine import ReleaseStats
+from kinshasa.gateway.releaser import Releaser
+from kinshasa.gateway.store import runs
 from kinshasa.topics.catalogue import commands_topic
 from tests.integration.gateway.conftest import Harness, TopicReader
 
@@ -72,3 +77,21 @@ async def test_hold_timeout_discards_never_releases(harness: Harness, reader: To
         await asyncio.sleep(0.2)
     assert counts == {"held": 0, "discarded": 1}
     assert await reader.envelopes([commands_topic("documents")], run_id) == []
+
+
+async def test_a_releaser_pass_with_nothing_due_takes_no_lock(harness: Harness) -> None:
+    """Most passes find nothing due. They must not wait for (or hold) what agent writes need: SQLite's
+    write lock, PostgreSQL's run rows. Here another transaction holds both while a pass runs."""
+    c = harness.client
+    await c.set_policy({"quarantineWindowS": 60.0})
+    run_id = await c.start_run(entry_point="idle-pass")
+    held = (await c.create_document(run_id))["data"]["createDocument"]
+    assert held["status"] == "HELD"
+    engine = harness.gateway.engine
+    releaser = Releaser(engine, interval_s=60, batch=10)
+    async with engine.begin() as conn:  # BEGIN IMMEDIATE on SQLite; the run rows locked on PostgreSQL
+        await conn.execute(select(runs.c.run_id).with_for_update())
+        stats = await asyncio.wait_for(releaser.run_once(), 5)
+    assert stats == ReleaseStats()
+    status = (await c.data(f'{{ command(id: "{held["commandId"]}") {{ status }} }}'))["command"]["status"]
+    assert status == "HELD"
