@@ -427,6 +427,8 @@ class OutboxRelay:
         # Whether rows may be waiting that no claim has taken: false after a claim that was not full and
         # left nothing out, until the next wake or poll. Rows committed after that claim read the outbox
         # wake the relay (or the poll finds them), so claiming again before waiting would find nothing.
+        # Not on PostgreSQL: there a claim also skips keys other relays hold, which this one cannot see
+        # being released, so it claims again after every batch as before.
         may_have_more = True
         try:
             while True:
@@ -444,7 +446,7 @@ class OutboxRelay:
                         continue
                     errors = 0
                     claimed_full = len(batch.rows) >= self.batch_size
-                    may_have_more = claimed_full or excluding
+                    may_have_more = claimed_full or excluding or self._postgres
                     if batch.rows:
                         inflight[asyncio.create_task(self._finish(batch))] = batch
                 if claimed_full and len(inflight) < self.pipeline_depth:
