@@ -274,8 +274,9 @@ async def test_run_pipelines_batches_while_rows_keep_arriving_and_stops_cleanly(
 
 async def test_run_publishes_without_its_poll_what_commits_and_exclusions_left_behind(
         kafka: KafkaBroker, unique: str, engine: AsyncEngine, producer: AsyncProducer) -> None:
-    """The relay claims again only when it may find something: after a full batch, after a claim that
-    left in-flight keys out, or when woken. Rows of both kinds must go out with the poll an hour away."""
+    """On SQLite the relay claims again only when it may find something: after a full batch, after a
+    claim that left in-flight keys out, or when woken (on PostgreSQL after every batch). Either way,
+    rows committed meanwhile and rows left out must go out with the poll an hour away."""
     topic = create_topic(kafka.bootstrap, f"relay.nopoll.{unique}")
     # 5 keys x 40 rows, batches of 30: every full batch holds all 5 keys, so the pipelined claim beside
     # it finds only rows of in-flight keys and takes nothing.
