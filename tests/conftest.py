@@ -6,15 +6,18 @@ import asyncio
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from kinshasa.infra.kafka import KafkaBroker, kafka_libs
 from kinshasa.infra.postgres import PostgresCluster
 from kinshasa.infra.process import free_port
 from kinshasa.infra.temporal import TemporalServer
+from kinshasa.kernel.database import create_engine
+from kinshasa.kernel.install import install_kernel_tables
 from kinshasa.settings import InfraSettings
 
 REPO = Path(__file__).resolve().parent.parent
@@ -93,6 +96,17 @@ def other_database_url(request: pytest.FixtureRequest, database_url: str, tmp_pa
 def postgres_url(postgres: PostgresCluster) -> str:
     """A fresh, empty PostgreSQL database, for behaviour only PostgreSQL has (row locks, SKIP LOCKED)."""
     return asyncio.run(_create_database(postgres, f"t_{uuid.uuid4().hex[:12]}"))
+
+
+@pytest.fixture
+async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
+    """An engine on `database_url` with the kernel's tables; a module needing other tables overrides it."""
+    engine = create_engine(database_url)
+    await install_kernel_tables(engine)
+    try:
+        yield engine
+    finally:
+        await engine.dispose()
 
 
 @pytest.fixture

@@ -4,31 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
 from datetime import datetime, timedelta
 
 import pytest
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from kinshasa.kernel.database import create_engine
 from kinshasa.kernel.housekeeping import Housekeeper, HousekeepingPolicy, housekeeping_policy
-from kinshasa.kernel.install import install_kernel_tables
 from kinshasa.kernel.outbox import DEAD, PENDING, PUBLISHED, FailedAttempt, SqlOutboxStore, outbox
 from kinshasa.schemas.envelope import utcnow
 from kinshasa.settings import ServiceSettings
 
 TOPIC = "kinshasa.events.documents"
-
-
-@pytest.fixture
-async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
-    engine = create_engine(database_url)
-    await install_kernel_tables(engine)
-    try:
-        yield engine
-    finally:
-        await engine.dispose()
 
 
 async def _published(engine: AsyncEngine, count: int, at: datetime) -> None:

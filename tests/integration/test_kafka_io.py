@@ -53,6 +53,18 @@ async def run_until(c: AsyncConsumer, handler: Callable[[Record, asyncio.Event],
     await asyncio.wait_for(c.run(wrapped, stop), limit)
 
 
+async def handled_until_first(kafka: KafkaBroker, group: str, topic: str) -> list[Record]:
+    """Run a consumer of `group` that stops at its first record; what its handler got (that one alone)."""
+    got: list[Record] = []
+
+    async def handle(record: Record, stop: asyncio.Event) -> None:
+        got.append(record)
+        stop.set()
+
+    await run_until(consumer(kafka, group, topic), handle)
+    return got
+
+
 async def test_send_batch_then_consume_all_in_order_per_key(
     kafka: KafkaBroker, topic: str, producer: AsyncProducer, unique: str
 ) -> None:
@@ -127,13 +139,7 @@ async def test_failed_crash_before_store_is_redelivered_to_the_next_member(
     await run_until(consumer(kafka, group, topic), crash)
     assert [r.value for r in attempts] == [b"archive doc-1"]
 
-    received: list[Record] = []
-
-    async def handle(record: Record, stop: asyncio.Event) -> None:
-        received.append(record)
-        stop.set()
-
-    await run_until(consumer(kafka, group, topic), handle)
+    received = await handled_until_first(kafka, group, topic)
     assert [(r.value, r.offset) for r in received] == [(b"archive doc-1", attempts[0].offset)]
 
 
@@ -154,14 +160,8 @@ async def test_cancelled_mid_handler_is_redelivered_to_the_next_member(
     with pytest.raises(asyncio.CancelledError):
         await task
 
-    received: list[bytes] = []
-
-    async def handle(record: Record, stop: asyncio.Event) -> None:
-        received.append(record.value)
-        stop.set()
-
-    await run_until(consumer(kafka, group, topic), handle)
-    assert received == [b"edit doc-2"]
+    received = await handled_until_first(kafka, group, topic)
+    assert [r.value for r in received] == [b"edit doc-2"]
 
 
 async def test_handled_messages_are_not_seen_again_by_the_next_member(
@@ -249,13 +249,7 @@ async def test_envelope_round_trip(
         occurred_at=utcnow(), payload={"reason": "stale"},
     )
     await producer.send_envelope(topic, envelope)
-    got: list[Record] = []
-
-    async def handle(record: Record, stop: asyncio.Event) -> None:
-        got.append(record)
-        stop.set()
-
-    await run_until(consumer(kafka, f"test.group.{unique}", topic), handle)
+    got = await handled_until_first(kafka, f"test.group.{unique}", topic)
     assert got[0].key == b"documents:doc-9"
     assert got[0].envelope() == envelope
     assert got[0].header("type") == b"documents.archive"
@@ -403,11 +397,5 @@ async def test_batches_go_to_the_batch_handler_and_a_refused_batch_record_by_rec
 
     # Every offset was stored: the next member of the group starts after m39.
     await producer.send(topic, b"k", b"marker")
-    after: list[bytes] = []
-
-    async def handle_after(record: Record, stop: asyncio.Event) -> None:
-        after.append(record.value)
-        stop.set()
-
-    await run_until(consumer(kafka, group, topic), handle_after)
-    assert after == [b"marker"]
+    after = await handled_until_first(kafka, group, topic)
+    assert [r.value for r in after] == [b"marker"]

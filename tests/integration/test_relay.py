@@ -16,8 +16,6 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from kinshasa.infra.kafka import KafkaBroker
 from kinshasa.infra.process import free_port
-from kinshasa.kernel.database import create_engine
-from kinshasa.kernel.install import install_kernel_tables
 from kinshasa.kernel.outbox import DEAD, PENDING, PUBLISHED, SqlOutboxStore, append, dead_rows, outbox
 from kinshasa.kernel.relay import OutboxRelay, RelayStats
 from kinshasa.kernel.unit_of_work import UnitOfWork
@@ -79,16 +77,6 @@ def check_per_key_order(messages: list[Consumed], expected: dict[bytes, list[byt
         partitions[m.key].add(m.partition)
     assert dict(seen) == expected
     assert all(len(p) == 1 for p in partitions.values())
-
-
-@pytest.fixture
-async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
-    engine = create_engine(database_url)
-    await install_kernel_tables(engine)
-    try:
-        yield engine
-    finally:
-        await engine.dispose()
 
 
 @pytest.fixture

@@ -6,6 +6,8 @@ import asyncio
 import inspect
 import time
 import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,7 @@ from kinshasa.kernel.outbox import outbox
 from kinshasa.schemas.catalogue import CATALOGUE
 from kinshasa.schemas.envelope import Actor, EntityRef, Envelope, deterministic_id, utcnow
 from kinshasa.services.kit import Service
+from kinshasa.services.kit.dispatcher import CommandDispatcher
 from kinshasa.services.kit.install import install_service
 from kinshasa.services.kit.runtime import ServiceRuntime, ServiceTopics
 from kinshasa.settings import ServiceSettings, StackSettings, service_env_prefix
@@ -75,6 +78,28 @@ async def service_engine(url: str, service: Service) -> AsyncEngine:
     engine = create_engine(url)
     await install_service(engine, service)
     return engine
+
+
+Factory = Callable[[Service], Awaitable[CommandDispatcher]]
+
+
+@asynccontextmanager
+async def dispatchers(*urls: str) -> AsyncIterator[Factory]:
+    """Make dispatchers for services: the n-th gets a fresh engine on urls[n], or on the last url once
+    they run out. Every engine is disposed on exit."""
+    engines: list[AsyncEngine] = []
+
+    async def make(service: Service) -> CommandDispatcher:
+        engine = await service_engine(urls[min(len(engines), len(urls) - 1)], service)
+        engines.append(engine)
+        topics = ServiceTopics.for_service(service.name)
+        return CommandDispatcher(service, engine, group=topics.group, events_topic=topics.events)
+
+    try:
+        yield make
+    finally:
+        for engine in engines:
+            await engine.dispose()
 
 
 async def outbox_count(engine: AsyncEngine) -> int:

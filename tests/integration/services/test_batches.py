@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -25,31 +25,26 @@ from kinshasa.kernel.receipts import ReceiptChain, receipts
 from kinshasa.kernel.unit_of_work import UnitOfWork
 from kinshasa.schemas.envelope import Envelope
 from kinshasa.services import documents, ledger, notifier
-from kinshasa.services.kit import PoisonMessageError, Service
+from kinshasa.services.kit import PoisonMessageError
 from kinshasa.services.kit.dispatcher import CommandDispatcher, Outcome
 from kinshasa.services.kit.runtime import ServiceTopics
 from kinshasa.services.smtp_sink import MailStore, SmtpSink
 from kinshasa.settings import ServiceSettings
-from tests.integration.services.helpers import command, compensate, new_entity_id, service_engine
-
-Factory = Callable[[Service], Awaitable[CommandDispatcher]]
+from tests.integration.services.helpers import (
+    Factory,
+    command,
+    compensate,
+    dispatchers,
+    new_entity_id,
+    service_engine,
+)
 
 
 @pytest.fixture
 async def dispatcher_for(database_url: str, other_database_url: str) -> AsyncIterator[Factory]:
     """Dispatchers for services, each on a database of its own (two at most)."""
-    engines: list[AsyncEngine] = []
-    urls = [database_url, other_database_url]
-
-    async def make(service: Service) -> CommandDispatcher:
-        engine = await service_engine(urls[len(engines)], service)
-        engines.append(engine)
-        topics = ServiceTopics.for_service(service.name)
-        return CommandDispatcher(service, engine, group=topics.group, events_topic=topics.events)
-
-    yield make
-    for engine in engines:
-        await engine.dispose()
+    async with dispatchers(database_url, other_database_url) as make:
+        yield make
 
 
 async def _count(engine: AsyncEngine, table: Any) -> int:

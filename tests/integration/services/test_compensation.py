@@ -2,40 +2,29 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 
 import pytest
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from kinshasa.schemas.envelope import Envelope, InvalidMessage, deterministic_id
 from kinshasa.services import documents, ledger
-from kinshasa.services.kit import PoisonMessageError, Service
-from kinshasa.services.kit.dispatcher import CommandDispatcher, Outcome
-from kinshasa.services.kit.runtime import ServiceTopics
+from kinshasa.services.kit import PoisonMessageError
+from kinshasa.services.kit.dispatcher import Outcome
 from tests.integration.services.helpers import (
+    Factory,
     command,
     compensate,
+    dispatchers,
     new_entity_id,
     outbox_count,
-    service_engine,
 )
-
-Factory = Callable[[Service], Awaitable[CommandDispatcher]]
 
 
 @pytest.fixture
 async def dispatcher_for(database_url: str) -> AsyncIterator[Factory]:
-    engines: list[AsyncEngine] = []
-
-    async def make(service: Service) -> CommandDispatcher:
-        engine = await service_engine(database_url, service)
-        engines.append(engine)
-        topics = ServiceTopics.for_service(service.name)
-        return CommandDispatcher(service, engine, group=topics.group, events_topic=topics.events)
-
-    yield make
-    for engine in engines:
-        await engine.dispose()
+    """Dispatchers for services, all on one database."""
+    async with dispatchers(database_url) as make:
+        yield make
 
 
 def _event(outcome: Outcome) -> Envelope:
