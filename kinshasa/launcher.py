@@ -51,6 +51,11 @@ class StackPlan:
     ports: StackPorts
     postgres_url: str | None = None
     dev_mode: bool = True
+    # Services from outside the package: (service name, "package.module:attribute").
+    extra_services: list[tuple[str, str]] = field(default_factory=list)
+
+    def extra_port(self, index: int) -> int:
+        return max([*self.ports.services.values(), 8100]) + 1 + index
 
     def _database_url(self, component: str) -> dict[str, str]:
         if self.postgres_url is None:
@@ -59,7 +64,8 @@ class StackPlan:
         return {"DATABASE_URL": self.postgres_url.rsplit("/", 1)[0] + f"/kinshasa_{component}"}
 
     def databases(self) -> list[str]:
-        return [f"kinshasa_{c}" for c in ("gateway", "coordinator", *SERVICE_NAMES)]
+        extra = [name for name, _ in self.extra_services]
+        return [f"kinshasa_{c}" for c in ("gateway", "coordinator", *SERVICE_NAMES, *extra)]
 
     def processes(self) -> list[tuple[str, list[str], dict[str, str]]]:
         exe = [sys.executable, "-m", "kinshasa.cli"]
@@ -82,16 +88,21 @@ class StackPlan:
                             f"{prefix}SMTP_PORT": str(self.ports.smtp)}
             env |= {f"{prefix}{k}": v for k, v in self._database_url(name).items()}
             procs.append((name, [*exe, "service", name], env))
+        for index, (name, reference) in enumerate(self.extra_services):
+            prefix = service_env_prefix(name)
+            env = shared | {f"{prefix}ADMIN_PORT": str(self.extra_port(index))}
+            env |= {f"{prefix}{k}": v for k, v in self._database_url(name).items()}
+            procs.append((name, [*exe, "service", "--module", reference], env))
         coordinator_env = shared | {"KINSHASA_COORDINATOR_ADMIN_PORT": str(self.ports.coordinator)}
         coordinator_env |= {f"KINSHASA_COORDINATOR_{k}": v
                             for k, v in self._database_url("coordinator").items()}
         procs.append(("coordinator", [*exe, "coordinator"], coordinator_env))
-        service_urls = {n: f"http://127.0.0.1:{p}" for n, p in self.ports.services.items()}
-        admin_urls = service_urls | {"coordinator": f"http://127.0.0.1:{self.ports.coordinator}"}
+        # Services say where their read and admin APIs are in their declarations; only the coordinator's
+        # admin API is configured.
+        admin_urls = {"coordinator": f"http://127.0.0.1:{self.ports.coordinator}"}
         gateway_env = shared | {
             "KINSHASA_GATEWAY_PORT": str(self.ports.gateway),
             "KINSHASA_GATEWAY_DEV_MODE": "true" if self.dev_mode else "false",
-            "KINSHASA_GATEWAY_SERVICE_URLS": json.dumps(service_urls),
             "KINSHASA_GATEWAY_ADMIN_URLS": json.dumps(admin_urls),
             "KINSHASA_GATEWAY_COORDINATOR_URL": f"http://127.0.0.1:{self.ports.coordinator}",
         }
@@ -132,7 +143,21 @@ def banner(stack: StackSettings, ports: StackPorts) -> str:
     ])
 
 
-def run_stack(postgres_url: str | None, report: Callable[[str], None] = print) -> None:
+def resolve_services(references: list[str]) -> list[tuple[str, str]]:
+    """(name, reference) for each `package.module:attribute`, importing each to check it first."""
+    from kinshasa.services.registry import load_module_service
+
+    resolved: list[tuple[str, str]] = []
+    for reference in references:
+        service = load_module_service(reference)
+        if service.name in SERVICE_NAMES or service.name in {n for n, _ in resolved}:
+            raise ValueError(f"service name {service.name!r} ({reference}) is already in the stack: rename it")
+        resolved.append((service.name, reference))
+    return resolved
+
+
+def run_stack(postgres_url: str | None, report: Callable[[str], None] = print,
+              services: list[str] | None = None) -> None:
     """Start infrastructure and processes in the foreground; Ctrl-C or SIGTERM stops everything."""
     import asyncio
 
@@ -151,7 +176,8 @@ def run_stack(postgres_url: str | None, report: Callable[[str], None] = print) -
             report(f"warning: topic {mismatch.topic} {mismatch.field}: expected {mismatch.expected}, "
                    f"found {mismatch.actual}")
         load_or_create_internal_token(stack.data_dir)
-        plan = StackPlan(stack, ports, postgres_url=postgres_url)
+        plan = StackPlan(stack, ports, postgres_url=postgres_url,
+                         extra_services=resolve_services(services or []))
         if postgres_url:
             asyncio.run(_create_databases(postgres_url, plan.databases()))
         # The coordinator's Temporal worker may take up to 10 s to hand back its activities cleanly;

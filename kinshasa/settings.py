@@ -89,6 +89,9 @@ class ServiceSettings(ComponentSettings):
 
     smtp_host: str = "127.0.0.1"
     smtp_port: int = 2525
+    # The URL other components reach this service's HTTP API at, published in its declaration; None
+    # means the address it binds (fine on one machine, not behind a container network).
+    advertised_url: str | None = None
 
     @classmethod
     def for_service(cls, name: str) -> ServiceSettings:

@@ -115,3 +115,19 @@ def unique() -> str:
     return uuid.uuid4().hex[:10]
 
 
+
+
+EXAMPLES_CATALOGUE = "kinshasa.catalogue.examples"
+
+
+@pytest.fixture(scope="session")
+def examples_catalogue(kafka: KafkaBroker) -> str:
+    """A catalogue topic holding the example services' declarations, as they publish them at start.
+
+    Gateways under test follow this topic instead of `kinshasa.catalogue`, so what other tests publish
+    there (services of their own, incompatible versions) never changes their schema.
+    """
+    from kinshasa.services.registry import publish_example_declarations
+
+    publish_example_declarations(kafka.bootstrap, EXAMPLES_CATALOGUE)
+    return EXAMPLES_CATALOGUE

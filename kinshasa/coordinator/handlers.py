@@ -11,8 +11,6 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from kinshasa.coordinator.projector import LedgerProjector, RevertTrigger
 from kinshasa.coordinator.store import run_events
-from kinshasa.schemas.catalogue import CATALOGUE
-from kinshasa.schemas.operations import OperationCatalogue
 from kinshasa.topics.consumer import Record
 
 log = logging.getLogger(__name__)
@@ -27,10 +25,9 @@ class LedgerHandler:
     after that. A crash in between starts the revert again on redelivery, which joins the running one.
     """
 
-    def __init__(self, engine: AsyncEngine, start_revert: StartRevert | None = None,
-                 catalogue: OperationCatalogue = CATALOGUE) -> None:
+    def __init__(self, engine: AsyncEngine, start_revert: StartRevert | None = None) -> None:
         self.engine = engine
-        self.projector = LedgerProjector(catalogue)
+        self.projector = LedgerProjector()
         self.start_revert = start_revert
 
     async def __call__(self, record: Record) -> None:

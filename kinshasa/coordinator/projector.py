@@ -1,7 +1,7 @@
 """The ledger projection: service events and run facts, folded idempotently into the per-run ledger.
 
-It reads envelopes only. A forward `*.applied` becomes a step (irreversible when the catalogue marks the
-operation egress), `*.rejected` a rejection, `*.compensated` / `*.compensation_failed` settle a step,
+It reads envelopes only. A forward `*.applied` becomes a step (irreversible when the event says so: egress
+is never compensated), `*.rejected` a rejection, `*.compensated` / `*.compensation_failed` settle a step,
 and `run.*` facts maintain the run index. Each table's natural key (forward event id, rejection event
 id, run-fact message id) is what makes a redelivered event change nothing.
 
@@ -34,7 +34,6 @@ from kinshasa.schemas.envelope import (
     deterministic_id,
     split_type,
 )
-from kinshasa.schemas.operations import OperationCatalogue
 
 log = logging.getLogger(__name__)
 
@@ -128,9 +127,6 @@ def trigger_of(env: EnvelopeModel) -> RevertTrigger | None:
 
 class LedgerProjector:
     """Applies envelopes to the ledger inside the caller's transaction."""
-
-    def __init__(self, catalogue: OperationCatalogue) -> None:
-        self.catalogue = catalogue
 
     async def project(self, conn: AsyncConnection, env: EnvelopeModel) -> RevertTrigger | None:
         """Fold one envelope; returns the revert it asks for, if any (also on redelivery)."""
@@ -302,8 +298,9 @@ class LedgerProjector:
         rows = []
         for env in new:
             assert env.run_id is not None and env.entity is not None
-            spec = self.catalogue.get(command_type_of(env.type))
-            status = StepStatus.IRREVERSIBLE if spec is not None and spec.egress else StepStatus.APPLIED
+            # The service says so on the event (docs/service-contract.md): egress is never compensated.
+            irreversible = isinstance(env.payload, dict) and env.payload.get("irreversible") is True
+            status = StepStatus.IRREVERSIBLE if irreversible else StepStatus.APPLIED
             step_id = next_id[env.run_id]
             next_id[env.run_id] += 1
             rows.append({

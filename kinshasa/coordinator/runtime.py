@@ -170,7 +170,9 @@ class CoordinatorRuntime:
         # Whole fetched batches in one ledger transaction; a batch that fails goes record by record
         # through the DLQ guard, so one poison event is dead-lettered instead of blocking the ledger.
         consumer = AsyncConsumer(self.stack.kafka_bootstrap, group, topics.consumed(),
-                                 extra_config={"session.timeout.ms": SESSION_TIMEOUT_MS},
+                                 extra_config={"session.timeout.ms": SESSION_TIMEOUT_MS,
+                                               # the events pattern finds a new service's topic this soon
+                                               "topic.metadata.refresh.interval.ms": 2_000},
                                  batch_size=opts.consumer_batch_size) if self.has("projector") else None
         relay_stop = asyncio.Event()
         failure: BaseException | None = None

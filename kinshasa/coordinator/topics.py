@@ -1,10 +1,12 @@
-"""The topics the coordinator reads and writes, from the catalogue; a suffix gives a test its own copies."""
+"""The topics the coordinator reads and writes, from the topic catalogue; a suffix gives a test its own copies.
+
+The coordinator knows no service by name: it reads every service's events topic through a pattern and
+sends compensations to the commands topic of the service a step names."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from kinshasa.schemas.catalogue import CATALOGUE
 from kinshasa.topics.catalogue import (
     ALERTS,
     COORDINATOR,
@@ -14,6 +16,7 @@ from kinshasa.topics.catalogue import (
     commands_topic,
     dlq_topic,
     events_topic,
+    events_topic_pattern,
     group_id,
 )
 
@@ -27,7 +30,6 @@ class CoordinatorTopics:
     only its own messages.
     """
 
-    services: tuple[str, ...] = CATALOGUE.services
     suffix: str | None = None
 
     def _named(self, name: str) -> str:
@@ -56,15 +58,14 @@ class CoordinatorTopics:
         return dlq_topic(self.group)
 
     def consumed(self) -> list[str]:
-        """What the ledger projection reads: every service's events, and the run facts."""
-        return [self.events(s) for s in self.services] + [self.runs]
+        """What the ledger projection reads: every service's events (a pattern, so a service registered
+        later is read too), and the run facts."""
+        return [events_topic_pattern(self.suffix), self.runs]
 
     def specs(self) -> list[TopicSpec]:
-        """The catalogue's specs of every topic above, renamed when a suffix is in use."""
-        canonical = CoordinatorTopics(self.services)
+        """The catalogue's specs of the coordinator's own topics, renamed when a suffix is in use (each
+        service creates its own commands and events topics)."""
+        canonical = CoordinatorTopics()
         renames = {canonical.runs: self.runs, canonical.alerts: self.alerts, canonical.dlq: self.dlq}
-        for service in self.services:
-            renames[canonical.commands(service)] = self.commands(service)
-            renames[canonical.events(service)] = self.events(service)
         return [replace(spec, name=renames[spec.name])
-                for spec in catalogue(list(self.services), groups=[canonical.group]) if spec.name in renames]
+                for spec in catalogue([], groups=[canonical.group]) if spec.name in renames]

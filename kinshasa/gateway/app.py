@@ -26,6 +26,7 @@ from kinshasa.gateway.principals import PrincipalRegistry, load_registry
 from kinshasa.gateway.reads import Backends
 from kinshasa.gateway.releaser import Releaser
 from kinshasa.gateway.schema import build_schema
+from kinshasa.gateway.service_book import ServiceBook
 from kinshasa.gateway.settings import GatewayConfig
 from kinshasa.gateway.store import install_gateway_tables
 from kinshasa.kernel.admin import admin_app, load_or_create_internal_token
@@ -35,16 +36,19 @@ from kinshasa.kernel.housekeeping import Housekeeper, housekeeping_policy
 from kinshasa.kernel.install import install_kernel_tables
 from kinshasa.kernel.metrics import ComponentMetrics
 from kinshasa.kernel.relay import OutboxRelay
-from kinshasa.schemas.catalogue import CATALOGUE
 from kinshasa.schemas.operations import OperationCatalogue
 from kinshasa.settings import StackSettings
 from kinshasa.topics.admin import ensure_topics
+from kinshasa.topics.catalogue import ALERTS, RUNS, TopicSpec, catalogue_topic_spec, dlq_topic
 from kinshasa.topics.catalogue import catalogue as topic_catalogue
 from kinshasa.topics.consumer import AsyncConsumer
+from kinshasa.topics.declarations import DeclarationFollower
 from kinshasa.topics.producer import AsyncProducer
 
 log = logging.getLogger(__name__)
 COMPONENT = "gateway"
+# How soon the listener's pattern subscription notices a new service's events topic.
+METADATA_REFRESH_MS = 2_000
 
 
 class Gateway:
@@ -54,12 +58,10 @@ class Gateway:
         self,
         settings: GatewayConfig,
         stack: StackSettings,
-        catalogue: OperationCatalogue = CATALOGUE,
         registry: PrincipalRegistry | None = None,
     ) -> None:
         self.settings = settings
         self.stack = stack
-        self.catalogue = catalogue
         self.engine = create_engine(settings.resolved_database_url(stack, COMPONENT))
         self.registry = (
             registry
@@ -86,8 +88,11 @@ class Gateway:
             metrics=self.metrics,
             outbox=OutboxDeadLetters(self.engine),
         )
+        self.book = ServiceBook(self.engine, on_change=self._catalogue_changed, on_alert=self._alerted,
+                                webhook=settings.alert_webhook_url is not None)
+        self.follower: DeclarationFollower | None = None
         self.backends = Backends(
-            catalogue,
+            self.book,
             settings.service_urls,
             settings.coordinator_url,
             settings.admin_urls,
@@ -97,7 +102,7 @@ class Gateway:
         self.services = Services(
             settings=settings,
             engine=self.engine,
-            catalogue=catalogue,
+            book=self.book,
             registry=self.registry,
             policies=self.policies,
             writer=CommandWriter(self.engine, self.policies, self.webhook, self._wake),
@@ -106,12 +111,40 @@ class Gateway:
             local_dlq=self.dlq,
             wake_relay=self._wake,
         )
-        self.schema = build_schema(
-            catalogue, dev_mode=settings.dev_mode, extensions=schema_extensions(settings)
-        )
+        self.schema: Any = None
+        self.graphql_app: Any = None
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[Any]] = []
+        self._catalogue_changed(self.book.catalogue)
         self.app = create_app(self)
+
+    @property
+    def catalogue(self) -> OperationCatalogue:
+        return self.book.catalogue
+
+    def _catalogue_changed(self, catalogue: OperationCatalogue) -> None:
+        """Build the schema for the new catalogue and serve it from the next request on.
+
+        A request already running keeps the app (schema, parser and validation caches) it started with:
+        `GraphQLSwitch` reads `graphql_app` once per request.
+        """
+        self.schema = build_schema(
+            catalogue, dev_mode=self.settings.dev_mode, extensions=schema_extensions(self.settings),
+            declarations=self.book.declarations,
+        )
+        self.graphql_app = graphql_app(self, self.schema)
+        log.info("GraphQL schema built: %d agent operation(s) from %d service(s)", len(catalogue),
+                 len(self.book.declarations))
+
+    def _alerted(self, alert: Any) -> None:
+        if self.webhook.url is not None:
+            self.webhook.send_later(alert)
+
+    def own_topics(self) -> list[TopicSpec]:
+        """The topics the gateway itself needs: run facts, alerts, the catalogue and its DLQ."""
+        wanted = {RUNS, ALERTS, dlq_topic(GROUP)}
+        specs = [spec for spec in topic_catalogue([], groups=[GROUP]) if spec.name in wanted]
+        return [*specs, catalogue_topic_spec(name=self.settings.catalogue_topic)]
 
     def _wake(self) -> None:
         if self.relay is not None:
@@ -122,10 +155,12 @@ class Gateway:
         await install_gateway_tables(self.engine)
 
     async def start(self) -> None:
-        """Create tables, start the releaser; with `background` also topics, the relay, the outbox
-        housekeeper and the listener."""
+        """Create tables, load the accepted services and follow the catalogue, start the releaser; with
+        `background` also the relay, the outbox housekeeper and the listener."""
         await self.install()
         self._stop.clear()
+        await self.book.load()
+        await self._follow_catalogue()
         releaser = Releaser(
             self.engine, self.settings.releaser_interval_s, self.settings.releaser_batch, self._wake
         )
@@ -133,7 +168,6 @@ class Gateway:
         if not self.settings.background:
             return
         bootstrap = self.stack.kafka_bootstrap
-        await asyncio.to_thread(ensure_topics, bootstrap, topic_catalogue())
         self.producer = AsyncProducer(bootstrap, client_id="kinshasa-gateway")
         self.relay = OutboxRelay(self.engine, self.producer, on_publish_failure=self.metrics.publish_failed)
         self._tasks.append(
@@ -141,7 +175,10 @@ class Gateway:
         )
         housekeeper = Housekeeper(self.engine, housekeeping_policy(self.settings))
         self._tasks.append(asyncio.create_task(housekeeper.run(self._stop), name="gateway-housekeeping"))
-        consumer = AsyncConsumer(bootstrap, GROUP, listened_topics(self.catalogue))
+        # A pattern, so the events of a service registered later are heard too (new topics are found at
+        # the next metadata refresh).
+        consumer = AsyncConsumer(bootstrap, GROUP, listened_topics(),
+                                 extra_config={"topic.metadata.refresh.interval.ms": METADATA_REFRESH_MS})
         handler = guarded_handler(
             self.listener.handle,
             store=SqlDeadLetterStore(self.engine),
@@ -150,6 +187,24 @@ class Gateway:
             metrics=self.metrics,
         )
         self._tasks.append(asyncio.create_task(consumer.run(handler, self._stop), name="gateway-listener"))
+
+    async def _follow_catalogue(self) -> None:
+        """Read every service declaration published so far before serving, then keep following."""
+        await asyncio.to_thread(ensure_topics, self.stack.kafka_bootstrap, self.own_topics())
+        self.follower = DeclarationFollower(self.stack.kafka_bootstrap, self.book.offer,
+                                            self.settings.catalogue_topic)
+        task = asyncio.create_task(self.follower.run(self._stop), name="gateway-catalogue")
+        self._tasks.append(task)
+        caught_up = asyncio.create_task(self.follower.caught_up.wait())
+        await asyncio.wait([caught_up, task], timeout=self.settings.catalogue_wait_s,
+                           return_when=asyncio.FIRST_COMPLETED)
+        caught_up.cancel()
+        if task.done():
+            task.result()  # the follower failed at start: say why, do not serve an empty schema
+        if not self.follower.caught_up.is_set():
+            log.warning("the catalogue topic %s was not read to its end within %.0f s: serving the %d "
+                        "service(s) accepted so far", self.settings.catalogue_topic,
+                        self.settings.catalogue_wait_s, len(self.book.declarations))
 
     async def stop(self) -> None:
         self._stop.set()
@@ -190,6 +245,50 @@ class GatewayRouter(GraphQLRouter[GatewayContext, None]):
         return parsed
 
 
+def graphql_app(gateway: Gateway, schema: Any) -> FastAPI:
+    """An app serving /graphql on one schema; the gateway builds a new one when the catalogue changes."""
+    app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
+
+    async def get_context(request: Request) -> GatewayContext:
+        return gateway.context(request)
+
+    router = GatewayRouter(
+        schema,
+        context_getter=get_context,
+        graphql_ide="graphiql" if gateway.settings.dev_mode else None,
+        allow_queries_via_get=False,
+        multipart_uploads_enabled=False,
+    )
+    app.include_router(router, prefix="/graphql")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        # Strawberry refuses malformed JSON and batches with an HTTPException; answer in GraphQL's shape.
+        if exc.status_code < 500:
+            return Response(
+                error_body(str(exc.detail)), status_code=exc.status_code, media_type="application/json"
+            )
+        return JSONResponse({"detail": exc.detail}, status_code=exc.status_code)
+
+    return app
+
+
+class GraphQLSwitch:
+    """ASGI middleware sending /graphql to the gateway's current GraphQL app, read once per request, so a
+    schema swap never changes the schema under a request already running."""
+
+    def __init__(self, app: Any, gateway: Gateway) -> None:
+        self.app = app
+        self.gateway = gateway
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] in ("http", "websocket") and scope.get("path", "").rstrip("/") == "/graphql":
+            current = self.gateway.graphql_app
+            await current(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
 def create_app(gateway: Gateway, manage_lifecycle: bool = True) -> FastAPI:
     """The FastAPI app: /graphql, plus /healthz, /admin/dlq and /metrics from the kernel's admin app."""
     settings = gateway.settings
@@ -208,30 +307,9 @@ def create_app(gateway: Gateway, manage_lifecycle: bool = True) -> FastAPI:
     app = FastAPI(
         title="Kinshasa gateway", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None
     )
-
-    async def get_context(request: Request) -> GatewayContext:
-        return gateway.context(request)
-
-    router = GatewayRouter(
-        gateway.schema,
-        context_getter=get_context,
-        graphql_ide="graphiql" if settings.dev_mode else None,
-        allow_queries_via_get=False,
-        multipart_uploads_enabled=False,
-    )
-    app.include_router(router, prefix="/graphql")
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
-        # Strawberry refuses malformed JSON and batches with an HTTPException; answer in GraphQL's shape.
-        if request.url.path.startswith("/graphql") and exc.status_code < 500:
-            return Response(
-                error_body(str(exc.detail)), status_code=exc.status_code, media_type="application/json"
-            )
-        return JSONResponse({"detail": exc.detail}, status_code=exc.status_code)
-
     admin = admin_app(COMPONENT, token=gateway.internal_token, dlq_api=gateway.dlq, metrics=gateway.metrics)
     app.mount("/", admin)
+    app.add_middleware(GraphQLSwitch, gateway=gateway)
     app.add_middleware(RequestGuard, limit=settings.max_request_bytes)
     return app
 

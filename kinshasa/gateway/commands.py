@@ -304,7 +304,7 @@ class CommandWriter:
             payload=write.payload,
         )
         wire = envelope.to_bytes()
-        window = policy.window_for(spec.command_type)
+        window = policy.window_for(spec.command_type, spec.window_s)
         release_at: datetime | None = None
         if spec.egress:
             status = store.AWAITING_APPROVAL

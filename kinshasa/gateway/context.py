@@ -15,6 +15,7 @@ from kinshasa.gateway.errors import Forbidden, Unauthenticated
 from kinshasa.gateway.policy import PolicyBook
 from kinshasa.gateway.principals import Principal, PrincipalRegistry
 from kinshasa.gateway.reads import Backends
+from kinshasa.gateway.service_book import ServiceBook
 from kinshasa.gateway.settings import GatewayConfig
 from kinshasa.schemas.operations import OperationCatalogue
 
@@ -25,7 +26,7 @@ class Services:
 
     settings: GatewayConfig
     engine: AsyncEngine
-    catalogue: OperationCatalogue
+    book: ServiceBook
     registry: PrincipalRegistry
     policies: PolicyBook
     writer: CommandWriter
@@ -34,6 +35,11 @@ class Services:
     # The gateway's own DLQ (kernel DeadLetterQueue), read in-process rather than over HTTP.
     local_dlq: Any = None
     wake_relay: Callable[[], None] | None = None
+
+    @property
+    def catalogue(self) -> OperationCatalogue:
+        """The operations of every accepted service, as of now."""
+        return self.book.catalogue
 
 
 class GatewayContext(BaseContext):

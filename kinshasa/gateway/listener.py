@@ -1,7 +1,7 @@
 """What the gateway learns back over Kafka: per-command results (errors feed the breaker), revert outcomes
 and the alerts other components raise.
 
-Consumes every `kinshasa.events.<service>` topic, `kinshasa.runs` and `kinshasa.alerts` in the group
+Consumes every `kinshasa.events.<service>` topic (a pattern subscription), `kinshasa.runs` and `kinshasa.alerts` in the group
 `kinshasa.gateway`. Each message is handled in one transaction with its inbox row, so a redelivery has
 no second effect.
 """
@@ -34,8 +34,7 @@ from kinshasa.gateway.uow import GatewayTx, transaction
 from kinshasa.kernel.inbox import Inbox
 from kinshasa.kernel.logs import log_context
 from kinshasa.schemas.envelope import Actor, Envelope, EventSuffix, RunEventKind, split_type
-from kinshasa.schemas.operations import OperationCatalogue
-from kinshasa.topics.catalogue import ALERTS, RUNS, events_topic, group_id
+from kinshasa.topics.catalogue import ALERTS, RUNS, events_topic_pattern, group_id
 from kinshasa.topics.consumer import Record
 
 log = logging.getLogger(__name__)
@@ -44,8 +43,10 @@ GROUP = group_id("gateway")
 GATEWAY = Actor(kind="system", id="gateway")
 
 
-def listened_topics(catalogue: OperationCatalogue) -> list[str]:
-    return [events_topic(service) for service in catalogue.services] + [RUNS, ALERTS]
+def listened_topics() -> list[str]:
+    """Every service's events topic (by pattern, so services registered later are included), run facts
+    and alerts."""
+    return [events_topic_pattern(), RUNS, ALERTS]
 
 
 class Listener:

@@ -69,8 +69,13 @@ class EffectivePolicy:
     auto_revert: bool
     version: int = 0
 
-    def window_for(self, command_type: str) -> float:
-        return self.operation_windows.get(command_type, self.quarantine_window_s)
+    def window_for(self, command_type: str, declared: float | None = None) -> float:
+        """The operator's window for this operation if set; else the longer of the service's declared
+        default and the policy's window (a service may ask for more quarantine, never for less)."""
+        override = self.operation_windows.get(command_type)
+        if override is not None:
+            return override
+        return max(self.quarantine_window_s, declared or 0.0)
 
     def thresholds(self) -> dict[str, float]:
         return {

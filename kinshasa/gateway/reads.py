@@ -7,14 +7,20 @@ BACKEND_UNAVAILABLE error naming it and the setting to fix, never a hang or a 50
 from __future__ import annotations
 
 import asyncio
+import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 import httpx
 
 from kinshasa.gateway.errors import BackendUnavailable, Invalid
-from kinshasa.schemas.operations import OperationCatalogue
+
+if TYPE_CHECKING:
+    from kinshasa.gateway.service_book import ServiceBook
+
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -31,7 +37,7 @@ class Backends:
 
     def __init__(
         self,
-        catalogue: OperationCatalogue,
+        book: ServiceBook,
         service_urls: dict[str, str],
         coordinator_url: str | None,
         admin_urls: dict[str, str],
@@ -42,26 +48,31 @@ class Backends:
         self._coordinator_url = coordinator_url.rstrip("/") if coordinator_url else None
         self._admin_urls = {k: v.rstrip("/") for k, v in admin_urls.items()}
         self._token = internal_token
-        # Entity type -> owning service, from the catalogue: the gateway knows no service's internals.
-        self._owner = {spec.entity_type: spec.service for spec in catalogue}
+        # Services and their read APIs come from their declarations: the gateway knows no service's internals.
+        self._book = book
         self._client = httpx.AsyncClient(timeout=timeout_s)
 
     async def close(self) -> None:
         await self._client.aclose()
 
+    def _declared_admin_urls(self) -> dict[str, str]:
+        declared = {name: d.endpoints.admin for name, d in self._book.declarations.items() if d.endpoints.admin}
+        return {k: v.rstrip("/") for k, v in declared.items()} | self._admin_urls
+
     @property
     def components(self) -> list[str]:
-        return sorted(self._admin_urls)
+        return sorted(self._declared_admin_urls())
 
     def _service_url(self, service: str) -> str:
-        url = self._service_urls.get(service)
+        declaration = self._book.declaration(service)
+        url = self._service_urls.get(service) or (declaration.endpoints.read if declaration else None)
         if url is None:
             raise BackendUnavailable(
-                f"the {service} read API is not configured: set KINSHASA_GATEWAY_SERVICE_URLS to a JSON "
-                f'such as \'{{"{service}": "http://127.0.0.1:8101"}}\'',
+                f"the {service} service has not said where its read API is: it publishes that in its "
+                "declaration when it starts; an operator can also set KINSHASA_GATEWAY_SERVICE_URLS",
                 backend=service,
             )
-        return url
+        return url.rstrip("/")
 
     async def _get(
         self,
@@ -74,50 +85,45 @@ class Backends:
         try:
             response = await self._client.get(url, params=params, headers=headers)
         except httpx.HTTPError as exc:
+            # The URL stays in the log: callers are told which component, never where it lives.
+            log.warning("%s did not answer at %s: %r", backend, url, exc)
             raise BackendUnavailable(
-                f"{backend} did not answer at {url} ({type(exc).__name__}); check it is running and the "
-                "gateway's URL setting for it",
+                f"{backend} did not answer ({type(exc).__name__}); retry later, and tell an operator if it "
+                "persists",
                 backend=backend,
             ) from exc
         if response.status_code == 404 and allow_404:
             return None
         if response.status_code >= 400:
+            log.warning("%s answered %d at %s: %s", backend, response.status_code, url, response.text[:300])
             raise BackendUnavailable(
-                f"{backend} answered {response.status_code} at {url}",
-                backend=backend,
-                status=response.status_code,
+                f"{backend} answered {response.status_code}", backend=backend, status=response.status_code
             )
         try:
             return response.json()
         except ValueError as exc:
-            raise BackendUnavailable(f"{backend} answered non-JSON at {url}", backend=backend) from exc
+            raise BackendUnavailable(f"{backend} answered something that is not JSON", backend=backend) from exc
 
-    async def entity(self, entity_type: str, entity_id: str) -> dict[str, Any] | None:
-        service = self._owner[entity_type]
-        url = (
-            f"{self._service_url(service)}/entities/{quote(entity_type, safe='')}/{quote(entity_id, safe='')}"
-        )
-        result = await self._get(service, url)
+    def _entity_url(self, service: str, entity_type: str, entity_id: str | None = None) -> str:
+        url = f"{self._service_url(service)}/entities/{quote(entity_type, safe='')}"
+        return url if entity_id is None else f"{url}/{quote(entity_id, safe='')}"
+
+    async def entity(self, service: str, entity_type: str, entity_id: str) -> dict[str, Any] | None:
+        """The entity's current state from its service's read API; None when it has none."""
+        result = await self._get(service, self._entity_url(service, entity_type, entity_id))
         return result if isinstance(result, dict) else None
 
-    async def versions(self, entity_type: str, entity_id: str) -> list[dict[str, Any]]:
-        service = self._owner[entity_type]
-        url = (
-            f"{self._service_url(service)}/entities/{quote(entity_type, safe='')}/"
-            f"{quote(entity_id, safe='')}/versions"
-        )
-        result = await self._get(service, url)
-        return list(result) if isinstance(result, list) else []
+    async def versions(self, service: str, entity_type: str, entity_id: str) -> list[dict[str, Any]]:
+        """Every version of the entity, oldest first; empty when it never existed."""
+        result = await self._get(service, self._entity_url(service, entity_type, entity_id) + "/versions")
+        if isinstance(result, dict):
+            result = result.get("versions")
+        return [v for v in result if isinstance(v, dict)] if isinstance(result, list) else []
 
-    async def links_of(self, entity_id: str) -> list[dict[str, Any]]:
-        service = self._owner["link"]
-        result = await self._get(service, f"{self._service_url(service)}/links", {"entity_id": entity_id})
-        return list(result or [])
-
-    async def emails_of(self, run_id: str) -> list[dict[str, Any]]:
-        service = self._owner["email"]
-        result = await self._get(service, f"{self._service_url(service)}/emails", {"run_id": run_id})
-        return list(result or [])
+    async def listed(self, service: str, entity_type: str, field: str, value: str) -> list[dict[str, Any]]:
+        """Entities of a type whose declared list field has `value` (`GET /entities/{type}?field=value`)."""
+        result = await self._get(service, self._entity_url(service, entity_type), {field: value})
+        return [v for v in result if isinstance(v, dict)] if isinstance(result, list) else []
 
     async def steps(self, run_id: str, limit: int, before: int | None) -> StepsPage:
         """A page of the run's steps; an empty page when the ledger has not seen the run yet (404)."""
@@ -144,7 +150,7 @@ class Backends:
         )
 
     def _admin(self, component: str) -> str:
-        url = self._admin_urls.get(component)
+        url = self._declared_admin_urls().get(component)
         if url is None:
             raise Invalid(
                 f"unknown component {component!r}: known are {', '.join(self.components) or 'none'} "
@@ -186,8 +192,9 @@ class Backends:
                 headers={"Authorization": f"Bearer {self._token}"},
             )
         except httpx.HTTPError as exc:
+            log.warning("%s did not answer at %s: %r", component, url, exc)
             raise BackendUnavailable(
-                f"{component} did not answer at {url} ({type(exc).__name__})", backend=component
+                f"{component} did not answer ({type(exc).__name__})", backend=component
             ) from exc
         if response.status_code >= 400:
             raise BackendUnavailable(

@@ -12,7 +12,7 @@ import inspect
 import logging
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import datetime, timedelta
 from typing import Annotated, Any, NewType, Union
 
@@ -33,6 +33,7 @@ from kinshasa.gateway import runs as runs_mod
 from kinshasa.gateway.alerts import list_alerts
 from kinshasa.gateway.commands import Receipt, get_command, list_commands
 from kinshasa.gateway.context import GatewayContext
+from kinshasa.gateway.entity_reads import Entity, ReadWiring, entity_query, typed_reads
 from kinshasa.gateway.errors import (
     BackendUnavailable,
     Forbidden,
@@ -44,8 +45,10 @@ from kinshasa.gateway.errors import (
 )
 from kinshasa.gateway.uow import transaction
 from kinshasa.kernel.logs import log_context
+from kinshasa.schemas.declaration import ServiceDeclaration
 from kinshasa.schemas.envelope import Actor, utcnow
 from kinshasa.schemas.operations import OperationCatalogue, OperationSpec
+from kinshasa.schemas.payloads import error_messages
 
 log = logging.getLogger(__name__)
 
@@ -432,95 +435,6 @@ class RunConnection:
 
 
 @strawberry.type
-class Document:
-    id: strawberry.ID
-    title: str | None
-    body: str | None
-    status: str | None
-    version: int | None
-    state: JSON
-
-    @classmethod
-    def of(cls, state: dict[str, Any]) -> "Document":
-        return cls(
-            id=strawberry.ID(str(state.get("id"))),
-            title=state.get("title"),
-            body=state.get("body"),
-            status=state.get("status"),
-            version=state.get("version"),
-            state=JSON(state),
-        )
-
-
-@strawberry.type
-class Account:
-    id: strawberry.ID
-    name: str | None
-    currency: str | None
-    status: str | None
-    balance_cents: Long | None
-    version: int | None
-    state: JSON
-
-    @classmethod
-    def of(cls, state: dict[str, Any]) -> "Account":
-        balance = state.get("balance_cents")
-        return cls(
-            id=strawberry.ID(str(state.get("id"))),
-            name=state.get("name"),
-            currency=state.get("currency"),
-            status=state.get("status"),
-            balance_cents=Long(balance) if isinstance(balance, int) else None,
-            version=state.get("version"),
-            state=JSON(state),
-        )
-
-
-@strawberry.type
-class Link:
-    id: strawberry.ID
-    from_id: str | None
-    to_id: str | None
-    kind: str | None
-    status: str | None
-    state: JSON
-
-    @classmethod
-    def of(cls, state: dict[str, Any]) -> "Link":
-        return cls(
-            id=strawberry.ID(str(state.get("id"))),
-            from_id=state.get("from_id"),
-            to_id=state.get("to_id"),
-            kind=state.get("kind"),
-            status=state.get("status"),
-            state=JSON(state),
-        )
-
-
-@strawberry.type
-class Email:
-    id: strawberry.ID
-    to: str | None
-    subject: str | None
-    body: str | None
-    status: str | None
-    run_id: str | None
-    state: JSON
-
-    @classmethod
-    def of(cls, state: dict[str, Any]) -> "Email":
-        return cls(
-            id=strawberry.ID(str(state.get("id"))),
-            to=state.get("to"),
-            subject=state.get("subject"),
-            body=state.get("body"),
-            status=state.get("status"),
-            run_id=state.get("run_id"),
-            state=JSON(state),
-        )
-
-
-@strawberry.type
 class AlertThreshold:
     name: str
     count: float
@@ -776,7 +690,13 @@ def _payload(spec: OperationSpec, values: dict[str, Any], prefix: str) -> BaseMo
     try:
         return spec.payload_model.model_validate(data)
     except ValidationError as exc:
-        raise invalid_from_pydantic(exc, prefix) from exc
+        if spec.payload_schema is None:
+            raise invalid_from_pydantic(exc, prefix) from exc
+        # The service's own words (errorMessage in its declared schema) where it gave them.
+        fields = [(prefix + (".".join(camel(str(p)) for p in loc) or "input"), message)
+                  for loc, message in error_messages(spec.payload_schema, exc)]
+        summary = "; ".join(f"{path}: {problem}" for path, problem in fields)
+        raise Invalid(f"invalid input: {summary}", fields) from exc
 
 
 def build_agent_mutation(spec: OperationSpec) -> Any:
@@ -957,32 +877,6 @@ class Query:
             await conn.rollback()
         await _visible_run(info, row["run_id"])
         return CommandReceipt.of(Receipt.from_row(row))
-
-    @strawberry.field(
-        permission_classes=AUTHENTICATED, description="Current state; null if it does not exist."
-    )
-    async def document(self, info: strawberry.Info, id: strawberry.ID) -> Document | None:
-        _bounded(str(id), "id")
-        state = await _ctx(info).services.backends.entity("document", str(id))
-        return None if state is None else Document.of(state)
-
-    @strawberry.field(
-        permission_classes=AUTHENTICATED, description="Current state; null if it does not exist."
-    )
-    async def account(self, info: strawberry.Info, id: strawberry.ID) -> Account | None:
-        _bounded(str(id), "id")
-        state = await _ctx(info).services.backends.entity("account", str(id))
-        return None if state is None else Account.of(state)
-
-    @strawberry.field(permission_classes=AUTHENTICATED, description="Active links touching an entity.")
-    async def links(self, info: strawberry.Info, entity_id: strawberry.ID) -> list[Link]:
-        _bounded(str(entity_id), "entityId")
-        return [Link.of(s) for s in await _ctx(info).services.backends.links_of(str(entity_id))]
-
-    @strawberry.field(permission_classes=AUTHENTICATED, description="Emails a run sent.")
-    async def emails(self, info: strawberry.Info, run_id: strawberry.ID) -> list[Email]:
-        await _visible_run(info, str(run_id))
-        return [Email.of(s) for s in await _ctx(info).services.backends.emails_of(str(run_id))]
 
     @strawberry.field(permission_classes=OPERATOR, description="Each component's dead letters.")
     async def dlq(self, info: strawberry.Info, first: int = 50) -> list[DlqComponent]:
@@ -1295,13 +1189,43 @@ class GatewaySchema(strawberry.Schema):
             code_errors(errors, log)
 
 
+def _static_type_names() -> set[str]:
+    names = {"Query", "Mutation", "Subscription", "Entity", "EntityVersion", "JSON", "Long"}
+    for value in list(globals().values()):
+        definition = getattr(value, "__strawberry_definition__", None)
+        if definition is not None:
+            names.add(definition.name)
+    return names
+
+
+def _backends(info: strawberry.Info) -> Any:
+    return _ctx(info).services.backends
+
+
+def build_query_type(declarations: Mapping[str, ServiceDeclaration]) -> type:
+    """Query: the hand-written reads, `entity`, and the reads generated from each service's read models."""
+    wiring = ReadWiring(permission=AUTHENTICATED, long_type=Long, visible_run=_visible_run, backends=_backends)
+    taken = {f.graphql_name or camel(f.python_name)
+             for f in Query.__strawberry_definition__.fields} | {"entity"}  # type: ignore[attr-defined]
+    namespace: dict[str, Any] = {"__module__": __name__, "entity": entity_query(wiring)}
+    namespace.update(typed_reads(declarations, taken, _static_type_names(), wiring))
+    cls = types.new_class("Query", (Query,), {}, lambda ns: ns.update(namespace))
+    return strawberry.type(cls)
+
+
 def build_schema(
-    catalogue: OperationCatalogue, *, dev_mode: bool, extensions: list[Any]
+    catalogue: OperationCatalogue,
+    *,
+    dev_mode: bool,
+    extensions: list[Any],
+    declarations: Mapping[str, ServiceDeclaration] | None = None,
 ) -> strawberry.Schema:
-    """The gateway schema for a catalogue; hardening extensions are passed in by the app."""
+    """The gateway schema for a catalogue and the declarations it came from; hardening extensions are
+    passed in by the app."""
     return GatewaySchema(
-        query=Query,
+        query=build_query_type(declarations or {}),
         mutation=build_mutation_type(catalogue),
+        types=[Entity],
         extensions=extensions,
         config=StrawberryConfig(disable_field_suggestions=not dev_mode, scalar_map={Long: LONG_SCALAR}),
     )

@@ -21,6 +21,9 @@ class GatewayConfig(GatewaySettings):
     # The shared internal token for admin endpoints; None reads/creates <data_dir>/internal-token.
     internal_token: str | None = None
     http_timeout_s: float = 3.0
+    # Where services publish their declarations, and how long start waits to have read all of them.
+    catalogue_topic: str = "kinshasa.catalogue"
+    catalogue_wait_s: float = 15.0
 
     # Hardening: a hostile document is refused by these before any resolver runs.
     max_request_bytes: int = 262_144

@@ -157,7 +157,18 @@ policy_versions = Table(
     Column("created_at", UtcDateTime, nullable=False),
 )
 
-_APPEND_ONLY = ("gw_policy_versions",)
+# Every version of a service declaration the gateway accepted; the newest per service is what it serves.
+service_versions = Table(
+    "gw_service_versions",
+    gateway_metadata,
+    Column("service", String(64), primary_key=True),
+    Column("version", Integer, primary_key=True, autoincrement=False),
+    Column("digest", String(80), nullable=False),
+    Column("declaration", Text, nullable=False),
+    Column("accepted_at", UtcDateTime, nullable=False),
+)
+
+_APPEND_ONLY = ("gw_policy_versions", "gw_service_versions")
 
 
 def _append_only_ddl(dialect: str) -> list[str]:

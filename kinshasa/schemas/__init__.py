@@ -1,6 +1,5 @@
-"""Message contracts: the envelope, actors, entity references and the operation catalogue."""
+"""Message contracts: the envelope, actors, entity references, service declarations and operations."""
 
-from kinshasa.schemas.catalogue import CATALOGUE
 from kinshasa.schemas.envelope import (
     APPLIED,
     COMPENSATE,
@@ -32,7 +31,6 @@ from kinshasa.schemas.operations import OperationCatalogue, OperationSpec, Unkno
 
 __all__ = [
     "APPLIED",
-    "CATALOGUE",
     "COMPENSATE",
     "COMPENSATED",
     "COMPENSATION_FAILED",

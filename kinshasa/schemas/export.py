@@ -11,7 +11,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from kinshasa.schemas.catalogue import CATALOGUE
+from kinshasa.schemas.declaration import ServiceDeclaration
 from kinshasa.schemas.envelope import (
     COMPENSATE,
     CompensatePayload,
@@ -20,23 +20,19 @@ from kinshasa.schemas.envelope import (
     RejectedPayload,
     RunEventKind,
 )
-from kinshasa.schemas.operations import OperationCatalogue, OperationSpec
 
 SCHEMA_DIR = Path(__file__).resolve().parent / "json"
-CATALOGUE_FILE = "catalogue.json"
+VOCABULARY_FILE = "vocabulary.json"
 JSON_SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
 REGENERATE_HINT = "run `python -m kinshasa.schemas.export` and commit kinshasa/schemas/json/"
 
+# Operation payloads are not here: each service declares its own on kinshasa.catalogue.
 MESSAGE_MODELS: dict[str, type[BaseModel]] = {
     "envelope.schema.json": Envelope,
     "compensate.schema.json": CompensatePayload,
     "rejected.schema.json": RejectedPayload,
+    "declaration.schema.json": ServiceDeclaration,
 }
-
-
-def schema_filename(spec: OperationSpec) -> str:
-    """The file holding an operation's payload schema, e.g. `documents.rename.schema.json`."""
-    return f"{spec.command_type}.schema.json"
 
 
 def _dump(document: Any) -> str:
@@ -44,48 +40,30 @@ def _dump(document: Any) -> str:
 
 
 def _schema(model: type[BaseModel]) -> dict[str, Any]:
-    return {"$schema": JSON_SCHEMA_DIALECT, **model.model_json_schema()}
+    return {"$schema": JSON_SCHEMA_DIALECT, **model.model_json_schema(by_alias=True)}
 
 
-def _catalogue_document(catalogue: OperationCatalogue) -> dict[str, Any]:
-    operations = [
-        {
-            "command_type": spec.command_type,
-            "compensate_type": None if spec.egress else spec.compensate_type,
-            "creates": spec.creates,
-            "description": spec.description,
-            "egress": spec.egress,
-            "entity_key": spec.entity_key,
-            "entity_type": spec.entity_type,
-            "graphql_name": spec.graphql_name,
-            "name": spec.name,
-            "payload_schema": schema_filename(spec),
-            "service": spec.service,
-        }
-        for spec in sorted(catalogue, key=lambda s: s.command_type)
-    ]
+def _vocabulary() -> dict[str, Any]:
+    """The message-type words every service and component shares."""
     return {
         "compensate_suffix": COMPENSATE,
         "event_suffixes": [suffix.value for suffix in EventSuffix],
         "messages": {model.__name__: name for name, model in MESSAGE_MODELS.items()},
-        "operations": operations,
         "run_event_types": [kind.type for kind in RunEventKind],
     }
 
 
-def render_json_schemas(catalogue: OperationCatalogue = CATALOGUE) -> dict[str, str]:
+def render_json_schemas() -> dict[str, str]:
     """Every exported file's name and exact text, without touching the disk."""
     files = {name: _dump(_schema(model)) for name, model in MESSAGE_MODELS.items()}
-    for spec in catalogue:
-        files[schema_filename(spec)] = _dump(_schema(spec.payload_model))
-    files[CATALOGUE_FILE] = _dump(_catalogue_document(catalogue))
+    files[VOCABULARY_FILE] = _dump(_vocabulary())
     return files
 
 
-def export_json_schemas(target_dir: Path, catalogue: OperationCatalogue = CATALOGUE) -> list[Path]:
+def export_json_schemas(target_dir: Path) -> list[Path]:
     """Write every schema file into target_dir, delete JSON files no model produces; return the files."""
     target_dir.mkdir(parents=True, exist_ok=True)
-    expected = render_json_schemas(catalogue)
+    expected = render_json_schemas()
     written: list[Path] = []
     for name, text in sorted(expected.items()):
         path = target_dir / name
@@ -99,9 +77,9 @@ def export_json_schemas(target_dir: Path, catalogue: OperationCatalogue = CATALO
     return written
 
 
-def diff_json_schemas(target_dir: Path, catalogue: OperationCatalogue = CATALOGUE) -> list[str]:
+def diff_json_schemas(target_dir: Path) -> list[str]:
     """Names of files in target_dir that are missing, stale or extra compared with the models (sorted)."""
-    expected = render_json_schemas(catalogue)
+    expected = render_json_schemas()
     present = {path.name: path for path in target_dir.glob("*.json")} if target_dir.is_dir() else {}
     differing = set(present) - set(expected)
     for name, text in expected.items():

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
 from pydantic import BaseModel
 
@@ -48,6 +49,11 @@ class OperationSpec:
     creates: bool = False
     egress: bool = False
     description: str = ""
+    # The service's default quarantine window (None: the policy's) and the name of its declared inverse.
+    window_s: float | None = None
+    inverse: str | None = None
+    # The declared JSON Schema the model was compiled from, for the author's own error messages.
+    payload_schema: Mapping[str, Any] | None = field(default=None, hash=False, compare=False)
 
     def __post_init__(self) -> None:
         problems = list(self._problems())

@@ -3,18 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
+from pydantic import BaseModel, ConfigDict, StringConstraints
 from sqlalchemy import Column, MetaData, String, Text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from kinshasa.schemas.catalogue import (
-    ArchiveDocument,
-    CreateDocument,
-    EditDocument,
-    RenameDocument,
-    UnarchiveDocument,
-)
 from kinshasa.services.kit import (
     AppliedStep,
     CommandContext,
@@ -26,6 +20,7 @@ from kinshasa.services.kit import (
     Versions,
     versioned_table,
 )
+from kinshasa.services.kit.fields import NOT_BLANK, EntityId
 
 Status = Literal["active", "archived", "deleted"]
 ACTIVE: Status = "active"
@@ -42,7 +37,73 @@ document_versions = versioned_table(
 )
 versions = Versions(document_versions, "document_id")
 
-documents = Service("documents", metadata=metadata, domain_tables=[document_versions])
+documents = Service("documents", version=1, metadata=metadata, domain_tables=[document_versions],
+                     description="Documents with a title and a body; archived documents refuse changes.")
+
+TITLE_MAX = 200
+BODY_MAX = 100_000
+Title = Annotated[str, StringConstraints(min_length=1, max_length=TITLE_MAX), NOT_BLANK]
+Body = Annotated[str, StringConstraints(max_length=BODY_MAX)]
+
+
+# payloads: what agents send; the gateway validates them against the JSON Schema each one publishes
+
+
+class CreateDocument(BaseModel):
+    """Create a document; the gateway mints its id."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True,
+                              json_schema_extra={"examples": [{"title": "Q3 plan", "body": "Draft"}]})
+    title: Title
+    body: Body = ""
+
+
+class RenameDocument(BaseModel):
+    """Give an existing document a new title."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True,
+                              json_schema_extra={"examples": [{"document_id": "doc-1", "title": "Q4 plan"}]})
+    document_id: EntityId
+    title: Title
+
+
+class EditDocument(BaseModel):
+    """Replace the body of an existing document."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True,
+                              json_schema_extra={"examples": [{"document_id": "doc-1", "body": "Final"}]})
+    document_id: EntityId
+    body: Body
+
+
+class ArchiveDocument(BaseModel):
+    """Archive a document: it stays readable but refuses edits."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True,
+                              json_schema_extra={"examples": [{"document_id": "doc-1"}]})
+    document_id: EntityId
+
+
+class UnarchiveDocument(BaseModel):
+    """Bring an archived document back."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True,
+                              json_schema_extra={"examples": [{"document_id": "doc-1"}]})
+    document_id: EntityId
+
+
+class DocumentState(BaseModel):
+    """What `GET /entities/document/{id}` answers."""
+
+    id: str
+    version: int
+    title: str
+    body: str
+    status: Literal["active", "archived", "deleted"]
+    run_id: str | None
+    command_id: str
+    actor: str
+    recorded_at: str
 
 
 # domain errors
@@ -131,7 +192,9 @@ async def delete_created(conn: AsyncConnection, step: AppliedStep, ctx: CommandC
     await _write(conn, doc, ctx, status=DELETED)
 
 
-@documents.operation("create", inverse=delete_created)
+@documents.operation("create", payload=CreateDocument, mutation="createDocument", entity="document",
+                     inverse=delete_created,
+                     description="Create a document with a title and a body; returns its new id at once.")
 async def create(conn: AsyncConnection, cmd: CreateDocument, ctx: CommandContext) -> dict[str, Any]:
     check_absent(await versions.current(conn, ctx.entity_id), ctx.entity_id)
     await versions.append(conn, ctx.entity_id, ctx, after=None, title=cmd.title, body=cmd.body, status=ACTIVE)
@@ -145,7 +208,9 @@ async def rename_back(conn: AsyncConnection, step: AppliedStep, ctx: CommandCont
     await _write(conn, doc, ctx, title=step.data["old_title"])
 
 
-@documents.operation("rename", inverse=rename_back)
+@documents.operation("rename", payload=RenameDocument, mutation="renameDocument", entity="document",
+                     entity_id_field="document_id", inverse=rename_back,
+                     description="Change a document's title. Reverted by restoring the previous title.")
 async def rename(conn: AsyncConnection, cmd: RenameDocument, ctx: CommandContext) -> dict[str, Any]:
     doc = await _current(conn, cmd.document_id)
     check_not_archived(doc)
@@ -160,7 +225,9 @@ async def restore_body(conn: AsyncConnection, step: AppliedStep, ctx: CommandCon
     await _write(conn, doc, ctx, body=step.data["old_body"])
 
 
-@documents.operation("edit", inverse=restore_body)
+@documents.operation("edit", payload=EditDocument, mutation="editDocument", entity="document",
+                     entity_id_field="document_id", inverse=restore_body,
+                     description="Replace a document's body. Reverted by restoring the previous body.")
 async def edit(conn: AsyncConnection, cmd: EditDocument, ctx: CommandContext) -> dict[str, Any]:
     doc = await _current(conn, cmd.document_id)
     check_not_archived(doc)
@@ -179,7 +246,9 @@ async def unarchive_again(conn: AsyncConnection, step: AppliedStep, ctx: Command
     await _write(conn, doc, ctx, status=ACTIVE)
 
 
-@documents.operation("archive", inverse=unarchive_again)
+@documents.operation("archive", payload=ArchiveDocument, mutation="archiveDocument", entity="document",
+                     entity_id_field="document_id", inverse=unarchive_again,
+                     description="Archive a document. Reverted by unarchiving it.")
 async def archive(conn: AsyncConnection, cmd: ArchiveDocument, ctx: CommandContext) -> dict[str, Any]:
     doc = await _current(conn, cmd.document_id)
     check_not_archived(doc)
@@ -198,7 +267,9 @@ async def archive_again(conn: AsyncConnection, step: AppliedStep, ctx: CommandCo
     await _write(conn, doc, ctx, status=ARCHIVED)
 
 
-@documents.operation("unarchive", inverse=archive_again)
+@documents.operation("unarchive", payload=UnarchiveDocument, mutation="unarchiveDocument",
+                     entity="document", entity_id_field="document_id", inverse=archive_again,
+                     description="Unarchive a document. Reverted by archiving it again.")
 async def unarchive(conn: AsyncConnection, cmd: UnarchiveDocument, ctx: CommandContext) -> dict[str, Any]:
     doc = await _current(conn, cmd.document_id)
     check_archived(doc)
@@ -227,7 +298,7 @@ async def read_document_versions(conn: AsyncConnection, document_id: str) -> lis
     return [_public(row) for row in await versions.history(conn, document_id)]
 
 
-documents.read_model("document", current=read_document, versions=read_document_versions)
+documents.read_model("document", current=read_document, versions=read_document_versions, schema=DocumentState)
 
 
 async def domain_state(conn: AsyncConnection) -> dict[str, dict[str, Any]]:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from sqlalchemy import (
     BigInteger,
     Column,
@@ -19,7 +20,6 @@ from sqlalchemy import (
 )
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from kinshasa.schemas.catalogue import MEMO_MAX, OpenAccount, PostEntry
 from kinshasa.schemas.envelope import deterministic_id
 from kinshasa.services.kit import (
     AppliedStep,
@@ -33,6 +33,31 @@ from kinshasa.services.kit import (
     utc,
     versioned_table,
 )
+from kinshasa.services.kit.fields import NOT_BLANK, EntityId, NonZeroAmount
+
+NAME_MAX = 200
+MEMO_MAX = 500
+
+
+class OpenAccount(BaseModel):
+    """Open a ledger account in one currency; the gateway mints its id."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True,
+                              json_schema_extra={"examples": [{"name": "Petty cash", "currency": "EUR"}]})
+    name: Annotated[str, StringConstraints(min_length=1, max_length=NAME_MAX), NOT_BLANK]
+    currency: Annotated[str, StringConstraints(pattern=r"^[A-Z]{3}$")] = Field(
+        description="ISO 4217 code in upper case, e.g. EUR")
+
+
+class PostEntry(BaseModel):
+    """Post a signed amount to an account: positive credits, negative debits."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, json_schema_extra={
+        "examples": [{"account_id": "acc-1", "amount_cents": 1250, "memo": "coffee"}]})
+    account_id: EntityId
+    amount_cents: NonZeroAmount = Field(description="signed amount in minor units (cents); never zero")
+    memo: Annotated[str, StringConstraints(max_length=MEMO_MAX)] = ""
+
 
 AccountStatus = Literal["open", "closed"]
 OPEN: AccountStatus = "open"
@@ -65,7 +90,8 @@ entries = Table(
 )
 accounts = Versions(account_versions, "account_id")
 
-ledger = Service("ledger", metadata=metadata, domain_tables=[account_versions, entries])
+ledger = Service("ledger", version=1, metadata=metadata, domain_tables=[account_versions, entries],
+                 description="Accounts in one currency and integer-cent entries; undone by reversal.")
 
 
 # domain errors
@@ -148,7 +174,9 @@ async def close_opened(conn: AsyncConnection, step: AppliedStep, ctx: CommandCon
                           currency=account["currency"], status=CLOSED)
 
 
-@ledger.operation("open_account", inverse=close_opened)
+@ledger.operation("open_account", payload=OpenAccount, mutation="openAccount", entity="account",
+                  inverse=close_opened,
+                  description="Open an account in one currency; returns its new id at once.")
 async def open_account(conn: AsyncConnection, cmd: OpenAccount, ctx: CommandContext) -> dict[str, Any]:
     check_absent(await accounts.current(conn, ctx.entity_id), ctx.entity_id)
     await accounts.append(conn, ctx.entity_id, ctx, after=None, name=cmd.name, currency=cmd.currency,
@@ -170,7 +198,9 @@ async def reverse_entry(conn: AsyncConnection, step: AppliedStep, ctx: CommandCo
     ))
 
 
-@ledger.operation("post_entry", inverse=reverse_entry)
+@ledger.operation("post_entry", payload=PostEntry, mutation="postEntry", entity="account",
+                  entity_id_field="account_id", inverse=reverse_entry,
+                  description="Post a signed amount in cents to an account. Reverted by a reversing entry.")
 async def post_entry(conn: AsyncConnection, cmd: PostEntry, ctx: CommandContext) -> dict[str, Any]:
     check_open(await accounts.current(conn, cmd.account_id), cmd.account_id)
     # The command id names the entry, so the entry and the command that posted it are one fact.
@@ -220,6 +250,14 @@ async def read_account(conn: AsyncConnection, account_id: str) -> dict[str, Any]
             "entries": listed}
 
 
+async def account_snapshot(conn: AsyncConnection, account_id: str) -> dict[str, Any] | None:
+    """The account and its balance without its entries: what each entry's event shows before -> after."""
+    row = await accounts.current(conn, account_id)
+    if row is None:
+        return None
+    return {**_public_account(row), "balance_cents": await balance(conn, account_id)}
+
+
 async def read_account_versions(conn: AsyncConnection, account_id: str) -> list[dict[str, Any]]:
     return [_public_account(row) for row in await accounts.history(conn, account_id)]
 
@@ -230,6 +268,16 @@ async def read_entry(conn: AsyncConnection, entry_id: str) -> dict[str, Any] | N
         return None
     reversal = await _reversal_of(conn, entry_id)
     return _public_entry(row, reversal["entry_id"] if reversal else None)
+
+
+async def entries_of_run(conn: AsyncConnection, run_id: str) -> list[dict[str, Any]]:
+    """Every entry a run posted or reversed, oldest first."""
+    rows = (await conn.execute(select(entries).where(entries.c.run_id == run_id)
+                               .order_by(entries.c.recorded_at, entries.c.entry_id))).mappings().all()
+    reversed_by = {r["reverses"]: r["entry_id"] for r in (await conn.execute(
+        select(entries.c.entry_id, entries.c.reverses)
+        .where(entries.c.reverses.in_([r["entry_id"] for r in rows])))).mappings()}
+    return [_public_entry(r, reversed_by.get(r["entry_id"])) for r in rows]
 
 
 async def read_entry_versions(conn: AsyncConnection, entry_id: str) -> list[dict[str, Any]]:
@@ -244,8 +292,18 @@ async def read_entry_versions(conn: AsyncConnection, entry_id: str) -> list[dict
     return history
 
 
-ledger.read_model("account", current=read_account, versions=read_account_versions)
-ledger.read_model("entry", current=read_entry, versions=read_entry_versions)
+ledger.read_model("account", current=read_account, versions=read_account_versions,
+                  schema={"type": "object", "properties": {
+                      "id": {"type": "string"}, "version": {"type": "integer"}, "name": {"type": "string"},
+                      "currency": {"type": "string"}, "status": {"type": "string"},
+                      "balance_cents": {"type": "integer"}, "entries": {"type": "array"}}},
+                  snapshot=account_snapshot)
+ledger.read_model("entry", current=read_entry, versions=read_entry_versions,
+                  schema={"type": "object", "properties": {
+                      "id": {"type": "string"}, "account_id": {"type": "string"},
+                      "amount_cents": {"type": "integer"}, "memo": {"type": "string"},
+                      "kind": {"type": "string"}, "status": {"type": "string"}}},
+                  lists={"run_id": entries_of_run})
 
 
 async def domain_state(conn: AsyncConnection) -> dict[str, dict[str, Any]]:

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Query
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationInfo, field_validator
 from sqlalchemy import Column, Index, MetaData, String
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection
 
-from kinshasa.schemas.catalogue import ENTITY_ID_MAX, Link, Unlink
 from kinshasa.services.kit import (
     AppliedStep,
     CommandContext,
@@ -22,6 +21,36 @@ from kinshasa.services.kit import (
     serialize_on,
     versioned_table,
 )
+from kinshasa.services.kit.fields import ENTITY_ID_MAX, EntityId
+
+LinkKind = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[a-z][a-z0-9_-]*$")]
+
+
+class Link(BaseModel):
+    """Link two entities with a named relation; the gateway mints the link's id."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, json_schema_extra={
+        "examples": [{"from_id": "doc-1", "to_id": "doc-2", "kind": "references"}]})
+    from_id: EntityId
+    to_id: EntityId
+    kind: LinkKind = Field(description="relation name in lower case, e.g. `references`")
+
+    # Checked here, in the service: JSON Schema cannot compare two fields, so the gateway accepts the
+    # write and the service rejects it with this reason.
+    @field_validator("to_id")
+    @classmethod
+    def _distinct_ends(cls, value: str, info: ValidationInfo) -> str:
+        if value == info.data.get("from_id"):
+            raise ValueError("is the same entity as from_id: a link needs two different ends")
+        return value
+
+
+class Unlink(BaseModel):
+    """Remove a link."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, json_schema_extra={"examples": [{"link_id": "l-1"}]})
+    link_id: EntityId
+
 
 LinkStatus = Literal["active", "removed"]
 ACTIVE: LinkStatus = "active"
@@ -39,7 +68,8 @@ link_versions = versioned_table(
 )
 versions = Versions(link_versions, "link_id")
 
-links = Service("links", metadata=metadata, domain_tables=[link_versions])
+links = Service("links", version=1, metadata=metadata, domain_tables=[link_versions],
+                description="Named relations between any two entities.")
 
 
 # domain errors
@@ -126,7 +156,8 @@ async def unlink_created(conn: AsyncConnection, step: AppliedStep, ctx: CommandC
     await _write(conn, link, ctx, REMOVED)
 
 
-@links.operation("link", inverse=unlink_created)
+@links.operation("link", payload=Link, mutation="link", entity="link", inverse=unlink_created,
+                 description="Link two entities with a named relation; returns the new link id at once.")
 async def link(conn: AsyncConnection, cmd: Link, ctx: CommandContext) -> dict[str, Any]:
     check_absent(await versions.current(conn, ctx.entity_id), ctx.entity_id)
     await check_no_duplicate(conn, cmd.from_id, cmd.to_id, cmd.kind)
@@ -144,7 +175,8 @@ async def relink(conn: AsyncConnection, step: AppliedStep, ctx: CommandContext) 
     await _write(conn, link, ctx, ACTIVE)
 
 
-@links.operation("unlink", inverse=relink)
+@links.operation("unlink", payload=Unlink, mutation="unlink", entity="link", entity_id_field="link_id",
+                 inverse=relink, description="Remove a link. Reverted by restoring it.")
 async def unlink(conn: AsyncConnection, cmd: Unlink, ctx: CommandContext) -> dict[str, Any]:
     current = check_exists(await versions.current(conn, cmd.link_id), cmd.link_id)
     check_active(current)
@@ -170,9 +202,6 @@ async def read_link_versions(conn: AsyncConnection, link_id: str) -> list[dict[s
     return [_public(row) for row in await versions.history(conn, link_id)]
 
 
-links.read_model("link", current=read_link, versions=read_link_versions)
-
-
 async def active_links_of(conn: AsyncConnection, entity_id: str) -> list[dict[str, Any]]:
     """Active links with `entity_id` at either end, for the gateway's `links(entityId)` read."""
     c = link_versions.c
@@ -180,19 +209,12 @@ async def active_links_of(conn: AsyncConnection, entity_id: str) -> list[dict[st
     return [_public(row) for row in touching if row["status"] == ACTIVE]
 
 
-@links.router
-def _links_router(engine: AsyncEngine) -> APIRouter:
-    router = APIRouter()
-
-    @router.get("/links")
-    async def links_of(
-        entity_id: str = Query(..., min_length=1, max_length=ENTITY_ID_MAX),
-    ) -> list[dict[str, Any]]:
-        """Active links touching an entity (either end)."""
-        async with engine.connect() as conn:
-            return await active_links_of(conn, entity_id)
-
-    return router
+links.read_model("link", current=read_link, versions=read_link_versions,
+                 schema={"type": "object", "properties": {
+                     "id": {"type": "string"}, "version": {"type": "integer"},
+                     "from_id": {"type": "string"}, "to_id": {"type": "string"},
+                     "kind": {"type": "string"}, "status": {"type": "string"}}},
+                 lists={"entity_id": active_links_of})
 
 
 async def domain_state(conn: AsyncConnection) -> dict[str, dict[str, Any]]:

@@ -7,13 +7,12 @@ import smtplib
 from collections.abc import Mapping
 from email.message import EmailMessage
 from email.utils import format_datetime
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Query
+from pydantic import BaseModel, ConfigDict, StringConstraints
 from sqlalchemy import Column, MetaData, String, Text
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection
 
-from kinshasa.schemas.catalogue import EMAIL_MAX, SUBJECT_MAX, SendEmail
 from kinshasa.services.kit import (
     CommandContext,
     EntityExistsError,
@@ -21,7 +20,9 @@ from kinshasa.services.kit import (
     Versions,
     versioned_table,
 )
+from kinshasa.services.kit.fields import EMAIL_MAX, SINGLE_LINE, Email
 
+SUBJECT_MAX = 300
 SENT = "sent"
 # The catalogue's payload has no sender; every email leaves from this address. `.invalid` is reserved
 # (RFC 2606), so a misrouted dev email can never reach a real domain.
@@ -39,7 +40,18 @@ email_versions = versioned_table(
 )
 versions = Versions(email_versions, "email_id")
 
-notifier = Service("notifier", metadata=metadata, domain_tables=[email_versions])
+notifier = Service("notifier", version=1, metadata=metadata, domain_tables=[email_versions],
+                   description="Email over SMTP: egress, gated for approval and never compensated.")
+
+
+class SendEmail(BaseModel):
+    """Send an email. Irreversible egress: it waits for operator approval and is never compensated."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, json_schema_extra={
+        "examples": [{"to": "ops@example.org", "subject": "Weekly report", "body": "All green."}]})
+    to: Email
+    subject: Annotated[str, StringConstraints(min_length=1, max_length=SUBJECT_MAX), SINGLE_LINE]
+    body: Annotated[str, StringConstraints(max_length=100_000)] = ""
 
 
 class EmailExistsError(EntityExistsError):
@@ -80,7 +92,8 @@ def deliver(message: EmailMessage, host: str, port: int) -> None:
 # A failed send rolls the row back and the command is retried (then dead-lettered), so nothing is
 # recorded as sent that did not leave. A crash between the send and the commit sends it again on
 # redelivery (at-least-once); the Message-ID is the same both times, so the receiver can tell.
-@notifier.operation("send_email", egress=True)
+@notifier.operation("send_email", payload=SendEmail, mutation="sendEmail", entity="email", egress=True,
+                    description="Send an email. Irreversible: held for operator approval, never compensated.")
 async def send_email(conn: AsyncConnection, cmd: SendEmail, ctx: CommandContext) -> dict[str, Any]:
     check_absent(await versions.current(conn, ctx.entity_id), ctx.entity_id)
     message = build_message(cmd, ctx)
@@ -111,25 +124,18 @@ async def read_email_versions(conn: AsyncConnection, email_id: str) -> list[dict
     return [_public(row) for row in await versions.history(conn, email_id)]
 
 
-notifier.read_model("email", current=read_email, versions=read_email_versions)
-
-
 async def emails_of_run(conn: AsyncConnection, run_id: str) -> list[dict[str, Any]]:
+    """Emails sent for one run, oldest first."""
     rows = await versions.all_current(conn, email_versions.c.run_id == run_id)
     return sorted((_public(r) for r in rows), key=lambda e: (e["recorded_at"], e["id"]))
 
 
-@notifier.router
-def _emails_router(engine: AsyncEngine) -> APIRouter:
-    router = APIRouter()
-
-    @router.get("/emails")
-    async def emails(run_id: str = Query(..., min_length=1, max_length=256)) -> list[dict[str, Any]]:
-        """Emails sent for one run, oldest first."""
-        async with engine.connect() as conn:
-            return await emails_of_run(conn, run_id)
-
-    return router
+notifier.read_model("email", current=read_email, versions=read_email_versions,
+                    schema={"type": "object", "properties": {
+                        "id": {"type": "string"}, "version": {"type": "integer"}, "to": {"type": "string"},
+                        "subject": {"type": "string"}, "body": {"type": "string"},
+                        "status": {"type": "string"}, "run_id": {"type": ["string", "null"]}}},
+                    lists={"run_id": emails_of_run})
 
 
 async def domain_state(conn: AsyncConnection) -> dict[str, dict[str, Any]]:

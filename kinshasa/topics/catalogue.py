@@ -16,6 +16,8 @@ from kinshasa.settings import SERVICE_NAMES
 PREFIX = "kinshasa"
 RUNS = "kinshasa.runs"
 ALERTS = "kinshasa.alerts"
+# Each service's declaration, keyed by service name; compacted, so the newest per service is kept.
+CATALOGUE = "kinshasa.catalogue"
 
 GATEWAY = "gateway"
 COORDINATOR = "coordinator"
@@ -25,9 +27,11 @@ COMMAND_PARTITIONS = 6
 EVENT_PARTITIONS = 6
 RUN_PARTITIONS = 3
 ALERT_PARTITIONS = 1
+# One partition: every reader sees every service's declarations in one order.
+CATALOGUE_PARTITIONS = 1
 DLQ_PARTITIONS = 1
 
-KeyedBy = Literal["entity", "run", "group"]
+KeyedBy = Literal["entity", "run", "group", "service"]
 
 # Same shape as the envelope's type segments (`documents` in `documents.archive`), so a service name is
 # also a valid env-var fragment (KINSHASA_SVC_DOCUMENTS_) and can never contain a dot.
@@ -175,6 +179,7 @@ def catalogue(
         {"cleanup.policy": "delete", "retention.ms": _THIRTY_DAYS_MS, **isr}, "run",
         "operator alerts: breaker trips, revert failures",
     ))
+    specs.append(catalogue_topic_spec(min_insync_replicas))
     for group in default_groups(services) if groups is None else groups:
         # One partition: a DLQ is small, read by operators in arrival order; kept until reprocessed.
         specs.append(TopicSpec(
@@ -183,6 +188,24 @@ def catalogue(
         ))
     _check_unique(specs)
     return specs
+
+
+def catalogue_topic_spec(min_insync_replicas: int = 1, name: str = CATALOGUE) -> TopicSpec:
+    """`kinshasa.catalogue`: compacted, never deleted by time, so a gateway starting late reads every
+    service's newest declaration."""
+    return TopicSpec(
+        name, CATALOGUE_PARTITIONS,
+        {"cleanup.policy": "compact", "retention.ms": "-1",
+         "min.insync.replicas": str(min_insync_replicas)}, "service",
+        "service declarations: operations, inverses and read models, newest per service",
+    )
+
+
+def events_topic_pattern(suffix: str | None = None) -> str:
+    """A subscription regex matching every service's events topic (with `suffix`: only its copies), so
+    a consumer picks up a service that starts after it."""
+    tail = rf"\.{re.escape(suffix)}" if suffix else ""
+    return rf"^{re.escape(PREFIX)}\.events\.[a-z][a-z0-9_]*{tail}$"
 
 
 def _check_unique(specs: Sequence[TopicSpec]) -> None:

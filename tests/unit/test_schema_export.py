@@ -8,15 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from kinshasa.schemas.catalogue import CATALOGUE
 from kinshasa.schemas.export import (
-    CATALOGUE_FILE,
+    MESSAGE_MODELS,
     REGENERATE_HINT,
     SCHEMA_DIR,
+    VOCABULARY_FILE,
     diff_json_schemas,
     export_json_schemas,
     main,
-    schema_filename,
 )
 
 REPO_SCHEMA_DIR = Path(__file__).resolve().parents[2] / "kinshasa" / "schemas" / "json"
@@ -30,10 +29,8 @@ def test_committed_schemas_match_the_models() -> None:
 def test_export_writes_one_file_per_model(tmp_path: Path) -> None:
     written = export_json_schemas(tmp_path)
     names = {path.name for path in written}
-    assert {"envelope.schema.json", "compensate.schema.json", "rejected.schema.json", CATALOGUE_FILE} <= names
-    assert {schema_filename(spec) for spec in CATALOGUE} <= names
-    assert "documents.rename.schema.json" in names
-    assert len(names) == len(CATALOGUE) + 4
+    assert names == {"envelope.schema.json", "compensate.schema.json", "rejected.schema.json",
+                     "declaration.schema.json", VOCABULARY_FILE}
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names)
     assert diff_json_schemas(tmp_path) == []
 
@@ -50,33 +47,17 @@ def test_schemas_describe_the_models(tmp_path: Path) -> None:
     envelope = json.loads((tmp_path / "envelope.schema.json").read_text())
     assert envelope["additionalProperties"] is False
     assert set(envelope["required"]) == {"message_id", "type", "actor", "occurred_at"}
-    rename = json.loads((tmp_path / "documents.rename.schema.json").read_text())
-    assert set(rename["properties"]) == {"document_id", "title"}
-    assert rename["properties"]["title"]["maxLength"] == 200
+    declaration = json.loads((tmp_path / "declaration.schema.json").read_text())
+    assert {"service", "version", "operations"} <= set(declaration["required"])
+    assert "schema" in declaration["$defs"]["EntityDeclaration"]["properties"]
 
 
-def test_catalogue_file_lists_every_operation(tmp_path: Path) -> None:
+def test_vocabulary_file_lists_the_shared_words(tmp_path: Path) -> None:
     export_json_schemas(tmp_path)
-    document = json.loads((tmp_path / CATALOGUE_FILE).read_text())
-    rows = {row["graphql_name"]: row for row in document["operations"]}
-    assert set(rows) == {spec.graphql_name for spec in CATALOGUE}
-    assert rows["postEntry"] == {
-        "command_type": "ledger.post_entry",
-        "compensate_type": "ledger.post_entry.compensate",
-        "creates": False,
-        "description": CATALOGUE.by_graphql_name("postEntry").description,
-        "egress": False,
-        "entity_key": "account_id",
-        "entity_type": "account",
-        "graphql_name": "postEntry",
-        "name": "post_entry",
-        "payload_schema": "ledger.post_entry.schema.json",
-        "service": "ledger",
-    }
-    assert rows["sendEmail"]["egress"] is True and rows["sendEmail"]["compensate_type"] is None
-    for row in rows.values():
-        assert (tmp_path / row["payload_schema"]).is_file()
+    document = json.loads((tmp_path / VOCABULARY_FILE).read_text())
     assert "run.tripped" in document["run_event_types"]
+    assert document["compensate_suffix"] == "compensate"
+    assert set(document["messages"].values()) == set(MESSAGE_MODELS)
 
 
 def test_diff_reports_stale_missing_and_extra_files(tmp_path: Path) -> None:
@@ -84,18 +65,18 @@ def test_diff_reports_stale_missing_and_extra_files(tmp_path: Path) -> None:
     shutil.copytree(REPO_SCHEMA_DIR, copy)
     assert diff_json_schemas(copy) == []
 
-    stale = copy / "documents.rename.schema.json"
+    stale = copy / "rejected.schema.json"
     schema = json.loads(stale.read_text())
-    schema["properties"]["title"]["maxLength"] = 999
+    schema["properties"]["reason"]["maxLength"] = 999
     stale.write_text(json.dumps(schema, indent=2, sort_keys=True) + "\n")
     (copy / "envelope.schema.json").unlink()
     (copy / "documents.shred.schema.json").write_text("{}\n")
     (copy / "notes.txt").write_text("not a schema, not ours to judge\n")
 
     assert diff_json_schemas(copy) == [
-        "documents.rename.schema.json",
         "documents.shred.schema.json",
         "envelope.schema.json",
+        "rejected.schema.json",
     ]
 
 
@@ -108,7 +89,7 @@ def test_diff_notices_formatting_drift(tmp_path: Path) -> None:
 
 def test_diff_of_missing_directory_lists_everything(tmp_path: Path) -> None:
     missing = diff_json_schemas(tmp_path / "absent")
-    assert CATALOGUE_FILE in missing and len(missing) == len(CATALOGUE) + 4
+    assert VOCABULARY_FILE in missing and len(missing) == len(MESSAGE_MODELS) + 1
 
 
 def test_export_repairs_drift(tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ from kinshasa.settings import SERVICE_NAMES
 from kinshasa.topics.admin import TopicMismatch, TopicState, compare
 from kinshasa.topics.catalogue import (
     ALERTS,
+    CATALOGUE,
     RUNS,
     TopicNameError,
     TopicSpec,
@@ -21,6 +22,7 @@ from kinshasa.topics.catalogue import (
     default_groups,
     dlq_topic,
     events_topic,
+    events_topic_pattern,
     group_id,
 )
 
@@ -45,7 +47,7 @@ def test_default_catalogue_has_every_topic_once() -> None:
     names = [s.name for s in specs]
     assert len(names) == len(set(names))
     expected = {commands_topic(s) for s in SERVICE_NAMES} | {events_topic(s) for s in SERVICE_NAMES}
-    expected |= {RUNS, ALERTS} | {dlq_topic(g) for g in default_groups()}
+    expected |= {RUNS, ALERTS, CATALOGUE} | {dlq_topic(g) for g in default_groups()}
     assert set(names) == expected
     assert len(default_groups()) == len(SERVICE_NAMES) + 2
 
@@ -64,6 +66,10 @@ def test_partitions_keys_and_retention() -> None:
     assert by_name[RUNS].keyed_by == "run"
     assert by_name[RUNS].configs["retention.ms"] == "-1"
     assert by_name[ALERTS].partitions == 1
+    # One partition, compacted, kept: a gateway starting late reads every service's newest declaration.
+    assert by_name[CATALOGUE].partitions == 1
+    assert by_name[CATALOGUE].keyed_by == "service"
+    assert by_name[CATALOGUE].configs["cleanup.policy"] == "compact"
     for group in default_groups():
         dlq = by_name[dlq_topic(group)]
         assert dlq.partitions == 1
@@ -82,7 +88,7 @@ def test_min_insync_replicas_is_configurable() -> None:
 def test_custom_services_and_groups() -> None:
     specs = catalogue(services=["billing"], groups=[group_id("billing"), group_id("coordinator", "alerts")])
     assert [s.name for s in specs] == [
-        "kinshasa.commands.billing", "kinshasa.events.billing", RUNS, ALERTS,
+        "kinshasa.commands.billing", "kinshasa.events.billing", RUNS, ALERTS, CATALOGUE,
         "kinshasa.svc.billing.dlq", "kinshasa.coordinator.alerts.dlq",
     ]
 
@@ -173,3 +179,14 @@ def test_compare_reports_partitions_configs_and_replication() -> None:
 def test_compare_ignores_configs_the_catalogue_does_not_name() -> None:
     spec = TopicSpec("t", 6, {"retention.ms": "-1"})
     assert compare(spec, _state(configs={"segment.bytes": "1"})) == []
+
+
+def test_the_events_pattern_matches_every_service_and_only_its_own_copies() -> None:
+    import re
+
+    plain, isolated = events_topic_pattern(), events_topic_pattern("t1")
+    assert re.match(plain, "kinshasa.events.documents") and re.match(plain, "kinshasa.events.tickets_v2")
+    assert not re.match(plain, "kinshasa.events.documents.t1")
+    assert not re.match(plain, "kinshasa.commands.documents")
+    assert re.match(isolated, "kinshasa.events.inventory.t1")
+    assert not re.match(isolated, "kinshasa.events.inventory") and not re.match(isolated, "kinshasa.events.x.t2")

@@ -20,6 +20,7 @@ from datetime import datetime
 from typing import Any, Literal
 
 from pydantic import ValidationError
+from pydantic_core import to_jsonable_python
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from kinshasa.kernel.inbox import Inbox
@@ -253,7 +254,7 @@ class CommandDispatcher:
                                   f"{command_type} is not an operation of {self.service.name}; "
                                   f"known: {known}")
         try:
-            payload = op.spec.payload_model.model_validate(envelope.payload)
+            payload = op.payload.model_validate(envelope.payload)
         except ValidationError as exc:
             return self._rejected(envelope, command_type, VALIDATION,
                                   str(invalid_message(exc, f"{command_type} payload")))
@@ -264,19 +265,28 @@ class CommandDispatcher:
             return self._rejected(envelope, command_type, VALIDATION, problem)
         ctx = CommandContext(envelope=envelope, entity=entity, received_at=self.clock(),
                              settings=self.settings)
+        snapshot = self.service.snapshot_reader(op.spec.entity_type)
+        conn = batch.uow.conn
         try:
-            data = await self._guarded(batch, op.forward(batch.uow.conn, payload, ctx))
+            before = await snapshot(conn, entity.id) if snapshot else None
+            data = dict(await self._guarded(batch, op.forward(conn, payload, ctx)))
         except DomainError as err:
             return self._rejected(envelope, command_type, err.code, err.reason)
+        after = await snapshot(conn, entity.id) if snapshot else None
+        # The event tells everyone what changed (before -> after) and whether it can ever be undone; the
+        # step row keeps only the domain data the inverse works from.
+        body = {**data, "before": to_jsonable_python(before), "after": to_jsonable_python(after)}
+        if op.egress:
+            body["irreversible"] = True
         event = self._event(envelope, event_type(command_type, APPLIED),
-                            deterministic_id(str(APPLIED), str(envelope.message_id)), dict(data))
+                            deterministic_id(str(APPLIED), str(envelope.message_id)), body)
         event_id = str(event.message_id)
-        row = StepStore.applied_row(event_id, ctx, command_type, event.payload)
+        row = StepStore.applied_row(event_id, ctx, command_type, data)
         batch.applied_rows.append(row)
         # A compensate of this step later in the same batch finds it here, before the row is written.
         batch.steps[event_id] = AppliedStep(event_id=event_id, command_id=row["command_id"],
                                             command_type=command_type, entity=entity, run_id=ctx.run_id,
-                                            data=dict(event.payload), applied_at=ctx.received_at)
+                                            data=data, applied_at=ctx.received_at)
         batch.looked_up.add(event_id)
         return Outcome("applied", event)
 

@@ -1,4 +1,4 @@
-"""A service's HTTP read API: `GET /entities/{type}/{id}` and `.../versions`, plus its own extra reads.
+"""A service's HTTP read API: `GET /entities/{type}/{id}`, `.../versions` and `?<field>=`, plus extra routes.
 
 Reads go straight to the service's database on a plain connection: current state is a query over
 the append-only version rows, so a read never blocks a writer for long and never changes anything.
@@ -8,13 +8,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, FastAPI, Path
+from fastapi import APIRouter, FastAPI, Path, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.responses import JSONResponse
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from kinshasa.schemas.catalogue import ENTITY_ID_MAX
 from kinshasa.services.kit.declarations import ReadModel, Service
+from kinshasa.services.kit.fields import ENTITY_ID_MAX
 
 
 def _not_found(code: str, message: str) -> JSONResponse:
@@ -35,6 +35,25 @@ def read_router(service: Service, engine: AsyncEngine) -> APIRouter:
         return model
 
     entity_id_path = Path(..., min_length=1, max_length=ENTITY_ID_MAX)
+
+    @router.get("/entities/{entity_type}")
+    async def listed(entity_type: str, request: Request) -> Any:
+        """Entities of a type whose declared list field has the given value, e.g. `?run_id=...`."""
+        model = model_for(entity_type)
+        if isinstance(model, JSONResponse):
+            return model
+        asked = dict(request.query_params)
+        if len(asked) != 1 or next(iter(asked)) not in model.lists:
+            return JSONResponse({"error": {"code": "BAD_LIST_FIELD", "message": (
+                f"list {entity_type} entities by exactly one of: {', '.join(model.lists) or '(none)'}, "
+                f"e.g. /entities/{entity_type}?{next(iter(model.lists), 'run_id')}=<value>")}}, status_code=400)
+        field, value = next(iter(asked.items()))
+        if not value or len(value) > 256:
+            return JSONResponse({"error": {"code": "BAD_LIST_VALUE",
+                                           "message": f"{field} must be 1-256 characters"}}, status_code=400)
+        async with engine.connect() as conn:
+            found = await model.lists[field](conn, value)
+        return jsonable_encoder(list(found))
 
     @router.get("/entities/{entity_type}/{entity_id}")
     async def current(entity_type: str, entity_id: str = entity_id_path) -> Any:
@@ -57,7 +76,12 @@ def read_router(service: Service, engine: AsyncEngine) -> APIRouter:
         if isinstance(model, JSONResponse):
             return model
         async with engine.connect() as conn:
-            history = await model.versions(conn, entity_id)
+            history = [dict(row) for row in await model.versions(conn, entity_id)]
+            # Which operation wrote each version, from the service's own record of its steps.
+            operations = await service.store.operations_of(
+                conn, [str(row["command_id"]) for row in history if row.get("command_id")])
+        for row in history:
+            row.setdefault("operation", operations.get(str(row.get("command_id"))))
         if not history:
             return _not_found("NOT_FOUND", f"{service.name} has never had a {entity_type} {entity_id}")
         return jsonable_encoder({"entity_type": entity_type, "id": entity_id, "versions": history})

@@ -48,6 +48,7 @@ from kinshasa.services.kit.readapi import mount_reads
 from kinshasa.settings import ServiceSettings, StackSettings
 from kinshasa.topics.admin import ensure_topics
 from kinshasa.topics.catalogue import (
+    CATALOGUE,
     TopicSpec,
     catalogue,
     commands_topic,
@@ -56,6 +57,7 @@ from kinshasa.topics.catalogue import (
     group_id,
 )
 from kinshasa.topics.consumer import AsyncConsumer, BatchHandler, Handler, Record
+from kinshasa.topics.declarations import publish_declaration
 from kinshasa.topics.producer import AsyncProducer
 
 log = logging.getLogger(__name__)
@@ -72,6 +74,7 @@ class ServiceTopics:
     commands: str
     events: str
     group: str
+    declarations: str = CATALOGUE
 
     @classmethod
     def for_service(cls, name: str, suffix: str | None = None) -> ServiceTopics:
@@ -80,16 +83,17 @@ class ServiceTopics:
         if not suffix:
             return cls(commands_topic(name), events_topic(name), group_id(name))
         return cls(f"{commands_topic(name)}.{suffix}", f"{events_topic(name)}.{suffix}",
-                   group_id(name, suffix))
+                   group_id(name, suffix), f"{CATALOGUE}.{suffix}")
 
     @property
     def dlq(self) -> str:
         return dlq_topic(self.group)
 
     def specs(self, service: str) -> list[TopicSpec]:
-        """The catalogue's specs for this service's three topics, renamed when a suffix is in use."""
+        """The catalogue's specs for this service's topics, renamed when a suffix is in use."""
         canonical = ServiceTopics.for_service(service)
-        renames = {canonical.commands: self.commands, canonical.events: self.events, canonical.dlq: self.dlq}
+        renames = {canonical.commands: self.commands, canonical.events: self.events, canonical.dlq: self.dlq,
+                   CATALOGUE: self.declarations}
         return [replace(spec, name=renames[spec.name])
                 for spec in catalogue([service], groups=[canonical.group]) if spec.name in renames]
 
@@ -99,6 +103,8 @@ class RuntimeOptions:
     """Knobs of the process that are not per-deployment settings."""
 
     ensure_topics: bool = True
+    # Publish the service's declaration on kinshasa.catalogue at start (tests of isolated copies may not).
+    publish_declaration: bool = True
     # Static group membership: a restarted process with the same instance id gets its partitions back
     # at once instead of waiting for the old member's session to expire. One id per running replica.
     instance_id: str | None = None
@@ -207,6 +213,12 @@ class ServiceRuntime:
         try:
             tasks["server"] = asyncio.create_task(server.serve(), name=f"{name}-http")
             await self._wait_started(server, tasks["server"])
+            if opts.publish_declaration:
+                # Before the first command is consumed: the gateway and the conformance kit learn the
+                # service from this, and it must name the read API that just started.
+                url = self.settings.advertised_url or self.admin_url
+                await publish_declaration(producer, self.service.declaration(read_url=url, admin_url=url),
+                                          topics.declarations)
             tasks["relay"] = asyncio.create_task(relay.run(relay_stop), name=f"{name}-relay")
             batch = batch_record_handler(dispatcher, self.metrics)
             tasks["consumer"] = asyncio.create_task(consumer.run(dead_letters.guarded, stop, batch),

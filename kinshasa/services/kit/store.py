@@ -256,5 +256,22 @@ class StepStore:
                 select(column).where(column.in_(ids[start:start + _IN_CHUNK])))).scalars())
         return done
 
+    async def operations_of(self, conn: AsyncConnection, command_ids: Iterable[str]) -> dict[str, str]:
+        """The command type each command id applied (`<type>.compensate` for a compensation), by id."""
+        ids = [i for i in dict.fromkeys(command_ids) if i]
+        found: dict[str, str] = {}
+        steps, undone = self.steps, self.compensations
+        for start in range(0, len(ids), _IN_CHUNK):
+            chunk = ids[start:start + _IN_CHUNK]
+            for command_id, command_type in (await conn.execute(select(
+                    steps.c.command_id, steps.c.command_type).where(steps.c.command_id.in_(chunk)))).all():
+                found[command_id] = command_type
+            for command_id, command_type in (await conn.execute(
+                    select(undone.c.compensate_command_id, steps.c.command_type)
+                    .join(steps, steps.c.event_id == undone.c.forward_event_id)
+                    .where(undone.c.compensate_command_id.in_(chunk)))).all():
+                found[command_id] = f"{command_type}.compensate"
+        return found
+
     async def applied_count(self, conn: AsyncConnection) -> int:
         return int((await conn.execute(select(func.count()).select_from(self.steps))).scalar_one())

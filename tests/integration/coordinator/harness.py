@@ -37,12 +37,14 @@ from kinshasa.coordinator.topics import CoordinatorTopics
 from kinshasa.coordinator.worker import connect
 from kinshasa.coordinator.workflows import revert_workflow_id
 from kinshasa.kernel.database import create_engine
-from kinshasa.schemas.catalogue import CATALOGUE
 from kinshasa.schemas.envelope import Actor, EntityRef, Envelope, RunEventKind, utcnow
 from kinshasa.services import documents, ledger, links
+from kinshasa.services.registry import example_catalogue
 from kinshasa.settings import CoordinatorSettings, StackSettings
 from kinshasa.topics.admin import ensure_topics
 from kinshasa.topics.producer import AsyncProducer, envelope_message
+
+CATALOGUE = example_catalogue()
 
 REPO = Path(__file__).resolve().parents[3]
 GATEWAY = Actor(kind="system", id="gateway")

@@ -16,8 +16,10 @@ from kinshasa.coordinator.models import RunSelector
 from kinshasa.coordinator.projector import LedgerProjector
 from kinshasa.coordinator.store import install_ledger
 from kinshasa.kernel.database import create_engine
-from kinshasa.schemas.catalogue import CATALOGUE
 from kinshasa.schemas.envelope import Actor, EntityRef, Envelope, RunEventKind, deterministic_id
+from kinshasa.services.registry import example_catalogue
+
+CATALOGUE = example_catalogue()
 
 AGENT = Actor(kind="agent", id="agent-1")
 SERVICE = Actor(kind="service", id="documents")
@@ -31,7 +33,7 @@ def applied(run_id: str, service: str, op: str, entity_id: str, at: datetime = T
     return Envelope(message_id=deterministic_id("applied", str(command_id)), type=spec.event_type("applied"),
                     run_id=run_id, actor=AGENT, causation_id=command_id, correlation_id=run_id,
                     entity=EntityRef(service=service, type=spec.entity_type, id=entity_id), occurred_at=at,
-                    payload={})
+                    payload={"irreversible": True} if spec.egress else {})
 
 
 def outcome(forward: Envelope, suffix: str, attempt: int = 1, reason: str | None = None) -> Envelope:
@@ -67,7 +69,7 @@ async def ledger(database_url: str) -> AsyncIterator[Ledger]:
 
 async def project(ledger: Ledger, *envelopes: Envelope) -> list[Any]:
     async with ledger.engine.begin() as conn:
-        return await LedgerProjector(CATALOGUE).project_batch(conn, list(envelopes))
+        return await LedgerProjector().project_batch(conn, list(envelopes))
 
 
 async def test_the_same_event_twice_is_one_step(ledger: Ledger) -> None:

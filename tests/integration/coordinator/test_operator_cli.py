@@ -31,12 +31,12 @@ OPERATOR_KEY = "cli-operator-key-" + "o" * 40
 
 
 @pytest.fixture
-async def gateway_url(kafka: KafkaBroker, tmp_path: Path) -> AsyncIterator[str]:
+async def gateway_url(kafka: KafkaBroker, tmp_path: Path, examples_catalogue: str) -> AsyncIterator[str]:
     registry = PrincipalRegistry.from_document({"principals": [
         {"id": "cli-agent", "kind": "agent", "scopes": ["*"], "key": AGENT_KEY},
         {"id": "cli-operator", "kind": "operator", "scopes": ["*"], "key": OPERATOR_KEY}]})
     settings = GatewayConfig(database_url=f"sqlite+aiosqlite:///{tmp_path / 'gateway.sqlite3'}",
-                             dev_mode=False)
+                             dev_mode=False, catalogue_topic=examples_catalogue)
     gateway = Gateway(settings, StackSettings(data_dir=tmp_path / "data", kafka_bootstrap=kafka.bootstrap),
                       registry=registry)
     await gateway.start()

@@ -28,12 +28,15 @@ WRITERS = 64
 ATTEMPTS_PER_WRITER = 3
 
 
-def _spawn(tmp: Path, name: str, database_url: str, bootstrap: str) -> tuple[subprocess.Popen[bytes], str]:
+def _spawn(
+    tmp: Path, name: str, database_url: str, bootstrap: str, catalogue: str
+) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     env = {
         **os.environ,
         "KINSHASA_DATA_DIR": str(tmp / "data"),
         "KINSHASA_KAFKA_BOOTSTRAP": bootstrap,
+        "KINSHASA_GATEWAY_CATALOGUE_TOPIC": catalogue,
         "KINSHASA_GATEWAY_DATABASE_URL": database_url,
         "KINSHASA_GATEWAY_CREDENTIALS_FILE": str(tmp / "credentials.json"),
         "KINSHASA_GATEWAY_HOST": "127.0.0.1",
@@ -66,12 +69,12 @@ def _wait_ready(url: str, proc: subprocess.Popen[bytes], log: Path) -> None:
 
 
 @pytest.fixture
-def two_gateways(postgres: Any, kafka: Any, tmp_path: Path) -> Iterator[list[str]]:
+def two_gateways(postgres: Any, kafka: Any, tmp_path: Path, examples_catalogue: str) -> Iterator[list[str]]:
     from tests.conftest import _create_database
 
     database_url = asyncio.run(_create_database(postgres, f"t_{uuid.uuid4().hex[:12]}"))
     (tmp_path / "credentials.json").write_text(json.dumps(PRINCIPALS))
-    started = [_spawn(tmp_path, f"gw{i}", database_url, kafka.bootstrap) for i in range(2)]
+    started = [_spawn(tmp_path, f"gw{i}", database_url, kafka.bootstrap, examples_catalogue) for i in range(2)]
     try:
         for i, (proc, url) in enumerate(started):
             _wait_ready(url, proc, tmp_path / f"gw{i}.log")

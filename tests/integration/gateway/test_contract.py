@@ -433,10 +433,14 @@ async def test_reads_say_which_backend_is_missing(harness: Harness) -> None:
         '{ account(id: "a") { id } }',
         '{ links(entityId: "d") { id } }',
         f'{{ emails(runId: "{run_id}") {{ id }} }}',
+        '{ entity(service: "documents", type: "document", id: "d") { id } }',
     ):
+        # The declarations in this test's catalogue name no read API: the service is unreachable, and the
+        # error says which one without any address.
         error = await c.error(query)
         assert error["extensions"]["code"] == "BACKEND_UNAVAILABLE", error
-        assert "KINSHASA_GATEWAY_SERVICE_URLS" in error["message"]
+        assert "publishes that in its declaration" in error["message"]
+        assert "http" not in error["message"] and "127.0.0.1" not in error["message"]
     body = await c.gql(f'{{ run(id: "{run_id}") {{ id steps {{ nodes {{ stepId status }} }} }} }}')
     assert body["data"]["run"] == {"id": run_id, "steps": None}
     assert body["errors"][0]["extensions"]["code"] == "BACKEND_UNAVAILABLE"

@@ -28,10 +28,12 @@ from kinshasa.gateway.settings import GatewayConfig
 from kinshasa.infra.process import free_port
 from kinshasa.kernel.component import QuietServer
 from kinshasa.kernel.database import create_engine
-from kinshasa.schemas.catalogue import CATALOGUE
 from kinshasa.schemas.envelope import Actor, EntityRef, Envelope, deterministic_id
+from kinshasa.services.registry import example_catalogue
 from kinshasa.settings import StackSettings
 from tests.integration.gateway.conftest import OPERATOR_KEY, Client, registry
+
+CATALOGUE = example_catalogue()
 
 AGENT = Actor(kind="agent", id="agent-1")
 COORDINATOR = Actor(kind="system", id="coordinator")
@@ -49,7 +51,9 @@ class Stack:
 
 
 @pytest.fixture
-async def stack(database_url: str, tmp_path: Path) -> AsyncIterator[Stack]:
+async def stack(
+    database_url: str, tmp_path: Path, kafka: Any, examples_catalogue: str
+) -> AsyncIterator[Stack]:
     engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'ledger.sqlite3'}")
     await install_ledger(engine)
     ledger = Ledger(engine)
@@ -66,9 +70,11 @@ async def stack(database_url: str, tmp_path: Path) -> AsyncIterator[Stack]:
         await asyncio.sleep(0.02)
     assert server.started, "the ledger API did not start"
     settings = GatewayConfig(
-        database_url=database_url, coordinator_url=f"http://127.0.0.1:{port}", background=False
+        database_url=database_url, coordinator_url=f"http://127.0.0.1:{port}", background=False,
+        catalogue_topic=examples_catalogue,
     )
-    gateway = Gateway(settings, StackSettings(data_dir=tmp_path / "data"), registry=registry())
+    stack = StackSettings(data_dir=tmp_path / "data", kafka_bootstrap=kafka.bootstrap)
+    gateway = Gateway(settings, stack, registry=registry())
     await gateway.start()
     try:
         async with httpx.AsyncClient(
@@ -84,7 +90,7 @@ async def stack(database_url: str, tmp_path: Path) -> AsyncIterator[Stack]:
 
 
 def applied(run_id: str, command_type: str, entity_id: str, minute: int) -> Envelope:
-    """A service's `*.applied` event exactly as docs/contracts.md pins it."""
+    """A service's `*.applied` event exactly as docs/service-contract.md pins it."""
     spec = CATALOGUE.by_command_type(command_type)
     command_id = uuid.uuid4()
     return Envelope(
@@ -96,7 +102,7 @@ def applied(run_id: str, command_type: str, entity_id: str, minute: int) -> Enve
         correlation_id=run_id,
         entity=EntityRef(service=spec.service, type=spec.entity_type, id=entity_id),
         occurred_at=T0 + timedelta(minutes=minute),
-        payload={},
+        payload={"before": None, "after": {"id": entity_id}, **({"irreversible": True} if spec.egress else {})},
     )
 
 
@@ -132,7 +138,7 @@ async def fill_ledger(ledger: Ledger, run_id: str) -> list[Envelope]:
         applied(run_id, "notifier.send_email", "e1", 3),
         applied(run_id, "documents.rename", "d1", 4),
     ]
-    projector = LedgerProjector(CATALOGUE)
+    projector = LedgerProjector()
     async with ledger.engine.begin() as conn:
         await projector.project_batch(conn, forward)
         await ledger.claim(conn, run_id, [1, 2], "pass-1", T0 + timedelta(minutes=20))

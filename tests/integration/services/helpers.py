@@ -20,13 +20,15 @@ from kinshasa.infra.kafka import KafkaBroker
 from kinshasa.infra.process import free_port
 from kinshasa.kernel.database import create_engine
 from kinshasa.kernel.outbox import outbox
-from kinshasa.schemas.catalogue import CATALOGUE
 from kinshasa.schemas.envelope import Actor, EntityRef, Envelope, deterministic_id, utcnow
 from kinshasa.services.kit import Service
 from kinshasa.services.kit.dispatcher import CommandDispatcher
 from kinshasa.services.kit.install import install_service
 from kinshasa.services.kit.runtime import ServiceRuntime, ServiceTopics
+from kinshasa.services.registry import example_catalogue
 from kinshasa.settings import ServiceSettings, StackSettings, service_env_prefix
+
+CATALOGUE = example_catalogue()
 
 AGENT = Actor(kind="agent", id="agent-7")
 COORDINATOR = Actor(kind="system", id="coordinator")

@@ -52,10 +52,16 @@ async def _count(engine: AsyncEngine, table: Any) -> int:
         return int((await conn.execute(select(func.count()).select_from(table))).scalar_one())
 
 
+def _untimed(payload: dict[str, Any]) -> dict[str, Any]:
+    """The payload without the `recorded_at` of its before/after states."""
+    return {k: {n: v for n, v in s.items() if n != "recorded_at"} if k in ("before", "after") and s else s
+            for k, s in payload.items()}
+
+
 def _summary(outcomes: list[Outcome]) -> list[tuple[str, str | None, str | None, Any]]:
     """What a consumer of the events sees, without the timestamps."""
     return [(o.kind, o.event.type if o.event else None, str(o.event.message_id) if o.event else None,
-             o.event.payload if o.event else None) for o in outcomes]
+             _untimed(o.event.payload) if o.event else None) for o in outcomes]
 
 
 def _document_work(rng: random.Random, docs: list[str]) -> list[Envelope]:

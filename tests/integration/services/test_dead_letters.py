@@ -127,7 +127,7 @@ async def test_poison_goes_to_the_dlq_and_reprocesses_once(
                 assert [m.rcpt_tos for m in sink.store.messages()].count(["poison@example.org"]) == 1
                 delivered = (await client.get(f"/entities/email/{poison_id}")).json()
                 assert delivered["status"] == "sent" and delivered["to"] == "poison@example.org"
-                emails = (await client.get("/emails", params={"run_id": "run-dlq"})).json()
+                emails = (await client.get("/entities/email", params={"run_id": "run-dlq"})).json()
                 assert len(emails) == 3
 
                 metrics = (await client.get("/metrics", headers=AUTH)).text

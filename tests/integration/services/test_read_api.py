@@ -135,11 +135,15 @@ async def test_links_of_an_entity(setup: tuple[str, list[AsyncEngine]]) -> None:
         command("links", "link", {"from_id": "doc-3", "to_id": "doc-1", "kind": "owns"}, second)
     )
     async with client:
-        found = (await client.get("/links", params={"entity_id": "doc-1"})).json()
+        found = (await client.get("/entities/link", params={"entity_id": "doc-1"})).json()
         assert sorted(link["id"] for link in found) == sorted([first, second])
         await dispatcher.handle(command("links", "unlink", {"link_id": first}, first))
         assert [
-            link["id"] for link in (await client.get("/links", params={"entity_id": "doc-1"})).json()
+            link["id"] for link in (await client.get("/entities/link", params={"entity_id": "doc-1"})).json()
         ] == [second]
         assert (await client.get(f"/entities/link/{first}")).status_code == 404
-        assert (await client.get("/links")).status_code == 422
+        assert (await client.get("/entities/link")).status_code == 400
+        assert (await client.get("/entities/link", params={"run_id": "r"})).status_code == 400
+        # Each version names the operation that wrote it, from the service's own record of its steps.
+        history = (await client.get(f"/entities/link/{first}/versions")).json()["versions"]
+        assert [v["operation"] for v in history] == ["links.link", "links.unlink"]

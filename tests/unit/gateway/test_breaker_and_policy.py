@@ -14,7 +14,9 @@ from kinshasa.gateway.policy import BUILTIN, PolicyDocument, _resolve
 from kinshasa.gateway.principals import PrincipalRegistry, hash_key, load_registry
 from kinshasa.gateway.runs import RunRecord
 from kinshasa.gateway.schema import Long, build_schema
-from kinshasa.schemas.catalogue import CATALOGUE
+from kinshasa.services.registry import example_catalogue
+
+CATALOGUE = example_catalogue()
 
 
 def _run(**changes: object) -> RunRecord:

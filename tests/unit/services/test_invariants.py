@@ -6,11 +6,11 @@ from datetime import UTC, datetime
 
 import pytest
 
-from kinshasa.schemas.catalogue import SendEmail
 from kinshasa.schemas.envelope import EntityRef
 from kinshasa.services import documents, ledger, links, notifier
 from kinshasa.services.kit import CommandContext, DomainError
 from kinshasa.services.kit.runtime import ServiceTopics
+from kinshasa.services.notifier import SendEmail
 from tests.integration.services.helpers import command
 
 DOC = {"document_id": "d1", "title": "T", "body": "B", "status": "active", "command_id": "c1"}
@@ -70,4 +70,6 @@ def test_topics_default_to_the_catalogue_and_isolate_with_a_suffix() -> None:
     isolated = ServiceTopics.for_service("documents", "t1")
     assert isolated.commands == "kinshasa.commands.documents.t1"
     assert isolated.group == "kinshasa.svc.documents.t1"
-    assert {s.name for s in isolated.specs("documents")} == {isolated.commands, isolated.events, isolated.dlq}
+    assert isolated.declarations == "kinshasa.catalogue.t1"
+    assert {s.name for s in isolated.specs("documents")} == {isolated.commands, isolated.events, isolated.dlq,
+                                                             isolated.declarations}

@@ -1,0 +1,97 @@
+"""Service declarations on `kinshasa.catalogue`: a service publishes its own, the gateway follows them all.
+
+The topic is compacted and keyed by service name, with one partition, so a reader that starts from the
+beginning sees every service's newest declaration (and, until compaction, the older ones) in the order
+they were published. Readers use an assigned consumer without a group: every gateway replica reads the
+whole topic, and nothing is committed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+from dataclasses import dataclass
+
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
+
+from kinshasa.schemas.declaration import ServiceDeclaration
+from kinshasa.topics.catalogue import CATALOGUE
+from kinshasa.topics.producer import AsyncProducer
+
+log = logging.getLogger(__name__)
+
+POLL_S = 0.5
+
+
+@dataclass(frozen=True)
+class PublishedDeclaration:
+    """One record of the catalogue topic: the key (service name) and the raw JSON value, with its offset."""
+
+    offset: int
+    key: str
+    value: bytes
+
+
+async def publish_declaration(producer: AsyncProducer, declaration: ServiceDeclaration,
+                              topic: str = CATALOGUE) -> None:
+    """Publish (acks=all) and wait for the broker: once this returns, every reader will see it."""
+    await producer.send(topic, declaration.service.encode(), declaration.to_json())
+    log.info("published declaration of %s version %d (%s) on %s", declaration.service, declaration.version,
+             declaration.digest, topic)
+
+
+def _consumer(bootstrap: str) -> Consumer:
+    return Consumer({
+        "bootstrap.servers": bootstrap,
+        # A group id is required by the client even though nothing joins or commits.
+        "group.id": f"kinshasa.catalogue-reader.{uuid.uuid4().hex}",
+        "enable.auto.commit": False,
+        "auto.offset.reset": "earliest",
+        "enable.partition.eof": True,
+    })
+
+
+class DeclarationFollower:
+    """Reads the catalogue topic from the beginning, then follows it; each record goes to `on_record`."""
+
+    def __init__(self, bootstrap: str, on_record: Callable[[PublishedDeclaration], Awaitable[Any]],
+                 topic: str = CATALOGUE) -> None:
+        self.bootstrap = bootstrap
+        self.topic = topic
+        self.on_record = on_record
+        self.caught_up = asyncio.Event()
+        self._consumer: Consumer | None = None
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Until `stop`: `caught_up` is set once every record present at start was handled."""
+        consumer = await asyncio.to_thread(self._open)
+        try:
+            while not stop.is_set():
+                batch = await asyncio.to_thread(consumer.consume, 100, POLL_S)
+                for msg in batch:
+                    error = msg.error()
+                    if error is not None:
+                        if error.code() == KafkaError._PARTITION_EOF:
+                            self.caught_up.set()
+                        elif error.code() != KafkaError.UNKNOWN_TOPIC_OR_PART:
+                            log.warning("catalogue topic %s: %s", self.topic, error)
+                        continue
+                    key = (msg.key() or b"").decode(errors="replace")
+                    record = PublishedDeclaration(int(msg.offset() or 0), key, msg.value() or b"")
+                    await self.on_record(record)
+        finally:
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(consumer.close)
+
+    def _open(self) -> Consumer:
+        consumer = _consumer(self.bootstrap)
+        try:
+            consumer.assign([TopicPartition(self.topic, 0, OFFSET_BEGINNING)])
+        except KafkaException:
+            consumer.close()
+            raise
+        return consumer
