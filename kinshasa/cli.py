@@ -20,6 +20,7 @@ app.add_typer(infra_app, name="infra")
 
 def _mount() -> None:
     """Each component owns its commands; this app only gathers them under one name."""
+    from kinshasa.conformance.cli import app as conformance_app
     from kinshasa.coordinator.cli import app as coordinator_app
     from kinshasa.coordinator.cli import operator_app
     from kinshasa.demo import app as demo_app
@@ -36,6 +37,7 @@ def _mount() -> None:
     # Operator verbs read best at the top: `kinshasa revert --run ID`.
     app.add_typer(operator_app)
     app.add_typer(demo_app)
+    app.add_typer(conformance_app)
 
 
 _mount()
@@ -79,15 +81,18 @@ def infra_down() -> None:
 @app.command("up")
 def up(postgres: str | None = typer.Option(
         None, "--postgres", metavar="URL",
-        help="Run every component on this PostgreSQL server (one database per component).")) -> None:
+        help="Run every component on this PostgreSQL server (one database per component)."),
+       service: list[str] = typer.Option(
+        [], "--service", metavar="PACKAGE.MODULE:ATTRIBUTE",
+        help="Also run this service of yours (repeatable), e.g. tickets.service:tickets.")) -> None:
     """Start the whole stack in the foreground; Ctrl-C stops all of it."""
     from kinshasa.launcher import run_stack
 
     # Turn SIGTERM into the same clean path as Ctrl-C.
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
-        run_stack(postgres, report=typer.echo)
-    except InfraError as exc:
+        run_stack(postgres, report=typer.echo, services=service)
+    except (InfraError, LookupError, ValueError) as exc:
         _fail(exc)
     except KeyboardInterrupt:
         typer.echo("stopped.")
