@@ -4,14 +4,16 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
+# Kafka's jars, fetched once per checkout, shared by the suite, `make run` and kinshasa.testing.
+export KINSHASA_CACHE_DIR := $(CURDIR)/.kinshasa/cache
 
 .PHONY: setup run test test-unit test-integration test-e2e bench bench-small lint infra-up infra-down clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml examples/tickets/pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Kinshasa needs Python 3.11 or newer; set PYTHON=/path/to/python3.11")'
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -e '.[dev]' -e examples/tickets
 	@touch $(STAMP)
 
 setup: $(STAMP)
@@ -21,6 +23,7 @@ run: setup
 
 test: setup
 	$(BIN)/pytest tests $(PYTEST_ARGS)
+	cd examples/tickets && $(CURDIR)/$(BIN)/pytest tests $(PYTEST_ARGS)
 
 test-unit: setup
 	$(BIN)/pytest tests/unit $(PYTEST_ARGS)

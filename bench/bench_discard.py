@@ -60,6 +60,10 @@ def start_gateway(root: Path, cleanup: contextlib.ExitStack, database_url: str |
                         port=free_port(), controller_port=free_port())
     cleanup.callback(kafka.stop)
     kafka.start(attached=True)
+    # The gateway learns the example services from their declarations, as when they start beside it.
+    from kinshasa.services.registry import publish_example_declarations
+
+    publish_example_declarations(kafka.bootstrap)
     credentials = root / "credentials.json"
     credentials.write_text(json.dumps({"principals": [
         {"id": "bench-agent", "kind": "agent", "scopes": ["*"], "key": AGENT_KEY},

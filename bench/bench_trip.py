@@ -59,6 +59,10 @@ def start_gateways(root: Path, cleanup: contextlib.ExitStack, count: int) -> tup
     cleanup.callback(shutil.rmtree, postgres.root, ignore_errors=True)
     cleanup.callback(postgres.stop)
     postgres.start(attached=True)
+    # The gateway learns the example services from their declarations, as when they start beside it.
+    from kinshasa.services.registry import publish_example_declarations
+
+    publish_example_declarations(kafka.bootstrap)
     credentials = root / "credentials.json"
     credentials.write_text(json.dumps({"principals": [
         {"id": "bench-agent", "kind": "agent", "scopes": ["*"], "key": AGENT_KEY},

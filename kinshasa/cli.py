@@ -26,6 +26,7 @@ def _mount() -> None:
     from kinshasa.demo import app as demo_app
     from kinshasa.gateway.cli import app as gateway_app
     from kinshasa.kernel.receipts_cli import app as receipts_app
+    from kinshasa.scaffold.cli import app as scaffold_app
     from kinshasa.services.cli import app as service_app
     from kinshasa.topics.cli import app as topics_app
 
@@ -38,6 +39,7 @@ def _mount() -> None:
     app.add_typer(operator_app)
     app.add_typer(demo_app)
     app.add_typer(conformance_app)
+    app.add_typer(scaffold_app)
 
 
 _mount()

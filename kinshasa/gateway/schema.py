@@ -640,6 +640,8 @@ def _int_fits_32(info: FieldInfo) -> bool:
 def graphql_type(info: FieldInfo) -> Any:
     """The GraphQL argument type for one pydantic field; constraints stay with pydantic."""
     core, _ = _strip(info.annotation)
+    if typing.get_origin(core) is typing.Literal and all(isinstance(v, str) for v in typing.get_args(core)):
+        return str  # a declared enum of words: the payload model checks the value
     if core is bool:
         return bool
     if core is int:

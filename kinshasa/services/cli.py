@@ -15,9 +15,9 @@ from pathlib import Path
 import typer
 
 from kinshasa.kernel.logs import configure_logging
+from kinshasa.services.kit.declarations import Service
 from kinshasa.services.kit.errors import ServiceDeclarationError
 from kinshasa.services.kit.runtime import RuntimeOptions, ServiceRuntime, ServiceTopics, serve_forever
-from kinshasa.services.kit.declarations import Service
 from kinshasa.services.registry import UnknownServiceError, load_module_service, load_service, service_names
 from kinshasa.settings import ServiceSettings, StackSettings
 

@@ -225,9 +225,11 @@ def _public_account(row: Mapping[str, Any]) -> dict[str, Any]:
             "currency": row["currency"], "status": row["status"], **_stamp(row)}
 
 
-def _public_entry(row: Mapping[Any, Any], reversed_by: str | None) -> dict[str, Any]:
+def _public_entry(row: Mapping[Any, Any], reversed_by: str | None, version: int = 1) -> dict[str, Any]:
     status = REVERSAL if row["kind"] == REVERSAL else ("reversed" if reversed_by else POSTED)
-    return {"id": row["entry_id"], "account_id": row["account_id"], "amount_cents": row["amount_cents"],
+    # An entry's versions are its posting (1) and, once undone, its reversal (2).
+    return {"id": row["entry_id"], "version": version, "account_id": row["account_id"],
+            "amount_cents": row["amount_cents"],
             "memo": row["memo"], "kind": row["kind"], "status": status, "reverses": row["reverses"],
             "reversed_by": reversed_by, **_stamp(row)}
 
@@ -241,11 +243,19 @@ async def _account_entries(conn: AsyncConnection, account_id: str) -> list[dict[
     return [_public_entry(r, reversed_by.get(r["entry_id"])) for r in rows]
 
 
+def _withdrawn(row: Mapping[str, Any], has_entries: bool) -> bool:
+    """A reverted open_account: closed before any money moved. It reads as absent (its history stays
+    under /versions), as a reverted create does in every other service."""
+    return bool(row["status"] == CLOSED and not has_entries)
+
+
 async def read_account(conn: AsyncConnection, account_id: str) -> dict[str, Any] | None:
     row = await accounts.current(conn, account_id)
     if row is None:
         return None
     listed = await _account_entries(conn, account_id)
+    if _withdrawn(row, bool(listed)):
+        return None
     return {**_public_account(row), "balance_cents": sum(e["amount_cents"] for e in listed),
             "entries": listed}
 
@@ -254,6 +264,10 @@ async def account_snapshot(conn: AsyncConnection, account_id: str) -> dict[str, 
     """The account and its balance without its entries: what each entry's event shows before -> after."""
     row = await accounts.current(conn, account_id)
     if row is None:
+        return None
+    has_entries = (await conn.execute(
+        select(entries.c.entry_id).where(entries.c.account_id == account_id).limit(1))).first() is not None
+    if _withdrawn(row, has_entries):
         return None
     return {**_public_account(row), "balance_cents": await balance(conn, account_id)}
 
@@ -267,7 +281,7 @@ async def read_entry(conn: AsyncConnection, entry_id: str) -> dict[str, Any] | N
     if row is None:
         return None
     reversal = await _reversal_of(conn, entry_id)
-    return _public_entry(row, reversal["entry_id"] if reversal else None)
+    return _public_entry(row, reversal["entry_id"] if reversal else None, 2 if reversal else 1)
 
 
 async def entries_of_run(conn: AsyncConnection, run_id: str) -> list[dict[str, Any]]:
@@ -277,7 +291,8 @@ async def entries_of_run(conn: AsyncConnection, run_id: str) -> list[dict[str, A
     reversed_by = {r["reverses"]: r["entry_id"] for r in (await conn.execute(
         select(entries.c.entry_id, entries.c.reverses)
         .where(entries.c.reverses.in_([r["entry_id"] for r in rows])))).mappings()}
-    return [_public_entry(r, reversed_by.get(r["entry_id"])) for r in rows]
+    return [_public_entry(r, reversed_by.get(r["entry_id"]), 2 if r["entry_id"] in reversed_by else 1)
+            for r in rows]
 
 
 async def read_entry_versions(conn: AsyncConnection, entry_id: str) -> list[dict[str, Any]]:
@@ -288,7 +303,7 @@ async def read_entry_versions(conn: AsyncConnection, entry_id: str) -> list[dict
     reversal = await _reversal_of(conn, entry_id)
     history = [_public_entry(row, None)]
     if reversal is not None:
-        history.append(_public_entry(reversal, None))
+        history.append(_public_entry(reversal, None, 2))
     return history
 
 

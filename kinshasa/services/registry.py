@@ -92,7 +92,10 @@ def publish_example_declarations(bootstrap: str, topic: str = CATALOGUE) -> None
     from kinshasa.topics.declarations import publish_declaration
     from kinshasa.topics.producer import AsyncProducer
 
-    ensure_topics(bootstrap, [*catalogue(service_names()), catalogue_topic_spec(name=topic)])
+    specs = catalogue(service_names())
+    if topic not in {spec.name for spec in specs}:
+        specs.append(catalogue_topic_spec(name=topic))
+    ensure_topics(bootstrap, specs)
 
     async def publish() -> None:
         async with AsyncProducer(bootstrap, client_id="kinshasa-examples") as producer:

@@ -1,26 +1,33 @@
 """The service kit: what a domain service author imports to declare operations, inverses, tables and reads.
 
-Writing a service (see `kinshasa.services.documents` for a complete one):
+Writing a service (see `kinshasa.services.documents`, or `examples/tickets` for one in a package of its
+own; `kinshasa new-service NAME` writes a starting point):
 
 1. Tables: declare them on the service's own `MetaData`, entity state as `versioned_table(...)` (an
    update is a new version, a delete a tombstone version); read and write them through `Versions`.
-2. `svc = Service("<name>", metadata=..., domain_tables=[...])`; the name must have operations in
-   `kinshasa.schemas.catalogue.CATALOGUE`.
-3. Invariants: `check_*` functions raising subclasses of `DomainError` with a `code` and a message
+2. `svc = Service("<name>", version=1, metadata=..., domain_tables=[...])`; bump `version` whenever a
+   declaration changes (the gateway refuses a changed declaration under an accepted version number).
+3. Payloads: pydantic models with `extra="forbid"` and an example (`json_schema_extra={"examples":
+   [...]}`); the JSON Schema they publish is what the gateway validates agents' writes against
+   (`kit.fields` has field types whose checks the schema says too).
+4. Invariants: `check_*` functions raising subclasses of `DomainError` with a `code` and a message
    that says what to do next.
-4. Each catalogue operation once, beside its forward handler, with its inverse::
+5. Each operation once, beside its forward handler, with its inverse::
 
        async def rename_back(conn, step: AppliedStep, ctx: CommandContext) -> None: ...
 
-       @svc.operation("rename", inverse=rename_back)
+       @svc.operation("rename", payload=RenameDocument, mutation="renameDocument", entity="document",
+                      entity_id_field="document_id", inverse=rename_back)
        async def rename(conn, cmd: RenameDocument, ctx: CommandContext) -> dict[str, Any]:
            ...  # checks, new version rows; return the domain data the inverse needs
 
-   or `@svc.operation("send_email", egress=True)` for egress. A missing inverse raises at import;
-   an undeclared catalogue operation stops `Service.verify()`, run before the service starts.
-5. Reads: `svc.read_model("<entity type>", current=..., versions=...)` and, if needed,
-   `@svc.router` for extra routes.
-6. Register it in `kinshasa.services.registry`; `kinshasa service <name>` runs it.
+   or `egress=True` (and no inverse) for an operation that acts outside the system. A missing inverse
+   raises at import; `Service.verify()`, run before a service starts, refuses what the gateway would.
+6. Reads: `svc.read_model("<entity type>", current=..., versions=..., schema=..., lists=...)` for every
+   entity type an operation acts on.
+7. Run it: `kinshasa service --module package.module:svc`, or `kinshasa up --service package.module:svc`
+   beside the local stack. At start it publishes its declaration on `kinshasa.catalogue`, and agents
+   can call its mutations within seconds.
 
 What the kit does, and so what a handler may assume: each command is applied at most once (the
 inbox), in its entity's order (one partition per key), in the same transaction as its event's outbox

@@ -655,3 +655,15 @@ def test_go_vet_and_unit_tests_pass(inventory_binary: Path) -> None:
         result = subprocess.run([str(go), *args], cwd=SERVICE_DIR, env=env, capture_output=True, text=True,
                                 check=False)
         assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_conformance_kit_passes(service: InventoryProcess, kafka: KafkaBroker) -> None:
+    import asyncio
+
+    from kinshasa.conformance import run_conformance
+
+    report = asyncio.run(run_conformance("inventory", kafka.bootstrap, timeout_s=30))
+    print(report.render())
+    assert report.ok, report.render()
+    assert {"apply:add_item", "apply:adjust_stock", "apply:rename_item", "compensate"} <= {
+        check.name for check in report.checks}

@@ -1,0 +1,1 @@
+"""An example Kinshasa service outside Kinshasa: support tickets, declared in `tickets.service`."""
