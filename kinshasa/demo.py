@@ -475,6 +475,9 @@ class Story:
         if refunds:
             say(f"   account Cleanup refunds: {refunds['status']}, balance "
                 f"{money(refunds['balanceCents'], refunds['currency'])}")
+        else:
+            say("   account Cleanup refunds: gone (the revert closed it before any money moved; its history "
+                "stays in the ledger)")
         shown = [f"{lk['kind']} {lk['fromId']} -> {lk['toId']} ({lk['status']})" for lk in report_links]
         say(f"   links of the report: {'; '.join(shown) or 'none'}")
         for note, found in gone.items():

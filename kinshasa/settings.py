@@ -26,6 +26,8 @@ class StackSettings(BaseSettings):
     log_level: str = "INFO"
     # "json" for log shippers; "console" for a person reading a terminal (`make run` sets it).
     log_format: str = "json"
+    # The internal token (admin endpoints) from a mounted secret; None: `<data_dir>/internal-token`.
+    internal_token_file: Path | None = None
 
 
 class InfraSettings(BaseSettings):

@@ -156,7 +156,8 @@ class CoordinatorRuntime:
         checks = {"database": database_check(engine)}
         checks.update({role: task_check(tasks, role) for role in ("projector", "worker", "relay")
                        if self.has(role)})
-        token = load_or_create_internal_token(self.stack.data_dir, self.token)
+        token = load_or_create_internal_token(self.stack.data_dir, self.token,
+                                              self.stack.internal_token_file)
         server: QuietServer | None = None
         if self.has("api"):
             app = self._app(ledger, client, queue, token, dlq, checks)

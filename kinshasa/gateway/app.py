@@ -68,7 +68,9 @@ class Gateway:
             if registry is not None
             else load_registry(settings.credentials_file, stack.data_dir, settings.dev_mode)
         )
-        self.internal_token = load_or_create_internal_token(stack.data_dir, settings.internal_token)
+        self.internal_token = load_or_create_internal_token(
+            stack.data_dir, settings.internal_token, stack.internal_token_file
+        )
         self.metrics = ComponentMetrics(COMPONENT)
         self.policies = PolicyBook()
         self.webhook = WebhookSender(

@@ -176,14 +176,21 @@ def admin_app(component: str, *, token: str, dlq_api: DlqApi, metrics: Component
     return app
 
 
-def load_or_create_internal_token(data_dir: Path, configured: str | None = None) -> str:
-    """The stack's internal token: `configured` if given, else `<data_dir>/internal-token`, created once.
+def load_or_create_internal_token(data_dir: Path, configured: str | None = None,
+                                  file: Path | None = None) -> str:
+    """The stack's internal token: `configured` if given, else the contents of `file` (a mounted secret)
+    if given, else `<data_dir>/internal-token`, created once.
 
     A new token is written with mode 0600 from the start (never world-readable, not even briefly),
     and exclusive creation makes two components starting together agree on one token.
     """
     if configured is not None and configured.strip():
         return configured.strip()
+    if file is not None:
+        token = Path(file).read_text(encoding="utf-8").strip()
+        if not token:
+            raise ValueError(f"the internal token file {file} is empty: put the shared token in it")
+        return token
     path = Path(data_dir) / TOKEN_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     try:

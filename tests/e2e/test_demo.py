@@ -113,9 +113,14 @@ def test_demo_tells_the_story_and_the_state_agrees(stack: Stack, operator: Api) 
             assert operator.call("query($id: ID!) { document(id: $id) { id } }",
                                  id=c["entityId"])["document"] is None
         if c["operation"] == "ledger.open_account":
+            # Opened by the rogue run, closed by the revert before any money moved (its entry was held and
+            # discarded): it reads as absent, its history stays in the ledger service.
             refunds = operator.call("query($id: ID!) { account(id: $id) { balanceCents status } }",
                                     id=c["entityId"])["account"]
-            assert refunds == {"balanceCents": 0, "status": "closed"}
+            assert refunds is None
+            history = operator.call('query($id: ID!) { entity(service: "ledger", type: "account", id: $id) '
+                                    "{ id } }", id=c["entityId"])["entity"]
+            assert history is None
 
 
 def test_demo_says_what_to_do_when_the_stack_is_not_there(stack: Stack) -> None:

@@ -48,3 +48,32 @@ def test_settings_keys_catch_a_typo() -> None:
     # The check above must be able to fail: a misspelt key is not among the gateway's keys.
     assert "KINSHASA_GATEWAY_DATABSE_URL" not in process_env_keys()["gateway"]
     assert "KINSHASA_GATEWAY_DATABASE_URL" in process_env_keys()["gateway"]
+
+
+def _doc() -> dict:
+    document: dict = yaml.safe_load(COMPOSE.read_text())
+    return document
+
+
+def test_compose_runs_as_production_with_only_the_gateway_published() -> None:
+    services = _doc()["services"]
+    published = {name for name, svc in services.items() if svc.get("ports")}
+    assert published == {"gateway"}
+    gateway_env = services["gateway"]["environment"]
+    assert gateway_env["KINSHASA_GATEWAY_DEV_MODE"] == "false"
+    assert gateway_env["KINSHASA_GATEWAY_CREDENTIALS_FILE"].startswith("/run/secrets/")
+    dev = yaml.safe_load((COMPOSE.parent / "docker-compose.dev.yml").read_text())
+    assert dev["services"]["gateway"]["environment"]["KINSHASA_GATEWAY_DEV_MODE"] == "true"
+
+
+def test_each_container_mounts_only_what_it_needs() -> None:
+    services = _kinshasa_services()
+    owners: dict[str, list[str]] = {}
+    for name, svc in services.items():
+        for mount in svc.get("volumes", []):
+            owners.setdefault(str(mount).split(":", 1)[0], []).append(name)
+    shared = {volume: names for volume, names in owners.items() if len(names) > 1}
+    assert shared == {}, f"volumes mounted by several containers: {shared}"
+    with_credentials = {name for name, svc in services.items()
+                        if any(s.get("source") == "credentials" for s in svc.get("secrets", []))}
+    assert with_credentials == {"gateway"}

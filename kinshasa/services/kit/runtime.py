@@ -201,7 +201,8 @@ class ServiceRuntime:
                                  extra_config=extra, batch_size=opts.consumer_batch_size)
         tasks: dict[str, asyncio.Task[Any]] = {}
 
-        token = load_or_create_internal_token(self.stack.data_dir, self.token)
+        token = load_or_create_internal_token(self.stack.data_dir, self.token,
+                                              self.stack.internal_token_file)
         app = admin_app(name, token=token, dlq_api=dead_letters.queue, metrics=self.metrics,
                         health_checks={"database": database_check(engine),
                                        "consumer": task_check(tasks, "consumer"),
