@@ -151,7 +151,8 @@ def resolve_services(references: list[str]) -> list[tuple[str, str]]:
     for reference in references:
         service = load_module_service(reference)
         if service.name in SERVICE_NAMES or service.name in {n for n, _ in resolved}:
-            raise ValueError(f"service name {service.name!r} ({reference}) is already in the stack: rename it")
+            raise ValueError(f"service name {service.name!r} ({reference}) is already in the stack: "
+                             "rename it")
         resolved.append((service.name, reference))
     return resolved
 

@@ -276,7 +276,8 @@ class Suite:
         problems = []
         if isinstance(payload.get("before", False), dict | None):
             problems += _labelled("before vs the read API just before",
-                                  state_differences(step.before, payload["before"], only=_keys(payload["before"])))
+                                  state_differences(step.before, payload["before"],
+                                                    only=_keys(payload["before"])))
         if isinstance(payload.get("after", False), dict | None):
             after = await self.driver.read_state(entity.type, entity.id)
             problems += _labelled("after vs the read API just after",

@@ -1,4 +1,4 @@
-"""The topics the coordinator reads and writes, from the topic catalogue; a suffix gives a test its own copies.
+"""The topics the coordinator reads and writes, per the topic catalogue; a suffix gives a test its own copies.
 
 The coordinator knows no service by name: it reads every service's events topic through a pattern and
 sends compensations to the commands topic of the service a step names."""

@@ -95,12 +95,14 @@ class ServiceBook:
                                       f"the declaration is invalid: {exc}")
         if record.key and record.key != declaration.service:
             return await self._refuse(declaration.service, declaration.version, declaration.computed_digest(),
-                                      f"it was published under key {record.key!r}: key it by its service name")
+                                      f"it was published under key {record.key!r}: "
+                                      "key it by its service name")
         current = self._accepted.get(declaration.service)
         digest = declaration.computed_digest()
         if current is not None:
             if declaration.version < current.version:
-                return Decision(declaration.service, "stale", f"version {declaration.version} < {current.version}")
+                return Decision(declaration.service, "stale",
+                                f"version {declaration.version} < {current.version}")
             if declaration.version == current.version:
                 if digest == current.computed_digest():
                     return await self._refresh_endpoints(current, declaration)
@@ -109,7 +111,8 @@ class ServiceBook:
                                           "content: bump the version when the declaration changes")
             problems = compatibility_problems(current, declaration)
             if problems:
-                return await self._refuse(declaration.service, declaration.version, digest, "; ".join(problems))
+                return await self._refuse(declaration.service, declaration.version, digest,
+                                          "; ".join(problems))
         try:
             catalogue = build_catalogue([*(d for n, d in self._accepted.items() if n != declaration.service),
                                          declaration])
@@ -122,7 +125,8 @@ class ServiceBook:
                  digest, len(declaration.operations))
         return Decision(declaration.service, "accepted", digest)
 
-    async def _refresh_endpoints(self, current: ServiceDeclaration, published: ServiceDeclaration) -> Decision:
+    async def _refresh_endpoints(self, current: ServiceDeclaration,
+                                 published: ServiceDeclaration) -> Decision:
         # A restarted service republishes the same version from a new address: same content, new endpoints.
         if published.endpoints != current.endpoints:
             self._accepted[current.service] = current.model_copy(update={"endpoints": published.endpoints})
@@ -139,7 +143,8 @@ class ServiceBook:
             pass
 
     async def _refuse(self, service: str, version: int | None, digest: str, why: str) -> Decision:
-        what = f"version {version} of service {service}" if version is not None else f"declaration of {service}"
+        what = (f"version {version} of service {service}" if version is not None
+                else f"declaration of {service}")
         keeps = self._accepted.get(service)
         serving = (f"version {keeps.version} keeps serving" if keeps is not None
                    else "the service stays unavailable to agents")

@@ -145,7 +145,8 @@ class ServiceDeclaration(_Data):
             seen.add(op.name)
             mutations.add(op.mutation)
             if self.entities and op.entity_type not in entity_types:
-                yield f"{self.service}.{op.name} acts on entity type {op.entity_type!r}, which is not in entities"
+                yield (f"{self.service}.{op.name} acts on entity type {op.entity_type!r}, "
+                       "which is not in entities")
             yield from op.problems(self.service)
 
     def body(self) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""Declared payload JSON Schemas compiled into pydantic models: how the gateway validates any service's writes.
+"""Declared payload JSON Schemas compiled to pydantic models: how the gateway validates any service's writes.
 
 A service in any language declares each operation's payload as a JSON Schema (docs/service-contract.md,
 section 9). The gateway compiles it once per catalogue version into a frozen pydantic model that
@@ -138,7 +138,8 @@ def _property_schema(schema: Mapping[str, Any], loc: tuple[Any, ...]) -> Mapping
 
 def _object_model(schema: Mapping[str, Any], name: str, where: str, depth: int) -> type[PayloadModel]:
     if depth > _MAX_DEPTH:
-        raise PayloadSchemaError(f"{where}: objects nest deeper than {_MAX_DEPTH} levels: flatten the payload")
+        raise PayloadSchemaError(
+            f"{where}: objects nest deeper than {_MAX_DEPTH} levels: flatten the payload")
     if schema.get("type", "object") != "object":
         raise PayloadSchemaError(f"{where}: must be a JSON Schema of type object, got {schema.get('type')!r}")
     if schema.get("additionalProperties", False) is not False:
@@ -229,7 +230,8 @@ def _string(prop: Mapping[str, Any], where: str) -> Any:
 def _email(value: str) -> str:
     if not EMAIL_RE.match(value):
         raise PydanticCustomError(
-            "email_format", "'{value}' is not an email address: use the form name@example.org", {"value": value})
+            "email_format", "'{value}' is not an email address: use the form name@example.org",
+            {"value": value})
     return value
 
 

@@ -84,7 +84,8 @@ def main(
     """Run a service until SIGTERM or Ctrl-C."""
     if module is not None:
         if ctx.invoked_subcommand is not None:
-            raise typer.BadParameter("give either --module or a service name, not both", param_hint="--module")
+            raise typer.BadParameter("give either --module or a service name, not both",
+                                     param_hint="--module")
         run_service("", topic_suffix=topic_suffix, instance_id=instance_id, module=module)
     elif ctx.invoked_subcommand is None:
         typer.echo(ctx.get_help())

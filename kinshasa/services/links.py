@@ -48,7 +48,8 @@ class Link(BaseModel):
 class Unlink(BaseModel):
     """Remove a link."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, json_schema_extra={"examples": [{"link_id": "l-1"}]})
+    model_config = ConfigDict(extra="forbid", frozen=True, json_schema_extra={
+        "examples": [{"link_id": "l-1"}]})
     link_id: EntityId
 
 

@@ -24,7 +24,8 @@ async def test_every_example_service_passes_the_conformance_kit(
     smtp_port = free_port()
     with SmtpSink(tmp_path / "mail", port=smtp_port):
         runtime = make_runtime(service, kafka, f"sqlite+aiosqlite:///{tmp_path / 'svc.sqlite3'}", tmp_path,
-                               ServiceTopics.for_service(service.name, suffix), token="t", smtp_port=smtp_port)
+                               ServiceTopics.for_service(service.name, suffix), token="t",
+                               smtp_port=smtp_port)
         running = Running(runtime)
         try:
             await running.started()

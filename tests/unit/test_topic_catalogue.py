@@ -189,4 +189,5 @@ def test_the_events_pattern_matches_every_service_and_only_its_own_copies() -> N
     assert not re.match(plain, "kinshasa.events.documents.t1")
     assert not re.match(plain, "kinshasa.commands.documents")
     assert re.match(isolated, "kinshasa.events.inventory.t1")
-    assert not re.match(isolated, "kinshasa.events.inventory") and not re.match(isolated, "kinshasa.events.x.t2")
+    assert (not re.match(isolated, "kinshasa.events.inventory")
+            and not re.match(isolated, "kinshasa.events.x.t2"))

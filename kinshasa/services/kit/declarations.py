@@ -293,7 +293,8 @@ class Service:
         if missing:
             raise ServiceDeclarationError(
                 f"service {self.name} has operations on {', '.join(missing)} but no read model for them: "
-                f"declare {self.name}.read_model(<type>, current=..., versions=...) so the gateway can read them"
+                f"declare {self.name}.read_model(<type>, current=..., versions=...) "
+                "so the gateway can read them"
             )
         try:
             self.declaration()

@@ -46,7 +46,8 @@ def read_router(service: Service, engine: AsyncEngine) -> APIRouter:
         if len(asked) != 1 or next(iter(asked)) not in model.lists:
             return JSONResponse({"error": {"code": "BAD_LIST_FIELD", "message": (
                 f"list {entity_type} entities by exactly one of: {', '.join(model.lists) or '(none)'}, "
-                f"e.g. /entities/{entity_type}?{next(iter(model.lists), 'run_id')}=<value>")}}, status_code=400)
+                f"e.g. /entities/{entity_type}?"
+                f"{next(iter(model.lists), 'run_id')}=<value>")}}, status_code=400)
         field, value = next(iter(asked.items()))
         if not value or len(value) > 256:
             return JSONResponse({"error": {"code": "BAD_LIST_VALUE",

@@ -74,7 +74,8 @@ def two_gateways(postgres: Any, kafka: Any, tmp_path: Path, examples_catalogue: 
 
     database_url = asyncio.run(_create_database(postgres, f"t_{uuid.uuid4().hex[:12]}"))
     (tmp_path / "credentials.json").write_text(json.dumps(PRINCIPALS))
-    started = [_spawn(tmp_path, f"gw{i}", database_url, kafka.bootstrap, examples_catalogue) for i in range(2)]
+    started = [_spawn(tmp_path, f"gw{i}", database_url, kafka.bootstrap, examples_catalogue)
+               for i in range(2)]
     try:
         for i, (proc, url) in enumerate(started):
             _wait_ready(url, proc, tmp_path / f"gw{i}.log")

@@ -40,7 +40,8 @@ class OpenWidgetColourRequired(OpenWidget):
 
 
 class PaintWidget(BaseModel):
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"widget_id": "w", "colour": "red"}]})
+    model_config = ConfigDict(extra="forbid",
+                              json_schema_extra={"examples": [{"widget_id": "w", "colour": "red"}]})
     widget_id: str
     colour: str
 
@@ -60,7 +61,8 @@ async def _read(conn: Any, entity_id: str) -> Any:
 def widgets(version: int, open_payload: type[BaseModel], *, paint: bool = False) -> ServiceDeclaration:
     """The declaration a `widgets` service of this shape publishes."""
     service = Service("widgets", version=version, metadata=MetaData(), domain_tables=[])
-    service.operation("open", payload=open_payload, mutation="openWidget", entity="widget", inverse=_undo)(_forward)
+    service.operation("open", payload=open_payload, mutation="openWidget", entity="widget",
+                      inverse=_undo)(_forward)
     if paint:
         service.operation("paint", payload=PaintWidget, mutation="paintWidget", entity="widget",
                           entity_id_field="widget_id", inverse=_undo)(_forward)
@@ -99,7 +101,8 @@ async def live(kafka: Any, tmp_path: Path, unique: str) -> AsyncIterator[Live]:
     await asyncio.to_thread(ensure_topics, kafka.bootstrap, [catalogue_topic_spec(name=topic)])
     settings = GatewayConfig(database_url=f"sqlite+aiosqlite:///{tmp_path / 'gateway.sqlite3'}",
                              catalogue_topic=topic, background=False)
-    gateway = await _start(settings, StackSettings(data_dir=tmp_path / "data", kafka_bootstrap=kafka.bootstrap))
+    gateway = await _start(settings, StackSettings(data_dir=tmp_path / "data",
+                                                   kafka_bootstrap=kafka.bootstrap))
     try:
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=gateway.app), base_url="http://gateway",
                                      timeout=30) as http:
@@ -150,7 +153,8 @@ async def test_an_incompatible_version_is_refused_with_an_alert_and_the_old_one_
     await live.publish(widgets(2, OpenWidgetColourRequired))
 
     async def refused() -> list[dict[str, Any]]:
-        found = await c.data('{ alerts(kind: "catalogue_incompatible") { summary details } }', key=OPERATOR_KEY)
+        found = await c.data('{ alerts(kind: "catalogue_incompatible") { summary details } }',
+                             key=OPERATOR_KEY)
         return list(found["alerts"])
 
     alerts = await live.until(refused)

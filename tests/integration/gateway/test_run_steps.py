@@ -102,7 +102,8 @@ def applied(run_id: str, command_type: str, entity_id: str, minute: int) -> Enve
         correlation_id=run_id,
         entity=EntityRef(service=spec.service, type=spec.entity_type, id=entity_id),
         occurred_at=T0 + timedelta(minutes=minute),
-        payload={"before": None, "after": {"id": entity_id}, **({"irreversible": True} if spec.egress else {})},
+        payload={"before": None, "after": {"id": entity_id},
+                 **({"irreversible": True} if spec.egress else {})},
     )
 
 

@@ -93,11 +93,13 @@ def test_what_a_service_publishes_parses_back_with_its_digest(service: Service) 
 
 def test_egress_operations_are_exactly_the_notifiers() -> None:
     egress = {op.command_type for s in all_services() for op in s.operations.values() if op.egress}
-    assert egress == {spec.command_type for spec in example_catalogue() if spec.egress} == {"notifier.send_email"}
+    assert (egress == {spec.command_type for spec in example_catalogue() if spec.egress}
+            == {"notifier.send_email"})
 
 
 def test_declaring_an_operation_without_inverse_raises() -> None:
-    with pytest.raises(MissingInverseError, match=r"shipping.rename has no inverse: declare it with inverse="):
+    with pytest.raises(MissingInverseError,
+                       match=r"shipping.rename has no inverse: declare it with inverse="):
         _declare(_service(), inverse=None)
 
 
@@ -139,11 +141,11 @@ def test_duplicate_operations_are_refused() -> None:
 def test_unknown_services_are_refused_with_what_to_do() -> None:
     with pytest.raises(UnknownServiceError, match="choose one of"):
         load_service("shipping")
-    with pytest.raises(UnknownServiceError, match="package.module:attribute"):
+    with pytest.raises(UnknownServiceError, match=r"package\.module:attribute"):
         load_module_service("shipping")
     with pytest.raises(UnknownServiceError, match="cannot import"):
         load_module_service("nowhere_at_all.module:service")
-    with pytest.raises(UnknownServiceError, match="not a kinshasa.services.kit.Service"):
+    with pytest.raises(UnknownServiceError, match=r"not a kinshasa\.services\.kit\.Service"):
         load_module_service("kinshasa.services.documents:versions")
     assert load_module_service("kinshasa.services.documents:documents").name == "documents"
 
