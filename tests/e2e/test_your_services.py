@@ -24,7 +24,8 @@ OPEN = {"quarantineWindowS": 0.0, "maxWrites": 1000, "maxVelocity": 1000, "veloc
 
 
 def _go_build() -> Callable[[Path], Path]:
-    spec = importlib.util.spec_from_file_location("inventory_go_build", REPO / "examples/inventory-go/build.py")
+    spec = importlib.util.spec_from_file_location("inventory_go_build",
+                                                  REPO / "examples/inventory-go/build.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -35,7 +36,7 @@ def _go_build() -> Callable[[Path], Path]:
 @pytest.fixture(scope="module")
 def outside_services(stack: Stack) -> Iterator[dict[str, Process]]:
     """The tickets package and the Go inventory service, started after the stack is up."""
-    bootstrap = stack.infra.kafka.bootstrap  # type: ignore[attr-defined]
+    bootstrap = stack.infra.kafka().bootstrap
     shared = {"KINSHASA_DATA_DIR": str(stack.data_dir), "KINSHASA_KAFKA_BOOTSTRAP": bootstrap,
               "KINSHASA_LOG_FORMAT": "console", "PYTHONUNBUFFERED": "1",
               "PYTHONPATH": str(REPO / "examples" / "tickets")}
@@ -44,9 +45,11 @@ def outside_services(stack: Stack) -> Iterator[dict[str, Process]]:
     started = {
         "tickets": Process("tickets", [sys.executable, "-m", "kinshasa.cli", "service", "--module",
                                        "tickets.service:tickets"],
-                           shared | {"KINSHASA_SVC_TICKETS_ADMIN_PORT": str(free_port())}, logs / "tickets.log"),
+                           shared | {"KINSHASA_SVC_TICKETS_ADMIN_PORT": str(free_port())},
+                           logs / "tickets.log"),
         "inventory": Process("inventory", [str(binary), "--bootstrap", bootstrap, "--data",
-                                           str(stack.data_dir / "inventory"), "--http", f"127.0.0.1:{free_port()}"],
+                                           str(stack.data_dir / "inventory"), "--http",
+                                           f"127.0.0.1:{free_port()}"],
                              shared, logs / "inventory.log"),
     }
     for process in started.values():
