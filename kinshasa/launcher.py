@@ -51,11 +51,9 @@ class StackPlan:
     ports: StackPorts
     postgres_url: str | None = None
     dev_mode: bool = True
-    # Services from outside the package: (service name, "package.module:attribute").
+    # Services from outside the package: (service name, "package.module:attribute"); their ports are in
+    # `ports.services` under their names, like the examples'.
     extra_services: list[tuple[str, str]] = field(default_factory=list)
-
-    def extra_port(self, index: int) -> int:
-        return max([*self.ports.services.values(), 8100]) + 1 + index
 
     def _database_url(self, component: str) -> dict[str, str]:
         if self.postgres_url is None:
@@ -88,9 +86,9 @@ class StackPlan:
                             f"{prefix}SMTP_PORT": str(self.ports.smtp)}
             env |= {f"{prefix}{k}": v for k, v in self._database_url(name).items()}
             procs.append((name, [*exe, "service", name], env))
-        for index, (name, reference) in enumerate(self.extra_services):
+        for name, reference in self.extra_services:
             prefix = service_env_prefix(name)
-            env = shared | {f"{prefix}ADMIN_PORT": str(self.extra_port(index))}
+            env = shared | {f"{prefix}ADMIN_PORT": str(self.ports.services[name])}
             env |= {f"{prefix}{k}": v for k, v in self._database_url(name).items()}
             procs.append((name, [*exe, "service", "--module", reference], env))
         coordinator_env = shared | {"KINSHASA_COORDINATOR_ADMIN_PORT": str(self.ports.coordinator)}
@@ -177,8 +175,12 @@ def run_stack(postgres_url: str | None, report: Callable[[str], None] = print,
             report(f"warning: topic {mismatch.topic} {mismatch.field}: expected {mismatch.expected}, "
                    f"found {mismatch.actual}")
         load_or_create_internal_token(stack.data_dir)
-        plan = StackPlan(stack, ports, postgres_url=postgres_url,
-                         extra_services=resolve_services(services or []))
+        extra = resolve_services(services or [])
+        for index, (name, _) in enumerate(extra):
+            # The service's own setting if given, else the next port after the examples'.
+            ports.services[name] = (ServiceSettings.for_service(name).admin_port
+                                    or max(ports.services.values()) + 1 + index)
+        plan = StackPlan(stack, ports, postgres_url=postgres_url, extra_services=extra)
         if postgres_url:
             asyncio.run(_create_databases(postgres_url, plan.databases()))
         # The coordinator's Temporal worker may take up to 10 s to hand back its activities cleanly;

@@ -28,7 +28,7 @@ from tests.e2e.stack import CACHE, REPO, START_TIMEOUT_S, wait_for
 def up(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], dict[str, int], Path]]:
     ports = {"kafka": free_port(), "controller": free_port(), "temporal": free_port(),
              "gateway": free_port(), "coordinator": free_port(), "smtp": free_port(),
-             **{name: free_port() for name in SERVICE_NAMES}}
+             **{name: free_port() for name in (*SERVICE_NAMES, "tickets")}}
     env = {
         "KINSHASA_DATA_DIR": str(tmp_path),
         "KINSHASA_INFRA_KAFKA_PORT": str(ports["kafka"]),
@@ -40,11 +40,14 @@ def up(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], dict[str, int]
         "KINSHASA_GATEWAY_PORT": str(ports["gateway"]),
         "KINSHASA_COORDINATOR_ADMIN_PORT": str(ports["coordinator"]),
         "KINSHASA_SVC_NOTIFIER_SMTP_PORT": str(ports["smtp"]),
-        **{f"{service_env_prefix(name)}ADMIN_PORT": str(ports[name]) for name in SERVICE_NAMES},
+        **{f"{service_env_prefix(name)}ADMIN_PORT": str(ports[name]) for name in (*SERVICE_NAMES, "tickets")},
+        # The tickets example is a package of its own: importable as `make` installs it, or from here.
+        "PYTHONPATH": os.pathsep.join([str(REPO / "examples" / "tickets"), os.environ.get("PYTHONPATH", "")]),
     }
     log = tmp_path / "up.log"
     # Attached: if the test run itself is killed, `kinshasa up` gets SIGTERM and stops its whole stack.
-    managed = ManagedProcess("kinshasa-up", [sys.executable, "-m", "kinshasa.cli", "up"], log,
+    managed = ManagedProcess("kinshasa-up", [sys.executable, "-m", "kinshasa.cli", "up",
+                                             "--service", "tickets.service:tickets"], log,
                              tmp_path / "up.pid", env=os.environ | env, cwd=REPO)
     managed.start(attached=True)
     assert managed.popen is not None
@@ -100,6 +103,14 @@ def _exercise(process: subprocess.Popen[bytes], ports: dict[str, int], log: Path
              lambda: agent.command(receipt["commandId"])["result"] == "APPLIED", timeout_s=120)
     document = agent.call("query($id: ID!) { document(id: $id) { title } }", id=receipt["entityId"])
     assert document["document"] == {"title": "hello from kinshasa up"}
+    # A service of one's own, added with --service, is written to like any other.
+    ticket = wait_for("openTicket in the gateway's schema", lambda: agent.write(
+        run_id, "openTicket", title="from kinshasa up --service"), timeout_s=60)
+    wait_for("the ticket to be applied",
+             lambda: agent.command(ticket["commandId"])["result"] == "APPLIED", timeout_s=120)
+    opened = agent.call('query($id: ID!) { entity(service: "tickets", type: "ticket", id: $id) { state } }',
+                        id=ticket["entityId"])["entity"]
+    assert opened["state"]["title"] == "from kinshasa up --service"
 
     # Ctrl-C and SIGTERM take the same path: every process and the infrastructure stop.
     process.send_signal(signal.SIGTERM)
