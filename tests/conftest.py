@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import tempfile
 import uuid
@@ -12,30 +13,26 @@ from pathlib import Path
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from kinshasa.infra.kafka import KafkaBroker, kafka_libs
+from kinshasa.infra.kafka import KafkaBroker
 from kinshasa.infra.postgres import PostgresCluster
 from kinshasa.infra.process import free_port
 from kinshasa.infra.temporal import TemporalServer
 from kinshasa.kernel.database import create_engine
 from kinshasa.kernel.install import install_kernel_tables
-from kinshasa.settings import InfraSettings
 
 REPO = Path(__file__).resolve().parent.parent
 # The jar cache is shared with `make run`, so the suite downloads Kafka at most once per checkout.
 CACHE = REPO / ".kinshasa" / "cache"
 
 
+# The broker fixture service authors use (kinshasa.testing), on the checkout's jar cache.
+os.environ.setdefault("KINSHASA_CACHE_DIR", str(CACHE))
+pytest_plugins = ["kinshasa.testing"]
+
+
 @pytest.fixture(scope="session")
-def kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaBroker]:
-    infra = InfraSettings()
-    broker = KafkaBroker(root=tmp_path_factory.mktemp("kafka"),
-                         libs=kafka_libs(CACHE, infra.kafka_version, infra.kafka_home),
-                         port=free_port(), controller_port=free_port())
-    broker.start(attached=True)
-    try:
-        yield broker
-    finally:
-        broker.stop()
+def kafka(kinshasa_kafka: KafkaBroker) -> KafkaBroker:
+    return kinshasa_kafka
 
 
 @pytest.fixture(scope="session")
