@@ -18,8 +18,6 @@ from uuid import UUID
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 from temporalio import activity
-from temporalio.client import Client, WorkflowFailureError
-from temporalio.exceptions import ApplicationError
 
 from kinshasa.coordinator.ledger import ClaimedStep, Ledger
 from kinshasa.coordinator.models import (
@@ -28,12 +26,7 @@ from kinshasa.coordinator.models import (
     ForwardWaitInput,
     PassInput,
     PassResult,
-    RevertBatchInput,
     RevertOutcome,
-    RevertRequest,
-    RunOutcome,
-    RunPage,
-    SelectInput,
 )
 from kinshasa.coordinator.ordering import CompensationPlan, PlannedStep
 from kinshasa.coordinator.store import RunStatus, StepStatus
@@ -95,16 +88,13 @@ class _Heartbeat:
 
 
 class RevertActivities:
-    """The revert activities, built with the coordinator's database and (for bulk) a Temporal client."""
+    """The revert activities, built with the coordinator's database."""
 
     def __init__(self, engine: AsyncEngine, *, ledger: Ledger | None = None,
-                 topics: CoordinatorTopics | None = None, client: Client | None = None,
-                 task_queue: str | None = None, on_emit: Callable[[], None] | None = None) -> None:
+                 topics: CoordinatorTopics | None = None, on_emit: Callable[[], None] | None = None) -> None:
         self.engine = engine
         self.topics = topics or CoordinatorTopics()
         self.ledger = ledger or Ledger(engine)
-        self.client = client
-        self.task_queue = task_queue
         # Wakes the in-process outbox relay, so compensate commands leave without waiting out its idle sleep.
         self.on_emit = on_emit
 
@@ -115,9 +105,9 @@ class RevertActivities:
         """Wait until the ledger holds a result for every command the gateway published for the run.
 
         The target is the largest count known: the request's, the ledger's final count (from
-        `revert_requested` / `tripped`), or, for a run that finished without either (a bulk revert by
-        selector), the count reported when it finished. A run still writing with no count at all
-        waits for one; after `wait_s` the revert goes on with what has landed.
+        `revert_requested`, or `tripped`), or, should neither have come with one, the count reported
+        when the run finished. A run still writing with no count at all waits for one; after `wait_s`
+        the revert goes on with what has landed.
         """
         beat = _Heartbeat()
         deadline = time.monotonic() + params.wait_s
@@ -262,74 +252,3 @@ class RevertActivities:
                 "summary": " ".join(parts), "failing_steps": listed, "failing_count": failing_count,
                 "missing_results": params.missing_results, "compensated": compensated,
             })
-
-    # bulk
-
-    @activity.defn(name="select_runs")
-    async def select_runs(self, params: SelectInput) -> RunPage:
-        """One page of the run ids a selector covers, from the ledger's run index."""
-        selector = params.selector
-        if selector.run_ids and not (selector.agent_id or selector.entry_point or selector.started_after
-                                     or selector.started_before):
-            # Explicit ids are reverted even if the ledger has not seen the run yet: the revert waits.
-            ids = sorted(set(selector.run_ids))
-            if params.cursor is not None:
-                ids = [i for i in ids if i > params.cursor]
-            page = ids[:params.limit]
-            return RunPage(run_ids=page, next_cursor=page[-1] if len(ids) > params.limit else None)
-        ids, cursor = await self.ledger.select_run_ids(selector, after=params.cursor, limit=params.limit)
-        return RunPage(run_ids=ids, next_cursor=cursor)
-
-    @activity.defn(name="revert_batch")
-    async def revert_batch(self, params: RevertBatchInput) -> list[RunOutcome]:
-        """Start (or join) `RevertRun` for each run with at most `max_concurrency` at once; await each.
-
-        Progress is heartbeated, so a retried activity skips the runs it already saw finish.
-        """
-        from kinshasa.coordinator.starter import start_revert  # the starter imports the workflows
-
-        if self.client is None or self.task_queue is None:
-            raise ApplicationError("revert_batch needs a Temporal client: build RevertActivities with one",
-                                   non_retryable=True)
-        client, queue = self.client, self.task_queue
-        done: dict[str, RunOutcome] = {}
-        details = activity.info().heartbeat_details
-        if details:
-            for item in details[0] or []:
-                outcome = RunOutcome.model_validate(item)
-                done[outcome.run_id] = outcome
-        gate = asyncio.Semaphore(params.max_concurrency)
-        beat = _Heartbeat()
-
-        async def one(run_id: str) -> None:
-            async with gate:
-                summary = await self.ledger.summary(run_id)
-                if summary is not None and summary.status == RunStatus.REVERTED.value \
-                        and summary.counts.unsettled == 0:
-                    # Reverting a reverted run changes nothing: report it without a new workflow run.
-                    done[run_id] = RunOutcome(run_id=run_id, status="REVERTED",
-                                              compensated=summary.counts.compensated,
-                                              irreversible=summary.counts.irreversible)
-                    return
-                request = RevertRequest(run_id=run_id, reason=params.reason, requested_by=params.requested_by)
-                try:
-                    handle = await start_revert(client, queue, request, params.policy)
-                    result: RevertOutcome = await handle.result()
-                    done[run_id] = RunOutcome(
-                        run_id=run_id, status=result.status, compensated=result.compensated,
-                        irreversible=result.irreversible, failing_count=result.failing_count)
-                except WorkflowFailureError as exc:
-                    done[run_id] = RunOutcome(run_id=run_id, status="ERROR", error=str(exc.cause or exc))
-
-        async def beat_loop() -> None:
-            while True:
-                beat([o.model_dump(mode="json") for o in done.values()])
-                await asyncio.sleep(1.0)
-
-        beating = asyncio.create_task(beat_loop())
-        try:
-            await asyncio.gather(*(one(r) for r in params.run_ids if r not in done))
-        finally:
-            beating.cancel()
-        return [done[r] for r in params.run_ids if r in done]
-

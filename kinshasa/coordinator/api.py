@@ -1,13 +1,16 @@
-"""The coordinator's HTTP API for the gateway: run summaries, steps newest first, run search, bulk reverts."""
+"""The coordinator's HTTP API for the gateway: run summaries, steps newest first, run search, revert progress.
+
+Read-only: a revert starts only at the gateway's doorbell (`revertRun`, `revertRuns`, a trip with
+auto-revert), which records `run.revert_requested`; the coordinator acts on that fact, never on a request
+made here, so no revert can start that the gateway does not know of.
+"""
 
 from __future__ import annotations
 
-import hmac
-from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Any
 
-from fastapi import APIRouter, Depends, FastAPI, Query, Request
+from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -15,12 +18,12 @@ from temporalio.client import Client
 from temporalio.service import RPCError
 
 from kinshasa.coordinator.ledger import CursorError, Ledger
-from kinshasa.coordinator.models import RevertPolicy, RevertRunsInput, RunSelector
-from kinshasa.coordinator.starter import BULK_PREFIX, bulk_workflow_id, start_bulk_revert
 from kinshasa.coordinator.store import RunStatus
 from kinshasa.coordinator.workflows import revert_workflow_id
 
 MAX_PAGE = 1000
+# Runs per `POST /steps`.
+MAX_BATCH = 200
 
 
 class ApiError(Exception):
@@ -29,41 +32,29 @@ class ApiError(Exception):
         self.status, self.code, self.message = status, code, message
 
 
-class BulkRevertBody(BaseModel):
-    """`POST /reverts`: revert every run a selector covers."""
+class StepsRequest(BaseModel):
+    """One run's page in `POST /steps`, as `GET /runs/{run_id}/steps` takes it."""
 
     model_config = ConfigDict(extra="forbid")
 
-    selector: RunSelector
-    reason: str = Field(min_length=1, max_length=2000)
-    requested_by: str = Field(default="operator", min_length=1, max_length=256)
-    max_concurrency: int = Field(default=8, ge=1, le=256)
-    bulk_id: str | None = Field(default=None, min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:-]+$")
+    run_id: str = Field(min_length=1, max_length=256)
+    limit: int = Field(default=100, ge=1, le=MAX_PAGE)
+    before: int | None = Field(default=None, ge=1)
+
+
+class StepsBatchBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    runs: list[StepsRequest] = Field(min_length=1, max_length=MAX_BATCH)
 
 
 def _error(status: int, code: str, message: str, **extra: Any) -> JSONResponse:
     return JSONResponse({"error": {"code": code, "message": message, **extra}}, status_code=status)
 
 
-def _token_guard(token: str | None) -> Callable[[Request], Awaitable[None]]:
-    async def guard(request: Request) -> None:
-        if token is None:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, presented = header.partition(" ")
-        if scheme.lower() != "bearer" or not presented:
-            raise ApiError(401, "UNAUTHENTICATED", "send `Authorization: Bearer <internal token>`; "
-                           "the token is in <data_dir>/internal-token")
-        if not hmac.compare_digest(presented.strip().encode(), token.encode()):
-            raise ApiError(403, "FORBIDDEN", "the bearer token is not this stack's internal token")
-    return guard
-
-
-def ledger_router(ledger: Ledger, *, client: Client | None = None, task_queue: str | None = None,
-                  token: str | None = None, policy: RevertPolicy | None = None) -> APIRouter:
-    """Reads are open to the network the coordinator binds to; starting a bulk revert needs the token."""
+def ledger_router(ledger: Ledger, *, client: Client | None = None) -> APIRouter:
+    """Reads, open to the network the coordinator binds to; `client` answers a run's revert progress."""
     router = APIRouter()
-    protected = [Depends(_token_guard(token))]
 
     @router.get("/runs/{run_id}")
     async def run_summary(run_id: str) -> dict[str, Any]:
@@ -83,6 +74,16 @@ def ledger_router(ledger: Ledger, *, client: Client | None = None, task_queue: s
             raise ApiError(404, "RUN_NOT_FOUND", f"the ledger has no run {run_id}")
         page, next_before = await ledger.steps_page(run_id, limit, before)
         return {"run_id": run_id, "steps": page, "next_before": next_before}
+
+    @router.post("/steps")
+    async def runs_steps(body: StepsBatchBody) -> dict[str, Any]:
+        """The pages of many runs at once (the gateway's `runs { nodes { steps } }`), in the order asked;
+        a run the ledger has not seen gets `missing: true` where `GET /runs/{id}/steps` answers 404."""
+        found = await ledger.steps_pages([(r.run_id, r.limit, r.before) for r in body.runs])
+        return {"pages": [
+            {"run_id": r.run_id, "missing": True} if page is None
+            else {"run_id": r.run_id, "steps": page[0], "next_before": page[1]}
+            for r, page in zip(body.runs, found, strict=True)]}
 
     @router.get("/runs")
     async def search_runs(agent_id: str | None = None, entry_point: str | None = None,
@@ -114,26 +115,6 @@ def ledger_router(ledger: Ledger, *, client: Client | None = None, task_queue: s
                            f"no revert of run {run_id} is known to Temporal: {exc}") from exc
         return {"run_id": run_id, "workflow_id": handle.id, "workflow_status": description.status.name
                 if description.status else None, "progress": progress}
-
-    @router.post("/reverts", dependencies=protected, status_code=202)
-    async def bulk_revert(body: BulkRevertBody) -> dict[str, Any]:
-        if client is None or task_queue is None:
-            raise ApiError(503, "UNAVAILABLE", "this coordinator has no Temporal client to start the revert")
-        params = RevertRunsInput(selector=body.selector, reason=body.reason, requested_by=body.requested_by,
-                                 max_concurrency=body.max_concurrency, policy=policy or RevertPolicy())
-        handle = await start_bulk_revert(client, task_queue, params, body.bulk_id)
-        return {"workflow_id": handle.id, "bulk_id": handle.id.removeprefix(BULK_PREFIX)}
-
-    @router.get("/reverts/{bulk_id}")
-    async def bulk_progress(bulk_id: str) -> dict[str, Any]:
-        if client is None:
-            raise ApiError(503, "UNAVAILABLE", "this coordinator has no Temporal client")
-        handle = client.get_workflow_handle(bulk_workflow_id(bulk_id))
-        try:
-            progress = await handle.query("progress")
-        except RPCError as exc:
-            raise ApiError(404, "REVERT_NOT_FOUND", f"no bulk revert {bulk_id}: {exc}") from exc
-        return {"bulk_id": bulk_id, "progress": progress}
 
     return router
 

@@ -18,7 +18,7 @@ from typing import Any
 from sqlalchemy import and_, case, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from kinshasa.coordinator.models import FailingStep, RunSelector
+from kinshasa.coordinator.models import FailingStep
 from kinshasa.coordinator.store import (
     SETTLED,
     RunStatus,
@@ -336,11 +336,30 @@ class Ledger:
     async def steps_page(self, run_id: str, limit: int = 100,
                          before: int | None = None) -> tuple[list[dict[str, Any]], int | None]:
         """Steps newest first; the second value is the `before` of the next page (None at the end)."""
+        async with self.reader.connect() as conn:
+            return await self._steps_page(conn, run_id, limit, before)
+
+    async def steps_pages(self, wanted: Sequence[tuple[str, int, int | None]]
+                          ) -> list[tuple[list[dict[str, Any]], int | None] | None]:
+        """`steps_page` of many runs, (run id, limit, before) each, on one connection and in order;
+        None for a run the ledger has not seen. The gateway asks this once for all the runs of a query."""
+        async with self.reader.connect() as conn:
+            known: set[str] = set()
+            ids = sorted({run_id for run_id, _, _ in wanted})
+            for start in range(0, len(ids), _CHUNK):
+                chunk = ids[start:start + _CHUNK]
+                found = await conn.execute(select(runs.c.run_id).where(runs.c.run_id.in_(chunk)))
+                known.update(found.scalars())
+            return [await self._steps_page(conn, run_id, limit, before) if run_id in known else None
+                    for run_id, limit, before in wanted]
+
+    @staticmethod
+    async def _steps_page(conn: AsyncConnection, run_id: str, limit: int,
+                          before: int | None) -> tuple[list[dict[str, Any]], int | None]:
         query = select(steps).where(steps.c.run_id == run_id)
         if before is not None:
             query = query.where(steps.c.step_id < before)
-        async with self.reader.connect() as conn:
-            rows = (await conn.execute(query.order_by(steps.c.step_id.desc()).limit(limit + 1))).all()
+        rows = (await conn.execute(query.order_by(steps.c.step_id.desc()).limit(limit + 1))).all()
         more = len(rows) > limit
         rows = rows[:limit]
         page = [{
@@ -376,10 +395,7 @@ class Ledger:
 
     @staticmethod
     def _filtered(query: Any, *, agent_id: str | None, entry_point: str | None, status: str | None,
-                  started_after: datetime | None, started_before: datetime | None,
-                  run_ids: Sequence[str] | None = None) -> Any:
-        if run_ids:
-            query = query.where(runs.c.run_id.in_(list(run_ids)))
+                  started_after: datetime | None, started_before: datetime | None) -> Any:
         if agent_id is not None:
             query = query.where(runs.c.agent_id == agent_id)
         if entry_point is not None:
@@ -419,21 +435,6 @@ class Ledger:
             last = rows[-1]
             cursor = encode_cursor([last.started_at.isoformat(), last.run_id])
         return out, cursor
-
-    async def select_run_ids(self, selector: RunSelector, *, after: str | None,
-                             limit: int) -> tuple[list[str], str | None]:
-        """The run ids a bulk selector covers, by run id, one page at a time (stable under new runs)."""
-        query = self._filtered(select(runs.c.run_id), agent_id=selector.agent_id,
-                               entry_point=selector.entry_point, status=None,
-                               started_after=selector.started_after, started_before=selector.started_before,
-                               run_ids=selector.run_ids)
-        if after is not None:
-            query = query.where(runs.c.run_id > after)
-        async with self.reader.connect() as conn:
-            ids = [r.run_id for r in await conn.execute(query.order_by(runs.c.run_id).limit(limit + 1))]
-        more = len(ids) > limit
-        ids = ids[:limit]
-        return ids, (ids[-1] if more and ids else None)
 
 
 def settled_statuses() -> list[str]:

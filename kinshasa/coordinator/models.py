@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 Outcome = Literal["REVERTED", "REVERT_FAILED"]
 Phase = Literal["waiting_for_results", "compensating", "backing_off", "finishing", "done"]
@@ -44,13 +43,12 @@ class RevertPolicy(_Model):
 
 
 class RevertRequest(_Model):
-    """One ask to revert a run: from `run.revert_requested`, a trip with auto-revert, or a bulk revert."""
+    """One ask to revert a run: a `run.revert_requested` the gateway's doorbell recorded."""
 
     run_id: str = Field(min_length=1)
     reason: str = "revert requested"
     requested_by: str = "operator"
-    # None when the request did not come with the gateway's count (bulk revert by selector): the
-    # ledger's count from `revert_requested` / `tripped` is used instead.
+    # None when the fact did not carry the gateway's count: the ledger's final count is used instead.
     published_count: int | None = Field(default=None, ge=0)
     request_id: str | None = None
 
@@ -145,83 +143,3 @@ class RevertProgress(_Model):
     results: int | None = None
     remaining: int | None = None
     compensated: int | None = None
-
-
-class RunSelector(_Model):
-    """Which runs a bulk revert covers; criteria combine with AND. At least one is required."""
-
-    run_ids: list[str] | None = None
-    agent_id: str | None = None
-    entry_point: str | None = None
-    started_after: datetime | None = None
-    started_before: datetime | None = None
-
-    @model_validator(mode="after")
-    def _not_everything(self) -> RunSelector:
-        if not (self.run_ids or self.agent_id or self.entry_point or self.started_after
-                or self.started_before):
-            raise ValueError("a selector needs at least one of run_ids, agent_id, entry_point, "
-                             "started_after, started_before: reverting every run is not a bulk revert")
-        return self
-
-
-class RunPage(_Model):
-    run_ids: list[str]
-    next_cursor: str | None
-
-
-class SelectInput(_Model):
-    selector: RunSelector
-    cursor: str | None
-    limit: int
-
-
-class RunOutcome(_Model):
-    """One run's result inside a bulk revert."""
-
-    run_id: str
-    status: str
-    compensated: int = 0
-    irreversible: int = 0
-    failing_count: int = 0
-    error: str | None = None
-
-
-class RevertBatchInput(_Model):
-    run_ids: list[str]
-    reason: str
-    requested_by: str
-    max_concurrency: int
-    policy: RevertPolicy
-
-
-class RevertRunsInput(_Model):
-    """Input of `RevertRuns`; `cursor` and `outcomes` carry progress across continue-as-new."""
-
-    selector: RunSelector
-    reason: str = "bulk revert"
-    requested_by: str = "operator"
-    max_concurrency: int = Field(default=8, ge=1, le=256)
-    page_size: int = Field(default=200, ge=1, le=1000)
-    policy: RevertPolicy = RevertPolicy()
-    cursor: str | None = None
-    outcomes: list[RunOutcome] = []
-
-
-class RevertRunsResult(_Model):
-    """Per-run outcomes of a bulk revert."""
-
-    selected: int
-    reverted: int
-    failed: int
-    outcomes: list[RunOutcome]
-
-
-class RevertRunsProgress(_Model):
-    """The `progress` query of `RevertRuns`."""
-
-    selected: int
-    done: int
-    reverted: int
-    failed: int
-    finished: bool

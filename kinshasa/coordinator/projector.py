@@ -52,7 +52,7 @@ _ADVANCES: dict[RunEventKind, tuple[RunStatus, tuple[RunStatus, ...] | None]] = 
 
 @dataclass(frozen=True)
 class RevertTrigger:
-    """A run fact that asks the coordinator to revert: `revert_requested`, or `tripped` with auto-revert."""
+    """A run fact that asks the coordinator to revert: `revert_requested`, the gateway's doorbell."""
 
     run_id: str
     message_id: str
@@ -105,24 +105,23 @@ def _chunks(items: Sequence[str]) -> Iterable[Sequence[str]]:
 
 
 def trigger_of(env: EnvelopeModel) -> RevertTrigger | None:
-    """The revert a run fact asks for: every `revert_requested`, and `tripped` unless auto_revert is off."""
+    """The revert a run fact asks for: every `revert_requested`, and nothing else.
+
+    A trip is not a request, whatever its `auto_revert` says: with auto-revert the gateway rings its
+    doorbell in the trip's transaction, which discards the run's held commands and records
+    `revert_requested`. Starting on `tripped` as well would be a second door, one that never saw the
+    held commands discarded.
+    """
     if env.run_id is None or split_type(env.type)[0] != RUN_SERVICE:
         return None
-    kind = RunEventKind.from_type(env.type)
+    if RunEventKind.from_type(env.type) is not RunEventKind.REVERT_REQUESTED:
+        return None
     payload = env.payload
-    if kind is RunEventKind.REVERT_REQUESTED:
-        return RevertTrigger(
-            run_id=env.run_id, message_id=str(env.message_id), source=kind.value,
-            published_count=_int(payload.get("published_count")),
-            reason=_text(payload.get("reason")) or "revert requested",
-            requested_by=_text(payload.get("requested_by")) or env.actor.id)
-    if kind is RunEventKind.TRIPPED and payload.get("auto_revert", True) is not False:
-        reason = _text(payload.get("reason")) or "breaker tripped"
-        return RevertTrigger(
-            run_id=env.run_id, message_id=str(env.message_id), source=kind.value,
-            published_count=_int(payload.get("published_count")),
-            reason=f"automatic revert of escaped writes: {reason}", requested_by=env.actor.id)
-    return None
+    return RevertTrigger(
+        run_id=env.run_id, message_id=str(env.message_id), source=RunEventKind.REVERT_REQUESTED.value,
+        published_count=_int(payload.get("published_count")),
+        reason=_text(payload.get("reason")) or "revert requested",
+        requested_by=_text(payload.get("requested_by")) or env.actor.id)
 
 
 class LedgerProjector:

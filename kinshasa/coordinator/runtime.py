@@ -5,8 +5,9 @@ its tables, makes sure its topics exist, then runs side by side (each role can b
 worker-only process):
 
 * the projector: a consumer of every `kinshasa.events.*` topic and `kinshasa.runs` (DLQ-guarded) that
-  folds events into the ledger and starts or joins `RevertRun` on `revert_requested` / `tripped`;
-* the Temporal worker running `RevertRun` / `RevertRuns` and their activities;
+  folds events into the ledger and starts or joins `RevertRun` on `revert_requested` (the gateway's
+  doorbell is the only way a revert starts);
+* the Temporal worker running `RevertRun` and its activities;
 * uvicorn serving the ledger API and the kernel admin endpoints (/healthz, /admin/dlq, /metrics);
 * the outbox relay publishing compensate commands, run outcomes and alerts, woken by every commit.
 
@@ -139,8 +140,7 @@ class CoordinatorRuntime:
             client = await connect(self.stack.temporal_address, self.stack.temporal_namespace)
         queue = self.settings.task_queue
         ledger = Ledger(engine)
-        activities = RevertActivities(engine, ledger=ledger, topics=topics, client=client, task_queue=queue,
-                                      on_emit=relay.wake)
+        activities = RevertActivities(engine, ledger=ledger, topics=topics, on_emit=relay.wake)
 
         async def start(trigger: RevertTrigger) -> None:
             assert client is not None
@@ -160,7 +160,7 @@ class CoordinatorRuntime:
                                               self.stack.internal_token_file)
         server: QuietServer | None = None
         if self.has("api"):
-            app = self._app(ledger, client, queue, token, dlq, checks)
+            app = self._app(ledger, client, token, dlq, checks)
             server = http_server(app, self.settings.admin_host, self.settings.admin_port)
         worker = None
         if self.has("worker") and client is not None:
@@ -236,12 +236,11 @@ class CoordinatorRuntime:
         if failure is not None:
             raise RuntimeError(f"coordinator stopped after a failure: {failure!r}") from failure
 
-    def _app(self, ledger: Ledger, client: Client | None, queue: str, token: str, dlq: DeadLetterQueue,
+    def _app(self, ledger: Ledger, client: Client | None, token: str, dlq: DeadLetterQueue,
              checks: dict[str, Any]) -> FastAPI:
         app = FastAPI(title="kinshasa coordinator", docs_url=None, redoc_url=None, openapi_url=None)
         install_error_handlers(app)
-        app.include_router(ledger_router(ledger, client=client, task_queue=queue, token=token,
-                                         policy=self.options.policy))
+        app.include_router(ledger_router(ledger, client=client))
         # The kernel's admin endpoints (/healthz, /admin/dlq, /metrics) answer what the ledger API does not.
         app.mount("/", admin_app(COMPONENT, token=token, dlq_api=dlq, metrics=self.metrics,
                                  health_checks=checks))

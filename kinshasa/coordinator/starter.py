@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import uuid
-
 from temporalio.client import Client, WorkflowHandle
 from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 
@@ -12,10 +10,8 @@ from kinshasa.coordinator.models import (
     RevertPolicy,
     RevertRequest,
     RevertRunInput,
-    RevertRunsInput,
-    RevertRunsResult,
 )
-from kinshasa.coordinator.workflows import REQUEST_SIGNAL, RevertRun, RevertRuns, revert_workflow_id
+from kinshasa.coordinator.workflows import REQUEST_SIGNAL, RevertRun, revert_workflow_id
 
 
 async def start_revert(client: Client, task_queue: str, request: RevertRequest,
@@ -36,22 +32,4 @@ async def start_revert(client: Client, task_queue: str, request: RevertRequest,
         id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
         start_signal=REQUEST_SIGNAL,
         start_signal_args=[request],
-    )
-
-
-BULK_PREFIX = "revert-runs:"
-
-
-def bulk_workflow_id(bulk_id: str | None = None) -> str:
-    """`revert-runs:<bulk id>`; a fresh id when none is given."""
-    return f"{BULK_PREFIX}{bulk_id or uuid.uuid4()}"
-
-
-async def start_bulk_revert(client: Client, task_queue: str, params: RevertRunsInput,
-                            bulk_id: str | None = None) -> WorkflowHandle[RevertRuns, RevertRunsResult]:
-    """Start `RevertRuns`; the same `bulk_id` twice joins the first (a retry is not a second bulk)."""
-    return await client.start_workflow(
-        RevertRuns.run, params, id=bulk_workflow_id(bulk_id), task_queue=task_queue,
-        id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
-        id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
     )

@@ -1,4 +1,4 @@
-"""The coordinator's Temporal worker: the revert workflows and their activities on one task queue."""
+"""The coordinator's Temporal worker: the revert workflow and its activities on one task queue."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.worker import Worker
 
 from kinshasa.coordinator.activities import RevertActivities
-from kinshasa.coordinator.workflows import RevertRun, RevertRuns
+from kinshasa.coordinator.workflows import RevertRun
 
-WORKFLOWS = [RevertRun, RevertRuns]
+WORKFLOWS = [RevertRun]
 
 
 async def connect(address: str, namespace: str = "default") -> Client:
@@ -22,8 +22,7 @@ async def connect(address: str, namespace: str = "default") -> Client:
 
 
 def activity_list(activities: RevertActivities) -> list[Callable[..., Any]]:
-    return [activities.await_forward_results, activities.compensate_pass, activities.finish_revert,
-            activities.select_runs, activities.revert_batch]
+    return [activities.await_forward_results, activities.compensate_pass, activities.finish_revert]
 
 
 def build_worker(client: Client, task_queue: str, activities: RevertActivities, *,

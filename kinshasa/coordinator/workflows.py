@@ -1,4 +1,4 @@
-"""The revert workflows: `RevertRun` (one run, id `revert:<run_id>`) and `RevertRuns` (runs by selector).
+"""The revert workflow: `RevertRun`, one run, id `revert:<run_id>`, started only on `run.revert_requested`.
 
 Deterministic orchestration only: every read, emission and wait is an activity, and per-step work is
 batched inside activities, so the history of a 10,000-step revert is a few dozen events. A later revert
@@ -21,20 +21,13 @@ with workflow.unsafe.imports_passed_through():
         ForwardWaitInput,
         PassInput,
         Phase,
-        RevertBatchInput,
         RevertOutcome,
         RevertProgress,
         RevertRequest,
         RevertRunInput,
-        RevertRunsInput,
-        RevertRunsProgress,
-        RevertRunsResult,
-        RunOutcome,
-        SelectInput,
     )
 
 REVERT_RUN = "RevertRun"
-REVERT_RUNS = "RevertRuns"
 REQUEST_SIGNAL = "request"
 
 # Contract or data errors no retry can fix: fail the activity at once instead of retrying forever.
@@ -134,52 +127,3 @@ class RevertRun:
             self._report(run_id, "done", total_passes, remaining=0 if outcome.status == "REVERTED" else None,
                          compensated=outcome.compensated)
             return outcome
-
-
-@workflow.defn(name=REVERT_RUNS)
-class RevertRuns:
-    """Revert every run a selector covers, `max_concurrency` runs at a time, and report each outcome."""
-
-    def __init__(self) -> None:
-        self._outcomes: list[RunOutcome] = []
-        self._selected = 0
-        self._finished = False
-
-    @workflow.query(name="progress")
-    def progress(self) -> RevertRunsProgress:
-        reverted = sum(1 for o in self._outcomes if o.status == "REVERTED")
-        return RevertRunsProgress(selected=self._selected, done=len(self._outcomes), reverted=reverted,
-                                  failed=len(self._outcomes) - reverted, finished=self._finished)
-
-    @workflow.run
-    async def run(self, params: RevertRunsInput) -> RevertRunsResult:
-        self._outcomes = list(params.outcomes)
-        self._selected = len(self._outcomes)
-        cursor = params.cursor
-        pages = 0
-        while True:
-            page = await workflow.execute_activity_method(
-                RevertActivities.select_runs,
-                SelectInput(selector=params.selector, cursor=cursor, limit=params.page_size),
-                start_to_close_timeout=_SHORT, retry_policy=_RETRY)
-            self._selected += len(page.run_ids)
-            if page.run_ids:
-                batch: list[RunOutcome] = await workflow.execute_activity_method(
-                    RevertActivities.revert_batch,
-                    RevertBatchInput(run_ids=page.run_ids, reason=params.reason,
-                                     requested_by=params.requested_by, max_concurrency=params.max_concurrency,
-                                     policy=params.policy),
-                    start_to_close_timeout=_PASS_TIMEOUT, heartbeat_timeout=timedelta(minutes=1),
-                    retry_policy=_RETRY)
-                self._outcomes.extend(batch)
-            cursor = page.next_cursor
-            if cursor is None:
-                break
-            pages += 1
-            if workflow.info().is_continue_as_new_suggested() or pages >= 50:
-                workflow.continue_as_new(
-                    params.model_copy(update={"cursor": cursor, "outcomes": self._outcomes}))
-        self._finished = True
-        reverted = sum(1 for o in self._outcomes if o.status == "REVERTED")
-        return RevertRunsResult(selected=len(self._outcomes), reverted=reverted,
-                                failed=len(self._outcomes) - reverted, outcomes=self._outcomes)

@@ -2,7 +2,8 @@
 
 CLOSED admits writes within every threshold. A write or an error that would exceed one trips the
 breaker to OPEN: the write is refused, held commands move to a manual hold, `run.tripped` goes to
-kinshasa.runs and an alert is raised, all in the transaction that holds the run's breaker row.
+kinshasa.runs and an alert is raised, all in the transaction that holds the run's breaker row; with
+auto-revert the revert doorbell (`revert.request_revert`) rings in that transaction as well.
 HALF_OPEN is set only by an operator and admits `probe_writes` writes; a probe the service rejects
 trips it OPEN again, and once every probe has been applied it closes by itself.
 """
@@ -20,6 +21,7 @@ from kinshasa.gateway import store
 from kinshasa.gateway.alerts import Alert, record_alert, trip_alert
 from kinshasa.gateway.errors import BreakerOpen, Invalid, RunClosed
 from kinshasa.gateway.policy import EffectivePolicy
+from kinshasa.gateway.revert import request_revert
 from kinshasa.gateway.runs import RunRecord, command_counts, load_run, run_envelope
 from kinshasa.gateway.store import commands, runs
 from kinshasa.gateway.uow import Tx
@@ -99,7 +101,9 @@ async def trip(
     """Open the breaker in the caller's transaction, which must hold the run's row lock.
 
     Held commands move to a manual hold (a hold timeout, if any, discards them later: never releases),
-    and `run.tripped` plus the alert are emitted through the outbox with the same commit.
+    and `run.tripped` plus the alert are emitted through the outbox with the same commit. With
+    auto-revert (the policy's default; never for an operator's OPEN) the revert doorbell rings in that
+    commit too: the run is REVERTING and its unpublished commands are discarded.
     """
     now = utcnow()
     discard_at = now + timedelta(seconds=policy.hold_timeout_s) if policy.hold_timeout_s is not None else None
@@ -165,6 +169,10 @@ async def trip(
         auto_revert,
     )
     await record_alert(tx, alert, webhook)
+    if auto_revert and not run.reverting_or_done:
+        # The same doorbell as an operator's revertRun, in this commit: the held and awaiting commands
+        # are discarded now, never left on a manual hold that nothing could clear once the run is REVERTED.
+        await request_revert(tx, run.run_id, f"automatic revert after a trip: {cause.reason}", actor)
     return await load_run(tx.conn, run.run_id), alert
 
 

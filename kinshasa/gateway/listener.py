@@ -1,9 +1,9 @@
 """What the gateway learns back over Kafka: per-command results (errors feed the breaker), revert outcomes
 and the alerts other components raise.
 
-Consumes every `kinshasa.events.<service>` topic (a pattern subscription), `kinshasa.runs` and `kinshasa.alerts` in the group
-`kinshasa.gateway`. Each message is handled in one transaction with its inbox row, so a redelivery has
-no second effect.
+Consumes every `kinshasa.events.<service>` topic (a pattern subscription), `kinshasa.runs` and
+`kinshasa.alerts` in the group `kinshasa.gateway`. Each message is handled in one transaction with its
+inbox row, so a redelivery has no second effect.
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ from kinshasa.gateway.alerts import (
 from kinshasa.gateway.breaker import Trip, probes_settled, trip
 from kinshasa.gateway.errors import RunNotFound
 from kinshasa.gateway.policy import PolicyBook
-from kinshasa.gateway.runs import load_run
+from kinshasa.gateway.quarantine import UNPUBLISHED, discard
+from kinshasa.gateway.runs import load_run, run_envelope
 from kinshasa.gateway.store import commands, runs
 from kinshasa.gateway.uow import GatewayTx, transaction
 from kinshasa.kernel.inbox import Inbox
@@ -41,6 +42,7 @@ log = logging.getLogger(__name__)
 
 GROUP = group_id("gateway")
 GATEWAY = Actor(kind="system", id="gateway")
+COORDINATOR = Actor(kind="system", id="coordinator")
 
 
 def listened_topics() -> list[str]:
@@ -193,7 +195,14 @@ class Listener:
         )
 
     async def _revert_outcome(self, envelope: Envelope, kind: RunEventKind) -> None:
-        async with transaction(self._engine) as tx:
+        """The coordinator's outcome closes the run, whatever its status, and nothing of it stays unpublished.
+
+        Normally the run is REVERTING (the doorbell discarded everything unpublished already). A run in
+        any other status, RUNNING included, is closed all the same: the ledger says it was undone, so the
+        gateway must not accept, release or approve anything more for it; its HELD and AWAITING_APPROVAL
+        commands are discarded in this transaction.
+        """
+        async with transaction(self._engine, self._on_commit) as tx:
             try:
                 run = await load_run(tx.conn, envelope.run_id or "", lock=True)
             except RunNotFound:
@@ -201,14 +210,26 @@ class Listener:
             if not await self._inbox.record(tx.conn, self.group, envelope.message_id):
                 return
             status = store.REVERTED if kind is RunEventKind.REVERTED else store.REVERT_FAILED
-            if run.status in (store.REVERTING, store.REVERT_FAILED, store.TRIPPED, store.REVERTED):
-                await tx.conn.execute(
-                    update(runs)
-                    .where(runs.c.run_id == run.run_id)
-                    .values(
-                        status=status,
-                        breaker_state=store.OPEN,
-                        revert_detail=json.dumps(envelope.payload, sort_keys=True, default=str),
-                    )
+            discarded = await discard(
+                tx, run.run_id, UNPUBLISHED, f"run {status} by the coordinator", COORDINATOR.id
+            )
+            await tx.conn.execute(
+                update(runs)
+                .where(runs.c.run_id == run.run_id)
+                .values(
+                    status=status,
+                    breaker_state=store.OPEN,
+                    probes_left=0,
+                    on_hold=False,
+                    revert_reason=run.revert_reason or "the coordinator reported it; no request came here",
+                    revert_detail=json.dumps(envelope.payload, sort_keys=True, default=str),
+                )
+            )
+            if discarded:
+                await tx.emit(
+                    RUNS,
+                    run_envelope(
+                        run.run_id, RunEventKind.DISCARDED, GATEWAY, {"count": discarded, "reason": status}
+                    ),
                 )
             await tx.commit()

@@ -73,9 +73,25 @@ def _actor(operator_id: str) -> Actor:
     return Actor(kind="operator", id=operator_id)
 
 
+def closed(run: RunRecord, action: str) -> RunClosed:
+    """RUN_CLOSED for an operator action on a run whose revert was requested: what happened, what next."""
+    why = f" (revert reason: {run.revert_reason[:200]})" if run.revert_reason else ""
+    if run.status == store.REVERTING:
+        next_step = "follow the revert with run(id) { status counts }"
+    elif run.status == store.REVERT_FAILED:
+        next_step = "resolve the failing steps shown by run(id) { steps } and call revertRun again"
+    else:
+        next_step = "nothing of it is left to decide"
+    return RunClosed(
+        f"run {run.run_id} is {run.status}{why}: its held and awaiting-approval commands were discarded "
+        f"when the revert began, so nothing of it can be {action} any more; {next_step}",
+        status=run.status,
+    )
+
+
 def _check_open(run: RunRecord, action: str) -> None:
     if run.reverting_or_done:
-        raise RunClosed(f"run {run.run_id} is {run.status}: its commands can no longer be {action}")
+        raise closed(run, action)
 
 
 async def release_run(tx: Tx, run_id: str, operator_id: str) -> tuple[RunRecord, int]:
@@ -106,9 +122,14 @@ async def release_run(tx: Tx, run_id: str, operator_id: str) -> tuple[RunRecord,
 
 
 async def discard_run(tx: Tx, run_id: str, operator_id: str) -> tuple[RunRecord, int]:
-    """Discard the run's unpublished commands (held and awaiting approval): nothing downstream saw them."""
-    run = await load_run(tx.conn, run_id, lock=True)
-    _check_open(run, "discarded")
+    """Discard the run's unpublished commands (held and awaiting approval): nothing downstream saw them.
+
+    Accepted whatever the run's status, a reverting or reverted one included: what an operator asks for
+    ("none of this may leave") holds there already, since the revert discarded everything unpublished,
+    so the answer is a count of 0 rather than an error; anything still unpublished (left held by a
+    gateway from before the doorbell discarded at once) is discarded now.
+    """
+    await load_run(tx.conn, run_id, lock=True)
     count = await discard(tx, run_id, UNPUBLISHED, "discarded by operator", operator_id)
     if count:
         await tx.emit(

@@ -1,4 +1,4 @@
-"""The revert doorbell: stop the selected runs, discard what is held, ask the coordinator to undo the rest."""
+"""The revert doorbell, the only way a revert starts: stop the run, discard its unpublished, undo the rest."""
 
 from __future__ import annotations
 
@@ -102,13 +102,22 @@ async def select_runs(tx: Tx, selector: Selector) -> list[str]:
     return found
 
 
-async def request_revert(tx: Tx, run_id: str, reason: str, operator_id: str) -> tuple[RunRecord, bool]:
-    """Ring the bell for one run. Returns (run, rung); a run already reverting or reverted is left alone."""
+async def request_revert(tx: Tx, run_id: str, reason: str, actor: Actor) -> tuple[RunRecord, bool]:
+    """The doorbell: the one way a revert starts, for `revertRun`, `revertRuns` and a trip with auto-revert.
+
+    In the caller's transaction, with the run's row locked, all at once: the breaker opens (OPEN, no
+    probes), the run's HELD and AWAITING_APPROVAL commands are discarded (nothing downstream ever saw
+    them; `counts.discarded` shows them) and `run.revert_requested` goes to kinshasa.runs with the run's
+    final published count, the fact the coordinator starts `revert:<run_id>` on. From that commit on the
+    run is REVERTING: no write, release, hold or approval is accepted for it, whichever door it used.
+
+    Returns (run, rung). A run already REVERTING or REVERTED is left alone (the revert under way covers
+    it); a REVERT_FAILED one is rung again, which is how a failed revert is retried.
+    """
     run = await load_run(tx.conn, run_id, lock=True)
     if run.status in (store.REVERTING, store.REVERTED):
         return run, False
-    actor = Actor(kind="operator", id=operator_id)
-    discarded = await discard(tx, run_id, UNPUBLISHED, f"run reverted: {reason}", operator_id)
+    discarded = await discard(tx, run_id, UNPUBLISHED, f"run reverted: {reason}", actor.id)
     now = utcnow()
     await tx.conn.execute(
         update(runs)
@@ -120,20 +129,20 @@ async def request_revert(tx: Tx, run_id: str, reason: str, operator_id: str) -> 
             tripped_reason=run.tripped_reason or "revert requested",
             revert_reason=reason,
             revert_requested_at=now,
-            revert_requested_by=operator_id,
+            revert_requested_by=actor.id,
             on_hold=False,
         )
     )
     if discarded:
         await tx.emit(RUNS, run_envelope(run_id, RunEventKind.DISCARDED, actor, {"count": discarded}))
-    # The count is final: the breaker is open and nothing held remains, so no later forward command.
+    # The count is final: the breaker is open and nothing unpublished remains, so no later forward command.
     await tx.emit(
         RUNS,
         run_envelope(
             run_id,
             RunEventKind.REVERT_REQUESTED,
             actor,
-            {"reason": reason, "requested_by": operator_id, "published_count": run.published},
+            {"reason": reason, "requested_by": actor.id, "published_count": run.published},
         ),
     )
     return await load_run(tx.conn, run_id), True

@@ -12,7 +12,6 @@ import pytest
 
 from kinshasa.coordinator.api import ledger_app
 from kinshasa.coordinator.ledger import Ledger
-from kinshasa.coordinator.models import RunSelector
 from kinshasa.coordinator.projector import LedgerProjector
 from kinshasa.coordinator.store import install_ledger
 from kinshasa.kernel.database import create_engine
@@ -95,6 +94,17 @@ async def test_steps_are_numbered_in_apply_order_and_egress_is_irreversible(ledg
     assert [s["step_id"] for s in first + rest] == [4, 3, 2, 1]
 
 
+async def test_the_pages_of_many_runs_are_read_at_once_in_the_order_asked(ledger: Ledger) -> None:
+    await project(ledger, *(applied("p1", "documents", "rename", f"d{i}") for i in range(3)),
+                  applied("p2", "documents", "create", "d9"))
+    wanted = [("p2", 5, None), ("unknown", 5, None), ("p1", 2, None), ("p1", 2, 2)]
+    pages = await ledger.steps_pages(wanted)
+    assert pages[1] is None  # a run the ledger has not seen
+    assert [p if p is None else ([s["step_id"] for s in p[0]], p[1]) for p in pages] == [
+        ([1], None), None, ([3, 2], 2), ([1], None)]
+    assert pages[2] == await ledger.steps_page("p1", 2)
+
+
 async def test_rejections_count_as_results_not_steps(ledger: Ledger) -> None:
     spec = CATALOGUE.by_command_type("documents.archive")
     rejected = Envelope(message_id=uuid.uuid4(), type=spec.event_type("rejected"), run_id="r3", actor=AGENT,
@@ -169,14 +179,20 @@ async def test_run_facts_build_the_index_and_ask_for_reverts(ledger: Ledger) -> 
                                                                 "run.finished"]
 
 
-async def test_a_trip_reverts_unless_auto_revert_is_off(ledger: Ledger) -> None:
+async def test_a_trip_alone_asks_for_no_revert_the_doorbells_request_does(ledger: Ledger) -> None:
     on = fact("r8", RunEventKind.TRIPPED, {"reason": "writes", "published_count": 5, "auto_revert": True})
     off = fact("r9", RunEventKind.TRIPPED, {"reason": "writes", "published_count": 5, "auto_revert": False})
-    assert [t.source for t in await project(ledger, on, off)] == ["tripped"]
-    assert (await ledger.summary("r9")).status == "TRIPPED"  # type: ignore[union-attr]
+    assert await project(ledger, on, off) == []
+    assert (await ledger.summary("r8")).status == "TRIPPED"  # type: ignore[union-attr]
+    # With auto-revert the gateway's doorbell records the request in the trip's own transaction.
+    rung = fact("r8", RunEventKind.REVERT_REQUESTED, {"reason": "automatic revert after a trip: writes",
+                                                     "requested_by": "gateway", "published_count": 5})
+    assert [(t.source, t.requested_by) for t in await project(ledger, rung)] == [("revert_requested",
+                                                                                   "gateway")]
+    assert (await ledger.summary("r8")).status == "REVERTING"  # type: ignore[union-attr]
 
 
-async def test_search_and_selection_by_agent_entry_point_status_and_time(ledger: Ledger) -> None:
+async def test_search_by_agent_entry_point_status_and_time(ledger: Ledger) -> None:
     for i, (agent, entry) in enumerate([("a", "chat"), ("a", "batch"), ("b", "chat"), ("a", "chat")]):
         await project(ledger, fact(f"s{i}", RunEventKind.STARTED, {
             "agent_id": agent, "entry_point": entry, "started_at": (T0 + timedelta(hours=i)).isoformat()}))
@@ -188,11 +204,9 @@ async def test_search_and_selection_by_agent_entry_point_status_and_time(ledger:
     page1, cursor = await ledger.search_runs(limit=2)
     page2, end = await ledger.search_runs(limit=2, after=cursor)
     assert [s.run_id for s in page1 + page2] == ["s3", "s2", "s1", "s0"] and end is None
-    window = RunSelector(started_after=T0 + timedelta(minutes=30),
-                         started_before=T0 + timedelta(hours=2, minutes=30))
-    assert (await ledger.select_run_ids(window, after=None, limit=10))[0] == ["s1", "s2"]
-    by_agent = RunSelector(agent_id="a", entry_point="chat")
-    assert (await ledger.select_run_ids(by_agent, after=None, limit=10))[0] == ["s0", "s3"]
+    found, _ = await ledger.search_runs(started_after=T0 + timedelta(minutes=30),
+                                        started_before=T0 + timedelta(hours=2, minutes=30))
+    assert [s.run_id for s in found] == ["s2", "s1"]
 
 
 async def test_http_api_serves_summaries_steps_and_search(ledger: Ledger) -> None:
@@ -216,3 +230,7 @@ async def test_http_api_serves_summaries_steps_and_search(ledger: Ledger) -> Non
                     {"started_after": "2025-01-01T00:00:00"}):
             response = await http.get("/runs", params=bad)
             assert response.status_code == 422 and response.json()["error"]["code"] == "VALIDATION", bad
+        # Reads only: a revert starts at the gateway's doorbell, never at a side door here.
+        body = {"selector": {"agent_id": "a"}, "reason": "side door"}
+        assert (await http.post("/reverts", json=body)).status_code == 404
+        assert (await http.post("/runs/h1/revert", json=body)).status_code == 405

@@ -12,9 +12,10 @@ import time
 import uuid
 from pathlib import Path
 
-from kinshasa.coordinator.store import RunStatus
+from kinshasa.coordinator.models import RevertRequest, RevertRunInput
+from kinshasa.coordinator.workflows import revert_workflow_id
 from kinshasa.infra.temporal import TemporalServer
-from kinshasa.schemas.envelope import Envelope, RunEventKind
+from kinshasa.schemas.envelope import RunEventKind
 from tests.integration.coordinator.harness import (
     SERVICES,
     ServiceFleet,
@@ -106,45 +107,47 @@ async def test_a_revert_requested_while_the_run_writes_undoes_every_write(
         assert await fleet.compensation_writes(run_id) == counts.steps
 
 
-async def test_a_tripped_run_is_reverted_automatically_unless_the_policy_says_no(
+async def test_a_trip_starts_no_revert_the_revert_requested_recorded_with_it_does(
         fleet: ServiceFleet, temporal: TemporalServer, tmp_path: Path, unique: str) -> None:
     async with coordinator_stack(fleet, temporal.address, tmp_path, unique) as stack:
-        # Each run works on a world of its own: a revert must never meet the other run's later writes.
-        works = {name: Workload(random.Random(seed)) for name, seed in (("tripped", 3), ("kept", 4))}
-        world = [cmd for work in works.values()
-                 for cmd in work.world(f"setup-{unique}", "setup-agent", docs=10, accounts=3, links=3)]
+        work = Workload(random.Random(3))
+        world = work.world(f"setup-{unique}", "setup-agent", docs=10, accounts=3, links=3)
         await stack.publish(world)
         await stack.wait_results(f"setup-{unique}", len(world))
         before = await stack.snapshot()
 
-        tripped, kept = f"run-{uuid.uuid4()}", f"run-{uuid.uuid4()}"
-        for run_id, work in ((tripped, works["tripped"]), (kept, works["kept"])):
-            await stack.start_run(run_id, "agent-t")
-            await stack.publish(work.run(run_id, "agent-t", 60))
-            await stack.publish([run_fact(run_id, RunEventKind.TRIPPED, {
-                "reason": "writes 60 > 50", "counts": {"writes": 60}, "thresholds": {"writes": 50},
-                "services_touched": list(SERVICES), "held": 7, "published_count": 60,
-                "auto_revert": run_id == tripped})])
-        outcome = await stack.revert_result(tripped)
+        run_id = f"run-{uuid.uuid4()}"
+        await stack.start_run(run_id, "agent-t")
+        await stack.publish(work.run(run_id, "agent-t", 60))
+        # What the gateway records for a trip with auto-revert, in one transaction: the trip, then its
+        # doorbell's request. Only the request may start the revert.
+        tripped = run_fact(run_id, RunEventKind.TRIPPED, {
+            "reason": "writes 61 exceeded the limit of 60", "counts": {"writes": 60},
+            "thresholds": {"writes": 60}, "services_touched": list(SERVICES), "held": 7,
+            "published_count": 60, "auto_revert": True})
+        requested = run_fact(run_id, RunEventKind.REVERT_REQUESTED, {
+            "reason": "automatic revert after a trip: writes 61 exceeded the limit of 60",
+            "requested_by": "gateway", "published_count": 60})
+        await stack.publish([tripped, requested])
+        outcome = await stack.revert_result(run_id)
         assert outcome.status == "REVERTED" and outcome.compensated == 60, outcome
-        await stack.wait_results(kept, 60)
-        summary = await stack.ledger.summary(kept)
-        assert summary is not None and summary.status == RunStatus.TRIPPED.value
-        assert summary.counts.compensated == 0 and summary.counts.applied == 60
-        # Every difference from before is the kept run's: the tripped run's writes are all undone.
-        kept_entities = {c.entity.id for c in await _commands_of(stack, kept) if c.entity is not None}
-        problems = compare(before, await stack.snapshot())
-        assert problems and all(any(e in p for e in kept_entities) for p in problems)
+        assert compare(before, await stack.snapshot()) == []
+        # The workflow was started by the request, not by the trip published before it on the same key.
+        first = await _first_request(stack, run_id)
+        assert first.request_id == str(requested.message_id) and first.requested_by == "gateway"
         facts = await asyncio.to_thread(
-            read_topics, stack.kafka_bootstrap, [stack.topics.runs], tripped,
+            read_topics, stack.kafka_bootstrap, [stack.topics.runs], run_id,
             until=lambda got: any(e.type == "run.reverted" for e in got))
         reverted = next(e for e in facts if e.type == "run.reverted")
         assert reverted.payload == {"compensated": 60, "irreversible": 0}
         assert reverted.actor.kind == "system" and reverted.actor.id == "coordinator"
 
 
-async def _commands_of(stack: Stack, run_id: str) -> list[Envelope]:
-    """The forward events the ledger holds for a run, as read back from the services' event topics."""
-    return await asyncio.to_thread(
-        read_topics, stack.kafka_bootstrap, [stack.topics.events(s) for s in SERVICES], run_id,
-        until=lambda got: len([e for e in got if e.type.endswith(".applied")]) >= 60)
+async def _first_request(stack: Stack, run_id: str) -> RevertRequest:
+    """The request `revert:<run_id>` was started with (its first workflow run's input)."""
+    handle = stack.client.get_workflow_handle(revert_workflow_id(run_id))
+    history = await handle.fetch_history()
+    started = history.events[0].workflow_execution_started_event_attributes
+    (params,) = await stack.client.data_converter.decode(started.input.payloads, [RevertRunInput])
+    assert isinstance(params, RevertRunInput)
+    return params.request

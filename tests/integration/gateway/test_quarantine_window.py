@@ -41,7 +41,8 @@ async def test_held_command_reaches_kafka_only_after_its_window(
 
 async def test_tripped_runs_held_commands_stay_held(harness: Harness, reader: TopicReader) -> None:
     c = harness.client
-    await c.set_policy({"quarantineWindowS": 1.0, "maxWrites": 2, "holdTimeoutS": None})
+    # Auto-revert off: with it, the trip rings the revert doorbell, which discards the held commands.
+    await c.set_policy({"quarantineWindowS": 1.0, "maxWrites": 2, "holdTimeoutS": None, "autoRevert": False})
     run_id = await c.start_run(entry_point="trip-hold")
     held = [(await c.create_document(run_id))["data"]["createDocument"] for _ in range(2)]
     assert (await c.create_document(run_id))["errors"][0]["extensions"]["code"] == "BREAKER_OPEN"
@@ -64,7 +65,7 @@ async def test_tripped_runs_held_commands_stay_held(harness: Harness, reader: To
 
 async def test_hold_timeout_discards_never_releases(harness: Harness, reader: TopicReader) -> None:
     c = harness.client
-    await c.set_policy({"quarantineWindowS": 0.5, "maxWrites": 1, "holdTimeoutS": 1.0})
+    await c.set_policy({"quarantineWindowS": 0.5, "maxWrites": 1, "holdTimeoutS": 1.0, "autoRevert": False})
     run_id = await c.start_run(entry_point="timeout")
     await c.create_document(run_id)
     assert (await c.create_document(run_id))["errors"][0]["extensions"]["code"] == "BREAKER_OPEN"
