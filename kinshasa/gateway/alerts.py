@@ -1,8 +1,8 @@
 """Operator alerts: self-contained, stored for the `alerts` query, on kinshasa.alerts and to a webhook.
 
-The gateway is the stack's alert sink: it stores the alerts it raises itself (breaker trips) and, read
-back from kinshasa.alerts, those other components raise (the coordinator's `revert_failed`), so one
-`alerts` query shows them all, each with the `source` that raised it.
+The gateway is the stack's alert sink: it stores the alerts it raises itself (breaker trips, agents over
+a budget) and, read back from kinshasa.alerts, those other components raise (the coordinator's
+`revert_failed`), so one `alerts` query shows them all, each with the `source` that raised it.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from kinshasa.topics.catalogue import ALERTS
 
 log = logging.getLogger(__name__)
 
-ALERT_TYPE = "alert.run_tripped"
+ALERT_TYPE = "alert.run_tripped"  # the type of a trip alert; every gateway alert is `alert.<its kind>`
 # Every message on kinshasa.alerts has a type `alert.<kind>`.
 ALERT_TYPE_PREFIX = "alert."
 GATEWAY_SOURCE = "gateway"
@@ -110,14 +110,22 @@ def trip_alert(
     held = counts.get("held", 0)
     awaiting = counts.get("awaiting_approval", 0)
     published = counts.get("published", 0)
-    summary = (
+    head = (
         f"run {run_id} of agent {agent_id} (entry point {entry_point}) tripped its breaker on "
         f"{threshold}: {count:g} against a limit of {limit:g}. Services touched: "
-        f"{', '.join(services) or 'none'}. {held} command(s) held in quarantine and "
-        f"{awaiting} awaiting approval (nothing of those left); {published} already propagated"
-        f"{' and are being reverted' if auto_revert and published else ''}. "
-        "Decide with releaseRun, discardRun or revertRun."
+        f"{', '.join(services) or 'none'}. "
     )
+    if auto_revert:
+        summary = head + (
+            f"Auto-revert: {held} held and {awaiting} awaiting-approval command(s) were discarded "
+            f"(nothing of those left) and the {published} already propagated are being reverted. "
+            "Follow the revert with run(id) { status counts }."
+        )
+    else:
+        summary = head + (
+            f"{held} command(s) held in quarantine and {awaiting} awaiting approval (nothing of those "
+            f"left); {published} already propagated. Decide with releaseRun, discardRun or revertRun."
+        )
     return Alert(
         alert_id=str(new_id()),
         run_id=run_id,
@@ -136,6 +144,49 @@ def trip_alert(
             "auto_revert": auto_revert,
         },
     )
+
+
+def budget_alert(
+    agent_id: str,
+    budget: str,
+    limit: int,
+    count: int,
+    retry_after_s: float | None,
+    window_s: float,
+    entry_point: str,
+    run_id: str = "",
+) -> Alert:
+    """An agent refused on one of its budgets across runs: raised once per breach (gateway/budgets.py)."""
+    when = (
+        f"it can go on in {retry_after_s:.0f} s"
+        if retry_after_s is not None
+        else "it can go on once it finishes a run"
+    )
+    summary = (
+        f"agent {agent_id} is over its {budget} budget: {count} against a limit of {limit} "
+        f"(refused at entry point {entry_point}{f', run {run_id}' if run_id else ''}); {when}. "
+        f"Further refusals in the next {window_s / 60:.0f} minutes raise no new alert. Look at its runs "
+        "with runs(filter: {agentId}); revertRuns(selector: {agentId}) undoes them, setPolicy changes "
+        "the budget."
+    )
+    return Alert(
+        alert_id=str(new_id()),
+        run_id=run_id,
+        kind=AGENT_BUDGET_KIND,
+        created_at=utcnow(),
+        summary=summary,
+        payload={
+            "agent_id": agent_id,
+            "entry_point": entry_point,
+            "budget": budget,
+            "threshold": {"name": budget, "count": count, "limit": limit},
+            "retry_after_s": retry_after_s,
+            "window_s": window_s,
+        },
+    )
+
+
+AGENT_BUDGET_KIND = "agent_budget"
 
 
 async def store_alert(conn: AsyncConnection, alert: Alert, webhook: bool) -> bool:
@@ -162,13 +213,19 @@ async def store_alert(conn: AsyncConnection, alert: Alert, webhook: bool) -> boo
 
 
 async def record_alert(tx: Tx, alert: Alert, webhook: bool) -> None:
-    """Store and emit the alert in the caller's transaction, so a trip and its alert are one fact."""
+    """Store and emit the alert in the caller's transaction, so a trip and its alert are one fact.
+
+    kinshasa.alerts is keyed by run id: an alert about no run (an agent refused a new run over its
+    budget) is stored and goes to the webhook, as `catalogue_incompatible` does, but not to the topic.
+    """
     await store_alert(tx.conn, alert, webhook)
+    if not alert.run_id:
+        return
     await tx.emit(
         ALERTS,
         Envelope(
             message_id=new_id(),
-            type=ALERT_TYPE,
+            type=f"{ALERT_TYPE_PREFIX}{alert.kind}",
             run_id=alert.run_id,
             actor=GATEWAY_ACTOR,
             correlation_id=alert.run_id,

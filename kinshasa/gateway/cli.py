@@ -61,11 +61,22 @@ def serve() -> None:
 def new_key_command(
     principal_id: str = typer.Argument(..., help="the principal's id, e.g. agent-7"),
     kind: str = typer.Option("agent", help="agent or operator"),
-    scope: list[str] = typer.Option(["*"], help="operation globs an agent may call"),
+    scope: list[str] = typer.Option(
+        ["*"], help="globs over the operations an agent may call (orders.*) and the services it may read "
+        "(orders:read); * is everything"
+    ),
+    entry_point: list[str] = typer.Option(
+        [], help="an entry point the agent may start runs at (repeat it); none given: any"
+    ),
 ) -> None:
     """Print a fresh key and the credentials entry holding only its hash."""
     if kind not in ("agent", "operator"):
         raise typer.BadParameter("kind must be agent or operator")
+    if entry_point and kind != "agent":
+        raise typer.BadParameter("only an agent has entry points")
     key = new_key()
     typer.echo(f"key (give it to the principal; it is not stored): {key}")
-    typer.echo(json.dumps({"id": principal_id, "kind": kind, "scopes": scope, "key_sha256": hash_key(key)}))
+    entry: dict[str, Any] = {"id": principal_id, "kind": kind, "scopes": scope, "key_sha256": hash_key(key)}
+    if entry_point:
+        entry["entryPoints"] = entry_point
+    typer.echo(json.dumps(entry))

@@ -16,9 +16,10 @@ from pydantic import BaseModel
 from sqlalchemy import Integer, Text, bindparam, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from kinshasa.gateway import store
+from kinshasa.gateway import idempotency, store
 from kinshasa.gateway.alerts import Alert, WebhookSender
 from kinshasa.gateway.breaker import check_write, refusal, services_after, trip
+from kinshasa.gateway.budgets import WriteBudgets, note_breach
 from kinshasa.gateway.errors import GatewayError, NotFound, RunClosed, RunNotFound
 from kinshasa.gateway.policy import EffectivePolicy, PolicyBook
 from kinshasa.gateway.principals import Principal
@@ -64,6 +65,35 @@ class Receipt:
             reason=row["reason"],
         )
 
+    def to_answer(self) -> dict[str, Any]:
+        """The receipt as an idempotency key remembers it: what the agent was answered at acceptance."""
+        return {
+            "command_id": self.command_id,
+            "run_id": self.run_id,
+            "operation": self.operation,
+            "mutation": self.mutation,
+            "entity_id": self.entity_id,
+            "status": self.status,
+            "release_at": self.release_at.isoformat() if self.release_at else None,
+            "accepted_at": self.accepted_at.isoformat() if self.accepted_at else None,
+        }
+
+    @classmethod
+    def from_answer(cls, answer: dict[str, Any]) -> Receipt:
+        def stamp(value: Any) -> datetime | None:
+            return datetime.fromisoformat(value) if isinstance(value, str) else None
+
+        return cls(
+            command_id=str(answer["command_id"]),
+            run_id=str(answer["run_id"]),
+            operation=str(answer["operation"]),
+            mutation=str(answer["mutation"]),
+            entity_id=str(answer["entity_id"]),
+            status=str(answer["status"]),
+            release_at=stamp(answer.get("release_at")),
+            accepted_at=stamp(answer.get("accepted_at")),
+        )
+
 
 @dataclass(eq=False)
 class _Write:
@@ -76,6 +106,13 @@ class _Write:
     entity_id: str
     payload: dict[str, Any]
     future: asyncio.Future[Receipt]
+    idempotency_key: str | None = None
+    # The request's digest, when it carries a key: a retry must ask the same to get the same answer.
+    request: str = ""
+
+    @property
+    def keyed(self) -> tuple[str, str] | None:
+        return (self.principal.id, self.idempotency_key) if self.idempotency_key is not None else None
 
 
 @dataclass
@@ -86,6 +123,10 @@ class _Batch:
     alerts: list[Alert] = field(default_factory=list)
     command_rows: list[dict[str, Any]] = field(default_factory=list)
     run_bumps: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Idempotency keys: those already used (from the database), those this batch used, rows to insert.
+    remembered: dict[tuple[str, str], idempotency.Remembered] = field(default_factory=dict)
+    key_rows: list[dict[str, Any]] = field(default_factory=list)
+    budgets: WriteBudgets = field(default_factory=lambda: WriteBudgets({}, utcnow()))
 
 
 # Prebuilt statements: executed with a list of parameter sets (executemany), compiled once.
@@ -114,6 +155,11 @@ class CommandWriter:
     accepted command is in exactly one transaction, and its command row, its outbox row and the count
     commit together; a write is answered only after that commit. A batch that fails as a whole (a
     database error, not a refusal) is retried one write per transaction, so one bad write fails alone.
+
+    The same transaction checks and counts the agent's maxAgentWritesPerHour (gateway/budgets.py: the
+    agents' budget rows are locked after the run rows, in agent-id order) and stores each keyed write's
+    idempotency key with its receipt (gateway/idempotency.py). A keyed write whose key is already known is
+    answered the first receipt before any other check, and nothing is counted or stored for it.
     """
 
     def __init__(
@@ -134,19 +180,30 @@ class CommandWriter:
         self._drainer: asyncio.Task[None] | None = None
 
     async def submit(
-        self, principal: Principal, spec: OperationSpec, run_id: str, payload: BaseModel
+        self,
+        principal: Principal,
+        spec: OperationSpec,
+        run_id: str,
+        payload: BaseModel,
+        idempotency_key: str | None = None,
     ) -> Receipt:
-        """Check and count the write against the run's breaker, store it, commit; answer once committed."""
+        """Check and count the write against the run's breaker and the agent's write budget, store it,
+        commit; answer once committed. With an idempotency key already used, answer what it got then."""
         check_run_id(run_id)
         # Pure work is done here, before the write waits its turn, so the transaction holds locks briefly.
+        dumped = payload.model_dump(mode="json")
         write = _Write(
             principal=principal,
             spec=spec,
             run_id=run_id,
             command_id=str(uuid.uuid4()),
             entity_id=spec.entity_id(payload) or str(uuid.uuid4()),
-            payload=payload.model_dump(mode="json"),
+            payload=dumped,
             future=asyncio.get_running_loop().create_future(),
+            idempotency_key=idempotency_key,
+            request=idempotency.digest(spec.graphql_name, {"runId": run_id, "input": dumped})
+            if idempotency_key is not None
+            else "",
         )
         self._queue.append(write)
         if self._drainer is None or self._drainer.done():
@@ -196,7 +253,7 @@ class CommandWriter:
             if turn >= _GATHER_MIN_TURNS - 1 and len(self._queue) == waiting:
                 return
 
-    async def _write(self, writes: list[_Write]) -> None:
+    async def _write(self, writes: list[_Write], raced: bool = False) -> None:
         try:
             batch = await self._transact(writes)
         except asyncio.CancelledError:
@@ -205,6 +262,11 @@ class CommandWriter:
             raise
         except Exception as exc:
             if len(writes) == 1:
+                if not raced and idempotency.is_key_race(exc):
+                    # Another transaction (another replica) took this key first and has committed: this
+                    # time the key is found and its answer given.
+                    await self._write(writes, raced=True)
+                    return
                 _settle(writes[0], exc)
                 return
             log.warning(
@@ -234,6 +296,14 @@ class CommandWriter:
                     tx.conn, run.agent_id, run.entry_point, policy_version
                 )
             recent = await self._velocities(tx, policies, start)
+            batch.remembered = await _remembered(tx.conn, writes, start)
+            # Budgets come from the DEFAULT and AGENT layers: one limit per agent whatever the run.
+            limits = {
+                run.agent_id: limit
+                for run in found.values()
+                if (limit := policies[run.run_id].max_agent_writes_per_hour) is not None
+            }
+            batch.budgets = await WriteBudgets.load(tx.conn, limits, start)
             last = start
             for write in writes:
                 # Strictly increasing accepted_at, so commands of one batch keep their order wherever
@@ -275,6 +345,11 @@ class CommandWriter:
     ) -> Receipt:
         """Check one write against its run as the batch has left it; stage its rows or raise the refusal."""
         run_id, spec = write.run_id, write.spec
+        keyed = write.keyed
+        if keyed is not None and keyed in batch.remembered:
+            # A retry: the first answer, before any check (the run may have closed since, the budget
+            # filled up); nothing is created or counted.
+            return Receipt.from_answer(batch.remembered[keyed].replay(write.request))
         run = found.get(run_id)
         if run is None:
             raise RunNotFound(f"run {run_id!r} does not exist: start one with startRun and use its id")
@@ -292,6 +367,20 @@ class CommandWriter:
             found[run_id] = tripped
             batch.alerts.append(alert)
             raise refusal(tripped, recent[run_id])
+        overrun = await batch.budgets.check(tx.conn, run.agent_id)
+        if overrun is not None:
+            breach = await note_breach(
+                tx,
+                batch.budgets.rows[run.agent_id],
+                overrun,
+                now,
+                run.entry_point,
+                run_id,
+                self._webhook.url is not None,
+            )
+            if breach is not None:
+                batch.alerts.append(breach)
+            raise overrun.refusal()
 
         envelope = Envelope(
             message_id=uuid.UUID(write.command_id),
@@ -352,7 +441,8 @@ class CommandWriter:
         bump["b_published"] += int(published)
         bump["b_probes"] += int(verdict.probe)
         bump["b_services"] = services
-        return Receipt(
+        batch.budgets.count(run.agent_id)
+        receipt = Receipt(
             command_id=write.command_id,
             run_id=run_id,
             operation=spec.command_type,
@@ -362,6 +452,12 @@ class CommandWriter:
             release_at=release_at,
             accepted_at=now,
         )
+        if keyed is not None:
+            answer = receipt.to_answer()
+            batch.key_rows.append(idempotency.row(keyed[0], keyed[1], write.request, answer, now))
+            # A second use of the key in this same batch is a retry too.
+            batch.remembered[keyed] = idempotency.Remembered(write.request, answer)
+        return receipt
 
     @staticmethod
     async def _flush(tx: GatewayTx, batch: _Batch) -> None:
@@ -372,6 +468,10 @@ class CommandWriter:
         if batch.run_bumps:
             await tx.conn.execute(_BUMP_RUN, list(batch.run_bumps.values()))
             batch.run_bumps = {}
+        if batch.key_rows:
+            await idempotency.remember(tx.conn, batch.key_rows)
+            batch.key_rows = []
+        await batch.budgets.flush(tx.conn)
 
 
 _SYSTEM = Actor(kind="system", id="gateway")
@@ -379,6 +479,21 @@ _SYSTEM = Actor(kind="system", id="gateway")
 _GATHER_MIN_TURNS, _GATHER_TURNS = 2, 8
 # accepted_at resolution: UtcDateTime keeps microseconds on both backends.
 _TICK = timedelta(microseconds=1)
+
+
+async def _remembered(
+    conn: AsyncConnection, writes: list[_Write], now: datetime
+) -> dict[tuple[str, str], idempotency.Remembered]:
+    """The live idempotency keys the batch's writes carry, by (principal, key)."""
+    keys: dict[str, list[str]] = {}
+    for write in writes:
+        if write.idempotency_key is not None:
+            keys.setdefault(write.principal.id, []).append(write.idempotency_key)
+    found: dict[tuple[str, str], idempotency.Remembered] = {}
+    for principal_id, wanted in keys.items():
+        for key, remembered in (await idempotency.recall(conn, principal_id, wanted, now)).items():
+            found[(principal_id, key)] = remembered
+    return found
 
 
 def _settle(write: _Write, answer: Receipt | BaseException | None) -> None:

@@ -6,6 +6,11 @@ for each entity type a service declares, the schema also gets `<type>(id)` retur
 from the read model's JSON Schema (`document(id) { title }`), and `<type>s(<field>)` for each field the
 entity can be listed by (`links(entityId)`, `emails(runId)`). A generated read is left out when its name
 would shadow a field the gateway already has; `entity` still reaches it.
+
+Every one of them needs the service's read scope: an agent reads a service's entities only with
+`<service>:read` (or `*`, or a glob matching it such as `*:read`) among its scopes; a write scope such as
+`orders.*` does not grant reads. Operators read everything. Without it the read is FORBIDDEN before any
+backend is asked.
 """
 
 from __future__ import annotations
@@ -22,7 +27,8 @@ import strawberry
 from strawberry.permission import BasePermission
 from strawberry.scalars import JSON
 
-from kinshasa.gateway.errors import Invalid, NotFound, camel
+from kinshasa.gateway.errors import Forbidden, Invalid, NotFound, camel
+from kinshasa.gateway.principals import read_scope
 from kinshasa.schemas.declaration import ServiceDeclaration
 from kinshasa.schemas.payloads import normalize_schema
 
@@ -42,6 +48,16 @@ class ReadWiring:
     long_type: Any
     visible_run: VisibleRun
     backends: Callable[[strawberry.Info], Any]
+
+
+def check_read_scope(info: strawberry.Info, service: str) -> None:
+    """FORBIDDEN unless the caller may read `service`'s entities (see the module docstring)."""
+    principal = info.context.require_principal()
+    if not principal.may_read(service):
+        raise Forbidden(
+            f"agent {principal.id} has no read scope for the {service} service: ask an operator to grant "
+            f"{read_scope(service)!r}"
+        )
 
 
 def _bounded(value: str, name: str) -> str:
@@ -90,11 +106,13 @@ class Entity:
     version: int | None
     state: JSON
 
-    @strawberry.field(description="Its versions, oldest first; `after` is a version number from a previous page.")
-    async def history(self, info: strawberry.Info, first: int = 50, after: int | None = None) -> list[EntityVersion]:
+    @strawberry.field(description="Its versions, oldest first; `after` is a version number from a previous "
+                                  "page.")
+    async def history(self, info: strawberry.Info, first: int = 50,
+                      after: int | None = None) -> list[EntityVersion]:
         if first < 1 or first > HISTORY_MAX:
             raise Invalid(f"first must be between 1 and {HISTORY_MAX}", [("first", "out of range")])
-        rows = await info.context.services.backends.versions(self.service, self.type, str(self.id))
+        rows = await info.context.reads.versions(self.service, self.type, str(self.id))
         chosen = [r for r in rows if after is None or (_int(r.get("version")) or 0) > after]
         return [EntityVersion.of(r) for r in chosen[:first]]
 
@@ -110,15 +128,18 @@ def entity_query(wiring: ReadWiring) -> Any:
             raise NotFound(f"no service {service!r} is registered: known services are {known}")
         if declaration.entity(_bounded(type, "type")) is None:
             known = ", ".join(e.type for e in declaration.entities) or "none"
-            raise Invalid(f"{service} declares no entity type {type!r}: it declares {known}", [("type", "unknown")])
+            raise Invalid(f"{service} declares no entity type {type!r}: it declares {known}",
+                          [("type", "unknown")])
+        check_read_scope(info, service)
         state = await wiring.backends(info).entity(service, type, _bounded(str(id), "id"))
         if state is None:
             return None
-        return Entity(service=service, type=type, id=strawberry.ID(str(id)), version=_int(state.get("version")),
-                      state=JSON(state))
+        return Entity(service=service, type=type, id=strawberry.ID(str(id)),
+                      version=_int(state.get("version")), state=JSON(state))
 
     return strawberry.field(resolver=entity, permission_classes=wiring.permission,
-                            description="Any entity of any registered service; null if it does not exist.")
+                            description="Any entity of any registered service; null if it does not exist. "
+                                        "Agents need the service's read scope (<service>:read).")
 
 
 def _pascal(name: str) -> str:
@@ -170,7 +191,8 @@ def entity_type(declaration: ServiceDeclaration, entity: str, schema: Mapping[st
     namespace: dict[str, Any] = {"__module__": __name__}
     for prop_name, kind in kinds.items():
         annotations[prop_name] = kind | None
-        description = properties[prop_name].get("description") if isinstance(properties[prop_name], Mapping) else None
+        prop = properties[prop_name]
+        description = prop.get("description") if isinstance(prop, Mapping) else None
         if isinstance(description, str):
             namespace[prop_name] = strawberry.field(description=description)
     annotations["state"] = JSON
@@ -198,7 +220,8 @@ def typed_reads(declarations: Mapping[str, ServiceDeclaration], taken_fields: se
             type_name = _pascal(entity.type)
             if type_name in taken_types:
                 type_name = _pascal(service) + type_name
-            if single in taken_fields or single in fields or not _CAMEL_RE.match(single) or type_name in taken_types:
+            if (single in taken_fields or single in fields or not _CAMEL_RE.match(single)
+                    or type_name in taken_types):
                 continue
             gql, fill = entity_type(declaration, entity.type, entity.schema_, type_name, wiring.long_type)
             taken_types.add(type_name)
@@ -214,12 +237,14 @@ def typed_reads(declarations: Mapping[str, ServiceDeclaration], taken_fields: se
 def _single_read(service: str, entity: str, gql: type, fill: Callable[[Mapping[str, Any]], Any],
                  wiring: ReadWiring) -> Any:
     async def read(info: strawberry.Info, id: strawberry.ID) -> Any:
+        check_read_scope(info, service)
         state = await wiring.backends(info).entity(service, entity, _bounded(str(id), "id"))
         return None if state is None else fill(state)
 
     read.__annotations__ = {"info": strawberry.Info, "id": strawberry.ID, "return": gql | None}
     return strawberry.field(resolver=read, permission_classes=wiring.permission,
-                            description=f"{service}'s {entity} by id: current state; null if it does not exist.")
+                            description=f"{service}'s {entity} by id: current state; null if it does not "
+                                        "exist.")
 
 
 def _list_read(service: str, entity: str, field: str, gql: type, fill: Callable[[Mapping[str, Any]], Any],
@@ -227,6 +252,7 @@ def _list_read(service: str, entity: str, field: str, gql: type, fill: Callable[
     argument = camel(field)
 
     async def read(info: strawberry.Info, **kwargs: Any) -> list[Any]:
+        check_read_scope(info, service)
         value = _bounded(str(kwargs[field]), argument)
         if field == "run_id":
             await wiring.visible_run(info, value)  # an agent lists only what its own runs wrote

@@ -31,13 +31,32 @@ def new_key() -> str:
     return KEY_PREFIX + secrets.token_urlsafe(32)
 
 
+ENTRY_POINT_MAX = 256
+
+
+def read_scope(service: str) -> str:
+    """The scope that lets an agent read a service's entities: `<service>:read`."""
+    return f"{service}:read"
+
+
 @dataclass(frozen=True)
 class Principal:
-    """An authenticated caller. `scopes` are globs over operation names an agent may call (`documents.*`)."""
+    """An authenticated caller.
+
+    `scopes` are globs an agent's requests are matched against: operation names for writes
+    (`orders.*` calls every operation of an `orders` service) and `<service>:read` for reads of that
+    service's entities (`orders:read`; `*:read` reads every service). `*` matches both, so it grants
+    everything. A write scope does not grant reads: `orders.*` cannot match `orders:read`. Operators
+    read and act on everything whatever their scopes.
+
+    `entry_points` are the entry points the agent may start runs at; None (the default) is any.
+    Entry points select a policy layer, so they are the operator's to hand out.
+    """
 
     id: str
     kind: PrincipalKind
     scopes: frozenset[str] = field(default_factory=lambda: frozenset({"*"}))
+    entry_points: frozenset[str] | None = None
 
     @property
     def is_operator(self) -> bool:
@@ -50,6 +69,16 @@ class Principal:
     def may_call(self, spec: OperationSpec) -> bool:
         names = (spec.command_type, spec.graphql_name)
         return any(fnmatch.fnmatchcase(name, scope) for scope in self.scopes for name in names)
+
+    def may_read(self, service: str) -> bool:
+        """May this principal read the entities of `service`? Operators always may."""
+        if self.is_operator:
+            return True
+        wanted = read_scope(service)
+        return any(fnmatch.fnmatchcase(wanted, scope) for scope in self.scopes)
+
+    def may_start_at(self, entry_point: str) -> bool:
+        return self.entry_points is None or entry_point in self.entry_points
 
 
 class PrincipalRegistry:
@@ -77,7 +106,8 @@ class PrincipalRegistry:
 
     @classmethod
     def from_document(cls, document: Mapping[str, Any], source: str = "credentials") -> PrincipalRegistry:
-        """Read `{"principals": [{id, kind, scopes, key | key_sha256}]}`; plain keys are hashed at once."""
+        """Read `{"principals": [{id, kind, scopes, entryPoints?, key | key_sha256}]}`; plain keys are hashed
+        at once. `entryPoints` (agents only) lists where the agent may start runs; absent means anywhere."""
         rows = document.get("principals")
         if not isinstance(rows, list):
             raise CredentialsError(f"{source}: expected an object with a 'principals' list")
@@ -93,7 +123,17 @@ class PrincipalRegistry:
                 raise CredentialsError(f"{where}: 'kind' must be 'agent' or 'operator', got {kind!r}")
             scopes = row.get("scopes", ["*"])
             if not isinstance(scopes, list) or not all(isinstance(s, str) for s in scopes):
-                raise CredentialsError(f"{where}: 'scopes' must be a list of strings such as ['documents.*']")
+                raise CredentialsError(f"{where}: 'scopes' must be a list of strings such as ['orders.*']")
+            entry_points = row.get("entryPoints")
+            if entry_points is not None and (
+                kind != "agent"
+                or not isinstance(entry_points, list)
+                or not all(isinstance(e, str) and 0 < len(e.strip()) <= ENTRY_POINT_MAX for e in entry_points)
+            ):
+                raise CredentialsError(
+                    f"{where}: 'entryPoints' must be a list of entry point names (1-{ENTRY_POINT_MAX} "
+                    "characters) an agent may start runs at, such as ['support-bot']; omit it to allow any"
+                )
             if isinstance(row.get("key_sha256"), str):
                 key_hash = row["key_sha256"].lower()
             elif isinstance(row.get("key"), str) and row["key"]:
@@ -102,7 +142,15 @@ class PrincipalRegistry:
                 raise CredentialsError(
                     f"{where}: give 'key' or 'key_sha256' (`kinshasa gateway new-key` prints a fresh pair)"
                 )
-            registry.add(key_hash, Principal(id=pid, kind=kind, scopes=frozenset(scopes)))
+            registry.add(
+                key_hash,
+                Principal(
+                    id=pid,
+                    kind=kind,
+                    scopes=frozenset(scopes),
+                    entry_points=None if entry_points is None else frozenset(e.strip() for e in entry_points),
+                ),
+            )
         return registry
 
     @classmethod
@@ -121,7 +169,9 @@ def write_dev_credentials(
 ) -> dict[str, Any]:
     """Generate one key per principal into `path` (mode 0600) and return the document written.
 
-    Dev mode only: the plain keys are in the file so a developer can copy them into a client.
+    Dev mode only: the plain keys are in the file so a developer can copy them into a client. The dev
+    agent's scope `*` lets it call every operation and read every service (`<service>:read`), at any
+    entry point.
     """
     document = {
         "principals": [

@@ -6,23 +6,23 @@ import base64
 import json
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 from sqlalchemy import and_, bindparam, func, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from kinshasa.gateway import store
-from kinshasa.gateway.errors import Forbidden, Invalid, RunClosed, RunNotFound
-from kinshasa.gateway.policy import LATEST_VERSION
-from kinshasa.gateway.principals import Principal
+from kinshasa.gateway import budgets, idempotency, store
+from kinshasa.gateway.alerts import Alert
+from kinshasa.gateway.errors import Forbidden, GatewayError, Invalid, RunClosed, RunNotFound
+from kinshasa.gateway.policy import LATEST_VERSION, PolicyBook
+from kinshasa.gateway.principals import ENTRY_POINT_MAX, Principal
 from kinshasa.gateway.store import commands, runs
 from kinshasa.gateway.uow import Tx
 from kinshasa.schemas.envelope import Actor, Envelope, RunEventKind, new_id, utcnow
 from kinshasa.topics.catalogue import RUNS
 
-ENTRY_POINT_MAX = 256
 PURPOSE_MAX = 2_000
 RUN_ID_MAX = 64
 
@@ -155,7 +155,32 @@ def check_owner(run: RunRecord, principal: Principal) -> None:
         raise Forbidden(f"run {run.run_id} belongs to another agent: write only to runs you started")
 
 
-async def start_run(tx: Tx, principal: Principal, entry_point: str, purpose: str | None) -> RunRecord:
+@dataclass
+class StartOutcome:
+    """What one startRun decided: the run (new, or the one its idempotency key first started), or the
+    budget refusal; and the alerts to send once the transaction committed (a refusal commits its alert)."""
+
+    run: RunRecord | None
+    refusal: GatewayError | None = None
+    alerts: list[Alert] = field(default_factory=list)
+
+
+async def start_run(
+    tx: Tx,
+    principal: Principal,
+    entry_point: str,
+    purpose: str | None,
+    policies: PolicyBook | None = None,
+    *,
+    idempotency_key: str | None = None,
+    webhook: bool = False,
+) -> StartOutcome:
+    """Mint a run, in one transaction with its idempotency key and the agent's run budgets.
+
+    Order: the input, then the agent's allowed entry points (FORBIDDEN), then the idempotency key (a
+    retry gets the run it started, whatever the budgets say now), then maxConcurrentRuns and
+    maxRunsPerHour, checked and counted under the agent's budget row lock.
+    """
     entry_point = entry_point.strip()
     problems = []
     if not entry_point or len(entry_point) > ENTRY_POINT_MAX:
@@ -164,8 +189,25 @@ async def start_run(tx: Tx, principal: Principal, entry_point: str, purpose: str
         problems.append(("purpose", f"must be at most {PURPOSE_MAX} characters"))
     if problems:
         raise Invalid("invalid startRun input: " + "; ".join(f"{p}: {m}" for p, m in problems), problems)
-    run_id = str(uuid.uuid4())
+    if not principal.may_start_at(entry_point):
+        allowed = ", ".join(sorted(principal.entry_points or ())) or "none"
+        raise Forbidden(
+            f"agent {principal.id} may not start runs at entry point {entry_point!r}: its entry points are "
+            f"{allowed}. Entry points are the operator's to grant: ask one to add it to your credentials"
+        )
     now = utcnow()
+    request = idempotency.digest("startRun", {"entryPoint": entry_point, "purpose": purpose})
+    if idempotency_key is not None:
+        known = await idempotency.recall(tx.conn, principal.id, [idempotency_key], now)
+        if idempotency_key in known:
+            answer = known[idempotency_key].replay(request)
+            return StartOutcome(await load_run(tx.conn, str(answer["runId"])))
+    if policies is not None:
+        policy = await policies.effective(tx.conn, principal.id, entry_point)
+        overrun, alert = await budgets.check_start(tx, principal.id, entry_point, policy, now, webhook)
+        if overrun is not None:
+            return StartOutcome(None, overrun.refusal(), [alert] if alert is not None else [])
+    run_id = str(uuid.uuid4())
     await tx.conn.execute(
         insert(runs).values(
             run_id=run_id,
@@ -186,6 +228,10 @@ async def start_run(tx: Tx, principal: Principal, entry_point: str, purpose: str
             compensated=0,
         )
     )
+    if idempotency_key is not None:
+        await idempotency.remember(
+            tx.conn, [idempotency.row(principal.id, idempotency_key, request, {"runId": run_id}, now)]
+        )
     await tx.emit(
         RUNS,
         run_envelope(
@@ -200,7 +246,7 @@ async def start_run(tx: Tx, principal: Principal, entry_point: str, purpose: str
             },
         ),
     )
-    return await load_run(tx.conn, run_id)
+    return StartOutcome(await load_run(tx.conn, run_id))
 
 
 async def finish_run(tx: Tx, principal: Principal, run_id: str) -> RunRecord:

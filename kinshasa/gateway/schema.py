@@ -3,8 +3,8 @@
 Agent mutations are generated from the operation catalogue: each payload model becomes typed GraphQL
 arguments (camelCase), validated by the same pydantic model the services use, so an operation a service
 declares appears here without a hand-written resolver. Create operations and payloads of three or more
-fields take one `input` object (`createDocument(runId, input: {title, body})`); smaller updates take flat
-arguments (`renameDocument(runId, documentId, title)`).
+fields take one `input` object (`createOrder(runId, input: {customer, note})`); smaller updates take flat
+arguments (`renameOrder(runId, orderId, name)`).
 """
 
 import enum
@@ -13,7 +13,7 @@ import logging
 import types
 import typing
 from collections.abc import Callable, Mapping
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Annotated, Any, NewType, Union
 
 import annotated_types
@@ -26,13 +26,14 @@ from strawberry.scalars import JSON
 from strawberry.schema.config import StrawberryConfig
 
 from kinshasa.gateway import breaker as breaker_mod
-from kinshasa.gateway import egress, quarantine, store
+from kinshasa.gateway import egress, idempotency, quarantine, store
 from kinshasa.gateway import policy as policy_mod
 from kinshasa.gateway import revert as revert_mod
 from kinshasa.gateway import runs as runs_mod
 from kinshasa.gateway.alerts import list_alerts
-from kinshasa.gateway.commands import Receipt, get_command, list_commands
+from kinshasa.gateway.commands import Receipt, get_command
 from kinshasa.gateway.context import GatewayContext
+from kinshasa.gateway.cost import BATCHED, BATCHED_BACKEND, CALLS_BACKEND
 from kinshasa.gateway.entity_reads import Entity, ReadWiring, entity_query, typed_reads
 from kinshasa.gateway.errors import (
     BackendUnavailable,
@@ -46,7 +47,7 @@ from kinshasa.gateway.errors import (
 from kinshasa.gateway.uow import transaction
 from kinshasa.kernel.logs import log_context
 from kinshasa.schemas.declaration import ServiceDeclaration
-from kinshasa.schemas.envelope import Actor, utcnow
+from kinshasa.schemas.envelope import Actor
 from kinshasa.schemas.operations import OperationCatalogue, OperationSpec
 from kinshasa.schemas.payloads import error_messages
 
@@ -189,7 +190,7 @@ class RunCounts:
 class CommandReceipt:
     command_id: strawberry.ID
     run_id: strawberry.ID
-    operation: str = strawberry.field(description="command type, e.g. documents.rename")
+    operation: str = strawberry.field(description="command type, e.g. orders.rename")
     mutation: str = strawberry.field(description="the GraphQL mutation that wrote it")
     entity_id: strawberry.ID
     status: CommandStatus
@@ -250,8 +251,8 @@ def _stamp(value: Any) -> datetime | None:
 class RunStep:
     step_id: int = strawberry.field(description="the step's place in the run's apply order, 1 first")
     forward_event_id: strawberry.ID = strawberry.field(description="message id of the *.applied event")
-    forward_type: str = strawberry.field(description="that event's type, e.g. documents.rename.applied")
-    operation: str = strawberry.field(description="the command type, e.g. documents.rename")
+    forward_type: str = strawberry.field(description="that event's type, e.g. orders.rename.applied")
+    operation: str = strawberry.field(description="the command type, e.g. orders.rename")
     command_id: strawberry.ID | None = strawberry.field(description="the gateway's commandId it applied")
     service: str
     entity: EntityRefView
@@ -350,16 +351,10 @@ class Run:
             record=record,
         )
 
-    @strawberry.field
+    @strawberry.field(metadata=BATCHED)
     async def breaker(self, info: strawberry.Info) -> Breaker:
-        services = _ctx(info).services
         r = self.record
-        async with services.engine.connect() as conn:
-            policy = await services.policies.effective(conn, r.agent_id, r.entry_point)
-            recent = await runs_mod.velocity(
-                conn, r.run_id, utcnow() - timedelta(seconds=policy.velocity_window_s)
-            )
-            await conn.rollback()
+        policy, recent = await _ctx(info).reads.breaker(r.run_id, r.agent_id, r.entry_point)
         return Breaker(
             state=BreakerState(r.breaker_state),
             writes=r.writes,
@@ -373,11 +368,9 @@ class Run:
             trip_count=r.trip_count,
         )
 
-    @strawberry.field
+    @strawberry.field(metadata=BATCHED)
     async def counts(self, info: strawberry.Info) -> RunCounts:
-        async with _ctx(info).services.engine.connect() as conn:
-            by_status = await runs_mod.command_counts(conn, self.record.run_id)
-            await conn.rollback()
+        by_status = await _ctx(info).reads.command_counts(self.record.run_id)
         r = self.record
         return RunCounts(
             held=by_status.get(store.HELD, 0),
@@ -392,13 +385,14 @@ class Run:
     @strawberry.field(
         description="The run's steps from the coordinator's ledger, newest first, `first` at a time; pass "
         "pageInfo.endCursor as `after` for the next (older) page. Null with a BACKEND_UNAVAILABLE error "
-        "when the coordinator cannot be reached."
+        "when the coordinator cannot be reached.",
+        metadata=BATCHED_BACKEND,
     )
     async def steps(
         self, info: strawberry.Info, first: int = 50, after: str | None = None
     ) -> RunStepConnection | None:
         before = _step_cursor(after)
-        page = await _ctx(info).services.backends.steps(self.record.run_id, _page(first), before)
+        page = await _ctx(info).reads.steps(self.record.run_id, _page(first), before)
         nodes = [RunStep.of(step) for step in page.steps]
         edges = [RunStepEdge(cursor=str(node.step_id), node=node) for node in nodes]
         return RunStepConnection(
@@ -409,15 +403,12 @@ class Run:
             ),
         )
 
-    @strawberry.field(description="The run's commands in acceptance order.")
+    @strawberry.field(description="The run's commands in acceptance order.", metadata=BATCHED)
     async def commands(
         self, info: strawberry.Info, status: CommandStatus | None = None, first: int = 100
     ) -> list[CommandReceipt]:
-        async with _ctx(info).services.engine.connect() as conn:
-            rows = await list_commands(
-                conn, self.record.run_id, status.value if status else None, _page(first)
-            )
-            await conn.rollback()
+        wanted = status.value if status else None
+        rows = await _ctx(info).reads.commands(self.record.run_id, wanted, _page(first))
         return [CommandReceipt.of(r) for r in rows]
 
 
@@ -456,7 +447,7 @@ class AlertFailingStep:
 class Alert:
     id: strawberry.ID
     run_id: strawberry.ID = strawberry.field(description="the run it is about; empty if about no run")
-    kind: str = strawberry.field(description="what happened: run_tripped, revert_failed, ...")
+    kind: str = strawberry.field(description="what happened: run_tripped, agent_budget, revert_failed, ...")
     source: str = strawberry.field(description="the component that raised it: gateway, coordinator, ...")
     created_at: datetime
     summary: str
@@ -515,10 +506,22 @@ class PolicySettings:
     probe_writes: int | None
     hold_timeout_s: float | None
     auto_revert: bool | None
+    max_concurrent_runs: int | None = strawberry.field(
+        description="RUNNING runs the agent may have at once; null: no budget"
+    )
+    max_runs_per_hour: int | None = strawberry.field(
+        description="runs the agent may start in any hour; null: no budget"
+    )
+    max_agent_writes_per_hour: int | None = strawberry.field(
+        description="writes the agent may make over all its runs in any hour; null: no budget"
+    )
 
     @classmethod
     def of(cls, doc: Any) -> "PolicySettings":
         return cls(
+            max_concurrent_runs=doc.max_concurrent_runs,
+            max_runs_per_hour=doc.max_runs_per_hour,
+            max_agent_writes_per_hour=doc.max_agent_writes_per_hour,
             max_writes=doc.max_writes,
             max_errors=doc.max_errors,
             max_services=doc.max_services,
@@ -541,10 +544,15 @@ class PolicyVersion:
     author: str
     reason: str
     created_at: datetime
+    loosen: bool = strawberry.field(
+        description="set with loosen: true, so this layer may loosen the layers below it (the DEFAULT "
+        "layer always sets the base); otherwise it can only tighten them"
+    )
 
     @classmethod
     def of(cls, pv: policy_mod.PolicyVersion) -> "PolicyVersion":
         return cls(
+            loosen=pv.loosen,
             version=pv.version,
             scope=pv.scope,
             subject=pv.subject,
@@ -570,6 +578,9 @@ class Me:
     id: str
     kind: str
     scopes: list[str]
+    entry_points: list[str] | None = strawberry.field(
+        description="the entry points you may start runs at; null: any"
+    )
 
 
 # --- inputs --------------------------------------------------------------------------------------------
@@ -594,7 +605,10 @@ class RunSelector:
 
 
 @strawberry.input(
-    description="Fields left null inherit from the layer below (defaults < agent < entry point)."
+    description="Fields left null inherit from the layer below (defaults < agent < entry point). The AGENT "
+    "and ENTRY_POINT layers resolve every limit to the strictest of the layers unless set with loosen: true. "
+    "The agent budgets (maxConcurrentRuns, maxRunsPerHour, maxAgentWritesPerHour) are set at the DEFAULT "
+    "and AGENT scopes only."
 )
 class PolicyInput:
     max_writes: int | None = None
@@ -607,6 +621,9 @@ class PolicyInput:
     probe_writes: int | None = None
     hold_timeout_s: float | None = None
     auto_revert: bool | None = None
+    max_concurrent_runs: int | None = None
+    max_runs_per_hour: int | None = None
+    max_agent_writes_per_hour: int | None = None
 
 
 # --- generated agent mutations -------------------------------------------------------------------------
@@ -730,6 +747,18 @@ def build_agent_mutation(spec: OperationSpec) -> Any:
         def collect(kwargs: dict[str, Any]) -> tuple[dict[str, Any], str]:
             return {name: kwargs.get(name, strawberry.UNSET) for name in fields}, ""
 
+    # Every write takes an optional idempotency key (unless a payload field already has that name).
+    keyed = IDEMPOTENCY_KEY_ARG not in fields
+    if keyed:
+        params.append(
+            inspect.Parameter(
+                IDEMPOTENCY_KEY_ARG,
+                inspect.Parameter.KEYWORD_ONLY,
+                annotation=str | None,
+                default=None,
+            )
+        )
+
     async def resolver(info: strawberry.Info, **kwargs: Any) -> CommandReceipt:
         context = _ctx(info)
         principal = context.require_agent()
@@ -739,8 +768,10 @@ def build_agent_mutation(spec: OperationSpec) -> Any:
             )
         run_id = str(kwargs["run_id"])
         values, prefix = collect(kwargs)
+        key = idempotency.check_key(kwargs.get(IDEMPOTENCY_KEY_ARG)) if keyed else None
         payload = _payload(spec, values, prefix)
-        receipt = await context.services.writer.submit(principal, spec, run_id, payload)
+        receipt = await context.services.writer.submit(principal, spec, run_id, payload, key)
+        idempotency.kill_after_commit_if_marked(_kill_marker(info), key)
         return CommandReceipt.of(receipt)
 
     resolver.__name__ = spec.graphql_name
@@ -817,7 +848,7 @@ def _alert(a: Any) -> Alert:
 async def _visible_run(info: strawberry.Info, run_id: str) -> runs_mod.RunRecord:
     context = _ctx(info)
     principal = context.require_principal()
-    async with context.services.engine.connect() as conn:
+    async with context.reads.database() as conn:
         run = await runs_mod.load_run(conn, run_id)
         await conn.rollback()
     runs_mod.check_owner(run, principal)
@@ -829,7 +860,8 @@ class Query:
     @strawberry.field(permission_classes=AUTHENTICATED, description="Who the Bearer key belongs to.")
     def me(self, info: strawberry.Info) -> Me:
         p = _ctx(info).require_principal()
-        return Me(id=p.id, kind=p.kind, scopes=sorted(p.scopes))
+        entry_points = sorted(p.entry_points) if p.entry_points is not None else None
+        return Me(id=p.id, kind=p.kind, scopes=sorted(p.scopes), entry_points=entry_points)
 
     @strawberry.field(permission_classes=AUTHENTICATED)
     async def run(self, info: strawberry.Info, id: strawberry.ID) -> Run:
@@ -861,7 +893,7 @@ class Query:
             started_after=f.started_after,
             started_before=f.started_before,
         )
-        async with context.services.engine.connect() as conn:
+        async with context.reads.database() as conn:
             rows, more = await runs_mod.list_runs(conn, query, _page(first), after)
             await conn.rollback()
         edges = [RunEdge(cursor=runs_mod.encode_cursor(r), node=Run.of(r)) for r in rows]
@@ -874,13 +906,15 @@ class Query:
     @strawberry.field(permission_classes=AUTHENTICATED)
     async def command(self, info: strawberry.Info, id: strawberry.ID) -> CommandReceipt:
         context = _ctx(info)
-        async with context.services.engine.connect() as conn:
+        async with context.reads.database() as conn:
             row = await get_command(conn, str(id))
             await conn.rollback()
         await _visible_run(info, row["run_id"])
         return CommandReceipt.of(Receipt.from_row(row))
 
-    @strawberry.field(permission_classes=OPERATOR, description="Each component's dead letters.")
+    @strawberry.field(
+        permission_classes=OPERATOR, description="Each component's dead letters.", metadata=CALLS_BACKEND
+    )
     async def dlq(self, info: strawberry.Info, first: int = 50) -> list[DlqComponent]:
         services = _ctx(info).services
         limit = _page(first)
@@ -895,7 +929,7 @@ class Query:
                     error=None,
                 )
             )
-        for d in await services.backends.dlq_all(limit):
+        for d in await _ctx(info).reads.dlq_all(limit):
             if d["component"] == "gateway" and services.local_dlq is not None:
                 continue
             results.append(
@@ -921,7 +955,7 @@ class Query:
     ) -> list[Alert]:
         _bounded(run_id, "runId")
         _bounded(kind, "kind", 64)
-        async with _ctx(info).services.engine.connect() as conn:
+        async with _ctx(info).reads.database() as conn:
             found = await list_alerts(conn, str(run_id) if run_id else None, _page(first), kind)
             await conn.rollback()
         return [_alert(a) for a in found]
@@ -933,31 +967,27 @@ class Query:
         _bounded(agent_id, "agentId")
         _bounded(entry_point, "entryPoint")
         services = _ctx(info).services
-        async with services.engine.connect() as conn:
+        async with _ctx(info).reads.database() as conn:
             effective = await services.policies.effective(conn, agent_id or "", entry_point or "")
             past = await policy_mod.history(conn)
             await conn.rollback()
-        resolved = policy_mod.PolicyDocument(
-            max_writes=effective.max_writes,
-            max_errors=effective.max_errors,
-            max_services=effective.max_services,
-            max_velocity=effective.max_velocity,
-            velocity_window_s=effective.velocity_window_s,
-            quarantine_window_s=effective.quarantine_window_s,
-            operation_windows=effective.operation_windows,
-            probe_writes=effective.probe_writes,
-            hold_timeout_s=effective.hold_timeout_s,
-            auto_revert=effective.auto_revert,
-        )
         return PolicyView(
             version=effective.version,
-            effective=PolicySettings.of(resolved),
+            effective=PolicySettings.of(effective.document()),
             layers=[PolicyVersion.of(v) for v in services.policies.layers()],
             history=[PolicyVersion.of(v) for v in past],
         )
 
 
 # --- mutations -----------------------------------------------------------------------------------------
+
+
+IDEMPOTENCY_KEY_ARG = "idempotency_key"
+
+
+def _kill_marker(info: strawberry.Info) -> str | None:
+    """TEST ONLY: the idempotency key whose commit kills this process (idempotency.kill_after_commit...)."""
+    return _ctx(info).services.settings.test_kill_after_commit_key
 
 
 async def _in_tx(info: strawberry.Info, work: Callable[[Any], Any]) -> Any:
@@ -973,11 +1003,46 @@ class OperatorMutations:
     """Hand-written mutations: run lifecycle for agents, and every operator action."""
 
     @strawberry.mutation(
-        permission_classes=AGENT, description="Mint a run id bound to you and an entry point."
+        permission_classes=AGENT,
+        description="Mint a run id bound to you and an entry point. Send an idempotencyKey and send it again "
+        "with a retry: within 24 hours the retry gets the same run and starts none (so does every write's).",
     )
-    async def start_run(self, info: strawberry.Info, entry_point: str, purpose: str | None = None) -> Run:
+    async def start_run(
+        self,
+        info: strawberry.Info,
+        entry_point: str,
+        purpose: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> Run:
         principal = _ctx(info).require_agent()
-        return Run.of(await _in_tx(info, lambda tx: runs_mod.start_run(tx, principal, entry_point, purpose)))
+        services = _ctx(info).services
+        key = idempotency.check_key(idempotency_key)
+
+        async def work(tx: Any) -> runs_mod.StartOutcome:
+            return await runs_mod.start_run(
+                tx,
+                principal,
+                entry_point,
+                purpose,
+                services.policies,
+                idempotency_key=key,
+                webhook=services.webhook.url is not None,
+            )
+
+        try:
+            started: runs_mod.StartOutcome = await _in_tx(info, work)
+        except Exception as exc:
+            if key is None or not idempotency.is_key_race(exc):
+                raise
+            # The same key committed meanwhile on another replica: now it is found, and its run answered.
+            started = await _in_tx(info, work)
+        for alert in started.alerts:
+            services.webhook.send_later(alert)
+        if started.refusal is not None:
+            raise started.refusal
+        assert started.run is not None
+        idempotency.kill_after_commit_if_marked(_kill_marker(info), key)
+        return Run.of(started.run)
 
     @strawberry.mutation(
         permission_classes=AGENT, description="Close your run; held commands still wait out their window."
@@ -990,9 +1055,10 @@ class OperatorMutations:
     async def revert_run(self, info: strawberry.Info, run_id: strawberry.ID, reason: str) -> Run:
         operator = _ctx(info).require_operator()
         why = revert_mod.check_reason(reason)
+        actor = Actor(kind="operator", id=operator.id)
 
         async def work(tx: Any) -> runs_mod.RunRecord:
-            run, _ = await revert_mod.request_revert(tx, str(run_id), why, operator.id)
+            run, _ = await revert_mod.request_revert(tx, str(run_id), why, actor)
             return run
 
         return Run.of(await _in_tx(info, work))
@@ -1003,6 +1069,7 @@ class OperatorMutations:
     ) -> RevertRunsResult:
         operator = _ctx(info).require_operator()
         why = revert_mod.check_reason(reason)
+        actor = Actor(kind="operator", id=operator.id)
         for name in ("agent_id", "entry_point"):
             _bounded(getattr(selector, name), f"selector.{camel(name)}")
         for rid in selector.run_ids or []:
@@ -1019,7 +1086,7 @@ class OperatorMutations:
             requested: list[Run] = []
             unchanged: list[Run] = []
             for rid in await revert_mod.select_runs(tx, sel):
-                run, rung = await revert_mod.request_revert(tx, rid, why, operator.id)
+                run, rung = await revert_mod.request_revert(tx, rid, why, actor)
                 (requested if rung else unchanged).append(Run.of(run))
             return RevertRunsResult(requested=requested, unchanged=unchanged)
 
@@ -1120,6 +1187,14 @@ class OperatorMutations:
         settings: PolicyInput,
         reason: str,
         subject: str | None = None,
+        loosen: Annotated[
+            bool,
+            strawberry.argument(
+                description="Let this AGENT or ENTRY_POINT layer loosen the layers below it: its fields then "
+                "replace theirs. Without it a layer can only tighten (each limit resolves to the strictest). "
+                "Recorded in the version."
+            ),
+        ] = False,
     ) -> PolicyVersion:
         operator = _ctx(info).require_operator()
         services = _ctx(info).services
@@ -1151,10 +1226,18 @@ class OperatorMutations:
             document = policy_mod.PolicyDocument.model_validate(raw)
         except ValidationError as exc:
             raise invalid_from_pydantic(exc, "settings.") from exc
+        misplaced = [(f"settings.{camel(name)}", problem) for name, problem in
+                     policy_mod.scope_problems(scope_value, document)]
+        if misplaced:
+            raise Invalid(
+                "agent budgets (maxConcurrentRuns, maxRunsPerHour, maxAgentWritesPerHour) bound an agent "
+                "across all its runs: set them at scope DEFAULT or AGENT, not ENTRY_POINT",
+                misplaced,
+            )
 
         async def work(tx: Any) -> int:
             return await policy_mod.append_version(
-                tx.conn, scope_value, (subject or "").strip(), document, operator.id, reason
+                tx.conn, scope_value, (subject or "").strip(), document, operator.id, reason, loosen
             )
 
         version = await _in_tx(info, work)
@@ -1201,12 +1284,14 @@ def _static_type_names() -> set[str]:
 
 
 def _backends(info: strawberry.Info) -> Any:
-    return _ctx(info).services.backends
+    return _ctx(info).reads
 
 
 def build_query_type(declarations: Mapping[str, ServiceDeclaration]) -> type:
     """Query: the hand-written reads, `entity`, and the reads generated from each service's read models."""
-    wiring = ReadWiring(permission=AUTHENTICATED, long_type=Long, visible_run=_visible_run, backends=_backends)
+    wiring = ReadWiring(
+        permission=AUTHENTICATED, long_type=Long, visible_run=_visible_run, backends=_backends
+    )
     taken = {f.graphql_name or camel(f.python_name)
              for f in Query.__strawberry_definition__.fields} | {"entity"}  # type: ignore[attr-defined]
     namespace: dict[str, Any] = {"__module__": __name__, "entity": entity_query(wiring)}

@@ -1,4 +1,5 @@
-"""The gateway's own tables: runs with their breaker row, commands, alerts and the policy versions."""
+"""The gateway's own tables: runs with their breaker row, commands, alerts, the policy versions, agent budgets
+and idempotency keys."""
 
 from __future__ import annotations
 
@@ -71,6 +72,8 @@ HELD, PUBLISHED, AWAITING_APPROVAL, DISCARDED, REJECTED = (
     "REJECTED",
 )
 
+_RUNS_AGENT_STATUS = "ix_gw_runs_agent_status"
+
 runs = Table(
     "gw_runs",
     gateway_metadata,
@@ -102,6 +105,8 @@ runs = Table(
     Index("ix_gw_runs_agent_started", "agent_id", "started_at"),
     Index("ix_gw_runs_entry_started", "entry_point", "started_at"),
     Index("ix_gw_runs_started", "started_at", "run_id"),
+    # maxConcurrentRuns counts an agent's RUNNING runs at every startRun.
+    Index(_RUNS_AGENT_STATUS, "agent_id", "status"),
 )
 
 commands = Table(
@@ -168,7 +173,47 @@ service_versions = Table(
     Column("accepted_at", UtcDateTime, nullable=False),
 )
 
+# One row per agent that has a budget: locked (FOR UPDATE) by its startRun and by every write batch that
+# admits its writes, so a budget's check and count are one atomic step across gateway replicas. It also
+# remembers when each budget last raised an alert (one alert per breach; see gateway/budgets.py).
+agent_budgets = Table(
+    "gw_agent_budgets",
+    gateway_metadata,
+    Column("agent_id", String(256), primary_key=True),
+    Column("concurrent_alerted_at", UtcDateTime),
+    Column("runs_alerted_at", UtcDateTime),
+    Column("writes_alerted_at", UtcDateTime),
+)
+
+# An agent's admitted writes per minute (Unix minute number), over all its runs: the sliding hour of
+# maxAgentWritesPerHour is a sum over at most 61 rows, written under the agent's budget row lock.
+agent_writes = Table(
+    "gw_agent_writes",
+    gateway_metadata,
+    Column("agent_id", String(256), primary_key=True),
+    Column("minute", Integer, primary_key=True, autoincrement=False),
+    Column("writes", Integer, nullable=False),
+)
+
+IDEMPOTENCY_KEY_MAX = 255
+
+# A principal's idempotency keys: the request each one was first used for and the answer it got, written
+# in the transaction that created the run or command, so any replica answers a retry with the same.
+idempotency_keys = Table(
+    "gw_idempotency_keys",
+    gateway_metadata,
+    Column("principal_id", String(256), primary_key=True),
+    Column("key", String(IDEMPOTENCY_KEY_MAX), primary_key=True),
+    Column("request_digest", String(64), nullable=False),
+    Column("answer", Text, nullable=False),
+    Column("created_at", UtcDateTime, nullable=False),
+    Index("ix_gw_idempotency_keys_created", "created_at"),
+)
+
 _APPEND_ONLY = ("gw_policy_versions", "gw_service_versions")
+
+# Indexes added to tables that existing databases already have (create_all creates only missing tables).
+_ADDED_INDEXES = (f"CREATE INDEX IF NOT EXISTS {_RUNS_AGENT_STATUS} ON gw_runs (agent_id, status)",)
 
 
 def _append_only_ddl(dialect: str) -> list[str]:
@@ -201,6 +246,8 @@ async def install_gateway_tables(engine: AsyncEngine) -> None:
             # Two replicas starting together would race on CREATE TABLE; one advisory lock serialises them.
             await conn.execute(text("SELECT pg_advisory_xact_lock(724115)"))
         await conn.run_sync(gateway_metadata.create_all)
+        for statement in _ADDED_INDEXES:
+            await conn.execute(text(statement))
         for statement in _append_only_ddl(engine.dialect.name):
             await conn.execute(text(statement))
 

@@ -7,6 +7,9 @@ each its own short transaction, so a SQLite writer never waits long behind the p
 
 Inbox rows are not pruned: the command and event topics keep every message forever, so a consumer
 group reset to an old offset must still find each message it already applied.
+
+A component may hand the housekeeper its own pruners (`also`), run in the same rounds: the gateway's
+idempotency keys expire after 24 hours this way.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -49,15 +52,21 @@ def housekeeping_policy(settings: ComponentSettings) -> HousekeepingPolicy:
     return HousekeepingPolicy(keep_published=timedelta(hours=settings.outbox_keep_published_hours))
 
 
+# A component's own pruning: given the time now, delete what expired (in short transactions); the count.
+Pruner = Callable[[datetime], Awaitable[int]]
+
+
 class Housekeeper:
     """Prunes one component's published outbox rows on a schedule; `run(stop)` until stopped."""
 
     def __init__(self, engine: AsyncEngine, policy: HousekeepingPolicy | None = None, *,
-                 store: OutboxStore | None = None, clock: Callable[[], datetime] = utcnow) -> None:
+                 store: OutboxStore | None = None, clock: Callable[[], datetime] = utcnow,
+                 also: Sequence[Pruner] = ()) -> None:
         self.engine = engine
         self.policy = policy or HousekeepingPolicy()
         self.store = store or SqlOutboxStore()
         self.clock = clock
+        self.also = tuple(also)
 
     async def prune_once(self) -> int:
         """Delete every published row older than the policy allows, chunk by chunk; returns the count."""
@@ -73,6 +82,8 @@ class Housekeeper:
             await asyncio.sleep(0)  # let the component's own transactions in between chunks
         if total:
             log.info("pruned %d outbox rows published before %s", total, before.isoformat())
+        for prune in self.also:
+            await prune(self.clock())
         return total
 
     async def run(self, stop: asyncio.Event) -> None:

@@ -24,11 +24,21 @@ from kinshasa.topics.producer import AsyncProducer
 AGENT_KEY = "test-agent-key-" + "a" * 40
 OTHER_AGENT_KEY = "test-agent-key-" + "b" * 40
 OPERATOR_KEY = "test-operator-key-" + "c" * 40
+# An agent held to one entry point, which may write and read documents only.
+SUPPORT_AGENT_KEY = "test-agent-key-" + "d" * 40
 
 PRINCIPALS = {
     "principals": [
         {"id": "agent-1", "kind": "agent", "scopes": ["*"], "key": AGENT_KEY},
+        # Writes documents, reads nothing: a write scope is not a read scope.
         {"id": "agent-2", "kind": "agent", "scopes": ["documents.*"], "key": OTHER_AGENT_KEY},
+        {
+            "id": "agent-3",
+            "kind": "agent",
+            "scopes": ["documents.*", "documents:read"],
+            "entryPoints": ["support-bot"],
+            "key": SUPPORT_AGENT_KEY,
+        },
         {"id": "op-1", "kind": "operator", "scopes": ["*"], "key": OPERATOR_KEY},
     ]
 }
@@ -79,12 +89,16 @@ class Client:
         return str(data["startRun"]["id"])
 
     async def set_policy(
-        self, settings: dict[str, Any], scope: str = "DEFAULT", subject: str | None = None
+        self,
+        settings: dict[str, Any],
+        scope: str = "DEFAULT",
+        subject: str | None = None,
+        loosen: bool = False,
     ) -> None:
         await self.data(
-            "mutation($s: PolicyInput!, $scope: PolicyScope!, $sub: String) { setPolicy(scope: $scope, "
-            'subject: $sub, settings: $s, reason: "test") { version } }',
-            {"s": settings, "scope": scope, "sub": subject},
+            "mutation($s: PolicyInput!, $scope: PolicyScope!, $sub: String, $l: Boolean!) { setPolicy("
+            'scope: $scope, subject: $sub, settings: $s, reason: "test", loosen: $l) { version } }',
+            {"s": settings, "scope": scope, "sub": subject, "l": loosen},
             OPERATOR_KEY,
         )
 

@@ -245,3 +245,31 @@ async def test_steps_of_a_run_the_ledger_has_not_seen_and_bad_cursors(stack: Sta
         assert error["extensions"]["code"] == "VALIDATION", after
     error = await c.error(f'{{ run(id: "{run_id}") {{ steps(first: 0) {{ nodes {{ stepId }} }} }} }}')
     assert error["extensions"]["code"] == "VALIDATION"
+
+
+async def test_the_steps_of_many_runs_are_one_call_to_the_coordinator(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    c = stack.client
+    run_ids = [await c.start_run(entry_point="steps-batch") for _ in range(4)]
+    await fill_ledger(stack.ledger, run_ids[1])
+    backends = stack.gateway.backends
+    real, asked = backends.steps_many, []
+
+    async def counted(wanted: Any, timeout_s: float | None = None) -> Any:
+        asked.append(list(wanted))
+        return await real(wanted, timeout_s)
+
+    monkeypatch.setattr(backends, "steps_many", counted)
+    found = (
+        await c.data(
+            '{ runs(first: 10, filter: {entryPoint: "steps-batch"}) { nodes { id '
+            "steps(first: 2) { nodes { stepId } pageInfo { hasNextPage } } } } }"
+        )
+    )["runs"]["nodes"]
+
+    assert len(asked) == 1 and sorted(r for r, _, _ in asked[0]) == sorted(run_ids)
+    steps = {run["id"]: run["steps"] for run in found}
+    assert steps[run_ids[1]] == {"nodes": [{"stepId": 4}, {"stepId": 3}], "pageInfo": {"hasNextPage": True}}
+    empty = {"nodes": [], "pageInfo": {"hasNextPage": False}}
+    assert all(steps[r] == empty for r in run_ids if r != run_ids[1])

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from kinshasa.gateway import store
 from kinshasa.gateway.breaker import check_write
-from kinshasa.gateway.policy import BUILTIN, PolicyDocument, _resolve
+from kinshasa.gateway.policy import BUILTIN, Layer, PolicyDocument, resolve
 from kinshasa.gateway.principals import PrincipalRegistry, hash_key, load_registry
 from kinshasa.gateway.runs import RunRecord
 from kinshasa.gateway.schema import Long, build_schema
@@ -47,7 +47,7 @@ def _run(**changes: object) -> RunRecord:
     return RunRecord(**base)  # type: ignore[arg-type]
 
 
-POLICY = _resolve([PolicyDocument(max_writes=3, max_velocity=2, max_services=1, max_errors=0)], 1)
+POLICY = resolve([Layer(PolicyDocument(max_writes=3, max_velocity=2, max_services=1, max_errors=0), True)], 1)
 
 
 def test_limits_are_the_most_allowed() -> None:
@@ -67,11 +67,11 @@ def test_open_refuses_without_tripping_again_and_half_open_counts_probes() -> No
     assert not check_write(_run(breaker_state=store.HALF_OPEN, probes_left=0), POLICY, "documents", 0).accept
 
 
-def test_policy_layers_later_wins_and_windows_merge() -> None:
-    layered = _resolve(
+def test_policy_layers_resolve_to_the_strictest_and_windows_merge() -> None:
+    layered = resolve(
         [
-            PolicyDocument(max_writes=10, operation_windows={"a.b": 1}),
-            PolicyDocument(max_writes=5, operation_windows={"c.d": 0}),
+            Layer(PolicyDocument(max_writes=10, operation_windows={"a.b": 1, "c.d": 0}), replaces=True),
+            Layer(PolicyDocument(max_writes=5, operation_windows={"c.d": 0})),
         ],
         3,
     )
@@ -96,6 +96,7 @@ def test_generated_mutations_follow_the_catalogue() -> None:
     sdl = str(build_schema(CATALOGUE, dev_mode=True, extensions=[]))
     for spec in CATALOGUE:
         assert f"  {spec.graphql_name}(runId: ID!" in sdl
-    assert "renameDocument(runId: ID!, documentId: ID!, title: String!): CommandReceipt!" in sdl
-    assert "createDocument(runId: ID!, input: CreateDocumentInput!): CommandReceipt!" in sdl
+    keyed = "idempotencyKey: String = null): CommandReceipt!"
+    assert f"renameDocument(runId: ID!, documentId: ID!, title: String!, {keyed}" in sdl
+    assert f"createDocument(runId: ID!, input: CreateDocumentInput!, {keyed}" in sdl
     assert "amountCents: Long!" in sdl and Long.__name__ == "Long"
