@@ -76,6 +76,9 @@ def start_gateway(root: Path, cleanup: contextlib.ExitStack, database_url: str |
         "KINSHASA_GATEWAY_CREDENTIALS_FILE": str(credentials),
         "KINSHASA_GATEWAY_HOST": "127.0.0.1",
         "KINSHASA_GATEWAY_PORT": str(port),
+        # One agent submitting as fast as it can is what this measures: not the gateway's fairness limits.
+        "KINSHASA_GATEWAY_PRINCIPAL_LIMITS": json.dumps(
+            {"bench-agent": {"rate_per_s": 1e9, "rate_burst": 1e9, "max_in_flight": 10_000}}),
     }
     if database_url:
         env["KINSHASA_GATEWAY_DATABASE_URL"] = database_url

@@ -348,6 +348,11 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
             "KINSHASA_GATEWAY_DATABASE_URL": database_url,
             "KINSHASA_GATEWAY_CREDENTIALS_FILE": str(root / "credentials.json"),
             "KINSHASA_LOG_LEVEL": "WARNING",
+            # One agent's raw throughput is what this measures, not the fairness limits, which would hold
+            # it to its share (rate_per_s): its agent gets limits of its own.
+            "KINSHASA_GATEWAY_PRINCIPAL_LIMITS": json.dumps(
+                {"bench-agent": {"rate_per_s": 1e9, "rate_burst": 1e9, "max_in_flight": 10_000}}
+            ),
         }
 
         # Both servers up at once (an idle one costs nothing); rounds alternate echo and gateway so a

@@ -105,9 +105,9 @@ class AppliedTail:
                     continue
                 now = time.perf_counter()
                 for msg in [first, *consumer.consume(num_messages=500, timeout=0)]:
-                    if msg.error():
+                    if msg.error() or msg.value() is None:
                         continue
-                    event = json.loads(msg.value())
+                    event = json.loads(msg.value() or b"{}")
                     if event.get("run_id") == self.run_id and event["type"].endswith(".applied"):
                         self.seen.setdefault(event["causation_id"], now)
         finally:
@@ -178,8 +178,13 @@ async def offer_load(http: httpx.AsyncClient, url: str, run_id: str, rate: float
     return commands
 
 
-def start_stack(root: Path, cleanup: contextlib.ExitStack, log_level: str = "WARNING") -> dict[str, str]:
-    """Kafka, Temporal and the gateway, documents and coordinator processes; returns their URLs."""
+def start_stack(root: Path, cleanup: contextlib.ExitStack, log_level: str = "WARNING",
+                principals: list[dict[str, Any]] | None = None,
+                gateway_env: dict[str, str] | None = None) -> dict[str, str]:
+    """Kafka, Temporal and the gateway, documents and coordinator processes; returns their URLs.
+
+    `principals` replaces the bench agent and operator in the credentials; `gateway_env` is added to the
+    gateway's environment."""
     from kinshasa.infra.kafka import KafkaBroker, kafka_libs
     from kinshasa.infra.process import ManagedProcess, free_port, wait_until
     from kinshasa.infra.temporal import TemporalServer
@@ -202,7 +207,7 @@ def start_stack(root: Path, cleanup: contextlib.ExitStack, log_level: str = "WAR
     data_dir = root / "data"
     data_dir.mkdir()
     load_or_create_internal_token(data_dir)
-    (data_dir / "credentials.json").write_text(json.dumps({"principals": [
+    (data_dir / "credentials.json").write_text(json.dumps({"principals": principals or [
         {"id": "bench-agent", "kind": "agent", "scopes": ["*"], "key": AGENT_KEY},
         {"id": "bench-operator", "kind": "operator", "scopes": ["*"], "key": OPERATOR_KEY}]}))
     stack = StackSettings(data_dir=data_dir, kafka_bootstrap=kafka.bootstrap,
@@ -216,6 +221,8 @@ def start_stack(root: Path, cleanup: contextlib.ExitStack, log_level: str = "WAR
         if name in PROCESSES:
             # JSON logs carry timestamps, which is what a post-mortem of a slow run needs.
             env = os.environ | env | {"KINSHASA_LOG_FORMAT": "json"}
+            if name == "gateway":
+                env |= gateway_env or {}
             process = ManagedProcess(name=name, argv=argv, env=env, cwd=REPO,
                                      log_path=root / "logs" / f"{name}.log", pid_path=root / f"{name}.pid")
             cleanup.callback(process.stop)

@@ -16,11 +16,14 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from strawberry.fastapi import GraphQLRouter
 
+from kinshasa.gateway import idempotency
 from kinshasa.gateway.alerts import WebhookSender
 from kinshasa.gateway.commands import CommandWriter
 from kinshasa.gateway.context import GatewayContext, Services
+from kinshasa.gateway.fairness import fairness_from
 from kinshasa.gateway.hardening import RequestGuard, error_body, schema_extensions
 from kinshasa.gateway.listener import GROUP, Listener, listened_topics
+from kinshasa.gateway.loaders import DatabaseReads, Pacer
 from kinshasa.gateway.policy import PolicyBook
 from kinshasa.gateway.principals import PrincipalRegistry, load_registry
 from kinshasa.gateway.reads import Backends
@@ -112,7 +115,11 @@ class Gateway:
             backends=self.backends,
             local_dlq=self.dlq,
             wake_relay=self._wake,
+            database=DatabaseReads(self.engine, settings.database_reads),
+            pacer=Pacer(),
         )
+        # Rate and in-flight counts per principal, kept across schema rebuilds.
+        self.fairness = fairness_from(settings)
         self.schema: Any = None
         self.graphql_app: Any = None
         self._stop = asyncio.Event()
@@ -131,8 +138,8 @@ class Gateway:
         `GraphQLSwitch` reads `graphql_app` once per request.
         """
         self.schema = build_schema(
-            catalogue, dev_mode=self.settings.dev_mode, extensions=schema_extensions(self.settings),
-            declarations=self.book.declarations,
+            catalogue, dev_mode=self.settings.dev_mode,
+            extensions=schema_extensions(self.settings, self.fairness), declarations=self.book.declarations,
         )
         self.graphql_app = graphql_app(self, self.schema)
         log.info("GraphQL schema built: %d agent operation(s) from %d service(s)", len(catalogue),
@@ -175,7 +182,8 @@ class Gateway:
         self._tasks.append(
             asyncio.create_task(self.relay.run(self._stop, idle_sleep_s=0.05), name="gateway-relay")
         )
-        housekeeper = Housekeeper(self.engine, housekeeping_policy(self.settings))
+        housekeeper = Housekeeper(self.engine, housekeeping_policy(self.settings),
+                                  also=[lambda now: idempotency.prune(self.engine, now)])
         self._tasks.append(asyncio.create_task(housekeeper.run(self._stop), name="gateway-housekeeping"))
         # A pattern, so the events of a service registered later are heard too (new topics are found at
         # the next metadata refresh).

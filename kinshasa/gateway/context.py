@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -12,6 +13,7 @@ from strawberry.fastapi import BaseContext
 from kinshasa.gateway.alerts import WebhookSender
 from kinshasa.gateway.commands import CommandWriter
 from kinshasa.gateway.errors import Forbidden, Unauthenticated
+from kinshasa.gateway.loaders import DatabaseReads, Pacer, RequestReads
 from kinshasa.gateway.policy import PolicyBook
 from kinshasa.gateway.principals import Principal, PrincipalRegistry
 from kinshasa.gateway.reads import Backends
@@ -35,6 +37,10 @@ class Services:
     # The gateway's own DLQ (kernel DeadLetterQueue), read in-process rather than over HTTP.
     local_dlq: Any = None
     wake_relay: Callable[[], None] | None = None
+    # Read-only connections for read resolvers (None: plain connections of `engine`), and the pace of
+    # what their batches set off, shared by all requests.
+    database: DatabaseReads | None = None
+    pacer: Pacer | None = None
 
     @property
     def catalogue(self) -> OperationCatalogue:
@@ -50,6 +56,25 @@ class GatewayContext(BaseContext):
         self.services = services
         self.principal = principal
         self.presented_key = presented_key
+        self.started = time.monotonic()
+        self._reads: RequestReads | None = None
+
+    @property
+    def reads(self) -> RequestReads:
+        """This request's reads of other components and of the database: batched, bounded in time."""
+        if self._reads is None:
+            settings = self.services.settings
+            self._reads = RequestReads(
+                self.services.backends,
+                self.services.database or DatabaseReads(self.services.engine, settings.database_reads),
+                self.services.policies,
+                deadline_s=settings.backend_deadline_s,
+                concurrency=settings.backend_concurrency,
+                call_timeout_s=settings.http_timeout_s,
+                started=self.started,
+                pacer=self.services.pacer,
+            )
+        return self._reads
 
     def require_principal(self) -> Principal:
         if self.principal is None:

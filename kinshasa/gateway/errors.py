@@ -16,9 +16,11 @@ RUN_CLOSED = "RUN_CLOSED"
 BREAKER_OPEN = "BREAKER_OPEN"
 NOT_FOUND = "NOT_FOUND"
 BACKEND_UNAVAILABLE = "BACKEND_UNAVAILABLE"
+QUERY_TOO_COSTLY = "QUERY_TOO_COSTLY"
+RATE_LIMITED = "RATE_LIMITED"
 INTERNAL = "INTERNAL"
 
-CODES = (
+CODES: tuple[str, ...] = (
     UNAUTHENTICATED,
     FORBIDDEN,
     VALIDATION,
@@ -27,6 +29,8 @@ CODES = (
     BREAKER_OPEN,
     NOT_FOUND,
     BACKEND_UNAVAILABLE,
+    QUERY_TOO_COSTLY,
+    RATE_LIMITED,
     INTERNAL,
 )
 
@@ -85,6 +89,18 @@ class BackendUnavailable(GatewayError):
     code = BACKEND_UNAVAILABLE
 
 
+class QueryTooCostly(GatewayError):
+    """Refused before execution: the operation's estimated cost (`cost`) is over `limit`."""
+
+    code = QUERY_TOO_COSTLY
+
+
+class RateLimited(GatewayError):
+    """Refused before execution: the principal is over its rate or has too many requests in flight."""
+
+    code = RATE_LIMITED
+
+
 def camel(name: str) -> str:
     head, *rest = name.split("_")
     return head + "".join(part[:1].upper() + part[1:] for part in rest)
@@ -125,3 +141,13 @@ def code_errors(errors: list[GraphQLError], log: Any = None) -> None:
                 log.error("unexpected error in %s", error.path, exc_info=original)
             error.message = "internal error: the request was not applied; retry, and report it if it persists"
             error.extensions = {"code": INTERNAL}
+
+
+AGENT_BUDGET_EXCEEDED = "AGENT_BUDGET_EXCEEDED"
+CODES = (*CODES, AGENT_BUDGET_EXCEEDED)
+
+
+class AgentBudgetExceeded(GatewayError):
+    """An agent over one of its budgets across runs: `budget` (which one), `limit`, `count`, `retryAfterS`."""
+
+    code = AGENT_BUDGET_EXCEEDED

@@ -1,14 +1,19 @@
-"""Hostile-request defences: size, depth, alias and token limits, no introspection in production, caches.
+"""Hostile-request defences: size, depth, alias, token and cost limits, fairness, no introspection in
+production, caches.
 
 Every limit here acts during parsing or validation, or before the body reaches Strawberry at all,
-so a hostile document is refused before any resolver runs and can never produce a command.
+so a hostile document is refused before any resolver runs and can never produce a command. After
+validation, each operation's cost is estimated (kinshasa/gateway/cost.py): over `max_query_cost` it is
+QUERY_TOO_COSTLY; otherwise the principal's bucket pays it and the request counts in flight
+(kinshasa/gateway/fairness.py) until it has answered, or it is RATE_LIMITED.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Iterator
+import math
+from collections.abc import Callable, Iterator, Mapping
 from functools import lru_cache
 from typing import Any
 
@@ -18,7 +23,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from strawberry.extensions import MaxAliasesLimiter, QueryDepthLimiter, SchemaExtension
 from strawberry.schema.schema import validate_document
 
-from kinshasa.gateway.errors import VALIDATION
+from kinshasa.gateway.cost import CostWeights, estimate, size_variables
+from kinshasa.gateway.errors import VALIDATION, GatewayError, QueryTooCostly
+from kinshasa.gateway.fairness import Fairness
 from kinshasa.gateway.settings import GatewayConfig
 
 log = logging.getLogger(__name__)
@@ -27,8 +34,11 @@ log = logging.getLogger(__name__)
 ExtensionFactory = Callable[[], SchemaExtension]
 
 
-def schema_extensions(settings: GatewayConfig) -> list[ExtensionFactory]:
+def schema_extensions(settings: GatewayConfig, fairness: Fairness | None = None) -> list[ExtensionFactory]:
     """Factories, so each request gets a fresh extension instance (Strawberry's supported form).
+
+    `fairness` outlives the schema (it is rebuilt when the catalogue changes), so the gateway passes its
+    own; without one, cost is still limited but no principal is rate limited.
 
     One extension does what MaxTokensLimiter, AddValidationRules, ParserCache and ValidationCache
     would do as four: Strawberry sets up every extension's hooks anew on each request, and four of them
@@ -40,8 +50,10 @@ def schema_extensions(settings: GatewayConfig) -> list[ExtensionFactory]:
     ]
     if not settings.dev_mode:
         rules.append(NoSchemaIntrospectionCustomRule)
-    documents = DocumentCache(max_tokens=settings.max_tokens, rules=tuple(rules), maxsize=1024)
-    return [lambda: HardenedDocuments(documents)]
+    documents = DocumentCache(
+        max_tokens=settings.max_tokens, rules=tuple(rules), maxsize=1024, max_cost=settings.max_query_cost
+    )
+    return [lambda: HardenedDocuments(documents, fairness)]
 
 
 class DocumentCache:
@@ -52,15 +64,30 @@ class DocumentCache:
     those are part of its key. Keying validation by the text rather than the parsed document (as
     Strawberry's ValidationCache does) matters: hashing a document walks its whole syntax tree.
     A document that fails to parse raises every time, uncached, as it would without the cache.
+    The cost depends on the text, the operation and the values of the variables that size lists, so
+    those are its key.
     """
 
-    def __init__(self, max_tokens: int, rules: tuple[type[ASTValidationRule], ...], maxsize: int) -> None:
+    def __init__(
+        self,
+        max_tokens: int,
+        rules: tuple[type[ASTValidationRule], ...],
+        maxsize: int,
+        max_cost: float = math.inf,
+        weights: CostWeights | None = None,
+    ) -> None:
         self.max_tokens = max_tokens
         self.rules = rules
+        self.max_cost = max_cost
+        self.weights = weights or CostWeights()
         self.parse: Callable[[str], DocumentNode] = lru_cache(maxsize=maxsize)(self._parse)
         self.validate: Callable[
             [GraphQLSchema, str, tuple[type[ASTValidationRule], ...]], list[GraphQLError]
         ] = lru_cache(maxsize=maxsize)(self._validate)
+        self._size_variables: Callable[[str], tuple[str, ...]] = lru_cache(maxsize=maxsize)(self._sizes)
+        self._cost: Callable[[GraphQLSchema, str, str | None, tuple[Any, ...]], float] = lru_cache(
+            maxsize=maxsize
+        )(self._estimate)
 
     def _parse(self, query: str) -> DocumentNode:
         # Tokens are limited while parsing, so a huge document is cut off before it is even built.
@@ -71,12 +98,50 @@ class DocumentCache:
     ) -> list[GraphQLError]:
         return validate_document(schema, self.parse(query), rules)
 
+    def cost(
+        self,
+        schema: GraphQLSchema,
+        query: str,
+        operation_name: str | None,
+        variables: Mapping[str, Any] | None,
+    ) -> float:
+        """The estimated cost of a parsed and validated operation with these variables."""
+        names = self._size_variables(query)
+        given = variables or {}
+        sizes = tuple(_size(given.get(name)) for name in names)
+        return self._cost(schema, query, operation_name, sizes)
+
+    def _sizes(self, query: str) -> tuple[str, ...]:
+        return tuple(sorted(size_variables(self.parse(query))))
+
+    def _estimate(
+        self, schema: GraphQLSchema, query: str, operation_name: str | None, sizes: tuple[Any, ...]
+    ) -> float:
+        variables = {n: v for n, v in zip(self._size_variables(query), sizes, strict=True) if v is not None}
+        return estimate(schema, self.parse(query), operation_name, variables, self.weights)
+
+
+def _size(value: Any) -> int | None:
+    # Only an integer sizes a list; anything else fails coercion later and costs the field's default.
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
 
 class HardenedDocuments(SchemaExtension):
-    """Parse with the token limit and validate with the depth, alias (and introspection) rules, cached."""
+    """Parse with the token limit and validate with the depth, alias (and introspection) rules, cached;
+    then refuse an operation over the cost limit, and admit the rest through the principal's fairness."""
 
-    def __init__(self, documents: DocumentCache) -> None:
+    def __init__(self, documents: DocumentCache, fairness: Fairness | None = None) -> None:
         self.documents = documents
+        self.fairness = fairness
+        self._admitted: str | None = None
+
+    def on_operation(self) -> Iterator[None]:
+        try:
+            yield
+        finally:
+            if self._admitted is not None and self.fairness is not None:
+                self.fairness.release(self._admitted)
+                self._admitted = None
 
     def on_parse(self) -> Iterator[None]:
         context = self.execution_context
@@ -85,10 +150,34 @@ class HardenedDocuments(SchemaExtension):
 
     def on_validate(self) -> Iterator[None]:
         context = self.execution_context
-        context.pre_execution_errors = self.documents.validate(
+        errors = self.documents.validate(
             context.schema._schema, context.query or "", context.validation_rules + self.documents.rules
         )
+        if not errors:
+            try:
+                self._admit()
+            except GatewayError as refusal:
+                errors = [GraphQLError(refusal.message, original_error=refusal)]
+        context.pre_execution_errors = errors
         yield
+
+    def _admit(self) -> None:
+        context = self.execution_context
+        query = context.query or ""
+        cost = self.documents.cost(context.schema._schema, query, context.operation_name, context.variables)
+        if cost > self.documents.max_cost:
+            limit = self.documents.max_cost
+            raise QueryTooCostly(
+                f"this operation may cost {math.ceil(cost)}, over the limit of {limit:g} per request: ask "
+                "for fewer items (a smaller `first`), nest fewer lists, or split it into several requests",
+                cost=math.ceil(cost),
+                limit=limit,
+            )
+        principal = getattr(context.context, "principal", None)
+        if self.fairness is None or principal is None:
+            return
+        self.fairness.admit(principal.id, cost)
+        self._admitted = principal.id
 
 
 def error_body(message: str, code: str = VALIDATION, **extra: Any) -> bytes:

@@ -1,13 +1,16 @@
 """Read stitching: entities from the services' read APIs, steps from the coordinator, DLQs from admin APIs.
 
 None of this is on the write path. A backend that is not configured or does not answer gives a
-BACKEND_UNAVAILABLE error naming it and the setting to fix, never a hang or a 500.
+BACKEND_UNAVAILABLE error naming it and the setting to fix, never a hang, a 500 or where it lives (its URL
+goes to the log only). `Backends` is the gateway's one set of HTTP clients, shared by all requests; each
+call takes the timeout its request has left (kinshasa/gateway/loaders.py batches and bounds them).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
@@ -56,7 +59,9 @@ class Backends:
         await self._client.aclose()
 
     def _declared_admin_urls(self) -> dict[str, str]:
-        declared = {name: d.endpoints.admin for name, d in self._book.declarations.items() if d.endpoints.admin}
+        declared = {
+            name: d.endpoints.admin for name, d in self._book.declarations.items() if d.endpoints.admin
+        }
         return {k: v.rstrip("/") for k, v in declared.items()} | self._admin_urls
 
     @property
@@ -81,9 +86,16 @@ class Backends:
         params: dict[str, Any] | None = None,
         headers: dict[str, str] | None = None,
         allow_404: bool = True,
+        timeout_s: float | None = None,
+        json: Any = None,
     ) -> Any:
+        """GET (or POST `json`) and decode; `timeout_s` bounds this call (default: the client's)."""
+        limit: Any = timeout_s if timeout_s is not None else httpx.USE_CLIENT_DEFAULT
         try:
-            response = await self._client.get(url, params=params, headers=headers)
+            if json is None:
+                response = await self._client.get(url, params=params, headers=headers, timeout=limit)
+            else:
+                response = await self._client.post(url, json=json, headers=headers, timeout=limit)
         except httpx.HTTPError as exc:
             # The URL stays in the log: callers are told which component, never where it lives.
             log.warning("%s did not answer at %s: %r", backend, url, exc)
@@ -102,52 +114,74 @@ class Backends:
         try:
             return response.json()
         except ValueError as exc:
-            raise BackendUnavailable(f"{backend} answered something that is not JSON", backend=backend) from exc
+            raise BackendUnavailable(
+                f"{backend} answered something that is not JSON", backend=backend
+            ) from exc
 
     def _entity_url(self, service: str, entity_type: str, entity_id: str | None = None) -> str:
+        # An empty name would read another resource of the service (`/entities/x/` or its list): the
+        # caller's mistake, said as such, never a backend error.
+        for name, value in (("type", entity_type), ("id", entity_id)):
+            if value is not None and not value.strip():
+                raise Invalid(f"{name} must not be empty", [(name, "empty")])
         url = f"{self._service_url(service)}/entities/{quote(entity_type, safe='')}"
         return url if entity_id is None else f"{url}/{quote(entity_id, safe='')}"
 
-    async def entity(self, service: str, entity_type: str, entity_id: str) -> dict[str, Any] | None:
+    async def entity(
+        self, service: str, entity_type: str, entity_id: str, timeout_s: float | None = None
+    ) -> dict[str, Any] | None:
         """The entity's current state from its service's read API; None when it has none."""
-        result = await self._get(service, self._entity_url(service, entity_type, entity_id))
+        url = self._entity_url(service, entity_type, entity_id)
+        result = await self._get(service, url, timeout_s=timeout_s)
         return result if isinstance(result, dict) else None
 
-    async def versions(self, service: str, entity_type: str, entity_id: str) -> list[dict[str, Any]]:
+    async def versions(
+        self, service: str, entity_type: str, entity_id: str, timeout_s: float | None = None
+    ) -> list[dict[str, Any]]:
         """Every version of the entity, oldest first; empty when it never existed."""
-        result = await self._get(service, self._entity_url(service, entity_type, entity_id) + "/versions")
+        url = self._entity_url(service, entity_type, entity_id) + "/versions"
+        result = await self._get(service, url, timeout_s=timeout_s)
         if isinstance(result, dict):
             result = result.get("versions")
         return [v for v in result if isinstance(v, dict)] if isinstance(result, list) else []
 
-    async def listed(self, service: str, entity_type: str, field: str, value: str) -> list[dict[str, Any]]:
+    async def listed(
+        self, service: str, entity_type: str, field: str, value: str, timeout_s: float | None = None
+    ) -> list[dict[str, Any]]:
         """Entities of a type whose declared list field has `value` (`GET /entities/{type}?field=value`)."""
-        result = await self._get(service, self._entity_url(service, entity_type), {field: value})
+        if not value.strip():
+            raise Invalid(f"{field} must not be empty", [(field, "empty")])
+        url = self._entity_url(service, entity_type)
+        result = await self._get(service, url, {field: value}, timeout_s=timeout_s)
         return [v for v in result if isinstance(v, dict)] if isinstance(result, list) else []
 
-    async def steps(self, run_id: str, limit: int, before: int | None) -> StepsPage:
-        """A page of the run's steps; an empty page when the ledger has not seen the run yet (404)."""
+    def _ledger(self) -> str:
         if self._coordinator_url is None:
             raise BackendUnavailable(
                 "the coordinator's ledger API is not configured: set KINSHASA_GATEWAY_COORDINATOR_URL",
                 backend="coordinator",
             )
-        params: dict[str, Any] = {"limit": limit}
-        if before is not None:
-            params["before"] = before
-        result = await self._get(
-            "coordinator", f"{self._coordinator_url}/runs/{quote(run_id, safe='')}/steps", params
-        )
-        if isinstance(result, list):
-            return StepsPage(list(result), None)
-        if not isinstance(result, dict):
-            return StepsPage([], None)
-        next_before = result.get("next_before")
-        steps = result.get("steps")
-        return StepsPage(
-            list(steps) if isinstance(steps, list) else [],
-            next_before if isinstance(next_before, int) and not isinstance(next_before, bool) else None,
-        )
+        return self._coordinator_url
+
+    async def steps(self, run_id: str, limit: int, before: int | None) -> StepsPage:
+        """A page of the run's steps; an empty page when the ledger has not seen the run yet."""
+        return (await self.steps_many([(run_id, limit, before)]))[0]
+
+    async def steps_many(
+        self, wanted: Sequence[tuple[str, int, int | None]], timeout_s: float | None = None
+    ) -> list[StepsPage]:
+        """A page of each run's steps, (run id, limit, before) each, in one call to the coordinator."""
+        body = {"runs": [{"run_id": r, "limit": n, "before": b} for r, n, b in wanted]}
+        result = await self._get("coordinator", f"{self._ledger()}/steps", allow_404=False,
+                                 timeout_s=timeout_s, json=body)
+        pages = result.get("pages") if isinstance(result, dict) else None
+        if not isinstance(pages, list) or len(pages) != len(wanted):
+            raise BackendUnavailable(
+                "the coordinator's ledger API answered a batch of steps this gateway cannot read: are the "
+                "gateway and the coordinator the same version?",
+                backend="coordinator",
+            )
+        return [_steps_page(page) for page in pages]
 
     def _admin(self, component: str) -> str:
         url = self._declared_admin_urls().get(component)
@@ -161,7 +195,7 @@ class Backends:
             raise BackendUnavailable("no internal token to call admin endpoints with", backend=component)
         return url
 
-    async def dlq(self, component: str, limit: int) -> dict[str, Any]:
+    async def dlq(self, component: str, limit: int, timeout_s: float | None = None) -> dict[str, Any]:
         url = self._admin(component)
         result = await self._get(
             component,
@@ -169,15 +203,18 @@ class Backends:
             {"limit": limit},
             {"Authorization": f"Bearer {self._token}"},
             allow_404=False,
+            timeout_s=timeout_s,
         )
+        if not isinstance(result, dict):
+            raise BackendUnavailable(f"{component} answered a DLQ that is not an object", backend=component)
         return dict(result)
 
-    async def dlq_all(self, limit: int) -> list[dict[str, Any]]:
+    async def dlq_all(self, limit: int, timeout_s: float | None = None) -> list[dict[str, Any]]:
         """Every component's DLQ; one that does not answer shows its error instead of failing the query."""
 
         async def one(component: str) -> dict[str, Any]:
             try:
-                return {"component": component, **(await self.dlq(component, limit))}
+                return {"component": component, **(await self.dlq(component, limit, timeout_s))}
             except BackendUnavailable as exc:
                 return {"component": component, "count": None, "entries": [], "error": exc.message}
 
@@ -197,9 +234,30 @@ class Backends:
                 f"{component} did not answer ({type(exc).__name__})", backend=component
             ) from exc
         if response.status_code >= 400:
+            # Its answer stays in the log: a component's error text may say where it lives.
+            log.warning("%s refused a reprocess at %s (%d): %s", component, url, response.status_code,
+                        response.text[:300])
             raise BackendUnavailable(
-                f"{component} refused the reprocess request ({response.status_code}): {response.text[:300]}",
+                f"{component} refused the reprocess request ({response.status_code}): check the message ids "
+                "with the dlq query; an operator finds its reason in the gateway's log",
                 backend=component,
                 status=response.status_code,
             )
-        return dict(response.json())
+        try:
+            return dict(response.json())
+        except ValueError as exc:
+            raise BackendUnavailable(
+                f"{component} answered something that is not JSON", backend=component
+            ) from exc
+
+
+def _steps_page(page: Any) -> StepsPage:
+    """One run's page of a `POST /steps` answer; a run the ledger has not seen has no steps yet."""
+    if not isinstance(page, dict) or page.get("missing"):
+        return StepsPage([], None)
+    next_before = page.get("next_before")
+    steps = page.get("steps")
+    return StepsPage(
+        list(steps) if isinstance(steps, list) else [],
+        next_before if isinstance(next_before, int) and not isinstance(next_before, bool) else None,
+    )

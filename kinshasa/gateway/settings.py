@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
+from pydantic import BaseModel, ConfigDict, Field
 from pydantic_settings import SettingsConfigDict
 
 from kinshasa.settings import GatewaySettings, env_keys
+
+
+class PrincipalLimits(BaseModel):
+    """One principal's own rate and in-flight limits; a limit left out keeps the gateway's default."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    rate_per_s: float | None = Field(default=None, gt=0)
+    rate_burst: float | None = Field(default=None, gt=0)
+    max_in_flight: int | None = Field(default=None, ge=1)
 
 
 class GatewayConfig(GatewaySettings):
@@ -12,7 +23,7 @@ class GatewayConfig(GatewaySettings):
 
     model_config = SettingsConfigDict(env_prefix="KINSHASA_GATEWAY_", extra="ignore")
 
-    # Read APIs of the services, by service name: {"documents": "http://127.0.0.1:8101", ...} (JSON in env).
+    # Read APIs of the services, by service name: {"<service>": "http://127.0.0.1:8101", ...} (JSON in env).
     service_urls: dict[str, str] = {}
     # The coordinator's ledger API, for Run.steps.
     coordinator_url: str | None = None
@@ -31,6 +42,30 @@ class GatewayConfig(GatewaySettings):
     max_aliases: int = 30
     max_tokens: int = 4_000
 
+    # Query cost and fairness (kinshasa/gateway/cost.py and fairness.py), in this replica's memory: with N
+    # replicas a principal gets N times these. A unit is about 25 µs of gateway CPU. An operation
+    # estimated over `max_query_cost` is refused before it runs (QUERY_TOO_COSTLY): about a quarter of a
+    # second of CPU; the costliest query in use, the operator CLI's page of 100 runs, costs ~500.
+    max_query_cost: int = 10_000
+    # Each principal's token bucket, in the same units (a write ~100, a run read ~100, the CLI's page of
+    # runs ~500): refilled at `rate_per_s`, holding at most `rate_burst` (RATE_LIMITED with retryAfterS
+    # past it). 10,000/s is about a quarter of one core, ~100 writes/s: one principal at its limit leaves
+    # the rest of the gateway to the others. Benchmarks of one agent's raw throughput give it its own.
+    rate_per_s: float = 10_000
+    rate_burst: float = 20_000
+    # Requests of one principal running at once (RATE_LIMITED past it), so slow ones (a backend timing
+    # out) cannot pile up. bench_trip and the replica tests keep 32 in flight from one agent per replica.
+    max_in_flight: int = 64
+    # Per principal id, JSON in env: {"bench-agent": {"rate_per_s": 1e9, "max_in_flight": 1000}}.
+    principal_limits: dict[str, PrincipalLimits] = {}
+    # One request's reads of other components: all end within `backend_deadline_s` of its start, and at
+    # most `backend_concurrency` run at once per backend (and per request on the gateway's own database).
+    backend_deadline_s: float = 10.0
+    backend_concurrency: int = 8
+    # Read-only connections to the gateway's database open at once for all requests: below the pool's
+    # size (5 + 10 overflow on SQLite), so reads never take every connection the writes need.
+    database_reads: int = 6
+
     # How often the releaser looks for commands whose quarantine window has elapsed.
     releaser_interval_s: float = 0.25
     releaser_batch: int = 500
@@ -39,6 +74,9 @@ class GatewayConfig(GatewaySettings):
     webhook_backoff_s: float = 0.5
     # Run the outbox relay and the Kafka listener inside the gateway process (off for read-only replicas).
     background: bool = True
+    # TEST ONLY, off by default: the process SIGKILLs itself right after committing the request that
+    # carries this idempotency key, before answering (tests/integration/gateway/test_idempotency.py).
+    test_kill_after_commit_key: str | None = None
 
 
 def gateway_env_keys() -> set[str]:

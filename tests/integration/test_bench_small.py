@@ -1,4 +1,4 @@
-"""Benchmarks 2, 4, 5 and 6 at small size: each runs, exits 0 and writes its figures (no timed checks)."""
+"""Benchmarks 2, 4, 5, 6 and 7 at small size: each runs, exits 0 and writes its figures (no timed checks)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 import bench.machine
-from bench import bench_discard, bench_latency, bench_relay, bench_trip
+from bench import bench_discard, bench_isolation, bench_latency, bench_relay, bench_trip
 
 PERCENTILES = ("p50", "p95", "p99")
 CASES = [
@@ -25,6 +25,10 @@ CASES = [
     pytest.param(bench_discard, "discard", [
         "commands", "discarded", "discard_s", "commands_on_kafka", "events_on_kafka", "run_facts_on_kafka",
     ], id="discard"),
+    pytest.param(bench_isolation, "isolation", [
+        "offered_per_s", "ratio_p99", "attack.served", "attack.query_cost", "limits.max_query_cost",
+        *(f"{phase}_ms.{p}" for phase in ("quiet", "attacked") for p in PERCENTILES),
+    ], id="isolation"),
     pytest.param(bench_relay, "relay", [
         "messages", "keys", *(f"{db}.{k}" for db in ("sqlite", "postgresql")
                               for k in ("bare_per_s", "relay_per_s", "ratio")),
