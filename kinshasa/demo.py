@@ -255,9 +255,12 @@ class Story:
         self.say(f"   {prefix} {w.label:<52} {outcome}")
 
     def set_policy(self, entry_point: str, settings: dict[str, Any], reason: str) -> int:
+        # loosen: the demo's entry point gets exactly these settings (quarantine 0 for most operations,
+        # a generous write limit), where by default a layer may only tighten the one below it.
         data = self.operator.call(
             """mutation($subject: String!, $settings: PolicyInput!, $reason: String!) {
-                 setPolicy(scope: ENTRY_POINT, subject: $subject, settings: $settings, reason: $reason)
+                 setPolicy(scope: ENTRY_POINT, subject: $subject, settings: $settings, reason: $reason,
+                           loosen: true)
                  { version } }""",
             subject=entry_point, settings=settings, reason=reason)
         return int(data["setPolicy"]["version"])
