@@ -28,7 +28,7 @@ from kinshasa.gateway.policy import PolicyBook
 from kinshasa.gateway.principals import PrincipalRegistry, load_registry
 from kinshasa.gateway.reads import Backends
 from kinshasa.gateway.releaser import Releaser
-from kinshasa.gateway.schema import build_schema
+from kinshasa.gateway.schema import build_schema, operator_mutation_names
 from kinshasa.gateway.service_book import ServiceBook
 from kinshasa.gateway.settings import GatewayConfig
 from kinshasa.gateway.store import install_gateway_tables
@@ -93,7 +93,8 @@ class Gateway:
             metrics=self.metrics,
             outbox=OutboxDeadLetters(self.engine),
         )
-        self.book = ServiceBook(self.engine, on_change=self._catalogue_changed, on_alert=self._alerted,
+        self.book = ServiceBook(self.engine, reserved_mutations=operator_mutation_names(),
+                                on_change=self._catalogue_changed, on_alert=self._alerted,
                                 webhook=settings.alert_webhook_url is not None)
         self.follower: DeclarationFollower | None = None
         self.backends = Backends(

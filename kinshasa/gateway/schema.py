@@ -1249,6 +1249,12 @@ class OperatorMutations:
         raise NotFound(f"policy version {version} vanished")  # pragma: no cover - append-only table
 
 
+def operator_mutation_names() -> frozenset[str]:
+    """The gateway's own mutations (startRun, revertRun, ...): names no service may declare."""
+    definition = OperatorMutations.__strawberry_definition__  # type: ignore[attr-defined]
+    return frozenset(f.graphql_name or camel(f.python_name) for f in definition.fields)
+
+
 def build_mutation_type(catalogue: OperationCatalogue) -> type:
     namespace: dict[str, Any] = {"__module__": __name__}
     for spec in catalogue:

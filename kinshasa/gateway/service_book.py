@@ -48,9 +48,12 @@ class Decision:
 class ServiceBook:
     """Accepted declarations by service, and the operation catalogue built from them."""
 
-    def __init__(self, engine: AsyncEngine, *, on_change: Callable[[OperationCatalogue], None] | None = None,
+    def __init__(self, engine: AsyncEngine, *, reserved_mutations: frozenset[str] = frozenset(),
+                 on_change: Callable[[OperationCatalogue], None] | None = None,
                  on_alert: Callable[[Alert], None] | None = None, webhook: bool = False) -> None:
         self._engine = engine
+        # The gateway's own mutations (startRun, revertRun, ...): no service may take their names.
+        self._reserved = reserved_mutations
         self._on_change = on_change
         self._on_alert = on_alert
         self._webhook = webhook
@@ -99,6 +102,10 @@ class ServiceBook:
                                       "key it by its service name")
         current = self._accepted.get(declaration.service)
         digest = declaration.computed_digest()
+        taken = sorted(op.mutation for op in declaration.operations if op.mutation in self._reserved)
+        if taken:
+            return await self._refuse(declaration.service, declaration.version, digest,
+                                      f"mutation {', '.join(taken)} is one of the gateway's own: rename it")
         if current is not None:
             if declaration.version < current.version:
                 return Decision(declaration.service, "stale",
@@ -118,9 +125,20 @@ class ServiceBook:
                                          declaration])
         except DeclarationError as exc:
             return await self._refuse(declaration.service, declaration.version, digest, str(exc))
-        await self._store(declaration, digest)
+        previous = self._accepted.get(declaration.service)
         self._accepted[declaration.service] = declaration
-        self._swap(catalogue)
+        try:
+            # Built before it is stored: a declaration the schema cannot be built from is never kept.
+            self._swap(catalogue)
+        except Exception as exc:
+            if previous is None:
+                del self._accepted[declaration.service]
+            else:
+                self._accepted[declaration.service] = previous
+            return await self._refuse(declaration.service, declaration.version, digest,
+                                      "the gateway could not build its schema from it "
+                                      f"({type(exc).__name__})")
+        await self._store(declaration, digest)
         log.info("accepted %s version %d (%s): %d operation(s)", declaration.service, declaration.version,
                  digest, len(declaration.operations))
         return Decision(declaration.service, "accepted", digest)
@@ -137,7 +155,8 @@ class ServiceBook:
             async with self._engine.begin() as conn:
                 await conn.execute(insert(service_versions).values(
                     service=declaration.service, version=declaration.version, digest=digest,
-                    declaration=declaration.to_json().decode(), accepted_at=utcnow()))
+                    declaration=declaration.model_copy(update={"digest": digest}).to_json().decode(),
+                    accepted_at=utcnow()))
         except IntegrityError:
             # Another replica on the same database accepted it first: the same decision, already made.
             pass
@@ -167,15 +186,15 @@ class ServiceBook:
         self._swap(build_catalogue(self._accepted.values()))
 
     def _swap(self, catalogue: OperationCatalogue) -> None:
-        self.catalogue = catalogue
         if self._on_change is not None:
-            self._on_change(catalogue)
+            self._on_change(catalogue)  # raises before anything changes if the schema cannot be built
+        self.catalogue = catalogue
 
 
 def _digest_of(raw: bytes) -> str:
     try:
         return declaration_digest(json.loads(raw))
-    except ValueError:
+    except (ValueError, RecursionError):
         return declaration_digest({"raw": raw.decode(errors="replace")})
 
 

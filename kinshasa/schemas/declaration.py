@@ -23,7 +23,7 @@ from kinshasa.schemas.operations import (
     OperationCatalogue,
     OperationSpec,
 )
-from kinshasa.schemas.payloads import PayloadSchemaError, compile_payload_schema
+from kinshasa.schemas.payloads import PayloadSchemaError, compile_payload_schema, normalize_schema
 
 DECLARATION_KIND = "kinshasa.service/v1"
 # The components' own names: no service may take them (topics and groups would collide).
@@ -111,7 +111,7 @@ class ServiceDeclaration(_Data):
 
     kind: Literal["kinshasa.service/v1"] = "kinshasa.service/v1"
     service: Segment
-    version: Annotated[int, Field(ge=1)]
+    version: Annotated[int, Field(ge=1, le=2**31 - 1)]
     digest: Annotated[str, StringConstraints(pattern=r"^sha256:[0-9a-f]{64}$")] | None = None
     description: Text = ""
     endpoints: Endpoints = Field(default_factory=Endpoints)
@@ -205,14 +205,17 @@ def parse_declaration(data: bytes | str | Mapping[str, Any]) -> ServiceDeclarati
     """
     try:
         raw = json.loads(data) if isinstance(data, bytes | str) else dict(data)
-    except ValueError as exc:
-        raise DeclarationError(f"invalid service declaration: not JSON ({exc})") from exc
+    except (ValueError, RecursionError) as exc:
+        raise DeclarationError(f"invalid service declaration: not JSON ({type(exc).__name__})") from exc
     if not isinstance(raw, dict):
         raise DeclarationError("invalid service declaration: it must be one JSON object")
     try:
         declaration = ServiceDeclaration.model_validate(raw)
     except ValidationError as exc:
         raise DeclarationError(str(invalid_message(exc, "service declaration"))) from exc
+    except (TypeError, AttributeError, RecursionError) as exc:
+        # A shape the checks did not expect (a `required` that is not a list, ...): still the publisher's.
+        raise DeclarationError(f"invalid service declaration: {type(exc).__name__}: {exc}") from exc
     if declaration.digest is not None:
         published = declaration_digest({k: raw[k] for k in DIGEST_KEYS if k in raw})
         if declaration.digest not in (published, declaration.computed_digest()):
@@ -243,7 +246,8 @@ def compatibility_problems(old: ServiceDeclaration, new: ServiceDeclaration) -> 
             was, now = getattr(before, attribute), getattr(after, attribute)
             if was != now:
                 problems.append(f"{where}: {attribute} changed from {was!r} to {now!r}")
-        problems.extend(_field_problems(where, before.payload_schema, after.payload_schema))
+        problems.extend(_field_problems(where, normalize_schema(before.payload_schema),
+                                        normalize_schema(after.payload_schema)))
     for entity in old.entities:
         if new.entity(entity.type) is None:
             problems.append(f"entity type {entity.type!r} was removed")
@@ -261,13 +265,27 @@ def _field_problems(where: str, old: Mapping[str, Any], new: Mapping[str, Any]) 
             continue
         if _type_of(prop) != _type_of(new_props[name]):
             yield f"{where}: field {name!r} changed type from {_type_of(prop)} to {_type_of(new_props[name])}"
-        elif _type_of(prop) == "object" and isinstance(prop, Mapping) and "properties" in prop:
-            yield from _field_problems(f"{where}.{name}", prop, new_props[name])
+        else:
+            yield from _nested_problems(f"{where}.{name}", prop, new_props[name])
     for name in sorted(new_required - old_required):
         if name in old_props:
             yield f"{where}: field {name!r} became required"
         else:
             yield f"{where}: new field {name!r} is required (a new field must be optional)"
+
+
+def _nested_problems(where: str, old: Any, new: Any) -> Iterator[str]:
+    """The same rule inside an object field and inside an array's items."""
+    if not (isinstance(old, Mapping) and isinstance(new, Mapping)):
+        return
+    if "properties" in old:
+        yield from _field_problems(where, old, new)
+    old_items, new_items = old.get("items"), new.get("items")
+    if isinstance(old_items, Mapping):
+        if _type_of(old_items) != _type_of(new_items):
+            yield f"{where}: items changed type from {_type_of(old_items)} to {_type_of(new_items)}"
+        else:
+            yield from _nested_problems(f"{where}[]", old_items, new_items)
 
 
 def _type_of(prop: Any) -> str:
@@ -294,6 +312,11 @@ def operation_specs(declaration: ServiceDeclaration) -> list[OperationSpec]:
             model = compile_payload_schema(op.payload_schema, f"{op.mutation}_payload")
         except PayloadSchemaError as exc:
             raise DeclarationError(f"{where}: {exc}") from exc
+        except Exception as exc:
+            # pydantic refusing a keyword value (a negative maxLength, a lookaround its regex engine lacks,
+            # an unhashable enum value): the schema is the publisher's mistake, never the gateway's crash.
+            raise DeclarationError(f"{where}: the payload schema cannot be compiled ({type(exc).__name__}: "
+                                   f"{str(exc)[:300]}); check its keywords against the contract") from exc
         try:
             specs.append(OperationSpec(
                 service=declaration.service, name=op.name, graphql_name=op.mutation,

@@ -74,7 +74,8 @@ def normalize_schema(schema: Mapping[str, Any]) -> dict[str, Any]:
     Those are the two shapes generators (pydantic, zod, Go's reflectors) emit for nested and optional
     fields; folding them here keeps the compiler to one form.
     """
-    definitions = {**schema.get("definitions", {}), **schema.get("$defs", {})}
+    found = [schema.get(key) for key in ("definitions", "$defs")]
+    definitions = {k: v for table in found if isinstance(table, Mapping) for k, v in table.items()}
 
     def walk(node: Any, depth: int) -> Any:
         if depth > 2 * _MAX_DEPTH or not isinstance(node, Mapping | list):
@@ -88,8 +89,9 @@ def normalize_schema(schema: Mapping[str, Any]) -> dict[str, Any]:
         folded = {k: walk(v, depth + 1) for k, v in node.items() if k not in ("$defs", "definitions")}
         for key in ("anyOf", "oneOf"):
             options = folded.get(key)
-            if isinstance(options, list) and len(options) == 2 and {"type": "null"} in options:
-                other = next(o for o in options if o != {"type": "null"})
+            others = [o for o in options if o != {"type": "null"}] if isinstance(options, list) else []
+            if isinstance(options, list) and len(options) == 2 and len(others) == 1:
+                other = others[0]
                 if isinstance(other, Mapping) and isinstance(other.get("type"), str):
                     merged = {**other, **{k: v for k, v in folded.items() if k != key}}
                     merged["type"] = [other["type"], "null"]

@@ -82,7 +82,13 @@ class DeclarationFollower:
                         continue
                     key = (msg.key() or b"").decode(errors="replace")
                     record = PublishedDeclaration(int(msg.offset() or 0), key, msg.value() or b"")
-                    await self.on_record(record)
+                    try:
+                        await self.on_record(record)
+                    except Exception:
+                        # Anyone may publish here: one record that breaks its handler must not stop the
+                        # gateway from hearing every service declared after it.
+                        log.exception("catalogue record %s at offset %d could not be handled; skipped",
+                                      record.key, record.offset)
         finally:
             with contextlib.suppress(Exception):
                 await asyncio.to_thread(consumer.close)

@@ -285,3 +285,55 @@ def test_the_gateway_says_the_services_own_words() -> None:
         assert spec.payload_schema is not None
         messages = dict(error_messages(spec.payload_schema, caught.value))
         assert words in messages[(field,)], messages
+
+
+def _declaration(payload_schema: dict[str, Any], **operation: Any) -> dict[str, Any]:
+    return {"service": "widgets", "version": 1, "operations": [{
+        "name": "open", "mutation": "openWidget", "entity_type": "widget", "payload_schema": payload_schema,
+        "inverse": {"name": "close"}, **operation}]}
+
+
+def _closed(properties: dict[str, Any], **more: Any) -> dict[str, Any]:
+    return {"type": "object", "additionalProperties": False, "properties": properties, **more}
+
+
+@pytest.mark.parametrize("schema", [
+    _closed({"n": {"type": "string", "minLength": "x"}}),
+    _closed({"n": {"type": "string", "maxLength": -1}}),
+    _closed({"n": {"type": "array", "items": "string"}}),
+    _closed({"n": {"enum": [{"a": 1}]}}),
+    _closed({"n": {"anyOf": [{"type": "null"}, {"type": "null"}]}}),
+    _closed({"id": {"type": "string"}}, required=5),
+])
+def test_a_hostile_payload_schema_is_a_declaration_error_never_a_crash(schema: dict[str, Any]) -> None:
+    from kinshasa.schemas.declaration import DeclarationError, build_catalogue, parse_declaration
+
+    with pytest.raises(DeclarationError):
+        build_catalogue([parse_declaration(_declaration(schema, entity_id_field=None))])
+    with pytest.raises(DeclarationError):
+        parse_declaration(b"[" * 100_000)
+    # Definitions that are not an object are ignored, not a crash.
+    odd = {"type": "object", "additionalProperties": False, "$defs": [1], "properties": {}}
+    assert len(build_catalogue([parse_declaration(_declaration(odd, entity_id_field=None))])) == 1
+
+
+def test_compatibility_sees_through_nullable_refs_and_items() -> None:
+    from kinshasa.schemas.declaration import compatibility_problems, parse_declaration
+
+    def version(n: int, props: dict[str, Any], defs: dict[str, Any] | None = None) -> Any:
+        schema = {"type": "object", "additionalProperties": False, "properties": props,
+                  **({"$defs": defs} if defs else {})}
+        return parse_declaration({**_declaration(schema), "version": n})
+
+    nullable_int = {"anyOf": [{"type": "integer"}, {"type": "null"}]}
+    assert compatibility_problems(version(1, {"n": nullable_int}),
+                                  version(2, {"n": {"anyOf": [{"type": "string"}, {"type": "null"}]}}))
+    assert compatibility_problems(version(1, {"n": nullable_int}),
+                                  version(2, {"n": {"type": ["integer", "null"]}})) == []
+    assert compatibility_problems(version(1, {"tags": {"type": "array", "items": {"type": "string"}}}),
+                                  version(2, {"tags": {"type": "array", "items": {"type": "integer"}}}))
+    address = {"type": "object", "properties": {"street": {"type": "string"}}}
+    moved = {"type": "object", "properties": {"zip": {"type": "string"}}, "required": ["zip"]}
+    problems = compatibility_problems(version(1, {"a": {"$ref": "#/$defs/A"}}, {"A": address}),
+                                      version(2, {"a": {"$ref": "#/$defs/A"}}, {"A": moved}))
+    assert any("street" in p for p in problems) and any("zip" in p for p in problems)

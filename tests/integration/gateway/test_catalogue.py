@@ -208,3 +208,53 @@ async def test_a_declaration_that_does_not_parse_is_refused_with_an_alert(live: 
                                      key=OPERATOR_KEY))["alerts"]
     assert len(alerts) == 1 and "declares no operations" in alerts[0]["summary"]
     assert AGENT_KEY  # the agent sees the service once a valid declaration arrives
+
+
+async def test_hostile_records_are_refused_and_the_gateway_keeps_following(live: Live) -> None:
+    """Anyone can publish on the catalogue: nothing published there stops the gateway or takes its names."""
+    from kinshasa.schemas.declaration import declaration_digest
+
+    schema = {"type": "object", "additionalProperties": False, "properties": {"name": {"type": "string"}},
+              "required": ["name"]}
+    minimal = {"service": "gadgets", "version": 1, "operations": [{
+        "name": "open", "mutation": "openGadget", "entity_type": "gadget", "payload_schema": schema,
+        "inverse": {"name": "close"}}]}
+    # The digest over the keys as published, the optional ones left out: what another language sends.
+    minimal["digest"] = declaration_digest({k: minimal[k] for k in ("service", "version", "operations")})
+    lookaround = {**schema, "properties": {"name": {"type": "string", "pattern": "^(?!admin)"}}}
+    records = [
+        b"[" * 100_000,
+        json_bytes({**minimal, "service": "hijack", "digest": None,
+                    "operations": [{**minimal["operations"][0], "mutation": "startRun"}]}),
+        json_bytes({**minimal, "service": "regexes", "digest": None,
+                    "operations": [{**minimal["operations"][0], "mutation": "openRegex",
+                                    "payload_schema": lookaround}]}),
+        json_bytes(minimal),
+    ]
+    async with AsyncProducer(live.bootstrap, client_id="test-catalogue") as producer:
+        for key, value in zip((b"deep", b"hijack", b"regexes", b"gadgets"), records, strict=True):
+            await producer.send(live.topic, key, value)
+    assert await live.until(lambda: _version_is_of(live, "gadgets", 1)), "the valid record was never taken"
+    c = live.client
+    assert await _mutation_exists(c, "openGadget")
+    assert "startRun(entryPoint" in str(live.gateway.schema)
+    assert await live.until(lambda: _alert_count(c, 3))
+    summaries = [a["summary"] for a in (await c.data('{ alerts(kind: "catalogue_incompatible") { summary } }',
+                                                     key=OPERATOR_KEY))["alerts"]]
+    assert any("startRun is one of the gateway's own" in s for s in summaries), summaries
+    # What was accepted survives a restart, digest and all.
+    settings, stack = live.gateway.settings, live.gateway.stack
+    await live.gateway.stop()
+    live.gateway = await _start(settings, stack)
+    assert live.gateway.book.declaration("gadgets") is not None
+
+
+def json_bytes(value: Any) -> bytes:
+    import json
+
+    return json.dumps(value).encode()
+
+
+async def _version_is_of(live: Live, service: str, version: int) -> bool:
+    found = live.gateway.book.declaration(service)
+    return found is not None and found.version == version
