@@ -20,6 +20,7 @@ from kinshasa.infra.process import free_port
 from kinshasa.topics.catalogue import ALERTS, RUNS, commands_topic
 from tests.conftest import REPO
 from tests.integration.gateway.conftest import AGENT_KEY, OPERATOR_KEY, PRINCIPALS, TopicReader
+from tests.integration.gateway.replicas import post
 
 pytestmark = pytest.mark.postgres
 
@@ -90,23 +91,10 @@ def two_gateways(postgres: Any, kafka: Any, tmp_path: Path, examples_catalogue: 
                 proc.kill()
 
 
-async def _post(
-    client: httpx.AsyncClient, url: str, key: str, query: str, variables: dict[str, Any] | None = None
-) -> dict[str, Any]:
-    response = await client.post(
-        f"{url}/graphql",
-        json={"query": query, "variables": variables or {}},
-        headers={"Authorization": f"Bearer {key}"},
-    )
-    assert response.status_code == 200, response.text
-    body: dict[str, Any] = response.json()
-    return body
-
-
 async def test_exactly_the_threshold_is_accepted(two_gateways: list[str], kafka: Any) -> None:
     first, second = two_gateways
     async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=200)) as client:
-        policy = await _post(
+        policy = await post(
             client,
             first,
             OPERATOR_KEY,
@@ -115,7 +103,7 @@ async def test_exactly_the_threshold_is_accepted(two_gateways: list[str], kafka:
         )
         assert not policy.get("errors"), policy
         run_id = (
-            await _post(client, second, AGENT_KEY, 'mutation { startRun(entryPoint: "precision") { id } }')
+            await post(client, second, AGENT_KEY, 'mutation { startRun(entryPoint: "precision") { id } }')
         )["data"]["startRun"]["id"]
         mutation = 'mutation($r: ID!) { createDocument(runId: $r, input: {title: "x"}) { commandId status } }'
         gate = asyncio.Event()
@@ -124,7 +112,7 @@ async def test_exactly_the_threshold_is_accepted(two_gateways: list[str], kafka:
             await gate.wait()
             url = two_gateways[index % 2]
             return [
-                await _post(client, url, AGENT_KEY, mutation, {"r": run_id})
+                await post(client, url, AGENT_KEY, mutation, {"r": run_id})
                 for _ in range(ATTEMPTS_PER_WRITER)
             ]
 
@@ -156,7 +144,7 @@ async def test_exactly_the_threshold_is_accepted(two_gateways: list[str], kafka:
     )
     assert len(await reader.envelopes([ALERTS], run_id)) == len(alerts) == 1
     async with httpx.AsyncClient(timeout=30) as client:
-        stored = await _post(
+        stored = await post(
             client,
             first,
             OPERATOR_KEY,
