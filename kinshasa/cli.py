@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
+from pathlib import Path
 
 import typer
 
@@ -20,6 +22,7 @@ app.add_typer(infra_app, name="infra")
 
 def _mount() -> None:
     """Each component owns its commands; this app only gathers them under one name."""
+    from kinshasa.client.cli import app as client_app
     from kinshasa.conformance.cli import app as conformance_app
     from kinshasa.coordinator.cli import app as coordinator_app
     from kinshasa.coordinator.cli import operator_app
@@ -40,6 +43,7 @@ def _mount() -> None:
     app.add_typer(demo_app)
     app.add_typer(conformance_app)
     app.add_typer(scaffold_app)
+    app.add_typer(client_app)
 
 
 _mount()
@@ -98,6 +102,52 @@ def up(postgres: str | None = typer.Option(
         _fail(exc)
     except KeyboardInterrupt:
         typer.echo("stopped.")
+
+
+@app.command("mcp")
+def mcp(url: str | None = typer.Option(
+            None, "--url", envvar="KINSHASA_URL", metavar="URL",
+            help="The gateway (its GraphQL URL or its base URL); default from KINSHASA_GATEWAY_HOST/PORT: "
+                 "http://127.0.0.1:8000/graphql."),
+        key_file: Path | None = typer.Option(
+            None, "--key-file", metavar="PATH",
+            help="A file holding the key (instead of KINSHASA_KEY).")) -> None:
+    """Serve Kinshasa as MCP tools on stdin/stdout, for an agent host that starts it as a subprocess.
+
+    The key comes from KINSHASA_KEY or --key-file. With KINSHASA_MCP_ENTRY_POINT=NAME the session starts
+    its own run on its first write and finishes it on exit.
+    """
+    import anyio
+
+    from kinshasa.kernel.logs import configure_logging
+    from kinshasa.mcp.settings import McpSettings
+    from kinshasa.mcp.stdio import StartupError, graphql_url, serve_stdio
+    from kinshasa.settings import GatewaySettings
+
+    stack = StackSettings()
+    # stdout carries the protocol: every log line goes to stderr.
+    configure_logging("mcp", stack.log_level, stream=sys.stderr, fmt=stack.log_format)
+    if key_file is not None:
+        try:
+            key = key_file.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            typer.secho(f"error: cannot read the key file {key_file}: {exc}", fg=typer.colors.RED, err=True)
+            raise typer.Exit(code=2) from exc
+    else:
+        key = os.environ.get("KINSHASA_KEY", "").strip()
+    if not key:
+        typer.secho("error: no key: set KINSHASA_KEY or pass --key-file with an agent's or operator's key "
+                    "(a dev stack writes them to <KINSHASA_DATA_DIR>/credentials.json)",
+                    fg=typer.colors.RED, err=True)
+        raise typer.Exit(code=2)
+    gateway = GatewaySettings()
+    target = graphql_url(url or f"http://{gateway.host}:{gateway.port}")
+    try:
+        anyio.run(serve_stdio, target, key, McpSettings())
+    except StartupError as exc:
+        _fail(exc)
+    except KeyboardInterrupt:
+        pass
 
 
 def main() -> None:

@@ -39,6 +39,8 @@ from kinshasa.kernel.housekeeping import Housekeeper, housekeeping_policy
 from kinshasa.kernel.install import install_kernel_tables
 from kinshasa.kernel.metrics import ComponentMetrics
 from kinshasa.kernel.relay import OutboxRelay
+from kinshasa.mcp.http import McpEndpoint, McpRoute
+from kinshasa.mcp.settings import McpSettings
 from kinshasa.schemas.operations import OperationCatalogue
 from kinshasa.settings import StackSettings
 from kinshasa.topics.admin import ensure_topics
@@ -301,8 +303,10 @@ class GraphQLSwitch:
 
 
 def create_app(gateway: Gateway, manage_lifecycle: bool = True) -> FastAPI:
-    """The FastAPI app: /graphql, plus /healthz, /admin/dlq and /metrics from the kernel's admin app."""
+    """The FastAPI app: /graphql, /mcp, plus /healthz, /admin/dlq and /metrics from the kernel's admin app."""
     settings = gateway.settings
+
+    mcp = mcp_endpoint(gateway)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -310,7 +314,9 @@ def create_app(gateway: Gateway, manage_lifecycle: bool = True) -> FastAPI:
             await gateway.start()
             freeze_startup_heap()
         try:
-            yield
+            # MCP sessions close (and finish their bound runs) before the gateway stops.
+            async with mcp.running():
+                yield
         finally:
             if manage_lifecycle:
                 await gateway.stop()
@@ -321,8 +327,18 @@ def create_app(gateway: Gateway, manage_lifecycle: bool = True) -> FastAPI:
     admin = admin_app(COMPONENT, token=gateway.internal_token, dlq_api=gateway.dlq, metrics=gateway.metrics)
     app.mount("/", admin)
     app.add_middleware(GraphQLSwitch, gateway=gateway)
+    app.add_middleware(McpRoute, endpoint=mcp)
     app.add_middleware(RequestGuard, limit=settings.max_request_bytes)
     return app
+
+
+def mcp_endpoint(gateway: Gateway) -> McpEndpoint:
+    """/mcp: MCP tools whose calls go to the gateway's current GraphQL app in process."""
+
+    async def graphql(scope: Any, receive: Any, send: Any) -> None:
+        await gateway.graphql_app(scope, receive, send)
+
+    return McpEndpoint(graphql, lambda key: gateway.registry.authenticate(key), McpSettings())
 
 
 def freeze_startup_heap() -> None:

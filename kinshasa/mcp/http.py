@@ -1,0 +1,160 @@
+"""/mcp on the gateway: the MCP server over streamable HTTP, each request authenticated by its Bearer key.
+
+Tool calls go to the gateway's own GraphQL app in process (httpx.ASGITransport): the same auth,
+fairness, breaker and error coding as /graphql, with no network hop. A request without a key the
+gateway knows is answered 401 before the MCP layer sees it, and the answer names nothing internal.
+An MCP session is bound to the key that opened it (the SDK's session manager answers 404 to another).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import httpx
+from mcp.server.auth.middleware.bearer_auth import AuthenticatedUser
+from mcp.server.auth.provider import AccessToken
+from mcp.server.context import ServerRequestContext
+from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
+
+from kinshasa.client.client import Kinshasa
+from kinshasa.gateway.principals import Principal
+from kinshasa.mcp.server import Caller, KinshasaMcp, RunBinding
+from kinshasa.mcp.settings import McpSettings
+
+log = logging.getLogger(__name__)
+
+PATH = "/mcp"
+# The GraphQL URL the in-process client posts to: only its path matters to the ASGI app.
+INTERNAL_URL = "http://gateway/graphql"
+# A header an MCP gateway or host may send to bind the session's run to an entry point of its choosing
+# (KINSHASA_MCP_ENTRY_POINT is the gateway-wide default).
+ENTRY_POINT_HEADER = "kinshasa-entry-point"
+BINDING_STATE = "kinshasa.run_binding"
+ASGIApp = Callable[..., Any]
+
+
+def bearer_key(authorization: str | None) -> str | None:
+    if not authorization:
+        return None
+    scheme, _, key = authorization.partition(" ")
+    if scheme.lower() != "bearer":
+        return None
+    return key.strip() or None
+
+
+async def _answer(send: Any, status: int, body: dict[str, Any], headers: list[tuple[bytes, bytes]]) -> None:
+    payload = json.dumps(body).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(payload)).encode()), *headers]})
+    await send({"type": "http.response.body", "body": payload})
+
+
+class McpEndpoint:
+    """The ASGI app behind /mcp. `running()` must wrap the time it serves (the gateway's lifespan)."""
+
+    def __init__(self, graphql: ASGIApp, authenticate: Callable[[str], Principal | None],
+                 settings: McpSettings, client_limit: int = 256) -> None:
+        self.graphql = graphql
+        self.authenticate = authenticate
+        self.settings = settings
+        self.client_limit = client_limit
+        # One SDK client per key, kept (its catalogue cache with it) across requests and sessions.
+        self._clients: OrderedDict[str, Kinshasa] = OrderedDict()
+        self.tools = KinshasaMcp(self.client, settings, self._caller)
+        self.server = self.tools.server()
+        self._manager: StreamableHTTPSessionManager | None = None
+
+    @asynccontextmanager
+    async def client(self, key: str) -> AsyncIterator[Kinshasa]:
+        digest = hashlib.sha256(key.encode()).hexdigest()
+        found = self._clients.get(digest)
+        if found is None:
+            found = Kinshasa(INTERNAL_URL, key, transport=httpx.ASGITransport(app=self.graphql))
+            self._clients[digest] = found
+            while len(self._clients) > self.client_limit:
+                _, evicted = self._clients.popitem(last=False)
+                await evicted.aclose()
+        self._clients.move_to_end(digest)
+        yield found
+
+    @asynccontextmanager
+    async def running(self) -> AsyncIterator[None]:
+        """Serve sessions until the block ends; sessions still open then are closed (bound runs finished)."""
+        # The SDK's manager runs once per instance: a fresh one per serving period.
+        self._manager = StreamableHTTPSessionManager(app=self.server)
+        try:
+            async with self._manager.run():
+                yield
+        finally:
+            self._manager = None
+            clients, self._clients = list(self._clients.values()), OrderedDict()
+            for client in clients:
+                await client.aclose()
+
+    def _caller(self, ctx: ServerRequestContext[Any, Any]) -> Caller | None:
+        request = ctx.request
+        key = bearer_key(request.headers.get("authorization")) if request is not None else None
+        if key is None:
+            return None
+        entry_point = (request.headers.get(ENTRY_POINT_HEADER) if request is not None else None) \
+            or self.settings.entry_point
+        return Caller(key, self._binding(ctx, key, entry_point) if entry_point else None)
+
+    def _binding(self, ctx: ServerRequestContext[Any, Any], key: str, entry_point: str) -> RunBinding | None:
+        """The MCP connection's run binding, made on its first request and closed with the connection.
+
+        The SDK gives handlers no public way to the connection yet (its `Context.connection` is not
+        built by the runner in 2.3), so this reads the session's private reference; the e2e test of
+        run binding over HTTP fails if a release moves it.
+        """
+        connection = getattr(ctx.session, "_connection", None)
+        if connection is None:
+            return None
+        binding: RunBinding | None = connection.state.get(BINDING_STATE)
+        if binding is None:
+            binding = RunBinding(entry_point, self.settings.purpose, key)
+            connection.state[BINDING_STATE] = binding
+            connection.exit_stack.push_async_callback(binding.close, self.client)
+        return binding
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        key = bearer_key(headers.get("authorization"))
+        principal = self.authenticate(key) if key else None
+        if principal is None:
+            await _answer(send, 401, {"error": "unauthenticated",
+                                      "message": "send 'Authorization: Bearer <key>' with an agent's or "
+                                                 "operator's key"},
+                          [(b"www-authenticate", b'Bearer realm="kinshasa"')])
+            return
+        if self._manager is None:
+            body = {"error": "unavailable", "message": "the MCP endpoint is not serving yet: retry soon"}
+            await _answer(send, 503, body, [])
+            return
+        # The session manager binds each session to this identity: another key gets 404 for it.
+        digest = hashlib.sha256(key.encode()).hexdigest() if key else ""
+        user = AuthenticatedUser(AccessToken(token=digest, client_id=principal.id, scopes=[], subject=digest))
+        await self._manager.handle_request({**scope, "user": user}, receive, send)
+
+
+class McpRoute:
+    """ASGI middleware sending /mcp to the MCP endpoint and everything else on."""
+
+    def __init__(self, app: ASGIApp, endpoint: McpEndpoint) -> None:
+        self.app = app
+        self.endpoint = endpoint
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope.get("path", "").rstrip("/") == PATH:
+            await self.endpoint(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
