@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import subprocess
+import sys
 import uuid
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -26,7 +30,7 @@ from kinshasa.client import (
     Validation,
 )
 from tests.e2e.api import Api
-from tests.e2e.stack import Stack
+from tests.e2e.stack import REPO, Stack
 
 # Big enough to be refused before it runs: 200 runs x 200 steps x 200 commands.
 COSTLY = ("{ runs(first: 200) { nodes { steps(first: 200) { nodes { stepId } } "
@@ -213,3 +217,32 @@ def test_the_sync_facade_writes_waits_and_reads(stack: Stack, operator: Api) -> 
         assert client.get_run(run.id)["status"] == "FINISHED"
         with pytest.raises(RunClosed):
             client.call(run.id, "create_document", {"title": "too late"})
+
+
+def test_generated_stubs_type_check_a_call_of_the_real_catalogue(stack: Stack, tmp_path: Path) -> None:
+    key_file = tmp_path / "agent.key"
+    key_file.write_text(stack.key("agent"))
+    stubs = tmp_path / "agent_ops.py"
+    made = subprocess.run(
+        [sys.executable, "-m", "kinshasa.cli", "client-stubs", "--url", stack.gateway_url,
+         "--key-file", str(key_file), "--out", str(stubs)],
+        cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert made.returncode == 0, made.stderr
+    assert "async def rename_document(self, document_id: str, *, title: str" in stubs.read_text()
+
+    use = tmp_path / "agent.py"
+    use.write_text(
+        "from typing import cast\n"
+        "from kinshasa.client import Run\n"
+        "from agent_ops import TypedRun\n\n"
+        "async def work(run: Run) -> None:\n"
+        "    typed = cast(TypedRun, run)\n"
+        "    await typed.rename_document('doc-1', title='ok')\n"
+        "    await typed.rename_document('doc-1', titel='misspelt')\n")
+    checked = subprocess.run(
+        [sys.executable, "-m", "mypy", "--no-incremental", "--follow-imports=silent", str(use), str(stubs)],
+        cwd=tmp_path, env={**os.environ, "MYPYPATH": str(REPO)}, capture_output=True, text=True, timeout=300)
+    problems = [line for line in checked.stdout.splitlines() if ": error:" in line]
+    # The correct call passes; the misspelt one is caught before the agent ever runs.
+    assert problems and all(line.startswith("agent.py:8:") for line in problems), checked.stdout
+    assert any('"titel"' in line for line in problems), checked.stdout
