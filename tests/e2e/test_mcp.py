@@ -205,7 +205,7 @@ async def test_a_bound_session_writes_without_run_ids_and_leaves_one_finished_ru
 async def test_operator_dlq_tools_act_on_a_real_dead_letter(stack: Stack) -> None:
     # A message the documents service cannot parse: it dead-letters it at once, named by its header.
     message_id = f"mcp-poison-{uuid.uuid4().hex}"
-    producer = Producer({"bootstrap.servers": f"127.0.0.1:{stack.infra.infra.kafka_port}"})
+    producer = Producer({"bootstrap.servers": stack.infra.kafka().bootstrap})
     producer.produce(commands_topic("documents"), key=b"documents:mcp-poison", value=b"{not json at all",
                      headers=[("message_id", message_id.encode()), ("type", b"documents.rename")])
     assert producer.flush(30) == 0
