@@ -56,6 +56,7 @@ from kinshasa.kernel.dlq import DeadLetterPolicy, DeadLetterQueue
 from kinshasa.kernel.housekeeping import Housekeeper, housekeeping_policy
 from kinshasa.kernel.install import install_kernel_tables
 from kinshasa.kernel.metrics import ComponentMetrics
+from kinshasa.kernel.outbox import OutboxStatus
 from kinshasa.kernel.relay import OutboxRelay
 from kinshasa.settings import CoordinatorSettings, StackSettings
 from kinshasa.topics.admin import ensure_topics
@@ -160,7 +161,7 @@ class CoordinatorRuntime:
                                               self.stack.internal_token_file)
         server: QuietServer | None = None
         if self.has("api"):
-            app = self._app(ledger, client, token, dlq, checks)
+            app = self._app(ledger, client, token, dlq, checks, OutboxStatus(engine))
             server = http_server(app, self.settings.admin_host, self.settings.admin_port)
         worker = None
         if self.has("worker") and client is not None:
@@ -237,13 +238,13 @@ class CoordinatorRuntime:
             raise RuntimeError(f"coordinator stopped after a failure: {failure!r}") from failure
 
     def _app(self, ledger: Ledger, client: Client | None, token: str, dlq: DeadLetterQueue,
-             checks: dict[str, Any]) -> FastAPI:
+             checks: dict[str, Any], outbox: OutboxStatus) -> FastAPI:
         app = FastAPI(title="kinshasa coordinator", docs_url=None, redoc_url=None, openapi_url=None)
         install_error_handlers(app)
         app.include_router(ledger_router(ledger, client=client))
         # The kernel's admin endpoints (/healthz, /admin/dlq, /metrics) answer what the ledger API does not.
         app.mount("/", admin_app(COMPONENT, token=token, dlq_api=dlq, metrics=self.metrics,
-                                 health_checks=checks))
+                                 health_checks=checks, outbox=outbox))
         return app
 
     async def _wait_started(self, server: QuietServer, task: asyncio.Task[Any]) -> None:

@@ -5,6 +5,10 @@ Routes:
 * `GET /healthz` - open, so a process supervisor or load balancer needs no secret. It says only
   whether each named check passes (200) or not (503), never any data.
 * `GET /admin/dlq?limit=N`, `POST /admin/dlq/reprocess` - need `Authorization: Bearer <token>`.
+* `GET /admin/outbox` - same token: `{component, pending, oldest_pending_age_s, dead, dlq_count}`, the
+  outbox rows not yet published, the age of the oldest of them (null when none), the rows whose
+  publish attempts ran out, and the DLQ's size. The gateway aggregates it (`outboxStatus`) and alerts
+  on it (`dlq_threshold`).
 * `GET /metrics` - needs the same bearer token. Metrics name topics, groups and DLQ sizes, and the
   admin port may be reachable beyond loopback in a deployment, so they are not served openly.
   Prometheus sends the token with a scrape config like::
@@ -38,6 +42,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from kinshasa.kernel.dlq import INSPECT_MAX, DlqError, ReprocessOutcome
 from kinshasa.kernel.metrics import CONTENT_TYPE, ComponentMetrics
+from kinshasa.kernel.outbox import OutboxBacklog
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +64,12 @@ class DlqApi(Protocol):
     async def dlq_count(self) -> int: ...
     async def dlq_inspect(self, limit: int = 50) -> Sequence[DlqEntryView]: ...
     async def dlq_reprocess(self, message_ids: Sequence[str]) -> list[ReprocessOutcome]: ...
+
+
+class OutboxStatusApi(Protocol):
+    """The component's outbox numbers (`kinshasa.kernel.outbox.OutboxStatus` implements it)."""
+
+    async def backlog(self) -> OutboxBacklog: ...
 
 
 class AdminError(Exception):
@@ -118,8 +129,12 @@ async def _run_check(check: HealthCheck) -> str | None:
 
 
 def admin_app(component: str, *, token: str, dlq_api: DlqApi, metrics: ComponentMetrics,
-              health_checks: Mapping[str, HealthCheck] | None = None) -> FastAPI:
-    """The admin FastAPI app of one component; mount or serve it on the component's admin port."""
+              health_checks: Mapping[str, HealthCheck] | None = None,
+              outbox: OutboxStatusApi | None = None) -> FastAPI:
+    """The admin FastAPI app of one component; mount or serve it on the component's admin port.
+
+    Without `outbox`, `GET /admin/outbox` answers 404 NO_OUTBOX (every Kinshasa component has one).
+    """
     if not token or not token.strip():
         raise ValueError("the admin token is empty: pass load_or_create_internal_token(data_dir) or a "
                          "configured internal token")
@@ -163,6 +178,16 @@ def admin_app(component: str, *, token: str, dlq_api: DlqApi, metrics: Component
             raise AdminError(409, "DLQ_UNAVAILABLE", str(exc)) from exc
         return {"component": component, "results": [outcome.to_json() for outcome in outcomes],
                 "count": await dlq_api.dlq_count()}
+
+    @app.get("/admin/outbox", dependencies=protected)
+    async def outbox_status() -> dict[str, Any]:
+        if outbox is None:
+            raise AdminError(404, "NO_OUTBOX", f"{component} serves no outbox status: pass "
+                             "outbox=OutboxStatus(engine) to admin_app")
+        backlog = await outbox.backlog()
+        return {"component": component, "pending": backlog.pending,
+                "oldest_pending_age_s": backlog.oldest_age_s, "dead": backlog.dead,
+                "dlq_count": await dlq_api.dlq_count()}
 
     @app.get("/metrics", dependencies=protected)
     async def prometheus() -> Response:

@@ -40,6 +40,7 @@ from kinshasa.kernel.database import create_engine
 from kinshasa.kernel.dlq import DeadLetterPolicy
 from kinshasa.kernel.housekeeping import Housekeeper, housekeeping_policy
 from kinshasa.kernel.metrics import ComponentMetrics
+from kinshasa.kernel.outbox import OutboxStatus
 from kinshasa.kernel.relay import OutboxRelay
 from kinshasa.services.kit.declarations import Service
 from kinshasa.services.kit.dispatcher import CommandDispatcher
@@ -204,6 +205,7 @@ class ServiceRuntime:
         token = load_or_create_internal_token(self.stack.data_dir, self.token,
                                               self.stack.internal_token_file)
         app = admin_app(name, token=token, dlq_api=dead_letters.queue, metrics=self.metrics,
+                        outbox=OutboxStatus(engine),
                         health_checks={"database": database_check(engine),
                                        "consumer": task_check(tasks, "consumer"),
                                        "relay": task_check(tasks, "relay")})
