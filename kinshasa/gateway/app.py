@@ -20,6 +20,7 @@ from kinshasa.gateway import idempotency
 from kinshasa.gateway.alerts import WebhookSender
 from kinshasa.gateway.commands import CommandWriter
 from kinshasa.gateway.context import GatewayContext, Services
+from kinshasa.gateway.durability import gateway_watcher, install_durability_tables
 from kinshasa.gateway.fairness import fairness_from
 from kinshasa.gateway.hardening import RequestGuard, error_body, schema_extensions
 from kinshasa.gateway.listener import GROUP, Listener, listened_topics
@@ -38,6 +39,7 @@ from kinshasa.kernel.dlq import DeadLetterQueue, OutboxDeadLetters, SqlDeadLette
 from kinshasa.kernel.housekeeping import Housekeeper, housekeeping_policy
 from kinshasa.kernel.install import install_kernel_tables
 from kinshasa.kernel.metrics import ComponentMetrics
+from kinshasa.kernel.outbox import OutboxStatus
 from kinshasa.kernel.relay import OutboxRelay
 from kinshasa.mcp.http import McpEndpoint, McpRoute
 from kinshasa.mcp.settings import McpSettings
@@ -121,6 +123,10 @@ class Gateway:
             database=DatabaseReads(self.engine, settings.database_reads),
             pacer=Pacer(),
         )
+        # Its own read connection (one at a time), so its polls never take a request's.
+        self.durability = gateway_watcher(settings, self.engine, self.backends,
+                                          DatabaseReads(self.engine, 1).connect, self.dlq, self.webhook,
+                                          self._wake)
         # Rate and in-flight counts per principal, kept across schema rebuilds.
         self.fairness = fairness_from(settings)
         self.schema: Any = None
@@ -165,6 +171,7 @@ class Gateway:
     async def install(self) -> None:
         await install_kernel_tables(self.engine)
         await install_gateway_tables(self.engine)
+        await install_durability_tables(self.engine)
 
     async def start(self) -> None:
         """Create tables, load the accepted services and follow the catalogue, start the releaser; with
@@ -188,6 +195,7 @@ class Gateway:
         housekeeper = Housekeeper(self.engine, housekeeping_policy(self.settings),
                                   also=[lambda now: idempotency.prune(self.engine, now)])
         self._tasks.append(asyncio.create_task(housekeeper.run(self._stop), name="gateway-housekeeping"))
+        self._tasks.append(asyncio.create_task(self.durability.run(self._stop), name="gateway-durability"))
         # A pattern, so the events of a service registered later are heard too (new topics are found at
         # the next metadata refresh).
         consumer = AsyncConsumer(bootstrap, GROUP, listened_topics(),
@@ -324,7 +332,8 @@ def create_app(gateway: Gateway, manage_lifecycle: bool = True) -> FastAPI:
     app = FastAPI(
         title="Kinshasa gateway", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None
     )
-    admin = admin_app(COMPONENT, token=gateway.internal_token, dlq_api=gateway.dlq, metrics=gateway.metrics)
+    admin = admin_app(COMPONENT, token=gateway.internal_token, dlq_api=gateway.dlq, metrics=gateway.metrics,
+                      outbox=OutboxStatus(gateway.engine))
     app.mount("/", admin)
     app.add_middleware(GraphQLSwitch, gateway=gateway)
     app.add_middleware(McpRoute, endpoint=mcp)

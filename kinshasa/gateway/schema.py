@@ -26,7 +26,7 @@ from strawberry.scalars import JSON
 from strawberry.schema.config import StrawberryConfig
 
 from kinshasa.gateway import breaker as breaker_mod
-from kinshasa.gateway import egress, idempotency, quarantine, store
+from kinshasa.gateway import durability, egress, idempotency, quarantine, store
 from kinshasa.gateway import policy as policy_mod
 from kinshasa.gateway import revert as revert_mod
 from kinshasa.gateway import runs as runs_mod
@@ -941,6 +941,13 @@ class Query:
                 )
             )
         return results
+
+    outbox_status = strawberry.field(
+        resolver=durability.outbox_status,
+        permission_classes=OPERATOR,
+        description="Each component's outbox backlog and dead letters; one that does not answer says why.",
+        metadata=CALLS_BACKEND,
+    )
 
     @strawberry.field(
         permission_classes=OPERATOR,

@@ -72,6 +72,12 @@ class GatewayConfig(GatewaySettings):
     # Webhook delivery: attempts and first backoff (doubling).
     webhook_attempts: int = 4
     webhook_backoff_s: float = 0.5
+    # The dlq_threshold alert (kinshasa/gateway/durability.py): every `dlq_alert_interval_s` the gateway
+    # reads each component's DLQ size and oldest pending outbox row, and alerts once when a component has
+    # `dlq_alert_threshold` dead letters or more, or a row unpublished for over `outbox_age_alert_s`.
+    dlq_alert_interval_s: float = Field(default=30.0, gt=0)
+    dlq_alert_threshold: int = Field(default=1, ge=1)
+    outbox_age_alert_s: float = Field(default=300.0, gt=0)
     # Run the outbox relay and the Kafka listener inside the gateway process (off for read-only replicas).
     background: bool = True
     # TEST ONLY, off by default: the process SIGKILLs itself right after committing the request that
