@@ -49,6 +49,13 @@ class Receipt:
     accepted_at: datetime | None = None
     result: str | None = None
     reason: str | None = None
+    applied_at: datetime | None = None
+    compensated_at: datetime | None = None
+
+    @property
+    def rejected_reason(self) -> str | None:
+        """Why the service refused it; `reason` also says why an unpublished command was discarded."""
+        return self.reason if self.status == store.REJECTED else None
 
     @classmethod
     def from_row(cls, row: Any) -> Receipt:
@@ -63,6 +70,8 @@ class Receipt:
             accepted_at=row["accepted_at"],
             result=row["result"],
             reason=row["reason"],
+            applied_at=row["applied_at"],
+            compensated_at=row["compensated_at"],
         )
 
     def to_answer(self) -> dict[str, Any]:

@@ -105,6 +105,7 @@ class Listener:
                 await tx.conn.execute(
                     update(runs).where(runs.c.run_id == run.run_id).values(compensated=runs.c.compensated + 1)
                 )
+                await self._compensated(tx, envelope)
                 await tx.commit()
                 return
             command = await self._command(tx, envelope)
@@ -115,7 +116,12 @@ class Listener:
                 await tx.conn.execute(
                     update(commands)
                     .where(commands.c.command_id == command["command_id"])
-                    .values(result="APPLIED")
+                    .values(
+                        result=store.APPLIED,
+                        status=store.APPLIED,
+                        applied_at=envelope.occurred_at,
+                        applied_event_id=str(envelope.message_id),
+                    )
                 )
                 await tx.conn.execute(
                     update(runs).where(runs.c.run_id == run.run_id).values(applied=runs.c.applied + 1)
@@ -139,7 +145,7 @@ class Listener:
                 await tx.conn.execute(
                     update(commands)
                     .where(commands.c.command_id == command["command_id"])
-                    .values(result="REJECTED", status=store.REJECTED, reason=reason)
+                    .values(result=store.REJECTED, status=store.REJECTED, reason=reason)
                 )
                 await tx.conn.execute(
                     update(runs).where(runs.c.run_id == run.run_id).values(errors=runs.c.errors + 1)
@@ -180,6 +186,17 @@ class Listener:
         if stored:
             log.warning("alert %s from %s: %s", alert.kind, alert.source, alert.summary)
             self._webhook.send_later(alert)
+
+    async def _compensated(self, tx: GatewayTx, envelope: Envelope) -> None:
+        """Mark the command whose applied event a revert undid COMPENSATED (the event names that event)."""
+        forward_event_id = envelope.payload.get("forward_event_id")
+        if not isinstance(forward_event_id, str) or not forward_event_id:
+            return
+        await tx.conn.execute(
+            update(commands)
+            .where(commands.c.applied_event_id == forward_event_id, commands.c.run_id == envelope.run_id)
+            .values(result=store.COMPENSATED, status=store.COMPENSATED, compensated_at=envelope.occurred_at)
+        )
 
     async def _command(self, tx: GatewayTx, envelope: Envelope) -> Any:
         if envelope.causation_id is None:

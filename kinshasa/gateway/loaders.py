@@ -47,7 +47,7 @@ BreakerKey = tuple[str, str, str]
 # What a receipt shows: not the stored envelope, the bulk of a command row.
 RECEIPT_COLUMNS = [commands.c[name] for name in (
     "command_id", "run_id", "command_type", "graphql_name", "entity_id", "status", "release_at",
-    "accepted_at", "result", "reason",
+    "accepted_at", "result", "reason", "applied_at", "compensated_at",
 )]
 # Runs per call to the coordinator's `POST /steps` (its own cap is the same), and per IN (...) list.
 STEPS_BATCH = 200

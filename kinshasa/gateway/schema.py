@@ -9,6 +9,7 @@ arguments (`renameOrder(runId, orderId, name)`).
 
 import enum
 import inspect
+import json
 import logging
 import types
 import typing
@@ -97,13 +98,20 @@ class BreakerState(enum.Enum):
     HALF_OPEN = "HALF_OPEN"
 
 
-@strawberry.enum
+@strawberry.enum(
+    description="HELD (in its run's quarantine window) or AWAITING_APPROVAL (egress waiting for an operator),"
+    " then PUBLISHED (sent to its service), then APPLIED (a read now sees it) or REJECTED (see "
+    "rejectedReason); APPLIED becomes COMPENSATED when a revert undoes it. DISCARDED: dropped before it "
+    "was published."
+)
 class CommandStatus(enum.Enum):
     HELD = "HELD"
     PUBLISHED = "PUBLISHED"
     AWAITING_APPROVAL = "AWAITING_APPROVAL"
     DISCARDED = "DISCARDED"
+    APPLIED = "APPLIED"
     REJECTED = "REJECTED"
+    COMPENSATED = "COMPENSATED"
 
 
 strawberry.enum(policy_mod.PolicyScope)  # registers the policy's own enum as a GraphQL enum
@@ -198,6 +206,9 @@ class CommandReceipt:
     accepted_at: datetime | None
     result: str | None = strawberry.field(description="what the service did: APPLIED or REJECTED, once known")
     reason: str | None
+    applied_at: datetime | None = strawberry.field(description="when the service applied it")
+    rejected_reason: str | None = strawberry.field(description="why the service refused it (status REJECTED)")
+    compensated_at: datetime | None = strawberry.field(description="when a revert undid it")
 
     @classmethod
     def of(cls, receipt: Receipt) -> "CommandReceipt":
@@ -212,6 +223,9 @@ class CommandReceipt:
             accepted_at=receipt.accepted_at,
             result=receipt.result,
             reason=receipt.reason,
+            applied_at=receipt.applied_at,
+            rejected_reason=receipt.rejected_reason,
+            compensated_at=receipt.compensated_at,
         )
 
 
@@ -574,6 +588,76 @@ class PolicyView:
 
 
 @strawberry.type
+class OperationArgument:
+    name: str = strawberry.field(description="the GraphQL argument, e.g. documentId or input")
+    type: str = strawberry.field(description="its GraphQL type, e.g. ID! or CreateDocumentInput!")
+
+
+@strawberry.type(description="One write an agent may ask for, from the operation catalogue: what SDKs and "
+                 "the MCP server generate their calls and tools from.")
+class Operation:
+    service: str
+    operation: str = strawberry.field(description="the command type, e.g. documents.rename")
+    mutation: str = strawberry.field(description="the GraphQL mutation that writes it, e.g. renameDocument")
+    description: str
+    egress: bool = strawberry.field(description="irreversible: held for an operator's approval")
+    creates: bool = strawberry.field(description="creates its entity; the gateway mints the id")
+    entity_type: str
+    entity_id_field: str | None = strawberry.field(
+        description="the payload field (snake_case) naming the entity it writes; null when it creates one"
+    )
+    input_schema: str = strawberry.field(
+        description="the declared payload JSON Schema, as JSON text (snake_case properties)"
+    )
+    input_object: bool = strawberry.field(
+        description="true: the payload goes in one `input` argument with camelCase keys; false: each "
+        "payload field is its own camelCase argument"
+    )
+    allowed: bool = strawberry.field(description="whether your key's scopes permit this write")
+    arguments: list[OperationArgument] = strawberry.field(
+        description="the mutation's arguments besides runId (ID!) and idempotencyKey (String)"
+    )
+
+
+def _operations(info: strawberry.Info) -> list[Operation]:
+    """The catalogue as the running schema spells it: argument types come from the schema itself."""
+    context = _ctx(info)
+    principal = context.require_principal()
+    mutation_type = info._raw_info.schema.mutation_type
+    fields = mutation_type.fields if mutation_type is not None else {}
+    listed: list[Operation] = []
+    for spec in context.services.catalogue:
+        field = fields.get(spec.graphql_name)
+        if field is None:
+            continue
+        payload_schema = spec.payload_schema or spec.payload_model.model_json_schema()
+        # Every write takes an idempotency key, unless a payload field already has that name.
+        keyed = IDEMPOTENCY_KEY_ARG not in spec.payload_model.model_fields
+        own = {"runId", camel(IDEMPOTENCY_KEY_ARG)} if keyed else {"runId"}
+        listed.append(
+            Operation(
+                service=spec.service,
+                operation=spec.command_type,
+                mutation=spec.graphql_name,
+                description=spec.description,
+                egress=spec.egress,
+                creates=spec.creates,
+                entity_type=spec.entity_type,
+                entity_id_field=spec.entity_key,
+                input_schema=json.dumps(payload_schema, sort_keys=True),
+                input_object=_uses_input_object(spec),
+                allowed=principal.is_agent and principal.may_call(spec),
+                arguments=[
+                    OperationArgument(name=name, type=str(arg.type))
+                    for name, arg in field.args.items()
+                    if name not in own
+                ],
+            )
+        )
+    return listed
+
+
+@strawberry.type
 class Me:
     id: str
     kind: str
@@ -862,6 +946,13 @@ class Query:
         p = _ctx(info).require_principal()
         entry_points = sorted(p.entry_points) if p.entry_points is not None else None
         return Me(id=p.id, kind=p.kind, scopes=sorted(p.scopes), entry_points=entry_points)
+
+    @strawberry.field(
+        permission_classes=AUTHENTICATED,
+        description="The operation catalogue: every agent write this gateway accepts and how to call it.",
+    )
+    def operations(self, info: strawberry.Info) -> list[Operation]:
+        return _operations(info)
 
     @strawberry.field(permission_classes=AUTHENTICATED)
     async def run(self, info: strawberry.Info, id: strawberry.ID) -> Run:

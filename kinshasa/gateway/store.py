@@ -17,6 +17,7 @@ from sqlalchemy import (
     Table,
     Text,
     TypeDecorator,
+    inspect,
     text,
 )
 from sqlalchemy.engine import Dialect
@@ -63,16 +64,22 @@ RUNNING, FINISHED, TRIPPED, REVERTING, REVERTED, REVERT_FAILED = (
 )
 # Breaker state.
 CLOSED, OPEN, HALF_OPEN = "CLOSED", "OPEN", "HALF_OPEN"
-# Command status (CommandReceipt.status).
-HELD, PUBLISHED, AWAITING_APPROVAL, DISCARDED, REJECTED = (
+# Command status (CommandReceipt.status): HELD or AWAITING_APPROVAL -> PUBLISHED -> APPLIED or REJECTED (what
+# the service did, from its events); APPLIED -> COMPENSATED when a revert undid it; unpublished -> DISCARDED.
+HELD, PUBLISHED, AWAITING_APPROVAL, DISCARDED, REJECTED, APPLIED, COMPENSATED = (
     "HELD",
     "PUBLISHED",
     "AWAITING_APPROVAL",
     "DISCARDED",
     "REJECTED",
+    "APPLIED",
+    "COMPENSATED",
 )
+# Statuses of a command that left the gateway.
+PUBLISHED_STATUSES = (PUBLISHED, APPLIED, REJECTED, COMPENSATED)
 
 _RUNS_AGENT_STATUS = "ix_gw_runs_agent_status"
+_COMMANDS_APPLIED_EVENT = "ix_gw_commands_applied_event"
 
 runs = Table(
     "gw_runs",
@@ -131,9 +138,15 @@ commands = Table(
     Column("reason", Text),
     # What the service did with it, from the events topic: APPLIED, REJECTED, COMPENSATED.
     Column("result", String(20)),
+    # When the service applied it, the applied event's id (a compensated event names it) and when a
+    # revert undid it: the receipt's appliedAt and compensatedAt.
+    Column("applied_at", UtcDateTime),
+    Column("applied_event_id", String(36)),
+    Column("compensated_at", UtcDateTime),
     Column("envelope", Text, nullable=False),
     Index("ix_gw_commands_run_accepted", "run_id", "accepted_at"),
     Index("ix_gw_commands_status_release", "status", "release_at"),
+    Index(_COMMANDS_APPLIED_EVENT, "applied_event_id"),
 )
 
 alerts = Table(
@@ -212,8 +225,27 @@ idempotency_keys = Table(
 
 _APPEND_ONLY = ("gw_policy_versions", "gw_service_versions")
 
-# Indexes added to tables that existing databases already have (create_all creates only missing tables).
-_ADDED_INDEXES = (f"CREATE INDEX IF NOT EXISTS {_RUNS_AGENT_STATUS} ON gw_runs (agent_id, status)",)
+# Columns and indexes added to tables that existing databases already have (create_all creates only
+# missing tables). Columns come first: an index may name one.
+_ADDED_COLUMNS = {"gw_commands": ("applied_at", "applied_event_id", "compensated_at")}
+_ADDED_INDEXES = (
+    f"CREATE INDEX IF NOT EXISTS {_RUNS_AGENT_STATUS} ON gw_runs (agent_id, status)",
+    f"CREATE INDEX IF NOT EXISTS {_COMMANDS_APPLIED_EVENT} ON gw_commands (applied_event_id)",
+)
+
+
+def _missing_columns(sync_conn: Any) -> list[str]:
+    """ALTER TABLE statements for the added columns an existing database lacks."""
+    inspector = inspect(sync_conn)
+    statements: list[str] = []
+    for table_name, names in _ADDED_COLUMNS.items():
+        present = {column["name"] for column in inspector.get_columns(table_name)}
+        table = gateway_metadata.tables[table_name]
+        for name in names:
+            if name not in present:
+                column_type = table.c[name].type.compile(dialect=sync_conn.dialect)
+                statements.append(f"ALTER TABLE {table_name} ADD COLUMN {name} {column_type}")
+    return statements
 
 
 def _append_only_ddl(dialect: str) -> list[str]:
@@ -246,6 +278,8 @@ async def install_gateway_tables(engine: AsyncEngine) -> None:
             # Two replicas starting together would race on CREATE TABLE; one advisory lock serialises them.
             await conn.execute(text("SELECT pg_advisory_xact_lock(724115)"))
         await conn.run_sync(gateway_metadata.create_all)
+        for statement in await conn.run_sync(_missing_columns):
+            await conn.execute(text(statement))
         for statement in _ADDED_INDEXES:
             await conn.execute(text(statement))
         for statement in _append_only_ddl(engine.dialect.name):

@@ -10,7 +10,8 @@ import httpx
 RUN_FIELDS = """id status finishedAt
   breaker { state writes errors servicesTouched trippedReason }
   counts { held awaitingApproval published applied compensated discarded rejected }"""
-RECEIPT = "commandId runId operation entityId status releaseAt result reason"
+RECEIPT = ("commandId runId operation entityId status releaseAt result reason appliedAt rejectedReason "
+           "compensatedAt")
 
 
 class GraphQLError(AssertionError):

@@ -84,7 +84,7 @@ def test_demo_tells_the_story_and_the_state_agrees(stack: Stack, operator: Api) 
         by_status.setdefault(c["status"], []).append(c["operation"])
     assert sorted(by_status["DISCARDED"]) == ["ledger.post_entry", "ledger.post_entry", "links.link",
                                               "links.link"]
-    assert sorted(by_status["PUBLISHED"]) == ["documents.create", "documents.create", "documents.edit",
+    assert sorted(by_status["COMPENSATED"]) == ["documents.create", "documents.create", "documents.edit",
                                               "documents.rename", "ledger.open_account", "links.unlink"]
     steps = operator.steps(rogue["id"])
     assert len(steps) == 6 and {s["status"] for s in steps} == {"COMPENSATED"}
