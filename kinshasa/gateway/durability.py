@@ -107,15 +107,7 @@ def from_admin(component: str, body: Any) -> ComponentDurability:
 async def remote_status(backends: Backends, component: str, timeout_s: float) -> ComponentDurability:
     """`GET /admin/outbox` of one component; one that does not answer comes back with its error."""
     try:
-        # The admin URL and the token are resolved exactly as for `dlq` (Backends keeps them private).
-        url = backends._admin(component)
-        body = await backends._get(
-            component,
-            f"{url}/admin/outbox",
-            headers={"Authorization": f"Bearer {backends._token}"},
-            allow_404=False,
-            timeout_s=timeout_s,
-        )
+        body = await backends.outbox(component, timeout_s)
     except BackendUnavailable as exc:
         return ComponentDurability(component, error=exc.message)
     return from_admin(component, body)

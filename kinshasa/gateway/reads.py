@@ -209,6 +209,17 @@ class Backends:
             raise BackendUnavailable(f"{component} answered a DLQ that is not an object", backend=component)
         return dict(result)
 
+    async def outbox(self, component: str, timeout_s: float | None = None) -> Any:
+        """The component's `GET /admin/outbox`: its outbox backlog and DLQ size, as it answered."""
+        url = self._admin(component)
+        return await self._get(
+            component,
+            f"{url}/admin/outbox",
+            headers={"Authorization": f"Bearer {self._token}"},
+            allow_404=False,
+            timeout_s=timeout_s,
+        )
+
     async def dlq_all(self, limit: int, timeout_s: float | None = None) -> list[dict[str, Any]]:
         """Every component's DLQ; one that does not answer shows its error instead of failing the query."""
 

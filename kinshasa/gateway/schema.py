@@ -461,7 +461,9 @@ class AlertFailingStep:
 class Alert:
     id: strawberry.ID
     run_id: strawberry.ID = strawberry.field(description="the run it is about; empty if about no run")
-    kind: str = strawberry.field(description="what happened: run_tripped, agent_budget, revert_failed, ...")
+    kind: str = strawberry.field(
+        description="what happened: run_tripped, agent_budget, revert_failed, dlq_threshold, ..."
+    )
     source: str = strawberry.field(description="the component that raised it: gateway, coordinator, ...")
     created_at: datetime
     summary: str

@@ -70,5 +70,5 @@ def test_operations_lists_the_catalogue_as_the_schema_spells_it(agent: Api, oper
     created = agent.write(run_id, "createDocument", title="by the catalogue")
     query = (f"mutation($runId: ID!, {args}) {{ renameDocument(runId: $runId, {passed}) "
              "{ operation status } }")
-    receipt = agent.call(query, runId=run_id, documentId=created["entityId"], title="renamed")["renameDocument"]
-    assert receipt["operation"] == "documents.rename"
+    answer = agent.call(query, runId=run_id, documentId=created["entityId"], title="renamed")
+    assert answer["renameDocument"]["operation"] == "documents.rename"

@@ -12,7 +12,8 @@ from kinshasa.kernel.database import create_engine
 OLD_COMMANDS = """CREATE TABLE gw_commands (
     command_id VARCHAR(36) PRIMARY KEY, run_id VARCHAR(64) NOT NULL, command_type VARCHAR(200) NOT NULL,
     graphql_name VARCHAR(200) NOT NULL, service VARCHAR(64) NOT NULL, entity_id VARCHAR(200) NOT NULL,
-    status VARCHAR(20) NOT NULL, egress BOOLEAN NOT NULL, probe BOOLEAN NOT NULL, manual_hold BOOLEAN NOT NULL,
+    status VARCHAR(20) NOT NULL, egress BOOLEAN NOT NULL, probe BOOLEAN NOT NULL,
+    manual_hold BOOLEAN NOT NULL,
     release_at TIMESTAMP, discard_at TIMESTAMP, accepted_at TIMESTAMP NOT NULL, published_at TIMESTAMP,
     decided_by VARCHAR(256), reason TEXT, result VARCHAR(20), envelope TEXT NOT NULL)"""
 ROW = """INSERT INTO gw_commands (command_id, run_id, command_type, graphql_name, service, entity_id, status,
