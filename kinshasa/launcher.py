@@ -130,6 +130,8 @@ def banner(stack: StackSettings, ports: StackPorts) -> str:
         "",
         "Kinshasa is up.",
         f"  GraphQL endpoint (point your agent here): {url}",
+        f"  MCP (streamable HTTP, Bearer key):        http://127.0.0.1:{ports.gateway}/mcp"
+        "   or stdio: KINSHASA_KEY=... kinshasa mcp",
         f"  API keys (agent and operator):            {creds}",
         "  Try it:",
         f"    KEY=$(python3 -c 'import json,sys; print(next(p[\"key\"] for p in json.load(open(sys.argv[1]))"

@@ -15,6 +15,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from kinshasa.infra.process import InfraError, ManagedProcess, free_port, port_open
@@ -87,7 +88,8 @@ def _exercise(process: subprocess.Popen[bytes], ports: dict[str, int], log: Path
 
     wait_for("`kinshasa up` to print its banner", banner, timeout_s=START_TIMEOUT_S)
     url = f"http://127.0.0.1:{ports['gateway']}/graphql"
-    assert url in log.read_text()
+    mcp = f"http://127.0.0.1:{ports['gateway']}/mcp"
+    assert url in log.read_text() and mcp in log.read_text()
     credentials = log.parent / "credentials.json"
     # The gateway writes the file in place, so it can exist before it holds JSON: retry the read.
     keys = wait_for("the dev credentials", lambda: {
@@ -103,6 +105,8 @@ def _exercise(process: subprocess.Popen[bytes], ports: dict[str, int], log: Path
              lambda: agent.command(receipt["commandId"])["result"] == "APPLIED", timeout_s=120)
     document = agent.call("query($id: ID!) { document(id: $id) { title } }", id=receipt["entityId"])
     assert document["document"] == {"title": "hello from kinshasa up"}
+    # The MCP endpoint the banner names is served, and only to a known key.
+    assert httpx.post(mcp, json={}, timeout=10.0).status_code == 401
     # A service of one's own, added with --service, is written to like any other.
     ticket = wait_for("openTicket in the gateway's schema", lambda: agent.write(
         run_id, "openTicket", title="from kinshasa up --service"), timeout_s=60)
