@@ -34,7 +34,7 @@ from kinshasa.gateway.store import commands, runs
 from kinshasa.gateway.uow import GatewayTx, transaction
 from kinshasa.kernel.inbox import Inbox
 from kinshasa.kernel.logs import log_context
-from kinshasa.schemas.envelope import Actor, Envelope, EventSuffix, RunEventKind, split_type
+from kinshasa.schemas.envelope import Actor, Envelope, EventSuffix, RunEventKind, deterministic_id, split_type
 from kinshasa.topics.catalogue import ALERTS, RUNS, events_topic_pattern, group_id
 from kinshasa.topics.consumer import Record
 
@@ -113,16 +113,7 @@ class Listener:
                 await tx.commit()
                 return
             if suffix is EventSuffix.APPLIED:
-                await tx.conn.execute(
-                    update(commands)
-                    .where(commands.c.command_id == command["command_id"])
-                    .values(
-                        result=store.APPLIED,
-                        status=store.APPLIED,
-                        applied_at=envelope.occurred_at,
-                        applied_event_id=str(envelope.message_id),
-                    )
-                )
+                await self._applied(tx, command["command_id"], envelope)
                 await tx.conn.execute(
                     update(runs).where(runs.c.run_id == run.run_id).values(applied=runs.c.applied + 1)
                 )
@@ -144,7 +135,9 @@ class Listener:
                 log.info("command %s (%s) rejected: %s", command["command_id"], envelope.type, reason)
                 await tx.conn.execute(
                     update(commands)
-                    .where(commands.c.command_id == command["command_id"])
+                    .where(
+                        commands.c.command_id == command["command_id"], commands.c.status == store.PUBLISHED
+                    )
                     .values(result=store.REJECTED, status=store.REJECTED, reason=reason)
                 )
                 await tx.conn.execute(
@@ -187,16 +180,66 @@ class Listener:
             log.warning("alert %s from %s: %s", alert.kind, alert.source, alert.summary)
             self._webhook.send_later(alert)
 
+    async def _applied(self, tx: GatewayTx, command_id: str, envelope: Envelope) -> None:
+        """A receipt only moves forward: PUBLISHED becomes APPLIED. An applied event arriving late (its
+        dead letter reprocessed after the revert's compensated event) fills in when, never the status."""
+        stamps = {"applied_at": envelope.occurred_at, "applied_event_id": str(envelope.message_id)}
+        moved = await tx.conn.execute(
+            update(commands)
+            .where(commands.c.command_id == command_id, commands.c.status == store.PUBLISHED)
+            .values(result=store.APPLIED, status=store.APPLIED, **stamps)
+        )
+        if moved.rowcount == 0:
+            await tx.conn.execute(
+                update(commands)
+                .where(
+                    commands.c.command_id == command_id,
+                    commands.c.status == store.COMPENSATED,
+                    commands.c.applied_at.is_(None),
+                )
+                .values(**stamps)
+            )
+
     async def _compensated(self, tx: GatewayTx, envelope: Envelope) -> None:
-        """Mark the command whose applied event a revert undid COMPENSATED (the event names that event)."""
+        """Mark the command whose applied event a revert undid COMPENSATED (the event names that event).
+
+        Normally the applied event came first and left its id on the command. If it has not been
+        consumed (dead-lettered, to be reprocessed), the command is found among the run's published
+        commands of the entity by the applied event id the contract derives from each command id.
+        """
         forward_event_id = envelope.payload.get("forward_event_id")
         if not isinstance(forward_event_id, str) or not forward_event_id:
             return
-        await tx.conn.execute(
+        compensated = {"result": store.COMPENSATED, "status": store.COMPENSATED,
+                       "compensated_at": envelope.occurred_at}
+        moved = await tx.conn.execute(
             update(commands)
-            .where(commands.c.applied_event_id == forward_event_id, commands.c.run_id == envelope.run_id)
-            .values(result=store.COMPENSATED, status=store.COMPENSATED, compensated_at=envelope.occurred_at)
+            .where(
+                commands.c.applied_event_id == forward_event_id,
+                commands.c.run_id == envelope.run_id,
+                commands.c.status == store.APPLIED,
+            )
+            .values(**compensated)
         )
+        if moved.rowcount or envelope.entity is None:
+            return
+        published = await tx.conn.execute(
+            select(commands.c.command_id).where(
+                commands.c.run_id == envelope.run_id,
+                commands.c.entity_id == envelope.entity.id,
+                commands.c.status == store.PUBLISHED,
+            )
+        )
+        for (command_id,) in published:
+            if str(deterministic_id(str(EventSuffix.APPLIED), command_id)) == forward_event_id:
+                await tx.conn.execute(
+                    update(commands)
+                    .where(commands.c.command_id == command_id)
+                    .values(applied_event_id=forward_event_id, **compensated)
+                )
+                return
+        log.warning("compensated event %s names applied event %s, which no command of run %s matches",
+                    envelope.message_id, forward_event_id, envelope.run_id)
 
     async def _command(self, tx: GatewayTx, envelope: Envelope) -> Any:
         if envelope.causation_id is None:

@@ -204,7 +204,9 @@ class CommandReceipt:
     status: CommandStatus
     release_at: datetime | None
     accepted_at: datetime | None
-    result: str | None = strawberry.field(description="what the service did: APPLIED or REJECTED, once known")
+    result: str | None = strawberry.field(
+        description="what became of it downstream: APPLIED, REJECTED or COMPENSATED, once known"
+    )
     reason: str | None
     applied_at: datetime | None = strawberry.field(description="when the service applied it")
     rejected_reason: str | None = strawberry.field(description="why the service refused it (status REJECTED)")
@@ -417,7 +419,11 @@ class Run:
             ),
         )
 
-    @strawberry.field(description="The run's commands in acceptance order.", metadata=BATCHED)
+    @strawberry.field(
+        description="The run's commands in acceptance order; `status` keeps those with that status now (a "
+        "published command is APPLIED, REJECTED or COMPENSATED once its service answered).",
+        metadata=BATCHED,
+    )
     async def commands(
         self, info: strawberry.Info, status: CommandStatus | None = None, first: int = 100
     ) -> list[CommandReceipt]:

@@ -75,8 +75,6 @@ HELD, PUBLISHED, AWAITING_APPROVAL, DISCARDED, REJECTED, APPLIED, COMPENSATED = 
     "APPLIED",
     "COMPENSATED",
 )
-# Statuses of a command that left the gateway.
-PUBLISHED_STATUSES = (PUBLISHED, APPLIED, REJECTED, COMPENSATED)
 
 _RUNS_AGENT_STATUS = "ix_gw_runs_agent_status"
 _COMMANDS_APPLIED_EVENT = "ix_gw_commands_applied_event"
