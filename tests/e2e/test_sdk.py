@@ -3,6 +3,7 @@ retries that never write twice, and the sync facade."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -16,12 +17,15 @@ import httpx
 import pytest
 
 from kinshasa.client import (
+    AgentBudgetExceeded,
+    BackendUnavailable,
     BreakerOpen,
     Forbidden,
     Kinshasa,
     KinshasaError,
     NotFound,
     QueryTooCostly,
+    RateLimited,
     Rejected,
     RunClosed,
     RunNotFound,
@@ -30,7 +34,7 @@ from kinshasa.client import (
     Validation,
 )
 from tests.e2e.api import Api
-from tests.e2e.stack import REPO, Stack
+from tests.e2e.stack import REPO, Stack, wait_for
 
 # Big enough to be refused before it runs: 200 runs x 200 steps x 200 commands.
 COSTLY = ("{ runs(first: 200) { nodes { steps(first: 200) { nodes { stepId } } "
@@ -141,6 +145,53 @@ async def test_real_refusals_raise_their_typed_exceptions(stack: Stack, operator
             await client.call(run_id, "create_document", {"title": "too late"})
         with pytest.raises(RunClosed):
             await client.finish_run(run_id)
+
+
+# Near the cost limit (50 runs x 100 commands): a few at once spend more than a principal's burst.
+HEAVY = "{ runs(first: 50) { nodes { commands(first: 100) { commandId } } } }"
+STEPS = "query($id: ID!) { run(id: $id) { steps(first: 5) { nodes { stepId } } } }"
+AGENT_LAYER = """mutation($s: String!, $p: PolicyInput!) {
+    setPolicy(scope: AGENT, subject: $s, settings: $p, reason: "e2e sdk", loosen: true) { version } }"""
+
+
+async def test_refusals_that_push_the_stack_raise_their_typed_exceptions(stack: Stack, operator: Api) -> None:
+    url = stack.gateway_url
+    async with Kinshasa(url, stack.key("agent")) as client:
+        chosen = entry_point("pushed", operator)
+        run_id = await client.start_run(chosen)
+
+        # The coordinator down: a run's steps cannot be read; the error names the backend, not its URL.
+        stack.kill("coordinator")
+        try:
+            with pytest.raises(BackendUnavailable) as down:
+                await client.query(STEPS, {"id": run_id})
+            assert down.value.backend == "coordinator" and "http" not in down.value.message
+        finally:
+            stack.restart("coordinator")
+
+        # An agent budget: at most one run an hour, and this agent has started many.
+        agent_id = (await client.query("{ me { id } }"))["me"]["id"]
+        operator.call(AGENT_LAYER, s=agent_id, p={"maxRunsPerHour": 1})
+        try:
+            with pytest.raises(AgentBudgetExceeded) as budget:
+                await client.start_run(chosen)
+            assert budget.value.budget == "maxRunsPerHour" and budget.value.limit == 1
+        finally:
+            operator.call(AGENT_LAYER, s=agent_id, p={})
+        assert await client.start_run(chosen)  # the budget is gone with the layer that set it
+
+        # Its costliest reads faster than its bucket refills: RATE_LIMITED with when to come back.
+        limited: list[RateLimited] = []
+        for _ in range(10):
+            answers = await asyncio.gather(*(client.query(HEAVY) for _ in range(6)), return_exceptions=True)
+            limited = [a for a in answers if isinstance(a, RateLimited)]
+            if limited:
+                break
+        assert limited, "six heavy reads at once, ten times over, were never rate limited"
+        assert limited[0].retry_after is not None and limited[0].retry_after > 0
+        # Come back later as told: the agent is served again (the next test starts with a full bucket).
+        await asyncio.sleep(limited[0].retry_after)
+        wait_for("the agent to be served again", lambda: Api(url, stack.key("agent")).call("{ me { id } }"))
 
 
 async def test_a_tripped_breaker_raises_breaker_open_with_its_snapshot(stack: Stack, operator: Api) -> None:
