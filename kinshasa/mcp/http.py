@@ -12,7 +12,7 @@ import hashlib
 import json
 import logging
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -20,7 +20,10 @@ import httpx
 from mcp.server.auth.middleware.bearer_auth import AuthenticatedUser
 from mcp.server.auth.provider import AccessToken
 from mcp.server.context import ServerRequestContext
+from mcp.server.streamable_http import MCP_SESSION_ID_HEADER
 from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
+from mcp.shared.inbound import MCP_PROTOCOL_VERSION_HEADER
+from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS
 
 from kinshasa.client.client import Kinshasa
 from kinshasa.gateway.principals import Principal
@@ -37,6 +40,10 @@ INTERNAL_URL = "http://gateway/graphql"
 ENTRY_POINT_HEADER = "kinshasa-entry-point"
 BINDING_STATE = "kinshasa.run_binding"
 ASGIApp = Callable[..., Any]
+# Why a client of the per-request protocol must name its run: binding one per request would start and
+# finish a run around every write, so per-run limits (the breaker) would never trip.
+NO_SESSION = ("because this protocol (MCP 2026-07-28, each request on its own) has no session to bind a run "
+              "to: call start_run first and pass its run_id to every write")
 
 
 def bearer_key(authorization: str | None) -> str | None:
@@ -46,6 +53,18 @@ def bearer_key(authorization: str | None) -> str | None:
     if scheme.lower() != "bearer":
         return None
     return key.strip() or None
+
+
+def session_id(headers: Mapping[str, str]) -> str | None:
+    """The MCP session a request belongs to; None for a request of the per-request protocol.
+
+    Follows the SDK's routing: a request whose protocol-version header names no handshake version is
+    served one request at a time, whatever `Mcp-Session-Id` it carries, so it has no session.
+    """
+    version = headers.get(MCP_PROTOCOL_VERSION_HEADER)
+    if version is not None and version not in HANDSHAKE_PROTOCOL_VERSIONS:
+        return None
+    return headers.get(MCP_SESSION_ID_HEADER) or None
 
 
 async def _answer(send: Any, status: int, body: dict[str, Any], headers: list[tuple[bytes, bytes]]) -> None:
@@ -101,14 +120,17 @@ class McpEndpoint:
     def _caller(self, ctx: ServerRequestContext[Any, Any]) -> Caller | None:
         request = ctx.request
         key = bearer_key(request.headers.get("authorization")) if request is not None else None
-        if key is None:
+        if request is None or key is None:
             return None
-        entry_point = (request.headers.get(ENTRY_POINT_HEADER) if request is not None else None) \
-            or self.settings.entry_point
-        return Caller(key, self._binding(ctx, key, entry_point) if entry_point else None)
+        entry_point = request.headers.get(ENTRY_POINT_HEADER) or self.settings.entry_point
+        if not entry_point:
+            return Caller(key)
+        if session_id(request.headers) is None:
+            return Caller(key, unbound=NO_SESSION)
+        return Caller(key, self._binding(ctx, key, entry_point))
 
     def _binding(self, ctx: ServerRequestContext[Any, Any], key: str, entry_point: str) -> RunBinding | None:
-        """The MCP connection's run binding, made on its first request and closed with the connection.
+        """The MCP session's run binding, made on its first request and closed with the session.
 
         The SDK gives handlers no public way to the connection yet (its `Context.connection` is not
         built by the runner in 2.3), so this reads the session's private reference; the e2e test of

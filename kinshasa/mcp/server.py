@@ -99,10 +99,15 @@ class RunBinding:
 
 @dataclass
 class Caller:
-    """Who is calling: the key every request of the call is sent with, and the session's run binding."""
+    """Who is calling: the key every request of the call is sent with, and the session's run binding.
+
+    `unbound` says why a write must name its run although run binding is configured (the caller has no
+    session to bind one to); it becomes the VALIDATION refusal of a write without `run_id`.
+    """
 
     key: str
     binding: RunBinding | None = None
+    unbound: str | None = None
 
 
 @dataclass
@@ -271,10 +276,12 @@ class KinshasaMcp:
         return await handler(args, caller, client)
 
     async def _write(self, op: Operation, args: dict[str, Any], caller: Caller, client: Kinshasa) -> Any:
-        run_id = _text(args, "run_id", required=caller.binding is None)
+        run_id = _text(args, "run_id", required=False)
         args.pop("run_id", None)
         if run_id is None:
-            assert caller.binding is not None
+            if caller.binding is None:
+                problem = f"required, {caller.unbound}" if caller.unbound else "required"
+                raise BadArguments([("run_id", problem)])
             run_id = await caller.binding.run_for(client)
         key = _text(args, "idempotency_key", required=False) if op.keyed else None
         if op.keyed:

@@ -15,11 +15,11 @@ import httpx
 import mcp_types as types
 import pytest
 from confluent_kafka import Producer
-from mcp import ClientSession
+from mcp import Client, ClientSession
 from mcp.client.stdio import StdioServerParameters, stdio_client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared._httpx_utils import create_mcp_http_client
-from mcp_types.version import LATEST_HANDSHAKE_VERSION
+from mcp_types.version import LATEST_HANDSHAKE_VERSION, LATEST_MODERN_VERSION
 
 from kinshasa.topics.catalogue import commands_topic
 from tests.e2e.api import Api
@@ -95,6 +95,13 @@ def _entry_point(name: str, operator: Api, **policy: Any) -> str:
     chosen = f"e2e.mcp.{name}.{uuid.uuid4().hex[:8]}"
     operator.set_policy(chosen, quarantineWindowS=0.0, **policy)
     return chosen
+
+
+def _runs_at(entry_point: str, operator: Api) -> list[dict[str, Any]]:
+    found: list[dict[str, Any]] = operator.call(
+        "query($e: String!) { runs(filter: {entryPoint: $e}) { nodes { id status } } }", e=entry_point
+    )["runs"]["nodes"]
+    return found
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
@@ -188,18 +195,43 @@ async def test_a_bound_session_writes_without_run_ids_and_leaves_one_finished_ru
         second = await call(session, "create_document", title="bound write two")
         assert first["runId"] == second["runId"]
 
-    def runs() -> list[dict[str, Any]]:
-        found: list[dict[str, Any]] = operator.call(
-            "query($e: String!) { runs(filter: {entryPoint: $e}) { nodes { id status } } }", e=chosen
-        )["runs"]["nodes"]
-        return found
-
     async def finished() -> list[dict[str, Any]] | None:
-        found = runs()
+        found = _runs_at(chosen, operator)
         return found if found and all(r["status"] == "FINISHED" for r in found) else None
 
     only = await poll("the session's run to be finished", finished)
     assert only == [{"id": first["runId"], "status": "FINISHED"}]
+
+
+async def test_a_per_request_client_must_name_its_run_and_a_write_starts_none(
+        stack: Stack, operator: Api) -> None:
+    # A run bound per request would be started and finished around each write: the breaker's per-run
+    # limits would never trip. So a client without a session is refused until it names a run.
+    chosen = _entry_point("per-request", operator, maxWrites=1)
+    headers = {"Authorization": f"Bearer {stack.key('agent')}", "Kinshasa-Entry-Point": chosen}
+    async with (create_mcp_http_client(headers=headers) as http,
+                Client(streamable_http_client(_mcp_url(stack), http_client=http),
+                       mode=LATEST_MODERN_VERSION, cache=None) as client):
+        assert client.session.protocol_version == LATEST_MODERN_VERSION
+        tools = {t.name: t for t in (await client.list_tools()).tools}
+        assert "run_id" in tools["create_document"].input_schema["required"]
+
+        result = await client.call_tool("create_document", {"title": "no run named"})
+        assert result.is_error, _text(result)
+        text = _text(result)
+        assert text.startswith("VALIDATION:")
+        assert "run_id: required" in text and "no session to bind a run to" in text
+        assert "call start_run first" in text
+        assert _runs_at(chosen, operator) == []
+
+        # Naming a run works, and that run's limits hold across requests.
+        started = await client.call_tool("start_run", {"entry_point": chosen})
+        run_id = json.loads(_text(started))["runId"]
+        written = await client.call_tool("create_document", {"run_id": run_id, "title": "the one allowed"})
+        assert not written.is_error, _text(written)
+        again = await client.call_tool("create_document", {"run_id": run_id, "title": "one too many"})
+        assert again.is_error and _text(again).startswith("BREAKER_OPEN:")
+    assert [r["id"] for r in _runs_at(chosen, operator)] == [run_id]
 
 
 async def test_operator_dlq_tools_act_on_a_real_dead_letter(stack: Stack) -> None:

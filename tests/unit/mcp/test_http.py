@@ -1,0 +1,24 @@
+"""Which HTTP requests belong to an MCP session, the condition for binding a run to it."""
+
+from __future__ import annotations
+
+from mcp_types.version import LATEST_HANDSHAKE_VERSION, LATEST_MODERN_VERSION
+
+from kinshasa.mcp.http import session_id
+
+
+def test_a_handshake_request_belongs_to_the_session_it_names() -> None:
+    assert session_id({"mcp-session-id": "s1", "mcp-protocol-version": LATEST_HANDSHAKE_VERSION}) == "s1"
+    # The handshake protocol's first revision sent no version header.
+    assert session_id({"mcp-session-id": "s1"}) == "s1"
+
+
+def test_a_request_of_the_per_request_protocol_has_no_session_even_if_it_names_one() -> None:
+    assert session_id({"mcp-protocol-version": LATEST_MODERN_VERSION}) is None
+    # The SDK serves it one request at a time whatever id it carries: no run may be bound to that id.
+    assert session_id({"mcp-session-id": "s1", "mcp-protocol-version": LATEST_MODERN_VERSION}) is None
+
+
+def test_a_request_naming_no_session_has_none() -> None:
+    assert session_id({"mcp-protocol-version": LATEST_HANDSHAKE_VERSION}) is None
+    assert session_id({"mcp-session-id": ""}) is None
