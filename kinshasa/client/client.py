@@ -66,8 +66,11 @@ class Kinshasa:
             transport=transport, timeout=timeout, headers={"Authorization": f"Bearer {key}"}
         )
         self._operations: list[Operation] | None = None
+        # Entered with `async with`: whoever entered it closes it, so a run scope never does.
+        self._entered = False
 
     async def __aenter__(self) -> Kinshasa:
+        self._entered = True
         return self
 
     async def __aexit__(
@@ -77,6 +80,10 @@ class Kinshasa:
 
     async def aclose(self) -> None:
         await self._http.aclose()
+
+    @property
+    def closed(self) -> bool:
+        return self._http.is_closed
 
     # --- raw GraphQL ---------------------------------------------------------------------------------
 
@@ -263,8 +270,13 @@ class Kinshasa:
 
     def run(self, entry_point: str, purpose: str | None = None) -> RunScope:
         """`async with client.run("support-bot", purpose=...) as run:` starts the run and finishes it
-        when the block ends; an exception leaves it open (logged with the run id) and propagates."""
-        return RunScope(self, entry_point, purpose)
+        when the block ends; an exception leaves it open (logged with the run id) and propagates.
+
+        On a client not entered with `async with` (`Kinshasa(url, key).run(...)`), the scope owns the
+        client and closes it when the block ends, either way: nothing else would.
+        """
+        owns_client = not self._entered and not self.closed
+        return RunScope(self, entry_point, purpose, owns_client=owns_client)
 
     async def attach(self, run_id: str) -> Run:
         """A Run for a run already started (its methods need the catalogue, read here); not finished

@@ -112,24 +112,44 @@ class RunScope:
     operator should look at from one the agent will recover from, and a finished run cannot be
     written to again. It logs a warning naming the run and re-raises. If the run was closed meanwhile
     (its breaker tripped and the agent caught BreakerOpen), the clean exit logs that instead.
+
+    With `owns_client` (the client was made for this block alone: `Kinshasa(url, key).run(...)`), the
+    scope closes the client when it ends, whichever way it ends, including a failed start.
     """
 
-    def __init__(self, client: Kinshasa, entry_point: str, purpose: str | None) -> None:
+    def __init__(self, client: Kinshasa, entry_point: str, purpose: str | None, *,
+                 owns_client: bool = False) -> None:
         self.client = client
         self.entry_point = entry_point
         self.purpose = purpose
+        self.owns_client = owns_client
         self.run: Run | None = None
         self.finished: dict[str, Any] | None = None
 
     async def __aenter__(self) -> Run:
-        await self.client.operations()
-        run_id = await self.client.start_run(self.entry_point, self.purpose)
+        try:
+            await self.client.operations()
+            run_id = await self.client.start_run(self.entry_point, self.purpose)
+        except BaseException:
+            # __aexit__ is not called when entering fails: close an owned client here.
+            await self._release()
+            raise
         self.run = Run(self.client, run_id)
         return self.run
 
     async def __aexit__(
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
+        try:
+            await self._end(exc)
+        finally:
+            await self._release()
+
+    async def _release(self) -> None:
+        if self.owns_client:
+            await self.client.aclose()
+
+    async def _end(self, exc: BaseException | None) -> None:
         assert self.run is not None
         if exc is not None:
             log.warning(

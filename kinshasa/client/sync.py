@@ -143,8 +143,9 @@ class SyncKinshasa:
         self._portal = _Portal()
 
         async def build() -> Kinshasa:
-            return Kinshasa(url, key, timeout=timeout, transport=transport,
-                            retry_rate_limited=retry_rate_limited, backoff=backoff)
+            # Entered: this facade closes the client (close()), so a run scope must not.
+            return await Kinshasa(url, key, timeout=timeout, transport=transport,
+                                  retry_rate_limited=retry_rate_limited, backoff=backoff).__aenter__()
 
         self.client = self._portal.run(build())
 

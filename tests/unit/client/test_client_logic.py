@@ -223,7 +223,42 @@ async def test_an_exception_in_the_block_leaves_the_run_open_and_says_so(
     assert "run run-1 (support-bot) left open" in caplog.text and "ZeroDivisionError" in caplog.text
 
 
-def test_the_sync_facade_runs_the_same_client_on_its_own_loop() -> None:
+async def test_a_run_on_a_client_nobody_entered_closes_the_client_when_the_block_ends() -> None:
+    calls: list[str] = []
+    client = Script(lifecycle(calls)).client()
+    async with client.run("support-bot") as run:
+        await run.rename_document("doc-1", title="Q4")
+        assert not client.closed
+    assert client.closed and calls == ["startRun", "renameDocument", "finishRun"]
+
+    raising = Script(lifecycle([])).client()
+    with pytest.raises(ZeroDivisionError):
+        async with raising.run("support-bot"):
+            raise ZeroDivisionError("agent bug")
+    assert raising.closed
+
+
+async def test_a_run_on_a_client_nobody_entered_closes_it_when_the_run_cannot_start() -> None:
+    client = Script(catalogue_or(lambda body, n: httpx.ConnectError("refused"))).client()
+    with pytest.raises(Unreachable):
+        async with client.run("support-bot"):
+            pass
+    assert client.closed
+
+
+async def test_a_run_leaves_an_entered_client_open_for_whoever_entered_it() -> None:
+    async with Script(lifecycle([])).client() as client:
+        async with client.run("support-bot"):
+            pass
+        assert not client.closed
+        with pytest.raises(ZeroDivisionError):
+            async with client.run("support-bot"):
+                raise ZeroDivisionError("agent bug")
+        assert not client.closed
+    assert client.closed
+
+
+
     calls: list[str] = []
     script = Script(lifecycle(calls))
     with SyncKinshasa(URL, "key", transport=httpx.MockTransport(script), backoff=FAST) as client:
