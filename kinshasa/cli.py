@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import sys
 from pathlib import Path
@@ -109,13 +108,17 @@ def mcp(url: str | None = typer.Option(
             None, "--url", envvar="KINSHASA_URL", metavar="URL",
             help="The gateway (its GraphQL URL or its base URL); default from KINSHASA_GATEWAY_HOST/PORT: "
                  "http://127.0.0.1:8000/graphql."),
+        key: str | None = typer.Option(
+            None, "--key", envvar="KINSHASA_KEY", metavar="KEY", show_default=False,
+            help="The agent's or operator's key. Prefer KINSHASA_KEY or --key-file: a key on the command "
+                 "line is visible in the process list."),
         key_file: Path | None = typer.Option(
             None, "--key-file", metavar="PATH",
-            help="A file holding the key (instead of KINSHASA_KEY).")) -> None:
+            help="A file holding the key; it wins over --key and KINSHASA_KEY.")) -> None:
     """Serve Kinshasa as MCP tools on stdin/stdout, for an agent host that starts it as a subprocess.
 
-    The key comes from KINSHASA_KEY or --key-file. With KINSHASA_MCP_ENTRY_POINT=NAME the session starts
-    its own run on its first write and finishes it on exit.
+    The key comes from --key-file, else --key or KINSHASA_KEY. With KINSHASA_MCP_ENTRY_POINT=NAME the
+    session starts its own run on its first write and finishes it on exit.
     """
     import anyio
 
@@ -127,6 +130,7 @@ def mcp(url: str | None = typer.Option(
     stack = StackSettings()
     # stdout carries the protocol: every log line goes to stderr.
     configure_logging("mcp", stack.log_level, stream=sys.stderr, fmt=stack.log_format)
+    # A key file is the deliberate choice for this one command; KINSHASA_KEY may be set for the whole shell.
     if key_file is not None:
         try:
             key = key_file.read_text(encoding="utf-8").strip()
@@ -134,7 +138,7 @@ def mcp(url: str | None = typer.Option(
             typer.secho(f"error: cannot read the key file {key_file}: {exc}", fg=typer.colors.RED, err=True)
             raise typer.Exit(code=2) from exc
     else:
-        key = os.environ.get("KINSHASA_KEY", "").strip()
+        key = (key or "").strip()
     if not key:
         typer.secho("error: no key: set KINSHASA_KEY or pass --key-file with an agent's or operator's key "
                     "(a dev stack writes them to <KINSHASA_DATA_DIR>/credentials.json)",
