@@ -597,16 +597,16 @@ class PolicyView:
 
 @strawberry.type
 class OperationArgument:
-    name: str = strawberry.field(description="the GraphQL argument, e.g. documentId or input")
-    type: str = strawberry.field(description="its GraphQL type, e.g. ID! or CreateDocumentInput!")
+    name: str = strawberry.field(description="the GraphQL argument: a payload field in camelCase, or input")
+    type: str = strawberry.field(description="its GraphQL type: ID!, String!, the mutation's input type...")
 
 
 @strawberry.type(description="One write an agent may ask for, from the operation catalogue: what SDKs and "
                  "the MCP server generate their calls and tools from.")
 class Operation:
     service: str
-    operation: str = strawberry.field(description="the command type, e.g. documents.rename")
-    mutation: str = strawberry.field(description="the GraphQL mutation that writes it, e.g. renameDocument")
+    operation: str = strawberry.field(description="the command type, <service>.<operation>")
+    mutation: str = strawberry.field(description="the GraphQL mutation that writes it")
     description: str
     egress: bool = strawberry.field(description="irreversible: held for an operator's approval")
     creates: bool = strawberry.field(description="creates its entity; the gateway mints the id")
