@@ -122,9 +122,10 @@ def mcp(url: str | None = typer.Option(
     """
     import anyio
 
+    from kinshasa.client.client import graphql_url
     from kinshasa.kernel.logs import configure_logging
     from kinshasa.mcp.settings import McpSettings
-    from kinshasa.mcp.stdio import StartupError, graphql_url, serve_stdio
+    from kinshasa.mcp.stdio import StartupError, serve_stdio
     from kinshasa.settings import GatewaySettings
 
     stack = StackSettings()

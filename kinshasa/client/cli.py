@@ -7,16 +7,11 @@ from pathlib import Path
 
 import typer
 
-from kinshasa.client.client import Kinshasa
+from kinshasa.client.client import Kinshasa, graphql_url
 from kinshasa.client.errors import KinshasaError
 from kinshasa.client.stubs import render
 
 app = typer.Typer(add_completion=False)
-
-
-def _graphql(url: str) -> str:
-    url = url.rstrip("/")
-    return url if url.endswith("/graphql") else f"{url}/graphql"
 
 
 @app.command("client-stubs")
@@ -34,8 +29,8 @@ def client_stubs(
         raise typer.Exit(code=2) from exc
 
     async def read() -> str:
-        async with Kinshasa(_graphql(url), key) as client:
-            return render(await client.operations(), source=_graphql(url))
+        async with Kinshasa(graphql_url(url), key) as client:
+            return render(await client.operations(), source=graphql_url(url))
 
     try:
         text = asyncio.run(read())

@@ -36,6 +36,12 @@ RUN_FIELDS = """id agentId entryPoint purpose status startedAt finishedAt revert
   counts { held awaitingApproval published applied compensated discarded rejected }"""
 
 
+def graphql_url(url: str) -> str:
+    """The gateway's GraphQL endpoint: `http://host:8000` and `http://host:8000/graphql` both work."""
+    trimmed = url.rstrip("/")
+    return trimmed if trimmed.endswith("/graphql") else f"{trimmed}/graphql"
+
+
 def new_idempotency_key() -> str:
     """A key naming one intended write; every retry of that write sends it again."""
     return str(uuid.uuid4())

@@ -259,10 +259,11 @@ class RequestReads:
     async def listed(self, service: str, entity_type: str, field: str, value: str) -> list[dict[str, Any]]:
         return await self._paced(self._lists.load((service, entity_type, field, value)))
 
-    async def dlq_all(self, limit: int) -> list[dict[str, Any]]:
-        """Every component's DLQ; each that does not answer in time shows its error in its entry."""
+    async def dlq_all(self, limit: int, only: str | None = None) -> list[dict[str, Any]]:
+        """Every component's DLQ (or `only` that one's); each that does not answer in time shows its
+        error in its entry."""
         remaining = max(self._deadline - time.monotonic(), 0.001)
-        return await self._backends.dlq_all(limit, min(self._call_timeout_s, remaining))
+        return await self._backends.dlq_all(limit, min(self._call_timeout_s, remaining), only)
 
     async def _load_steps(self, keys: list[tuple[str, int, int | None]]) -> list[StepsPage]:
         return await self._bounded("coordinator", lambda t: self._backends.steps_many(keys, t))

@@ -220,8 +220,13 @@ class Backends:
             timeout_s=timeout_s,
         )
 
-    async def dlq_all(self, limit: int, timeout_s: float | None = None) -> list[dict[str, Any]]:
-        """Every component's DLQ; one that does not answer shows its error instead of failing the query."""
+    async def dlq_all(
+        self, limit: int, timeout_s: float | None = None, only: str | None = None
+    ) -> list[dict[str, Any]]:
+        """Every component's DLQ (or `only` that one's); one that does not answer shows its error instead of
+        failing the query. An `only` this gateway does not know is VALIDATION, naming the known ones."""
+        if only is not None:
+            self._admin(only)
 
         async def one(component: str) -> dict[str, Any]:
             try:
@@ -229,7 +234,7 @@ class Backends:
             except BackendUnavailable as exc:
                 return {"component": component, "count": None, "entries": [], "error": exc.message}
 
-        return list(await asyncio.gather(*(one(c) for c in self.components)))
+        return list(await asyncio.gather(*(one(c) for c in (self.components if only is None else [only]))))
 
     async def reprocess(self, component: str, message_ids: list[str]) -> dict[str, Any]:
         url = self._admin(component)

@@ -1012,13 +1012,19 @@ class Query:
         return CommandReceipt.of(Receipt.from_row(row))
 
     @strawberry.field(
-        permission_classes=OPERATOR, description="Each component's dead letters.", metadata=CALLS_BACKEND
+        permission_classes=OPERATOR,
+        description="Each component's dead letters, or only `component`'s.",
+        metadata=CALLS_BACKEND,
     )
-    async def dlq(self, info: strawberry.Info, first: int = 50) -> list[DlqComponent]:
+    async def dlq(
+        self, info: strawberry.Info, first: int = 50, component: str | None = None
+    ) -> list[DlqComponent]:
         services = _ctx(info).services
         limit = _page(first)
+        _bounded(component, "component")
+        local = services.local_dlq is not None and component in (None, "gateway")
         results: list[DlqComponent] = []
-        if services.local_dlq is not None:
+        if local and services.local_dlq is not None:
             entries = await services.local_dlq.dlq_inspect(limit)
             results.append(
                 DlqComponent(
@@ -1028,7 +1034,9 @@ class Query:
                     error=None,
                 )
             )
-        for d in await _ctx(info).reads.dlq_all(limit):
+        if local and component is not None:
+            return results
+        for d in await _ctx(info).reads.dlq_all(limit, component):
             if d["component"] == "gateway" and services.local_dlq is not None:
                 continue
             results.append(

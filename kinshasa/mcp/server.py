@@ -26,7 +26,7 @@ from mcp.shared.exceptions import MCPError
 
 from kinshasa.client.client import Kinshasa
 from kinshasa.client.errors import KinshasaError
-from kinshasa.client.operations import RECEIPT_FIELDS, Operation
+from kinshasa.client.operations import RECEIPT_FIELDS, Operation, snake
 from kinshasa.client.receipts import Receipt
 from kinshasa.mcp.refusals import refusal_text
 from kinshasa.mcp.settings import McpSettings
@@ -157,8 +157,7 @@ def _plain(value: Any) -> Any:
 def receipt_json(receipt: Receipt) -> dict[str, Any]:
     """A receipt in the gateway's own shape (camelCase, as `command(id)` answers it)."""
     names = RECEIPT_FIELDS.split()
-    snake = {name: "".join("_" + c.lower() if c.isupper() else c for c in name) for name in names}
-    return {name: _plain(getattr(receipt, snake[name], None)) for name in names}
+    return {name: _plain(getattr(receipt, snake(name), None)) for name in names}
 
 
 def ok(result: Any) -> types.CallToolResult:
@@ -366,15 +365,12 @@ class KinshasaMcp:
         return {"total": sum(c["count"] or 0 for c in components), "components": components}
 
     async def _tool_dlq_inspect(self, args: dict[str, Any], caller: Caller, client: Kinshasa) -> Any:
-        component = _text(args, "component")
         data = await client.query(
-            "query DlqInspect($first: Int!) { dlq(first: $first) { component count entries error } }",
-            {"first": _limit(args, 20)})
-        for found in data["dlq"]:
-            if found["component"] == component:
-                return found
-        known = ", ".join(c["component"] for c in data["dlq"]) or "none"
-        raise Refused("NOT_FOUND", f"no component named {component!r}; the components are: {known}")
+            "query DlqInspect($first: Int!, $component: String!) { "
+            "dlq(first: $first, component: $component) { component count entries error } }",
+            {"first": _limit(args, 20), "component": _text(args, "component")})
+        found: dict[str, Any] = data["dlq"][0]
+        return found
 
     async def _tool_dlq_reprocess(self, args: dict[str, Any], caller: Caller, client: Kinshasa) -> Any:
         ids = args.get("message_ids")

@@ -26,12 +26,6 @@ class StartupError(Exception):
     """The server cannot serve with this key or URL: the message says what to change."""
 
 
-def graphql_url(url: str) -> str:
-    """The gateway's GraphQL endpoint: `http://host:8000` and `http://host:8000/graphql` both work."""
-    trimmed = url.rstrip("/")
-    return trimmed if trimmed.endswith("/graphql") else f"{trimmed}/graphql"
-
-
 async def check_key(client: Kinshasa, url: str) -> str:
     """Who the key is, asked once at start so a wrong key fails now instead of on every tool call.
 

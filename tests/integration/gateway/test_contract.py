@@ -448,6 +448,12 @@ async def test_reads_say_which_backend_is_missing(harness: Harness) -> None:
     assert body["errors"][0]["extensions"]["code"] == "BACKEND_UNAVAILABLE"
     dlq = (await c.data("{ dlq { component count entries error } }", key=OPERATOR_KEY))["dlq"]
     assert dlq == [{"component": "gateway", "count": 0, "entries": [], "error": None}]
+    # One component's only; a component the gateway does not know is refused, naming the known ones.
+    only = await c.data('{ dlq(component: "gateway") { component count } }', key=OPERATOR_KEY)
+    assert only["dlq"] == [{"component": "gateway", "count": 0}]
+    unknown = await c.error('{ dlq(component: "nowhere") { component } }', key=OPERATOR_KEY)
+    assert unknown["extensions"]["code"] == "VALIDATION" and "nowhere" in unknown["message"]
+    assert "http" not in unknown["message"]
     reprocess = (
         await c.data(
             'mutation { reprocessDlq(component: "gateway", messageIds: ["m-1"]) '
