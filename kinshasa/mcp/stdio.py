@@ -1,16 +1,20 @@
 """`kinshasa mcp`: the MCP server over stdio, for an agent host that starts it as a subprocess.
 
 One process is one session: one key, one SDK client, and (with KINSHASA_MCP_ENTRY_POINT) one bound run,
-finished when the host closes stdin. Nothing but protocol messages goes to stdout; logs go to stderr.
+finished when the host closes stdin or stops the process with SIGTERM. Nothing but protocol messages goes
+to stdout; logs go to stderr.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+import os
+import signal
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
+import anyio
 from mcp.server.context import ServerRequestContext
 from mcp.server.stdio import stdio_server
 
@@ -59,9 +63,31 @@ async def serve_stdio(url: str, key: str, settings: McpSettings) -> None:
         server = KinshasaMcp(shared, settings, caller_of).server()
         log.info("kinshasa mcp serving %s against %s%s", who, url,
                  f", run bound to entry point {settings.entry_point}" if binding else "")
-        try:
-            async with stdio_server() as (read_stream, write_stream):
-                await server.run(read_stream, write_stream, server.create_initialization_options())
-        finally:
+        async def finish() -> None:
             if binding is not None:
                 await binding.close(shared)
+
+        try:
+            async with anyio.create_task_group() as serving:
+                serving.start_soon(_stop_on_sigterm, finish)
+                async with stdio_server() as (read_stream, write_stream):
+                    await server.run(read_stream, write_stream, server.create_initialization_options())
+                serving.cancel_scope.cancel()  # stdin closed: the signal watcher has nothing left to do
+        finally:
+            await finish()
+
+
+async def _stop_on_sigterm(finish: Callable[[], Awaitable[None]]) -> None:
+    """A host that stops the server with SIGTERM (most do) ends the session as closing stdin would: the
+    bound run is finished, then the process exits. It exits at once rather than unwinding, because the
+    thread that reads stdin cannot be cancelled and would hold the exit until the host closed stdin."""
+    with anyio.open_signal_receiver(signal.SIGTERM) as signals:
+        async for _ in signals:
+            log.info("SIGTERM: finishing the session")
+            with anyio.CancelScope(shield=True):
+                try:
+                    await finish()
+                except Exception:
+                    log.exception("could not finish the bound run on SIGTERM")
+            logging.shutdown()
+            os._exit(0)

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
+import subprocess
 import sys
 import time
 import uuid
@@ -201,6 +204,44 @@ async def test_a_bound_session_writes_without_run_ids_and_leaves_one_finished_ru
 
     only = await poll("the session's run to be finished", finished)
     assert only == [{"id": first["runId"], "status": "FINISHED"}]
+
+
+def test_a_bound_stdio_session_stopped_with_sigterm_finishes_its_run(stack: Stack, operator: Api) -> None:
+    """Most hosts stop a stdio server with SIGTERM rather than by closing stdin: the run still finishes.
+
+    Spoken as newline-delimited JSON-RPC on the process's own pipes, so the test holds its pid."""
+    chosen = _entry_point("sigterm", operator)
+    env = {**os.environ, "KINSHASA_KEY": stack.key("agent"), "KINSHASA_MCP_ENTRY_POINT": chosen,
+           "KINSHASA_LOG_LEVEL": "WARNING"}
+    server = subprocess.Popen([sys.executable, "-m", "kinshasa.cli", "mcp", "--url", stack.gateway_url],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True)
+    assert server.stdin is not None and server.stdout is not None
+
+    def ask(message_id: int, method: str, params: dict[str, Any]) -> dict[str, Any]:
+        assert server.stdin is not None and server.stdout is not None
+        server.stdin.write(json.dumps({"jsonrpc": "2.0", "id": message_id, "method": method,
+                                       "params": params}) + "\n")
+        server.stdin.flush()
+        while True:
+            answer: dict[str, Any] = json.loads(server.stdout.readline())
+            if answer.get("id") == message_id:
+                return answer
+
+    try:
+        ask(1, "initialize", {"protocolVersion": LATEST_HANDSHAKE_VERSION, "capabilities": {},
+                              "clientInfo": {"name": "e2e", "version": "1"}})
+        server.stdin.write(json.dumps({"jsonrpc": "2.0", "method": "notifications/initialized"}) + "\n")
+        server.stdin.flush()
+        written = ask(2, "tools/call", {"name": "create_document", "arguments": {"title": "then SIGTERM"}})
+        assert not written["result"].get("isError"), written
+        assert [r["status"] for r in _runs_at(chosen, operator)] == ["RUNNING"]
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=60) == 0
+    finally:
+        if server.poll() is None:
+            server.kill()
+    # The process finished its run before it exited: no waiting needed.
+    assert [r["status"] for r in _runs_at(chosen, operator)] == ["FINISHED"]
 
 
 async def test_a_per_request_client_must_name_its_run_and_a_write_starts_none(
