@@ -84,8 +84,11 @@ class McpEndpoint:
         self.authenticate = authenticate
         self.settings = settings
         self.client_limit = client_limit
-        # One SDK client per key, kept (its catalogue cache with it) across requests and sessions.
+        # One SDK client per key, kept (its catalogue cache with it) across requests and sessions. One
+        # evicted while a call still uses it is closed when that call is done, not under it.
         self._clients: OrderedDict[str, Kinshasa] = OrderedDict()
+        self._users: dict[Kinshasa, int] = {}
+        self._retired: set[Kinshasa] = set()
         self.tools = KinshasaMcp(self.client, settings, self._caller)
         self.server = self.tools.server()
         self._manager: StreamableHTTPSessionManager | None = None
@@ -99,21 +102,38 @@ class McpEndpoint:
             self._clients[digest] = found
             while len(self._clients) > self.client_limit:
                 _, evicted = self._clients.popitem(last=False)
-                await evicted.aclose()
+                if self._users.get(evicted):
+                    self._retired.add(evicted)
+                else:
+                    await evicted.aclose()
         self._clients.move_to_end(digest)
-        yield found
+        self._users[found] = self._users.get(found, 0) + 1
+        try:
+            yield found
+        finally:
+            self._users[found] -= 1
+            if not self._users[found]:
+                del self._users[found]
+                if found in self._retired:
+                    self._retired.discard(found)
+                    await found.aclose()
 
     @asynccontextmanager
     async def running(self) -> AsyncIterator[None]:
         """Serve sessions until the block ends; sessions still open then are closed (bound runs finished)."""
         # The SDK's manager runs once per instance: a fresh one per serving period.
-        self._manager = StreamableHTTPSessionManager(app=self.server)
+        self._manager = StreamableHTTPSessionManager(
+            app=self.server,
+            max_sessions=self.settings.max_sessions,
+            session_idle_timeout=self.settings.session_idle_timeout_s,
+        )
         try:
             async with self._manager.run():
                 yield
         finally:
             self._manager = None
-            clients, self._clients = list(self._clients.values()), OrderedDict()
+            clients, self._clients = [*self._clients.values(), *self._retired], OrderedDict()
+            self._retired = set()
             for client in clients:
                 await client.aclose()
 

@@ -16,3 +16,7 @@ class McpSettings(BaseSettings):
     # How long who-a-key-is and the catalogue are trusted before the next tools/list or call re-reads
     # them: short, so a service registered later shows up without a restart.
     catalogue_ttl_s: float = Field(5.0, ge=0.0)
+    # Over HTTP (/mcp): sessions open at once, and how long an idle one lives before it is closed (its
+    # bound run finished).
+    max_sessions: int = Field(1000, ge=1)
+    session_idle_timeout_s: float = Field(1800.0, gt=0.0)
