@@ -1,8 +1,12 @@
 """Dead-letter queue: poison messages leave the partition, wait in the component's store, get reprocessed.
 
-A consumer handler wrapped by `guarded_handler` never blocks its partition. A message it cannot
-parse (InvalidMessage, pydantic ValidationError) is dead-lettered at once; any other failure is
-retried in-process with backoff, then dead-lettered. Dead-lettering means: a `dead_letters` row in
+A consumer handler wrapped by `guarded_handler` never lets a poison message block its partition. A
+message it cannot parse (InvalidMessage, pydantic ValidationError) is dead-lettered at once; a failure
+that repeats deterministically (a handler bug, a domain invariant raised) is retried in-process with
+backoff, then dead-lettered. A failure of the infrastructure (database locked, busy or unreachable,
+broker or Temporal unavailable; `kinshasa.kernel.failures`) is never dead-lettered: the message waits,
+its partition behind it, and is retried with capped backoff until it applies, so later messages of
+the same entity never overtake it. Dead-lettering means: a `dead_letters` row in
 the component's database (payload, headers, error, attempt count; the copy operators reprocess
 from) and the same message on the group's `.dlq` topic (with the error in headers, for tooling that
 reads the log). Only then does the wrapper return normally, so the consumer stores the offset and
@@ -32,7 +36,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal, Protocol
 
-from pydantic import ValidationError
 from sqlalchemy import (
     BigInteger,
     CheckConstraint,
@@ -53,13 +56,13 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from kinshasa.kernel.failures import classify_failure
 from kinshasa.kernel.logs import log_context
 from kinshasa.kernel.metrics import ComponentMetrics
 from kinshasa.kernel.outbox import OutboxRow, OutboxStore, SqlOutboxStore
 from kinshasa.kernel.tables import kernel_metadata
-from kinshasa.schemas.envelope import InvalidMessage
 from kinshasa.topics.catalogue import dlq_topic
-from kinshasa.topics.consumer import Handler, Record
+from kinshasa.topics.consumer import Handler, Record, Redeliver
 from kinshasa.topics.producer import Delivered, Headers
 
 logger = logging.getLogger(__name__)
@@ -372,31 +375,71 @@ class SqlDeadLetterStore(DeadLetterStore):
 
 def is_invalid_message(exc: BaseException) -> bool:
     """A message that no retry can fix: it does not parse or does not validate."""
-    return isinstance(exc, InvalidMessage | ValidationError)
+    return classify_failure(exc) == "invalid"
 
 
 @dataclass(frozen=True)
 class DeadLetterPolicy:
-    """How hard a handler is retried in-process before its message is dead-lettered.
+    """How a handler is retried before its message is dead-lettered, and how it waits out an outage.
 
-    `max_attempts` counts every call, the first included. The delay before retry n is
-    `backoff_s * 2**(n-1)`, capped at `max_backoff_s`: the worst case stalls the partition for
-    about the sum of those delays, so keep it short; the DLQ, not the partition, is where a
-    message waits for a real fix.
+    Poison (see `kinshasa.kernel.failures`): `max_attempts` counts every call, the first included; the
+    delay before retry n is `backoff_s * 2**(n-1)`, capped at `max_backoff_s`. The worst case stalls the
+    partition for about the sum of those delays, so keep it short: the DLQ, not the partition, is where
+    such a message waits for a real fix.
+
+    Retryable (the database, broker or Temporal unavailable): never dead-lettered. Retried with the same
+    doubling, capped at `unavailable_max_backoff_s`, for as long as the outage lasts, because the later
+    messages of the partition must not overtake this one. One call of the guard waits at most
+    `hand_back_s`, then raises `HandlerUnavailable` so the consumer seeks back, polls (keeping its group
+    membership well inside `max.poll.interval.ms`, 300 s by default, and noticing a stop request) and
+    delivers the message again; the guard remembers where its retries were. A warning is logged at the
+    first failure and then at most every `log_every_s`.
     """
 
     max_attempts: int = 3
     backoff_s: float = 0.2
     max_backoff_s: float = 5.0
+    unavailable_max_backoff_s: float = 30.0
+    hand_back_s: float = 10.0
+    log_every_s: float = 30.0
 
     def __post_init__(self) -> None:
         if self.max_attempts < 1:
             raise ValueError(f"max_attempts must be at least 1, got {self.max_attempts}")
-        if self.backoff_s < 0 or self.max_backoff_s < 0:
-            raise ValueError("backoff_s and max_backoff_s must not be negative")
+        if self.backoff_s < 0 or self.max_backoff_s < 0 or self.unavailable_max_backoff_s < 0:
+            raise ValueError("backoff_s, max_backoff_s and unavailable_max_backoff_s must not be negative")
+        if self.hand_back_s <= 0 or self.log_every_s < 0:
+            raise ValueError("hand_back_s must be positive and log_every_s not negative")
 
     def delay(self, attempt: int) -> float:
-        return min(self.backoff_s * 2 ** (attempt - 1), self.max_backoff_s)
+        return min(self.backoff_s * 2 ** min(attempt - 1, 62), self.max_backoff_s)
+
+    def unavailable_delay(self, retries: int) -> float:
+        # A floor, so a connection refused at once is not retried in a tight loop.
+        base = max(self.backoff_s, 0.05)
+        return min(base * 2 ** min(retries - 1, 62), self.unavailable_max_backoff_s)
+
+
+class HandlerUnavailable(Redeliver):
+    """A message still waits for its infrastructure; the guard hands it back to the consumer to redeliver.
+
+    The consumer does not store its offset and seeks back, so nothing behind it in its partition goes
+    ahead; it is the consumer's cue to poll (and to stop, if asked) before trying again.
+    """
+
+
+@dataclass
+class _Waiting:
+    """A message whose handler failed and that has not been handled or dead-lettered yet."""
+
+    since: float
+    touched: float
+    retries: int = 0  # retryable failures
+    failures: int = 0  # poison failures (attempts toward max_attempts)
+    next_at: float = 0.0
+    unavailable: bool = False  # the last failure was the infrastructure's
+    logged_at: float | None = None
+    last_error: str = ""
 
 
 DLQ_HEADER_PREFIX = "kinshasa.dlq."
@@ -429,55 +472,118 @@ def guarded_handler(
     backoff: DeadLetterPolicy | float = 0.2,
     metrics: ComponentMetrics | None = None,
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    clock: Callable[[], float] = time.monotonic,
 ) -> Handler:
-    """Wrap a consumer handler so a poison message is dead-lettered instead of blocking its partition.
+    """Wrap a consumer handler so a poison message is dead-lettered instead of blocking its partition,
+    and a message that met an unavailable database, broker or Temporal waits for it instead.
 
     `backoff` is the first retry delay in seconds (doubling after), or a full DeadLetterPolicy
     (whose `max_attempts` then wins). The returned handler returns normally once the message is
-    handled or safely dead-lettered; it raises only if dead-lettering itself failed, so the
-    consumer redelivers rather than lose the message.
+    handled or safely dead-lettered. It raises if dead-lettering itself failed, or `HandlerUnavailable`
+    when it hands a waiting message back to the consumer (see `DeadLetterPolicy`); either way the
+    consumer redelivers rather than lose the message. Cancellation is never caught.
     """
     policy = backoff if isinstance(backoff, DeadLetterPolicy) else DeadLetterPolicy(
         max_attempts=max_attempts, backoff_s=backoff)
     topic = dlq_topic(group)
+    # Failing messages by source position, oldest first. Only the oldest waits inside the guard; the
+    # others hand back at once while their retry is not due, so a batch that met an outage on several
+    # partitions keeps the consumer from polling for about one `hand_back_s`, not one per partition.
+    waiting: dict[tuple[str, int, int], _Waiting] = {}
+    # A position not seen for this long was revoked or handled elsewhere: forget it.
+    forget_after = max(10 * policy.hand_back_s, 60.0)
+
+    def unavailable(record: Record, operation: str, state: _Waiting) -> HandlerUnavailable:
+        return HandlerUnavailable(
+            f"{operation} from {record.topic}:{record.partition}@{record.offset} still waits for its "
+            f"infrastructure ({state.retries} failed attempt(s) over {clock() - state.since:.0f}s; last: "
+            f"{state.last_error}); handed back to the consumer, which polls and delivers it again")
 
     async def guarded(record: Record) -> None:
         operation = _operation_of(record)
         message_id = message_id_of(record)
-        attempt = 0
+        position = (record.topic, record.partition, record.offset)
+        source = f"{record.topic}:{record.partition}:{record.offset}"
+        entered = clock()
+        hand_back_at = entered + policy.hand_back_s
+        for old in [p for p, w in waiting.items() if entered - w.touched > forget_after]:
+            del waiting[old]
+        state = waiting.get(position)
         with log_context(message_id=message_id):
             while True:
-                attempt += 1
+                if state is not None:
+                    state.touched = clock()
+                    pause = state.next_at - state.touched
+                    if pause > 0 and not state.unavailable:
+                        await sleep(pause)  # a poison retry: short (max_backoff_s), not worth a hand-back
+                    elif pause > 0:
+                        oldest = next(p for p, w in waiting.items() if w.unavailable)
+                        if oldest != position:
+                            raise unavailable(record, operation, state) from None
+                        allowed = hand_back_at - state.touched
+                        await sleep(max(0.0, min(pause, allowed)))
+                        if pause > allowed:
+                            raise unavailable(record, operation, state) from None
                 started = time.perf_counter()
                 try:
                     await handler(record)
                 except Exception as exc:
+                    elapsed = time.perf_counter() - started
+                    kind = classify_failure(exc)
+                    now = clock()
+                    if state is None:
+                        state = waiting.setdefault(position, _Waiting(since=now, touched=now))
+                    state.last_error = describe_error(exc)
+                    state.unavailable = kind == "retryable"
+                    if state.unavailable:
+                        if metrics is not None:
+                            metrics.observe_handler(operation, elapsed, "retrying")
+                        state.retries += 1
+                        delay = policy.unavailable_delay(state.retries)
+                        state.next_at = now + delay
+                        if state.logged_at is None or now - state.logged_at >= policy.log_every_s:
+                            state.logged_at = now
+                            logger.warning(
+                                "handler for %s met unavailable infrastructure (attempt %d, waiting %.0fs so "
+                                "far), retrying in %.2fs; the partition waits, the message is not "
+                                "dead-lettered: %s", operation, state.retries, now - state.since, delay,
+                                state.last_error, extra={"source": source})
+                        continue
                     if metrics is not None:
-                        metrics.observe_handler(operation, time.perf_counter() - started, "error")
-                    if is_invalid_message(exc):
+                        metrics.observe_handler(operation, elapsed, "error")
+                    state.failures += 1
+                    if kind == "invalid":
                         reason: Reason = "invalid"
                         failure: Exception = exc
                         break
-                    if attempt >= policy.max_attempts:
+                    if state.failures >= policy.max_attempts:
                         reason, failure = "handler_failed", exc
                         break
-                    delay = policy.delay(attempt)
+                    delay = policy.delay(state.failures)
+                    state.next_at = now + delay
                     logger.warning("handler for %s failed (attempt %d of %d), retrying in %.2fs: %s",
-                                   operation, attempt, policy.max_attempts, delay, describe_error(exc),
-                                   extra={"source": f"{record.topic}:{record.partition}:{record.offset}"})
-                    await sleep(delay)
+                                   operation, state.failures, policy.max_attempts, delay, state.last_error,
+                                   extra={"source": source})
                 else:
                     if metrics is not None:
                         metrics.observe_handler(operation, time.perf_counter() - started, "ok")
+                    if state is not None:
+                        waiting.pop(position, None)
+                        if state.retries:
+                            logger.warning("handler for %s succeeded after waiting %.0fs for its "
+                                           "infrastructure (%d failed attempt(s))", operation,
+                                           clock() - state.since, state.retries, extra={"source": source})
                     return
+            attempts = state.failures
             letter = await store.record(group=group, record=record, message_id=message_id,
-                                        error=describe_error(failure), attempts=attempt, reason=reason)
+                                        error=describe_error(failure), attempts=attempts, reason=reason)
             await producer.send(topic, record.key, record.value, dlq_headers(record, group, letter))
+            waiting.pop(position, None)
             if metrics is not None:
                 metrics.dead_lettered(group, reason)
             logger.error("dead-lettered %s from %s:%d@%d after %d attempt(s) (%s): %s; inspect with "
                          "dlq_inspect and reprocess with dlq_reprocess once the cause is fixed",
-                         message_id, record.topic, record.partition, record.offset, attempt, reason,
+                         message_id, record.topic, record.partition, record.offset, attempts, reason,
                          letter.error, extra={"dead_letter_id": letter.id, "dlq_topic": topic},
                          exc_info=failure)
 

@@ -3,8 +3,10 @@
 A component never publishes to Kafka from a handler. It appends the message to the `outbox` table in
 the same transaction as its domain write (`OutboxStore.append`, or `UnitOfWork.emit` + `commit`), so
 the message exists exactly when the write does. `kinshasa.kernel.relay.OutboxRelay` then claims pending
-rows, publishes them and marks them published; rows that keep failing end in the `dead` state, which is
-the component's dead-letter queue (`dead_rows`, `requeue_dead`).
+rows, publishes them and marks them published. A row the broker keeps refusing for a reason of its own
+(too large, unknown topic: `kinshasa.kernel.failures.classify_publish_error`) ends in the `dead` state,
+the component's dead-letter queue (`dead_rows`, `requeue_dead`); an unavailable broker never makes a row
+dead. A dead row blocks its key: the key's later rows wait until an operator requeues it.
 
 Ordering. Rows are ordered by `seq`. The relay publishes the rows of one Kafka key in `seq` order (see
 the relay's docstring for how), which is only meaningful if, per key, `seq` order is commit order. SQLite
@@ -44,10 +46,12 @@ from sqlalchemy import (
     bindparam,
     delete,
     exists,
+    false,
     func,
     literal_column,
     select,
     text,
+    union_all,
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
@@ -277,7 +281,7 @@ _NARROW_COLUMNS = [outbox.c.seq, outbox.c.key, outbox.c.topic,
 
 @functools.cache
 def _candidates(narrow: bool, *, after: bool, busy: bool, skip: bool, lock: bool) -> Any:
-    """Pending, due rows, oldest first, leaving out every row behind a row of its key in backoff.
+    """Pending, due rows, oldest first, leaving out every row behind a row of its key in backoff or dead.
 
     Parameters: c_now, c_limit; c_after (seq greater than) if `after`; c_busy (keys to leave out) if
     `busy`; c_skip (seqs to leave out) if `skip`. `narrow` selects seq, key, topic and due; otherwise
@@ -287,8 +291,13 @@ def _candidates(narrow: bool, *, after: bool, busy: bool, skip: bool, lock: bool
     # index on next_attempt_at) rather than probed per candidate: a per-row probe walks every earlier
     # row of the key, which is quadratic for a hot key. MATERIALIZED keeps PostgreSQL from inlining it.
     # No GROUP BY: grouping would steer SQLite onto the (key, seq) index, a scan of every pending row.
-    blocked = (select(outbox.c.key, outbox.c.seq)
-               .where(_status_is(PENDING), outbox.c.next_attempt_at > _NOW, outbox.c.key.is_not(None))
+    # A dead row blocks its key too, until an operator requeues it: the key's later rows must not
+    # overtake it. Two arms, each on its partial index (dead rows are few), rather than an OR that
+    # would scan the table.
+    blocked = (union_all(
+        select(outbox.c.key, outbox.c.seq)
+        .where(_status_is(PENDING), outbox.c.next_attempt_at > _NOW, outbox.c.key.is_not(None)),
+        select(outbox.c.key, outbox.c.seq).where(_status_is(DEAD), outbox.c.key.is_not(None)))
                .cte("blocked")
                .prefix_with("MATERIALIZED"))
     behind_backoff = exists().where(blocked.c.key == outbox.c.key, blocked.c.seq < outbox.c.seq)
@@ -307,10 +316,15 @@ def _candidates(narrow: bool, *, after: bool, busy: bool, skip: bool, lock: bool
     return stmt
 
 
-# The owned keys' pending rows up to a seq (the PostgreSQL claim's fresh read); params c_now, c_keys, c_max.
-_FRESH_HEADS = select(*_NARROW_COLUMNS).where(
-    _status_is(PENDING), outbox.c.key.in_(bindparam("c_keys", expanding=True)),
-    outbox.c.seq <= bindparam("c_max", type_=BigInteger))
+# The owned keys' pending rows up to a seq (the PostgreSQL claim's fresh read), and their dead rows as
+# never due, so a row another relay just made dead still stops its key; params c_now, c_keys, c_max.
+_FRESH_HEADS = union_all(
+    select(*_NARROW_COLUMNS).where(
+        _status_is(PENDING), outbox.c.key.in_(bindparam("c_keys", expanding=True)),
+        outbox.c.seq <= bindparam("c_max", type_=BigInteger)),
+    select(outbox.c.seq, outbox.c.key, outbox.c.topic, false().label("due")).where(
+        _status_is(DEAD), outbox.c.key.in_(bindparam("c_keys", expanding=True)),
+        outbox.c.seq <= bindparam("c_max", type_=BigInteger)))
 
 
 @functools.cache
@@ -411,12 +425,15 @@ class OutboxStore(ABC):
     @abstractmethod
     async def dead_rows(self, conn: AsyncConnection, *, limit: int = 100,
                         after_seq: int | None = None) -> list[OutboxRow]:
-        """Dead rows (publish attempts exhausted), oldest first; page with `after_seq`."""
+        """Dead rows (refused for a reason of their own), oldest first; page with `after_seq`."""
 
     @abstractmethod
     async def requeue_dead(self, conn: AsyncConnection, message_ids: Iterable[uuid.UUID | str], *,
                            now: datetime | None = None) -> int:
-        """Make dead rows pending again with a fresh attempt budget; returns how many were requeued."""
+        """Make dead rows pending again with a fresh attempt budget; returns how many were requeued.
+
+        A requeued row is again the head of its key, so it is published before the rows that waited behind it.
+        """
 
     @abstractmethod
     async def prune_published(self, conn: AsyncConnection, *, published_before: datetime,

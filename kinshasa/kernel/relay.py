@@ -2,11 +2,14 @@
 
 One cycle (`OutboxRelay.run_once`): claim up to `batch_size` pending, due rows; publish them as one
 producer batch and wait for every acknowledgement; mark the delivered rows published with one UPDATE;
-for each failed row add one attempt, set `next_attempt_at` by exponential backoff and keep the error,
-and once `max_attempts` is reached set the row `dead` (the dead-letter state, listed by `dead_rows`,
-requeued by `SqlOutboxStore.requeue_dead`). Delivery is at least once: a relay that dies after the
-broker acknowledged but before its UPDATE committed republishes those rows, and consumers absorb the
-duplicate with their inbox.
+for each failed row add one attempt, set `next_attempt_at` by exponential backoff (capped at
+`max_backoff_s`) and keep the error. A failure is either the broker's (unreachable, timed out, electing a
+leader: the row stays pending and is retried for as long as that lasts) or the row's own (too large,
+unknown or forbidden topic; `kinshasa.kernel.failures.classify_publish_error`): only the latter, once
+`max_attempts` is reached, sets the row `dead` (the dead-letter state, listed by `dead_rows`, requeued by
+`SqlOutboxStore.requeue_dead`), with the reason in `last_error`. Delivery is at least once: a relay that
+dies after the broker acknowledged but before its UPDATE committed republishes those rows, and consumers
+absorb the duplicate with their inbox.
 
 Per-key order. "Key" is the Kafka key (an entity's `service:id`, or a run id); rows without a key have
 no order to keep. Two rules hold for the rows of one key, even with several relays on one database:
@@ -17,9 +20,9 @@ no order to keep. Two rules hold for the rows of one key, even with several rela
 
 How the claim keeps them:
 
-* Candidates are pending, due rows that are not behind a row of their key in backoff (the keys in
-  backoff come from a small CTE over the partial index on `next_attempt_at`), oldest first. A key
-  whose head is in backoff is therefore skipped entirely; its later rows wait.
+* Candidates are pending, due rows that are not behind a row of their key in backoff or dead (those
+  keys come from a small CTE over the partial indexes on `next_attempt_at` and on dead rows), oldest
+  first. A key whose head is in backoff or dead is therefore skipped entirely; its later rows wait.
 * SQLite allows one writer at a time, so run one relay per SQLite database. It reads candidates in a
   short transaction, publishes outside any transaction (so handlers can write meanwhile), and records
   outcomes in a second short transaction. Nothing else claims, so the candidates are the heads of
@@ -56,10 +59,13 @@ overlap the broker's acknowledgements. A new claim excludes every key (and row) 
 flight, so two batches of one relay never hold the same key either; on PostgreSQL each in-flight batch
 also keeps its own transaction, whose row and key locks make the other batches skip its keys.
 
-What is not guaranteed: a dead row no longer blocks its key (the dead-letter posture: the stream moves
-on and an operator deals with the letter), and a dead row that is requeued is published after the later
-rows of its key that went out meanwhile. A broker that loses one message of a partition but acknowledges
-the next one would also break the order; that is logged as a warning.
+Dead rows. A dead row keeps blocking its key (the claim's CTE, and on PostgreSQL the fresh read, which
+sees dead rows as never due): per-key order is never broken silently. The key's later rows wait until an
+operator requeues the dead one (`dlq_reprocess`, `requeue_dead`), which makes it the key's head again;
+other keys flow meanwhile. An unavailable broker never makes a row dead, so an outage only delays.
+
+What is not guaranteed: a broker that loses one message of a partition but acknowledges the next one
+would break the order; that is logged as a warning.
 """
 
 from __future__ import annotations
@@ -79,6 +85,7 @@ from typing import Protocol
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncTransaction
 
 from kinshasa.kernel.database import READ_ONLY
+from kinshasa.kernel.failures import classify_publish_error, kafka_error_name
 from kinshasa.kernel.outbox import (
     ClaimedRow,
     FailedAttempt,
@@ -96,6 +103,7 @@ __all__ = [
     "PublishOutcome",
     "RelayStats",
     "backoff_delay",
+    "dead_reason",
     "dead_rows",
     "default_relay_id",
     "order_breaks",
@@ -104,6 +112,13 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+_SIZE_ERRORS = frozenset({"MSG_SIZE_TOO_LARGE", "_MSG_SIZE_TOO_LARGE", "INVALID_MSG_SIZE",
+                          "RECORD_LIST_TOO_LARGE"})
+
+def _is_size_error(error: str) -> bool:
+    return kafka_error_name(error) in _SIZE_ERRORS
+
 
 # How AsyncProducer.send_batch marks items it never produced because an earlier item could not be queued.
 NOT_SENT_PREFIX = "not sent"
@@ -178,22 +193,42 @@ def publish_outcomes(count: int, error: BaseException | None) -> list[PublishOut
     return outcomes
 
 
+def dead_reason(row: ClaimedRow, error: str) -> str:
+    """Why a row is dead, in words an operator can act on; the broker's error follows."""
+    name = kafka_error_name(error)
+    if name in _SIZE_ERRORS:
+        size = len(row.value) + len(row.key or b"") + sum(len(k) + len(v) for k, v in row.headers)
+        return (f"message of {size} bytes is larger than the broker or producer accepts (message.max.bytes): "
+                f"{error}. Shrink the payload (store large data elsewhere and send a reference), then "
+                "requeue it with dlq_reprocess; the later messages of its key wait behind it")
+    return (f"the broker refused this message ({name}): {error}. Fix the cause (does topic {row.topic} "
+            "exist? may this component write to it?), then requeue it with dlq_reprocess; the later "
+            "messages of its key wait behind it")
+
+
 def plan_failures(rows: Sequence[ClaimedRow], outcomes: Sequence[PublishOutcome], *, now: datetime,
                   max_attempts: int, base_backoff_s: float, max_backoff_s: float, jitter: float = 0.0,
                   rand: Callable[[], float] = random.random) -> list[FailedAttempt]:
-    """The new attempt count, retry time and state of every row whose publish was attempted and failed."""
+    """The new attempt count, retry time and state of every row whose publish was attempted and failed.
+
+    Only a failure of the row's own (`classify_publish_error` says "own") counts toward death, once the
+    row's attempts reach `max_attempts`; a broker that is unavailable keeps the row pending, retried at
+    most `max_backoff_s` apart, however long the outage lasts. Attempts are counted either way, so an
+    own failure after a long outage kills the row at once: it blocks its key, so order still holds.
+    """
     planned: list[FailedAttempt] = []
     for row, outcome in zip(rows, outcomes, strict=True):
         if outcome.delivered or not outcome.attempted:
             continue
         attempts = row.attempts + 1
-        dead = attempts >= max_attempts
+        error = outcome.error or "publish failed"
+        dead = attempts >= max_attempts and classify_publish_error(error) == "own"
         # A dead row is never retried on its own; its next_attempt_at records when it died instead.
         delay = 0.0 if dead else backoff_delay(attempts, base_s=base_backoff_s, max_s=max_backoff_s,
                                                jitter=jitter, rand=rand)
         planned.append(FailedAttempt(
             seq=row.seq, attempts=attempts, next_attempt_at=now + timedelta(seconds=delay),
-            error=outcome.error or "publish failed", dead=dead,
+            error=dead_reason(row, error) if dead else error, dead=dead,
         ))
     return planned
 
@@ -368,6 +403,8 @@ class OutboxRelay:
         except Exception as exc:
             error = exc
         outcomes = publish_outcomes(len(rows), error)
+        if len(rows) > 1 and any(not o.delivered and o.error and _is_size_error(o.error) for o in outcomes):
+            outcomes = await self._isolate(rows, outcomes)
         now = self.clock()
         published = [r.seq for r, o in zip(rows, outcomes, strict=True) if o.delivered]
         failures = plan_failures(rows, outcomes, now=now, max_attempts=self.max_attempts,
@@ -385,6 +422,36 @@ class OutboxRelay:
         self._report(rows, outcomes, failures)
         return stats
 
+    async def _isolate(self, rows: list[ClaimedRow], outcomes: list[PublishOutcome]) -> list[PublishOutcome]:
+        """Publish again, one by one, the rows of a batch that failed with a size error.
+
+        The broker refuses a whole request when one message in it is too large, so every row sharing it
+        gets the same error; only a row that fails alone is known to be too large itself. A row whose
+        key already failed here is left unattempted, so it neither goes out of order nor pays an attempt.
+        """
+        isolated = list(outcomes)
+        failed_keys: set[bytes] = set()
+        for index, (row, outcome) in enumerate(zip(rows, outcomes, strict=True)):
+            if outcome.delivered or not outcome.attempted:
+                continue
+            if not (outcome.error and _is_size_error(outcome.error)):
+                if row.key is not None:
+                    failed_keys.add(row.key)
+                continue
+            if row.key is not None and row.key in failed_keys:
+                isolated[index] = PublishOutcome(delivered=False, attempted=False, error=outcome.error)
+                continue
+            try:
+                await self.publisher.send_batch([Outgoing(row.topic, row.key, row.value,
+                                                          list(row.headers) or None)])
+            except Exception as exc:
+                [isolated[index]] = publish_outcomes(1, exc)
+                if row.key is not None:
+                    failed_keys.add(row.key)
+            else:
+                isolated[index] = PublishOutcome(delivered=True)
+        return isolated
+
     async def _record(self, conn: AsyncConnection, published: list[int], failures: list[FailedAttempt],
                       now: datetime) -> None:
         await self.store.mark_published(conn, published, now=now, relay_id=self.relay_id)
@@ -400,10 +467,8 @@ class OutboxRelay:
             row = by_seq[failure.seq]
             per_topic[row.topic] = per_topic.get(row.topic, 0) + 1
             if failure.dead:
-                log.error(
-                    "outbox message %s to %s is dead after %d attempts: %s. Fix the cause (does the topic "
-                    "exist? is the broker reachable?), then requeue it from the DLQ (dlq_reprocess).",
-                    row.message_id, row.topic, failure.attempts, failure.error)
+                log.error("outbox message %s to %s (key %r) is dead after %d attempts and holds its key: %s",
+                          row.message_id, row.topic, row.entity_key, failure.attempts, failure.error)
         first = failures[0]
         log.warning("outbox relay %s: %d of %d messages failed to publish, retrying with backoff; first: %s",
                     self.relay_id, len(failures), len(rows), first.error)

@@ -53,6 +53,11 @@ class ConsumerError(RuntimeError):
     """The consumer cannot go on (fatal client error, failed seek); restart it, nothing was skipped."""
 
 
+class Redeliver(RuntimeError):
+    """Raised by a handler that is not failing but waiting (its infrastructure is down): the consumer
+    seeks back and delivers the message again after a poll, and logs it without alarm."""
+
+
 @dataclass(frozen=True)
 class Record:
     """One consumed message, detached from librdkafka so handlers can keep it."""
@@ -302,6 +307,12 @@ class AsyncConsumer:
             record = to_record(msg)
             try:
                 await handler(record)
+            except Redeliver as waiting:
+                log.info("%s: %s[%d]@%d handed back, it will be redelivered: %s", self.group_id,
+                         record.topic, record.partition, record.offset, waiting)
+                failed.add(partition)
+                await self._rewind(record)
+                continue
             except Exception:
                 log.exception("%s: handler failed on %s[%d]@%d; it will be redelivered", self.group_id,
                               record.topic, record.partition, record.offset)

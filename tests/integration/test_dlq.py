@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import timedelta
+from pathlib import Path
+from typing import Any
 
 import pytest
-from sqlalchemy import Column, MetaData, String, Table, func, insert, select
+from sqlalchemy import Column, MetaData, String, Table, event, func, insert, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -16,6 +19,7 @@ from kinshasa.infra.kafka import KafkaBroker
 from kinshasa.kernel.database import create_engine
 from kinshasa.kernel.dlq import (
     DeadLetter,
+    DeadLetterPolicy,
     DeadLetterQueue,
     DeadOutboxMessage,
     OutboxDeadLetters,
@@ -23,7 +27,7 @@ from kinshasa.kernel.dlq import (
     dead_letters,
     guarded_handler,
 )
-from kinshasa.kernel.metrics import DLQ_RECORDED, ComponentMetrics
+from kinshasa.kernel.metrics import DLQ_RECORDED, HANDLER_LATENCY, ComponentMetrics
 from kinshasa.kernel.outbox import FailedAttempt, SqlOutboxStore, outbox
 from kinshasa.kernel.tables import kernel_metadata
 from kinshasa.schemas.envelope import Actor, EntityRef, Envelope, utcnow
@@ -246,3 +250,76 @@ async def test_dead_outbox_rows_are_listed_and_requeued(engine: AsyncEngine) -> 
     assert await queue.dlq_count() == 0
     [again] = await queue.dlq_reprocess([str(envelope.message_id)])
     assert again.outcome == "already_reprocessed"
+
+
+async def test_a_locked_sqlite_database_makes_messages_wait_in_order_never_dead_lettered(
+        kafka: KafkaBroker, unique: str, tmp_path: Path) -> None:
+    path = tmp_path / "locked.sqlite3"
+    engine = await _engine(f"sqlite+aiosqlite:///{path}")
+
+    @event.listens_for(engine.sync_engine, "connect")
+    def _short_busy_timeout(dbapi_connection: Any, _record: Any) -> None:
+        # After create_engine's own pragmas: a write gives up after 100 ms instead of 30 s.
+        dbapi_connection.execute("PRAGMA busy_timeout=100")
+
+    await engine.dispose()  # connections made before the listener keep the long timeout
+    service = f"t{unique}"
+    topic = f"kinshasa.commands.{service}"
+    group = group_id(service)
+    await asyncio.to_thread(ensure_topics, kafka.bootstrap, [TopicSpec(topic, 1),
+                                                             TopicSpec(dlq_topic(group), 1)])
+    store = SqlDeadLetterStore(engine)
+    metrics = ComponentMetrics("documents")
+    handler = DocumentsHandler(engine)
+    applied: list[str] = []
+
+    async def service_handler(record: Record) -> None:
+        await handler(record)
+        applied.append(str(record.envelope().message_id))
+
+    first, second = _envelope("documents.rename"), _envelope("documents.archive")
+    # Another process holds the write lock: every write of the handler fails with "database is locked".
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    locked = True
+    try:
+        async with AsyncProducer(kafka.bootstrap, client_id=f"test-{unique}") as producer:
+            await producer.send_batch([envelope_message(topic, first), envelope_message(topic, second)])
+            # Poison retries would dead-letter after 3 attempts (about 0.03 s); a short hand-back makes the
+            # consumer poll and redeliver during the wait too.
+            policy = DeadLetterPolicy(max_attempts=3, backoff_s=0.01, unavailable_max_backoff_s=0.2,
+                                      hand_back_s=0.5)
+            guarded = guarded_handler(service_handler, store=store, producer=producer, group=group,
+                                      backoff=policy, metrics=metrics)
+            stop = asyncio.Event()
+            consumer = AsyncConsumer(kafka.bootstrap, group, [topic])
+            run = asyncio.create_task(consumer.run(guarded, stop))
+            try:
+                # Far past what the poison rule allows, and across several hand-backs to the consumer.
+                async def retried_many_times() -> bool:
+                    return handler.calls.get(str(first.message_id), 0) >= 10
+                await _wait_for(retried_many_times)
+                assert applied == [] and str(second.message_id) not in handler.calls
+                holder.execute("ROLLBACK")
+                locked = False
+
+                async def second_applied() -> bool:
+                    return await handler.applied(second.message_id) == 1
+                await _wait_for(second_applied)
+            finally:
+                stop.set()
+                await run
+        # Applied once each, in order; the later message of the key never overtook the waiting one.
+        assert applied == [str(first.message_id), str(second.message_id)]
+        assert await handler.applied(first.message_id) == 1
+        assert await store.count() == 0 and await store.count("reprocessed") == 0
+        retried = metrics.registry.get_sample_value(
+            f"{HANDLER_LATENCY}_count",
+            {"component": "documents", "operation": "documents.rename", "outcome": "retrying"})
+        # Every call but the last met the lock, and each was counted as a retry, not an error.
+        assert retried == handler.calls[str(first.message_id)] - 1 >= 9
+    finally:
+        if locked:
+            holder.execute("ROLLBACK")
+        holder.close()
+        await engine.dispose()

@@ -179,12 +179,13 @@ class TestSqlOutboxStore:
             stored = await store.get(conn, rows[0].message_id)
         assert stored is not None and stored.last_error == "broker said no"
 
-    async def test_dead_row_is_listed_requeued_and_no_longer_blocks(self, engine: AsyncEngine,
-                                                                    store: OutboxStore) -> None:
-        first, second = uuid.uuid4(), uuid.uuid4()
+    async def test_dead_row_is_listed_blocks_its_key_until_requeued(self, engine: AsyncEngine,
+                                                                      store: OutboxStore) -> None:
+        first, second, other = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
         async with engine.begin() as conn:
             await store.append(conn, "missing.topic", b"K", b"first", first)
             await store.append(conn, TOPIC, b"K", b"second", second)
+            await store.append(conn, TOPIC, b"J", b"other", other)
         now = utcnow()
         async with engine.begin() as conn:
             head = (await store.claim(conn, limit=1, now=now))[0]
@@ -195,14 +196,19 @@ class TestSqlOutboxStore:
             claimable = await store.claim(conn, limit=10, now=now)
             dead = await dead_rows(conn)
             backlog = await store.backlog(conn)
-        assert [r.message_id for r in claimable] == [second]
+        # The key's later row waits behind the dead one; other keys flow.
+        assert [r.message_id for r in claimable] == [other]
         assert [(r.message_id, r.status, r.attempts, r.last_error, r.relay_id) for r in dead] == [
             (first, DEAD, 10, "unknown topic", "relay-x")]
-        assert (backlog.pending, backlog.dead) == (1, 1)
+        assert (backlog.pending, backlog.dead) == (2, 1)
         async with engine.begin() as conn:
             assert await store.requeue_dead(conn, [str(first), uuid.uuid4()]) == 1
             row = await store.get(conn, first)
+            claimable = await store.claim(conn, limit=10, now=utcnow())
         assert row is not None and (row.status, row.attempts) == (PENDING, 0)
+        # Requeued, it is its key's head again: it goes out first, the row behind it in the same claim
+        # only if it shares its topic (it does not here, so it waits for the next batch).
+        assert [r.message_id for r in claimable] == [first, other]
 
     async def test_published_rows_are_marked_and_pruned(self, engine: AsyncEngine,
                                                         store: OutboxStore) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 import uuid
 from collections import defaultdict
@@ -11,11 +12,13 @@ from dataclasses import dataclass
 
 import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+from confluent_kafka.admin import AdminClient, AlterConfigOpType, ConfigEntry, ConfigResource, ResourceType
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from kinshasa.infra.kafka import KafkaBroker
 from kinshasa.infra.process import free_port
+from kinshasa.kernel.dlq import DeadLetterQueue, OutboxDeadLetters, SqlDeadLetterStore
 from kinshasa.kernel.outbox import DEAD, PENDING, PUBLISHED, SqlOutboxStore, append, dead_rows, outbox
 from kinshasa.kernel.relay import OutboxRelay, RelayStats
 from kinshasa.kernel.unit_of_work import UnitOfWork
@@ -113,6 +116,15 @@ async def drain(relay: OutboxRelay, max_cycles: int = 100) -> RelayStats:
     raise AssertionError("the relay never ran out of work")
 
 
+async def drain_while_pending(relay: OutboxRelay, engine: AsyncEngine, seconds: float = 30.0) -> None:
+    """Run the relay until no row is pending (rows in backoff included), or fail after `seconds`."""
+    deadline = time.monotonic() + seconds
+    while (await statuses(engine)).get(PENDING, 0):
+        assert time.monotonic() < deadline, f"rows still pending after {seconds}s: {await statuses(engine)}"
+        await drain(relay)
+        await asyncio.sleep(0.1)
+
+
 async def append_interleaved(engine: AsyncEngine, topic: str, keys: int, per_key: int,
                              prefix: str = "", start: int = 0) -> dict[bytes, list[bytes]]:
     """Rows for `keys` keys, interleaved (k0#0, k1#0, ..., k0#1, ...), in small transactions."""
@@ -162,10 +174,10 @@ async def test_unit_of_work_envelopes_arrive_as_sent(
     assert [m.headers["message_id"].decode() for m in got] == [str(e.message_id) for e in sent]
 
 
-async def test_missing_topic_backs_off_then_dies_and_holds_its_key_until_then(
+async def test_missing_topic_backs_off_then_dies_and_holds_its_key_until_requeued(
         kafka: KafkaBroker, unique: str, engine: AsyncEngine) -> None:
     good = create_topic(kafka.bootstrap, f"relay.good.{unique}", partitions=1)
-    missing = f"relay.missing.{unique}"  # never created; the broker does not auto-create topics
+    missing = f"relay.missing.{unique}"  # not created yet; the broker does not auto-create topics
     producer = AsyncProducer(kafka.bootstrap, client_id=f"relay-missing-{unique}",
                              extra_config={"message.timeout.ms": 3000,
                                            "topic.metadata.propagation.max.ms": 100})
@@ -193,48 +205,111 @@ async def test_missing_topic_backs_off_then_dies_and_holds_its_key_until_then(
         while dead_seen == 0 and time.monotonic() < deadline:
             stats = await relay.run_once()
             dead_seen += stats.dead
-            async with engine.connect() as conn:
-                waiting = await store.get(conn, behind)
-            # Never published while the earlier row of its key is pending.
-            if dead_seen == 0:
-                assert waiting is not None and waiting.status == PENDING
             if stats.claimed == 0:
                 await asyncio.sleep(0.05)
         async with engine.connect() as conn:
             dead = await dead_rows(conn)
         assert [(r.message_id, r.status, r.attempts) for r in dead] == [(poison, DEAD, 3)]
-        assert dead[0].last_error
+        assert "dlq_reprocess" in (dead[0].last_error or "") and missing in (dead[0].last_error or "")
 
-        await drain(relay)
-        assert await statuses(engine) == {DEAD: 1, PUBLISHED: 2}
+        # The dead row holds its key: the row behind it stays pending however often the relay runs.
+        for _ in range(3):
+            assert (await relay.run_once()).claimed == 0
+        assert await statuses(engine) == {DEAD: 1, PENDING: 1, PUBLISHED: 1}
+        assert [m.value for m in read_topic(kafka.bootstrap, good)] == [b"other-key"]
+
+        # The operator creates the topic and requeues: the dead row goes first, then the one behind it.
+        create_topic(kafka.bootstrap, missing, partitions=1)
+        # A fresh producer: the old one learns of a topic it saw missing only at its next metadata refresh.
+        await producer.close(5)
+        producer = AsyncProducer(kafka.bootstrap, client_id=f"relay-created-{unique}")
+        relay.publisher = producer
+        async with engine.begin() as conn:
+            assert await store.requeue_dead(conn, [poison]) == 1
+        await drain_while_pending(relay, engine)
+        assert await statuses(engine) == {PUBLISHED: 3}
+        assert [m.value for m in read_topic(kafka.bootstrap, missing)] == [b"poison"]
         assert [m.value for m in read_topic(kafka.bootstrap, good)] == [b"other-key", b"behind-poison"]
     finally:
         await producer.close(5)
 
 
-async def test_unreachable_broker_counts_attempts_until_dead(unique: str, engine: AsyncEngine) -> None:
-    producer = AsyncProducer(f"127.0.0.1:{free_port()}", client_id=f"relay-down-{unique}",
-                             extra_config={"message.timeout.ms": 400, "reconnect.backoff.max.ms": 100})
-    async with engine.begin() as conn:
-        for i in range(3):
-            await append(conn, "kinshasa.events.documents", f"documents:{i}", b"v", uuid.uuid4())
+async def test_an_unreachable_broker_never_kills_a_row_and_order_holds_once_it_is_back(
+        kafka: KafkaBroker, unique: str, engine: AsyncEngine, producer: AsyncProducer) -> None:
+    topic = create_topic(kafka.bootstrap, f"relay.down.{unique}", partitions=2)
+    expected = await append_interleaved(engine, topic, keys=3, per_key=4)
+    down = AsyncProducer(f"127.0.0.1:{free_port()}", client_id=f"relay-down-{unique}",
+                         extra_config={"message.timeout.ms": 300, "reconnect.backoff.max.ms": 100})
     failures: list[tuple[str, int]] = []
-    relay = OutboxRelay(engine, producer, max_attempts=2, base_backoff_s=0.01, max_backoff_s=0.01, jitter=0,
+    relay = OutboxRelay(engine, down, max_attempts=2, base_backoff_s=0.01, max_backoff_s=0.02, jitter=0,
                         on_publish_failure=lambda topic, n: failures.append((topic, n)))
     try:
-        first = await relay.run_once()
-        assert (first.claimed, first.retrying, first.published) == (3, 3, 0)
-        await asyncio.sleep(0.05)
-        second = await relay.run_once()
-        assert (second.claimed, second.dead) == (3, 3)
+        # Far more failed attempts than max_attempts allows for a failure of the row's own.
+        attempts = 0
+        while attempts < 5:
+            stats = await relay.run_once()
+            assert stats.dead == 0 and stats.published == 0
+            if stats.retrying:
+                attempts += 1
+            else:
+                await asyncio.sleep(0.02)
         async with engine.connect() as conn:
-            dead = await dead_rows(conn)
-        assert [r.attempts for r in dead] == [2, 2, 2]
-        assert all("timed out" in (r.last_error or "").lower() for r in dead), dead[0].last_error
-        assert failures == [("kinshasa.events.documents", 3)] * 2
-        assert (await relay.run_once()).claimed == 0
+            rows = list(await conn.execute(select(outbox.c.status, outbox.c.attempts, outbox.c.last_error)))
+        assert {status for status, _, _ in rows} == {PENDING}
+        # Each key's head was attempted every time; the rows behind it waited.
+        assert max(n for _, n, _ in rows) == 5
+        assert all("timed out" in (error or "").lower() for _, n, error in rows if n), rows
+        assert failures and {t for t, _ in failures} == {topic}
     finally:
-        await producer.close(1)
+        await down.close(1)
+    # The broker is reachable again: every row goes out, once, in per-key order.
+    relay.publisher = producer
+    await drain(relay)
+    assert await statuses(engine) == {PUBLISHED: 12}
+    check_per_key_order(read_topic(kafka.bootstrap, topic), expected)
+
+
+async def test_a_row_too_large_for_the_broker_dies_with_its_size_and_holds_its_key_while_others_flow(
+        kafka: KafkaBroker, unique: str, engine: AsyncEngine, producer: AsyncProducer) -> None:
+    topic = f"relay.large.{unique}"
+    report = ensure_topics(kafka.bootstrap, [TopicSpec(topic, 1, configs={"max.message.bytes": "4096"})])
+    assert topic in report.created
+    large, behind, other = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    payload = os.urandom(20_000)  # random, so lz4 cannot shrink it under the topic's limit
+    async with engine.begin() as conn:
+        await append(conn, topic, b"documents:K", payload, large)
+        await append(conn, topic, b"documents:K", b"behind-large", behind)
+        await append(conn, topic, b"documents:J", b"other-key", other)
+    relay = OutboxRelay(engine, producer, max_attempts=2, base_backoff_s=0.01, max_backoff_s=0.02, jitter=0)
+    dead_seen = 0
+    deadline = time.monotonic() + 60
+    while dead_seen == 0 and time.monotonic() < deadline:
+        dead_seen += (await relay.run_once()).dead
+        await asyncio.sleep(0.02)
+    async with engine.connect() as conn:
+        [dead] = await dead_rows(conn)
+    assert dead.message_id == large and dead.attempts == 2
+    reason = dead.last_error or ""
+    assert f"message of {len(payload) + len(b'documents:K')} bytes" in reason
+    assert "MSG_SIZE_TOO_LARGE" in reason
+    # Other keys flow; the key's later row waits behind the dead one.
+    await drain(relay)
+    assert [m.value for m in read_topic(kafka.bootstrap, topic)] == [b"other-key"]
+    assert await statuses(engine) == {DEAD: 1, PENDING: 1, PUBLISHED: 1}
+
+    # The operator raises the topic's limit and reprocesses it through the DLQ: it goes first.
+    admin = AdminClient({"bootstrap.servers": kafka.bootstrap})
+    change = ConfigResource(ResourceType.TOPIC, topic, incremental_configs=[
+        ConfigEntry("max.message.bytes", "1048588", incremental_operation=AlterConfigOpType.SET)])
+    for future in admin.incremental_alter_configs([change]).values():
+        future.result(30)
+    queue = DeadLetterQueue("documents", SqlDeadLetterStore(engine), outbox=OutboxDeadLetters(engine))
+    [outcome] = await queue.dlq_reprocess([str(large)])
+    assert outcome.outcome == "requeued"
+    await drain_while_pending(relay, engine)  # the broker may take a moment to apply the new limit
+    assert await statuses(engine) == {PUBLISHED: 3}
+    values = [m.value for m in read_topic(kafka.bootstrap, topic)]
+    assert values == [b"other-key", payload, b"behind-large"]
 
 
 async def test_run_pipelines_batches_while_rows_keep_arriving_and_stops_cleanly(

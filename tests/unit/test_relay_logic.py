@@ -74,22 +74,34 @@ class TestPublishOutcomes:
         assert outcomes[0].error == "RuntimeError: AsyncProducer is closed"
 
 
+TOO_LARGE = 'KafkaError{code=MSG_SIZE_TOO_LARGE,val=10,str="Broker: Message size too large"}'
+TIMED_OUT = 'KafkaError{code=_MSG_TIMED_OUT,val=-192,str="Local: Message timed out"}'
+
+
 class TestPlanFailures:
-    def test_attempts_backoff_and_dead_state(self) -> None:
+    def test_attempts_backoff_and_dead_state_for_a_failure_of_the_rows_own(self) -> None:
         rows = [row(1, attempts=0), row(2, attempts=9), row(3), row(4)]
-        outcomes = [PublishOutcome(False, True, "boom"), PublishOutcome(False, True, "boom"),
+        outcomes = [PublishOutcome(False, True, TOO_LARGE), PublishOutcome(False, True, TOO_LARGE),
                     PublishOutcome(True), PublishOutcome(False, False, "not sent")]
         plans = plan_failures(rows, outcomes, now=NOW, max_attempts=10, base_backoff_s=0.5, max_backoff_s=30)
         assert [(p.seq, p.attempts, p.dead) for p in plans] == [(1, 1, False), (2, 10, True)]
         assert plans[0].next_attempt_at == NOW + timedelta(seconds=0.5)
         # The dead row records when it died, it is not scheduled again.
         assert plans[1].next_attempt_at == NOW
-        assert plans[0].error == "boom"
+        assert plans[0].error == TOO_LARGE
+        assert "message of 2 bytes" in plans[1].error and "message.max.bytes" in plans[1].error
+
+    def test_an_unavailable_broker_never_kills_a_row(self) -> None:
+        for error in (TIMED_OUT, "boom", "local producer queue still full after 30s"):
+            plans = plan_failures([row(1, attempts=500)], [PublishOutcome(False, True, error)], now=NOW,
+                                  max_attempts=10, base_backoff_s=0.5, max_backoff_s=30)
+            assert [(p.attempts, p.dead) for p in plans] == [(501, False)]
+            assert plans[0].next_attempt_at == NOW + timedelta(seconds=30)
 
     def test_max_attempts_one_dies_at_once(self) -> None:
-        plans = plan_failures([row(1)], [PublishOutcome(False)], now=NOW, max_attempts=1,
+        plans = plan_failures([row(1)], [PublishOutcome(False, True, TOO_LARGE)], now=NOW, max_attempts=1,
                               base_backoff_s=0.1, max_backoff_s=1)
-        assert plans[0].dead and plans[0].error == "publish failed"
+        assert plans[0].dead and TOO_LARGE in plans[0].error
 
 
 def test_order_break_is_a_later_success_behind_a_failure_of_its_key() -> None:
