@@ -61,7 +61,10 @@ def create_engine(url: str, **kwargs: Any) -> AsyncEngine:
             dbapi_connection.isolation_level = None
             cursor = dbapi_connection.cursor()
             cursor.execute("PRAGMA journal_mode=WAL")
-            cursor.execute("PRAGMA synchronous=NORMAL")
+            # FULL: a commit is on disk when it returns. Every store holds an outbox or an inbox, so a
+            # transaction whose offset was stored or whose event was published must survive a power
+            # loss; NORMAL in WAL mode may lose the last commits. About 0.4 ms per commit here.
+            cursor.execute("PRAGMA synchronous=FULL")
             cursor.execute("PRAGMA foreign_keys=ON")
             cursor.execute("PRAGMA busy_timeout=30000")
             cursor.close()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from sqlalchemy import Column, Integer, MetaData, String, Table, insert, select
 
@@ -49,3 +51,16 @@ def test_plain_urls_get_the_async_driver() -> None:
 def test_unsupported_url_names_the_fix() -> None:
     with pytest.raises(DatabaseUrlError, match="postgresql\\+asyncpg"):
         normalise_url("mysql://root@localhost/db")
+
+
+async def test_sqlite_commits_are_durable_when_they_return(tmp_path: Path) -> None:
+    # WAL with synchronous=FULL: every store holds an outbox or an inbox, so a commit that returned
+    # (an offset stored, an event published after it) must survive a power loss.
+    engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'durable.sqlite3'}")
+    try:
+        async with engine.connect() as conn:
+            journal = (await conn.exec_driver_sql("PRAGMA journal_mode")).scalar_one()
+            synchronous = (await conn.exec_driver_sql("PRAGMA synchronous")).scalar_one()
+        assert (journal, synchronous) == ("wal", 2)  # 2 is FULL
+    finally:
+        await engine.dispose()
