@@ -8,6 +8,8 @@ from typing import Any
 from graphql import GraphQLError
 from pydantic import ValidationError
 
+from kinshasa.kernel.failures import classify_failure
+
 UNAUTHENTICATED = "UNAUTHENTICATED"
 FORBIDDEN = "FORBIDDEN"
 VALIDATION = "VALIDATION"
@@ -116,6 +118,12 @@ def invalid_from_pydantic(exc: ValidationError, prefix: str = "") -> Invalid:
     return Invalid(f"invalid input: {summary}", fields)
 
 
+UNAVAILABLE_MESSAGE = (
+    "the gateway's database is unavailable for a moment: retry shortly (a write with the same "
+    "idempotencyKey, so that it is never written twice)"
+)
+
+
 def code_errors(errors: list[GraphQLError], log: Any = None) -> None:
     """Give every error a stable code and mask anything unexpected, in place.
 
@@ -136,6 +144,13 @@ def code_errors(errors: list[GraphQLError], log: Any = None) -> None:
             extensions = dict(error.extensions or {})
             extensions.setdefault("code", VALIDATION)
             error.extensions = extensions
+        elif classify_failure(original) == "retryable":
+            # The gateway's database (or broker) is unavailable for a moment: not a bug, and worth a retry.
+            if log is not None:
+                log.warning("%s failed on unavailable infrastructure: %s", error.path, original)
+            unavailable = BackendUnavailable(UNAVAILABLE_MESSAGE, backend="gateway", retryAfterS=1.0)
+            error.message = unavailable.message
+            error.extensions = unavailable.extensions
         else:
             if log is not None:
                 log.error("unexpected error in %s", error.path, exc_info=original)
