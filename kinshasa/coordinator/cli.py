@@ -47,6 +47,9 @@ def coordinator(
                                 help="Create or verify the topics at start."),
     policy_json: str | None = typer.Option(None, "--policy-json", help="Revert policy as JSON (attempts, "
                                            "backoff_s, straggler_timeout_s, entity_depth, ...)."),
+    sweep_interval: float = typer.Option(2.0, "--sweep-interval", help="Seconds between retries of revert "
+                                         "starts that failed (Temporal unreachable); a trigger that keeps "
+                                         "failing backs off to 30 s or this, whichever is longer."),
 ) -> None:
     """Run the coordinator until SIGTERM or Ctrl-C."""
     if ctx.invoked_subcommand is not None:
@@ -57,7 +60,8 @@ def coordinator(
     try:
         policy = RevertPolicy.model_validate_json(policy_json) if policy_json else RevertPolicy()
         options = CoordinatorOptions(roles=tuple(dict.fromkeys(role)), topic_suffix=topic_suffix,
-                                     ensure_topics=ensure, policy=policy)
+                                     ensure_topics=ensure, policy=policy, sweep_interval_s=sweep_interval,
+                                     sweep_max_backoff_s=max(30.0, sweep_interval))
     except ValueError as exc:
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
         raise typer.Exit(code=2) from exc

@@ -2,33 +2,26 @@
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
-
-from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from kinshasa.coordinator.projector import LedgerProjector, RevertTrigger
-from kinshasa.coordinator.store import run_events
+from kinshasa.coordinator.sweeper import RevertSweeper
 from kinshasa.topics.consumer import Record
-
-log = logging.getLogger(__name__)
-
-StartRevert = Callable[[RevertTrigger], Awaitable[None]]
 
 
 class LedgerHandler:
     """Handles one record of an events topic or kinshasa.runs; idempotent, so redelivery is harmless.
 
-    The projection commits first; only then is the revert started, and the run fact is marked handled
-    after that. A crash in between starts the revert again on redelivery, which joins the running one.
+    The projection commits first, recording a `revert_requested` with `handled_at` empty; only then is the
+    revert started, and the fact is marked handled after that. A start that fails does not fail the
+    record: the trigger is recorded, so the offset moves on and the sweeper retries the start. A crash
+    between start and mark starts it again (on redelivery or by the sweeper), which joins the running one.
     """
 
-    def __init__(self, engine: AsyncEngine, start_revert: StartRevert | None = None) -> None:
+    def __init__(self, engine: AsyncEngine, sweeper: RevertSweeper | None = None) -> None:
         self.engine = engine
         self.projector = LedgerProjector()
-        self.start_revert = start_revert
+        self.sweeper = sweeper
 
     async def __call__(self, record: Record) -> None:
         """One record (the DLQ-guarded fallback path)."""
@@ -45,20 +38,8 @@ class LedgerHandler:
         await self._start_all(triggers)
 
     async def _start_all(self, triggers: list[RevertTrigger]) -> None:
-        if self.start_revert is None:
+        if self.sweeper is None:
             return
         for trigger in triggers:
-            await self._start_once(trigger)
-
-    async def _start_once(self, trigger: RevertTrigger) -> None:
-        async with self.engine.connect() as conn:
-            handled = (await conn.execute(select(run_events.c.handled_at)
-                                          .where(run_events.c.message_id == trigger.message_id))).scalar()
-        if handled is not None:
-            return
-        assert self.start_revert is not None
-        await self.start_revert(trigger)
-        log.info("revert of run %s started or joined (%s)", trigger.run_id, trigger.source)
-        async with self.engine.begin() as conn:
-            await conn.execute(update(run_events).where(run_events.c.message_id == trigger.message_id)
-                               .values(handled_at=datetime.now(UTC)))
+            if not await self.sweeper.start(trigger):
+                return  # the rest wait for the sweep too: one failed start is enough to hold the partition

@@ -116,12 +116,17 @@ def trigger_of(env: EnvelopeModel) -> RevertTrigger | None:
         return None
     if RunEventKind.from_type(env.type) is not RunEventKind.REVERT_REQUESTED:
         return None
-    payload = env.payload
+    return trigger_from_fact(env.run_id, str(env.message_id), env.payload, env.actor.id)
+
+
+def trigger_from_fact(run_id: str, message_id: str, payload: Any, actor_id: str) -> RevertTrigger:
+    """The trigger a recorded `revert_requested` stands for: from the envelope, or from its ledger row."""
+    payload = payload if isinstance(payload, dict) else {}
     return RevertTrigger(
-        run_id=env.run_id, message_id=str(env.message_id), source=RunEventKind.REVERT_REQUESTED.value,
+        run_id=run_id, message_id=message_id, source=RunEventKind.REVERT_REQUESTED.value,
         published_count=_int(payload.get("published_count")),
         reason=_text(payload.get("reason")) or "revert requested",
-        requested_by=_text(payload.get("requested_by")) or env.actor.id)
+        requested_by=_text(payload.get("requested_by")) or actor_id)
 
 
 class LedgerProjector:

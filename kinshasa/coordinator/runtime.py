@@ -7,6 +7,8 @@ worker-only process):
 * the projector: a consumer of every `kinshasa.events.*` topic and `kinshasa.runs` (DLQ-guarded) that
   folds events into the ledger and starts or joins `RevertRun` on `revert_requested` (the gateway's
   doorbell is the only way a revert starts);
+* the revert sweeper, beside the projector: retries every recorded `revert_requested` whose start failed
+  (Temporal unreachable) until it succeeds, so the projector never waits on Temporal;
 * the Temporal worker running `RevertRun` and its activities;
 * uvicorn serving the ledger API and the kernel admin endpoints (/healthz, /admin/dlq, /metrics);
 * the outbox relay publishing compensate commands, run outcomes and alerts, woken by every commit.
@@ -37,6 +39,7 @@ from kinshasa.coordinator.models import RevertPolicy, RevertRequest
 from kinshasa.coordinator.projector import RevertTrigger
 from kinshasa.coordinator.starter import start_revert
 from kinshasa.coordinator.store import install_ledger
+from kinshasa.coordinator.sweeper import RevertSweeper
 from kinshasa.coordinator.topics import CoordinatorTopics
 from kinshasa.coordinator.worker import build_worker, connect
 from kinshasa.kernel.admin import admin_app, load_or_create_internal_token
@@ -86,11 +89,17 @@ class CoordinatorOptions:
     consumer_group: str | None = None
     # Seconds the worker waits for running activities on shutdown before cancelling them.
     worker_shutdown_s: float = 10.0
+    # How often the sweeper retries revert triggers whose start failed, and its longest per-trigger backoff.
+    sweep_interval_s: float = 2.0
+    sweep_max_backoff_s: float = 30.0
 
     def __post_init__(self) -> None:
         unknown = set(self.roles) - set(ROLES)
         if unknown or not self.roles:
             raise ValueError(f"unknown coordinator role(s) {sorted(unknown)}: choose from {', '.join(ROLES)}")
+        if self.sweep_interval_s <= 0 or self.sweep_max_backoff_s < self.sweep_interval_s:
+            raise ValueError(f"sweep interval {self.sweep_interval_s}s: give a positive number of seconds, "
+                             f"no more than the max backoff ({self.sweep_max_backoff_s}s)")
 
 
 class CoordinatorRuntime:
@@ -107,6 +116,7 @@ class CoordinatorRuntime:
         self.api_url: str | None = None
         self.ready = asyncio.Event()
         self.relay: OutboxRelay | None = None
+        self.sweeper: RevertSweeper | None = None
 
     @property
     def database_url(self) -> str:
@@ -149,7 +159,11 @@ class CoordinatorRuntime:
                 run_id=trigger.run_id, reason=trigger.reason, requested_by=trigger.requested_by,
                 published_count=trigger.published_count, request_id=trigger.message_id), opts.policy)
 
-        handler = LedgerHandler(engine, start_revert=start if client is not None else None)
+        sweeper = RevertSweeper(engine, start, interval_s=opts.sweep_interval_s,
+                                max_backoff_s=opts.sweep_max_backoff_s) \
+            if client is not None and self.has("projector") else None
+        self.sweeper = sweeper
+        handler = LedgerHandler(engine, sweeper)
         dead_letters = wire_dead_letters(COMPONENT, engine, handler, producer=producer, group=topics.group,
                                          policy=opts.dlq_policy, metrics=self.metrics)
         dlq, guarded = dead_letters.queue, dead_letters.guarded
@@ -157,6 +171,8 @@ class CoordinatorRuntime:
         checks = {"database": database_check(engine)}
         checks.update({role: task_check(tasks, role) for role in ("projector", "worker", "relay")
                        if self.has(role)})
+        if sweeper is not None:
+            checks["sweeper"] = task_check(tasks, "sweeper")
         token = load_or_create_internal_token(self.stack.data_dir, self.token,
                                               self.stack.internal_token_file)
         server: QuietServer | None = None
@@ -194,6 +210,8 @@ class CoordinatorRuntime:
             if consumer is not None:
                 tasks["projector"] = asyncio.create_task(consumer.run(guarded, stop, handler.handle_batch),
                                                          name="coordinator-projector")
+            if sweeper is not None:
+                tasks["sweeper"] = asyncio.create_task(sweeper.run(stop), name="coordinator-revert-sweeper")
             log.info("coordinator ready: roles %s, task queue %s, consuming %s as %s, API on %s",
                      ",".join(opts.roles), queue, ", ".join(topics.consumed()), group, self.api_url)
             self.ready.set()
@@ -206,9 +224,10 @@ class CoordinatorRuntime:
                     log.error("%s stopped unexpectedly: %r; shutting the coordinator down", task.get_name(),
                               failure)
             stop.set()
-            if "projector" in tasks:
-                with contextlib.suppress(Exception):
-                    await tasks["projector"]
+            for name in ("projector", "sweeper"):
+                if name in tasks:
+                    with contextlib.suppress(Exception):
+                        await tasks[name]
         finally:
             stop.set()
             if worker is not None and "worker" in tasks:

@@ -18,9 +18,12 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    and_,
     event,
 )
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from kinshasa.schemas.envelope import RunEventKind
 
 # Its own MetaData: the coordinator's ledger is not a kernel table and must not be created by services.
 ledger_metadata = MetaData(naming_convention={
@@ -160,6 +163,12 @@ run_events = Table(
     Index("ix_ledger_run_events_run_id", "run_id", "occurred_at"),
 )
 
+# The sweeper's every-few-seconds question, "which revert triggers are not handled yet?", reads only the
+# few rows it is about, however many run facts the ledger holds.
+_UNHANDLED = and_(run_events.c.type == RunEventKind.REVERT_REQUESTED.type, run_events.c.handled_at.is_(None))
+unhandled_triggers_index = Index("ix_ledger_run_events_unhandled", run_events.c.occurred_at,
+                                 sqlite_where=_UNHANDLED, postgresql_where=_UNHANDLED)
+
 
 def utc(value: datetime | None) -> datetime | None:
     """SQLite hands timestamps back naive; everything the ledger stores is UTC."""
@@ -194,3 +203,5 @@ async def install_ledger(engine: AsyncEngine) -> None:
     """Create the ledger tables if they are missing (idempotent)."""
     async with engine.begin() as conn:
         await conn.run_sync(ledger_metadata.create_all)
+        # create_all skips an existing table and its indexes: a ledger from before the sweeper gets it here.
+        await conn.run_sync(lambda sync: unhandled_triggers_index.create(sync, checkfirst=True))
