@@ -17,15 +17,13 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from kinshasa.infra.kafka import KafkaBroker, kafka_libs
-from kinshasa.infra.process import free_port
+from kinshasa.infra.kafka import KafkaBroker
 from kinshasa.kernel.database import create_engine
 from kinshasa.kernel.install import install_kernel_tables
 from kinshasa.kernel.outbox import PENDING, PUBLISHED, outbox
 from kinshasa.kernel.relay import OutboxRelay
-from kinshasa.settings import InfraSettings
-from kinshasa.testing import PluginSettings
 from kinshasa.topics.producer import AsyncProducer
+from tests.faults.brokers import broker_pid, own_broker
 from tests.integration.test_relay import append_interleaved, create_topic, read_topic, statuses
 
 KEYS, PER_KEY = 50, 200
@@ -33,15 +31,8 @@ KEYS, PER_KEY = 50, 200
 
 @pytest.fixture
 def broker(tmp_path: Path) -> Iterator[KafkaBroker]:
-    """A broker of this test's own: it is killed, so it cannot be the session's."""
-    infra = InfraSettings()
-    own = KafkaBroker(root=tmp_path / "kafka", port=free_port(), controller_port=free_port(),
-                      libs=kafka_libs(PluginSettings().cache_dir, infra.kafka_version, infra.kafka_home))
-    own.start(attached=True)
-    try:
+    with own_broker(tmp_path / "kafka") as own:
         yield own
-    finally:
-        own.stop()
 
 
 @pytest.fixture
@@ -80,9 +71,7 @@ async def test_a_broker_killed_mid_publish_loses_and_reorders_nothing(
         while await _published(store) < 1000:
             assert time.monotonic() < deadline and not running.done(), await statuses(store)
             await asyncio.sleep(0.01)
-        pid = broker.process.pid
-        assert pid is not None
-        os.kill(pid, signal.SIGKILL)
+        os.kill(broker_pid(broker), signal.SIGKILL)
         killed_at = await _published(store)
         # The relay meets the outage (a positive signal that it tried while the broker was down).
         while not await _tried_while_down(store):
