@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
+from datetime import datetime
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -21,15 +22,23 @@ class Releaser:
     """Polls for due commands; each pass is one transaction. It never touches a held or tripped run."""
 
     def __init__(
-        self, engine: AsyncEngine, interval_s: float, batch: int, on_commit: Callable[[], None] | None = None
+        self,
+        engine: AsyncEngine,
+        interval_s: float,
+        batch: int,
+        on_commit: Callable[[], None] | None = None,
+        clock: Callable[[], datetime] = utcnow,
     ) -> None:
         self._engine = engine
         self._interval = interval_s
         self._batch = batch
         self._on_commit = on_commit
+        # What time it is for the timers (quarantine windows, hold timeouts): injectable, so a test proves
+        # a window of an hour elapses without waiting for it.
+        self._clock = clock
 
     async def run_once(self) -> ReleaseStats:
-        now = utcnow()
+        now = self._clock()
         # Most passes find nothing due: ask without locks first, so an idle pass does not take SQLite's
         # write lock (which every agent write needs) or PostgreSQL row locks.
         async with self._engine.connect() as conn:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import time
+from datetime import timedelta
 
 from sqlalchemy import select
 
 from kinshasa.gateway.quarantine import ReleaseStats
 from kinshasa.gateway.releaser import Releaser
 from kinshasa.gateway.store import runs
+from kinshasa.schemas.envelope import utcnow
 from kinshasa.topics.catalogue import commands_topic
 from tests.integration.gateway.conftest import Harness, TopicReader
 
@@ -46,8 +48,10 @@ async def test_tripped_runs_held_commands_stay_held(harness: Harness, reader: To
     run_id = await c.start_run(entry_point="trip-hold")
     held = [(await c.create_document(run_id))["data"]["createDocument"] for _ in range(2)]
     assert (await c.create_document(run_id))["errors"][0]["extensions"]["code"] == "BREAKER_OPEN"
-    # Several windows and releaser passes later, nothing has left.
-    await asyncio.sleep(3.0)
+    # A releaser pass an hour later, long past their window, releases nothing of a tripped run.
+    later = Releaser(harness.gateway.engine, interval_s=1.0, batch=100,
+                     clock=lambda: utcnow() + timedelta(hours=1))
+    assert (await later.run_once()).released == 0
     assert await reader.envelopes([commands_topic("documents")], run_id) == []
     listed = await c.data(
         f'{{ run(id: "{run_id}") {{ commands {{ status }} counts {{ held published }} }} }}'
