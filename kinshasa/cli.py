@@ -58,10 +58,14 @@ def _fail(exc: Exception) -> None:
 
 
 @infra_app.command("up")
-def infra_up(postgres: bool = typer.Option(False, "--postgres", help="Also start PostgreSQL.")) -> None:
+def infra_up(postgres: bool = typer.Option(False, "--postgres", help="Also start PostgreSQL."),
+             brokers: int | None = typer.Option(
+                 None, "--brokers", min=1, metavar="N",
+                 help="Kafka nodes to run (default: as many as are running, else 1). With 3: a KRaft "
+                      "cluster, replication factor 3 and min.insync.replicas 2 for new topics.")) -> None:
     """Start the infrastructure in the background; `kinshasa infra down` stops it."""
     try:
-        _local_infra().up(with_postgres=postgres, attached=False, report=typer.echo)
+        _local_infra().up(with_postgres=postgres, attached=False, report=typer.echo, brokers=brokers)
     except InfraError as exc:
         _fail(exc)
     infra_status()

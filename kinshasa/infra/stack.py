@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from kinshasa.infra.kafka import KafkaBroker, kafka_libs
+from kinshasa.infra.kafka import KafkaBroker, KafkaCluster, kafka_libs, stop_together
 from kinshasa.infra.postgres import PostgresCluster
-from kinshasa.infra.process import InfraError, ManagedProcess
+from kinshasa.infra.process import InfraError, ManagedProcess, free_port
 from kinshasa.infra.temporal import TemporalServer
 from kinshasa.settings import InfraSettings, StackSettings
 
@@ -26,6 +28,16 @@ class ComponentStatus:
     def line(self) -> str:
         state = "healthy" if self.healthy else ("starting/unhealthy" if self.alive else "down")
         return f"{self.name:<10} {state:<18} {self.address:<22} pid={self.pid or '-'}"
+
+
+def _port_or_free(preferred: int) -> int:
+    """`preferred` if nothing holds it, else any free port."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("127.0.0.1", preferred))
+        except OSError:
+            return free_port()
+    return preferred
 
 
 @dataclass
@@ -49,15 +61,15 @@ class LocalInfra:
     def state_path(self) -> Path:
         return self.root / "state.json"
 
-    def _state(self) -> dict[str, int]:
+    def _state(self) -> dict[str, Any]:
         try:
             return dict(json.loads(self.state_path.read_text()))
         except (OSError, ValueError):
             return {}
 
-    def _save_state(self, **ports: int) -> None:
+    def _save_state(self, **ports: int | None) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
-        state = self._state() | ports
+        state = {k: v for k, v in (self._state() | ports).items() if v is not None}
         self.state_path.write_text(json.dumps(state, indent=2))
 
     def kafka(self) -> KafkaBroker:
@@ -69,6 +81,81 @@ class LocalInfra:
                            controller_port=state.get("kafka_controller_port",
                                                      self.infra.kafka_controller_port),
                            heap=self.infra.kafka_heap)
+
+    @property
+    def cluster_root(self) -> Path:
+        return self.root / "kafka-cluster"
+
+    def kafka_cluster(self, size: int) -> KafkaCluster:
+        """`size` Kafka nodes; node 1 on the configured ports, node i on those plus 100 * (i - 1) if free.
+
+        The ports are chosen once, when the cluster is first formatted, and recorded with it.
+        """
+        libs = kafka_libs(self.cache_dir or self.root / "cache", self.infra.kafka_version,
+                          self.infra.kafka_home)
+        state = self._state()
+        port = state.get("kafka_port", self.infra.kafka_port)
+        controller = state.get("kafka_controller_port", self.infra.kafka_controller_port)
+        ports = [(port, controller)] + [(_port_or_free(port + 100 * i), _port_or_free(controller + 100 * i))
+                                        for i in range(1, size)]
+        cluster = KafkaCluster(root=self.cluster_root, libs=libs, size=size, ports=ports,
+                               heap=self.infra.kafka_heap)
+        if cluster.size != size:
+            raise InfraError(f"the Kafka cluster under {self.cluster_root} was formatted with {cluster.size} "
+                             f"nodes, not {size}: use --brokers {cluster.size}, or stop it and remove that "
+                             "directory to start afresh (its data goes with it)")
+        return cluster
+
+    def kafka_brokers(self) -> int:
+        """How many Kafka nodes `up` last started (1 unless `up --brokers N` said otherwise)."""
+        return int(self._state().get("kafka_brokers", 1))
+
+    def _kafka_pid_files(self) -> list[tuple[str, Path]]:
+        """Each Kafka node that may be running, by name and pid file: found without resolving any jar."""
+        single = [("kafka", self.root / "kafka" / "kafka.pid")]
+        nodes = sorted(self.cluster_root.glob("node-*/kafka.pid"), key=lambda p: p.parent.name)
+        return single + [(f"kafka-{p.parent.name.removeprefix('node-')}", p) for p in nodes]
+
+    def _kafka_running(self) -> list[ManagedProcess]:
+        processes = [ManagedProcess(name, [], pid.with_name("kafka.log"), pid)
+                     for name, pid in self._kafka_pid_files() if pid.exists()]
+        return [process for process in processes if process.alive()]
+
+    def _up_kafka(self, brokers: int | None, attached: bool, report: Callable[[str], None],
+                  took: dict[str, float]) -> None:
+        running = self._kafka_running()
+        if brokers is None:
+            brokers = self.kafka_brokers() if running else 1
+        if brokers < 1:
+            raise InfraError(f"--brokers must be at least 1, not {brokers}")
+        if running and brokers != self.kafka_brokers():
+            raise InfraError(f"Kafka is running with {self.kafka_brokers()} broker(s); run "
+                             f"'kinshasa infra down' first to start it with {brokers}")
+        if brokers == 1:
+            kafka = self.kafka()
+            if kafka.process.alive() and kafka.ready():
+                report(f"kafka already running on {kafka.bootstrap}")
+                return
+            t0 = time.monotonic()
+            kafka.start(attached=attached, timeout=self.infra.start_timeout_s)
+            took["kafka"] = time.monotonic() - t0
+            self._save_state(kafka_port=kafka.port, kafka_controller_port=kafka.controller_port,
+                             kafka_brokers=None)
+            report(f"kafka ready on {kafka.bootstrap} in {took['kafka']:.1f}s")
+            return
+        cluster = self.kafka_cluster(brokers)
+        if len(running) == brokers and cluster.ready():
+            report(f"kafka ({brokers} brokers) already running on {cluster.bootstrap}")
+            return
+        # A node left over from a partial start would hold its ports; start the cluster as one.
+        stop_together(running)
+        t0 = time.monotonic()
+        cluster.start(attached=attached, timeout=self.infra.start_timeout_s)
+        took["kafka"] = time.monotonic() - t0
+        self._save_state(kafka_brokers=brokers)
+        report(f"kafka ({brokers} brokers, replication factor {cluster.nodes[0].replication}, "
+               f"min.insync.replicas {cluster.nodes[0].min_insync}) ready on {cluster.bootstrap} "
+               f"in {took['kafka']:.1f}s")
 
     def temporal(self) -> TemporalServer:
         state = self._state()
@@ -84,18 +171,14 @@ class LocalInfra:
                                port=state.get("postgres_port", self.infra.postgres_port))
 
     def up(self, with_postgres: bool = False, attached: bool = False,
-           report: Callable[[str], None] = print) -> dict[str, float]:
-        """Start whatever is not running; return seconds each start took."""
+           report: Callable[[str], None] = print, brokers: int | None = None) -> dict[str, float]:
+        """Start whatever is not running; return seconds each start took.
+
+        `brokers` Kafka nodes (default: as many as are running, else 1); with 3, a KRaft cluster whose
+        topics default to replication factor 3 and min.insync.replicas 2.
+        """
         took: dict[str, float] = {}
-        kafka = self.kafka()
-        if kafka.process.alive() and kafka.ready():
-            report(f"kafka already running on {kafka.bootstrap}")
-        else:
-            t0 = time.monotonic()
-            kafka.start(attached=attached, timeout=self.infra.start_timeout_s)
-            took["kafka"] = time.monotonic() - t0
-            self._save_state(kafka_port=kafka.port, kafka_controller_port=kafka.controller_port)
-            report(f"kafka ready on {kafka.bootstrap} in {took['kafka']:.1f}s")
+        self._up_kafka(brokers, attached, report, took)
         temporal = self.temporal()
         if temporal.process.alive() and temporal.ready():
             report(f"temporal already running on {temporal.address}")
@@ -120,10 +203,12 @@ class LocalInfra:
     def status(self) -> list[ComponentStatus]:
         rows: list[ComponentStatus] = []
         try:
-            kafka = self.kafka()
-            alive = kafka.process.alive()
-            rows.append(ComponentStatus("kafka", kafka.bootstrap, kafka.process.pid, alive,
-                                        alive and kafka.ready()))
+            brokers = self.kafka_brokers()
+            nodes = [self.kafka()] if brokers == 1 else self.kafka_cluster(brokers).nodes
+            for node in nodes:
+                alive = node.process.alive()
+                rows.append(ComponentStatus(node.process.name, node.bootstrap, node.process.pid, alive,
+                                            alive and node.ready()))
         except InfraError as exc:
             rows.append(ComponentStatus("kafka", str(exc)[:60], None, False, False))
         temporal = self.temporal()
@@ -143,12 +228,12 @@ class LocalInfra:
             if process.alive():
                 process.stop()
                 report(f"{name} stopped")
-        kafka_root = self.root / "kafka"
-        if (kafka_root / "kafka.pid").exists():
-            # Building the broker would resolve jars; stopping needs only the pid file.
-            proc = ManagedProcess("kafka", [], kafka_root / "kafka.log", kafka_root / "kafka.pid")
-            if proc.alive():
-                proc.stop()
-                report("kafka stopped")
-            else:
-                proc.pid_path.unlink(missing_ok=True)
+        # Building the brokers would resolve jars; stopping needs only their pid files.
+        running = self._kafka_running()
+        stop_together(running)
+        for process in running:
+            report(f"{process.name} stopped")
+        for _, pid_file in self._kafka_pid_files():
+            pid_file.unlink(missing_ok=True)
+        if self.state_path.exists():
+            self._save_state(kafka_brokers=None)
