@@ -7,7 +7,7 @@ PYTEST_ARGS ?=
 # Kafka's jars, fetched once per checkout, shared by the suite, `make run` and kinshasa.testing.
 export KINSHASA_CACHE_DIR := $(CURDIR)/.kinshasa/cache
 
-.PHONY: setup run test test-unit test-integration test-e2e bench bench-small lint infra-up infra-down clean
+.PHONY: setup run test test-unit test-integration test-e2e bench bench-small soak lint infra-up infra-down clean
 
 $(STAMP): pyproject.toml examples/tickets/pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Kinshasa needs Python 3.11 or newer; set PYTHON=/path/to/python3.11")'
@@ -39,6 +39,11 @@ bench: setup
 
 bench-small: setup
 	$(BIN)/python -m bench --small
+
+# The whole stack for 10 minutes under load and a random fault about every 30 s (MINUTES=N to change).
+MINUTES ?= 10
+soak: setup
+	$(BIN)/python -m bench.soak --minutes $(MINUTES)
 
 lint: setup
 	$(BIN)/ruff check kinshasa tests bench

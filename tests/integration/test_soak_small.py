@@ -1,0 +1,31 @@
+"""The soak for one minute (`python -m bench.soak --minutes 1`): faults injected, every check passed.
+
+The ten-minute soak is `make soak`; this run keeps the soak itself working in `make test`. It runs as a
+subprocess because the soak starts and kills the whole stack's processes, as `make soak` does.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+# Stack start-up, one minute of load and faults, the drain and the stop, with room for a busy machine.
+TIMEOUT_S = 900
+
+
+def test_a_one_minute_soak_injects_faults_and_passes_every_check(tmp_path: Path) -> None:
+    done = subprocess.run([sys.executable, "-m", "bench.soak", "--minutes", "1", "--fault-every", "25",
+                           "--results-dir", str(tmp_path)],
+                          cwd=REPO, capture_output=True, text=True, timeout=TIMEOUT_S, check=False)
+    output = f"stdout:\n{done.stdout[-4000:]}\nstderr:\n{done.stderr[-4000:]}"
+    assert done.returncode == 0, output
+
+    figures = json.loads((tmp_path / "soak.json").read_text())["figures"]
+    assert figures["faults"] >= 1 and len(figures["fault_log"]) >= 1, output
+    assert figures["writes"] > 0 and figures["passed"], output
+    assert {name for name, check in figures["checks"].items() if check["passed"]} == {
+        "commands_settled", "applied_exactly_once", "reverts_reverted", "dlq_empty"}, output
+    assert figures["write_ms_per_minute"] and figures["write_ms_per_minute"][0]["p99"] is not None
