@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -34,6 +33,7 @@ from kinshasa.gateway.service_book import ServiceBook
 from kinshasa.gateway.settings import GatewayConfig
 from kinshasa.gateway.store import install_gateway_tables
 from kinshasa.kernel.admin import admin_app, load_or_create_internal_token
+from kinshasa.kernel.component import database_check
 from kinshasa.kernel.database import create_engine
 from kinshasa.kernel.dlq import DeadLetterQueue, OutboxDeadLetters, SqlDeadLetterStore, guarded_handler
 from kinshasa.kernel.housekeeping import Housekeeper, housekeeping_policy
@@ -41,6 +41,7 @@ from kinshasa.kernel.install import install_kernel_tables
 from kinshasa.kernel.metrics import ComponentMetrics
 from kinshasa.kernel.outbox import OutboxStatus
 from kinshasa.kernel.relay import OutboxRelay
+from kinshasa.kernel.supervisor import GaveUp, RestartPolicy, Supervisor
 from kinshasa.mcp.http import McpEndpoint, McpRoute
 from kinshasa.mcp.settings import McpSettings
 from kinshasa.schemas.operations import OperationCatalogue
@@ -66,8 +67,12 @@ class Gateway:
         settings: GatewayConfig,
         stack: StackSettings,
         registry: PrincipalRegistry | None = None,
+        restart_policy: RestartPolicy | None = None,
     ) -> None:
         self.settings = settings
+        # How every background task is restarted when it dies (the kernel's default unless a test
+        # wants a supervisor that gives up sooner).
+        self.restart_policy = restart_policy or RestartPolicy()
         self.stack = stack
         self.engine = create_engine(settings.resolved_database_url(stack, COMPONENT))
         self.registry = (
@@ -131,8 +136,10 @@ class Gateway:
         self.fairness = fairness_from(settings)
         self.schema: Any = None
         self.graphql_app: Any = None
-        self._stop = asyncio.Event()
-        self._tasks: list[asyncio.Task[Any]] = []
+        # Every background task runs as a role of this supervisor; /healthz asks it about each.
+        self.supervisor = Supervisor(COMPONENT, on_give_up=self._gave_up)
+        # Called when a role is not restarted any more; the process must then exit non-zero.
+        self.on_give_up: Callable[[GaveUp], None] | None = None
         self._catalogue_changed(self.book.catalogue)
         self.app = create_app(self)
 
@@ -175,31 +182,34 @@ class Gateway:
 
     async def start(self) -> None:
         """Create tables, load the accepted services and follow the catalogue, start the releaser; with
-        `background` also the relay, the outbox housekeeper and the listener."""
+        `background` also the relay, the outbox housekeeper, the durability watcher and the listener.
+
+        Each runs as a role of `self.supervisor`: one that dies is restarted with backoff and `/healthz`
+        names it until it runs again; one that keeps dying makes the supervisor give up, and
+        `on_give_up` (the CLI stops uvicorn and exits non-zero) hands the process to its orchestrator.
+        """
         await self.install()
-        self._stop.clear()
         await self.book.load()
         await self._follow_catalogue()
         releaser = Releaser(
             self.engine, self.settings.releaser_interval_s, self.settings.releaser_batch, self._wake
         )
-        self._tasks.append(asyncio.create_task(releaser.run(self._stop), name="gateway-releaser"))
+        self.supervisor.add("releaser", releaser.run, self.restart_policy)
         if not self.settings.background:
             return
         bootstrap = self.stack.kafka_bootstrap
         self.producer = AsyncProducer(bootstrap, client_id="kinshasa-gateway")
-        self.relay = OutboxRelay(self.engine, self.producer, on_publish_failure=self.metrics.publish_failed)
-        self._tasks.append(
-            asyncio.create_task(self.relay.run(self._stop, idle_sleep_s=0.05), name="gateway-relay")
-        )
+        relay = self.relay = OutboxRelay(self.engine, self.producer,
+                                         on_publish_failure=self.metrics.publish_failed)
+
+        async def run_relay(stop: asyncio.Event) -> None:
+            await relay.run(stop, idle_sleep_s=0.05)
+
+        self.supervisor.add("relay", run_relay, self.restart_policy)
         housekeeper = Housekeeper(self.engine, housekeeping_policy(self.settings),
                                   also=[lambda now: idempotency.prune(self.engine, now)])
-        self._tasks.append(asyncio.create_task(housekeeper.run(self._stop), name="gateway-housekeeping"))
-        self._tasks.append(asyncio.create_task(self.durability.run(self._stop), name="gateway-durability"))
-        # A pattern, so the events of a service registered later are heard too (new topics are found at
-        # the next metadata refresh).
-        consumer = AsyncConsumer(bootstrap, GROUP, listened_topics(),
-                                 extra_config={"topic.metadata.refresh.interval.ms": METADATA_REFRESH_MS})
+        self.supervisor.add("housekeeping", housekeeper.run, self.restart_policy)
+        self.supervisor.add("durability", self.durability.run, self.restart_policy)
         handler = guarded_handler(
             self.listener.handle,
             store=SqlDeadLetterStore(self.engine),
@@ -207,35 +217,53 @@ class Gateway:
             group=GROUP,
             metrics=self.metrics,
         )
-        self._tasks.append(asyncio.create_task(consumer.run(handler, self._stop), name="gateway-listener"))
+
+        async def listen(stop: asyncio.Event) -> None:
+            # A consumer runs once: every (re)start joins the group with a new one. A pattern, so the
+            # events of a service registered later are heard too (new topics are found at the next
+            # metadata refresh).
+            consumer = AsyncConsumer(bootstrap, GROUP, listened_topics(),
+                                     extra_config={"topic.metadata.refresh.interval.ms": METADATA_REFRESH_MS})
+            await consumer.run(handler, stop)
+
+        self.supervisor.add("listener", listen, self.restart_policy)
 
     async def _follow_catalogue(self) -> None:
         """Read every service declaration published so far before serving, then keep following."""
         await asyncio.to_thread(ensure_topics, self.stack.kafka_bootstrap, self.own_topics())
-        self.follower = DeclarationFollower(self.stack.kafka_bootstrap, self.book.offer,
-                                            self.settings.catalogue_topic)
-        task = asyncio.create_task(self.follower.run(self._stop), name="gateway-catalogue")
-        self._tasks.append(task)
-        caught_up = asyncio.create_task(self.follower.caught_up.wait())
-        await asyncio.wait([caught_up, task], timeout=self.settings.catalogue_wait_s,
+        follower = self.follower = DeclarationFollower(self.stack.kafka_bootstrap, self.book.offer,
+                                                       self.settings.catalogue_topic)
+        self.supervisor.add("catalogue", follower.run, self.restart_policy)
+        first = self.supervisor.attempt("catalogue")
+        assert first is not None
+        caught_up = asyncio.create_task(follower.caught_up.wait())
+        await asyncio.wait([caught_up, first], timeout=self.settings.catalogue_wait_s,
                            return_when=asyncio.FIRST_COMPLETED)
         caught_up.cancel()
-        if task.done():
-            task.result()  # the follower failed at start: say why, do not serve an empty schema
-        if not self.follower.caught_up.is_set():
+        if first.done() and not follower.caught_up.is_set():
+            # The follower failed at start: say why, do not serve an empty schema.
+            await self.supervisor.stop()
+            first.result()
+            raise RuntimeError("the catalogue follower ended at start without reading the catalogue")
+        if not follower.caught_up.is_set():
             log.warning("the catalogue topic %s was not read to its end within %.0f s: serving the %d "
                         "service(s) accepted so far", self.settings.catalogue_topic,
                         self.settings.catalogue_wait_s, len(self.book.declarations))
 
+    def roles(self) -> list[str]:
+        """The names of the roles `start` runs, each a check of /healthz."""
+        names = ["catalogue", "releaser"]
+        if self.settings.background:
+            names += ["relay", "housekeeping", "durability", "listener"]
+        return names
+
+    def _gave_up(self, failure: GaveUp) -> None:
+        log.critical("gateway stopping: %s", failure)
+        if self.on_give_up is not None:
+            self.on_give_up(failure)
+
     async def stop(self) -> None:
-        self._stop.set()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, asyncio.TimeoutError):
-                await asyncio.wait_for(task, timeout=15)
-        for task in self._tasks:
-            if not task.done():
-                task.cancel()
-        self._tasks.clear()
+        await self.supervisor.stop(timeout_s=15)
         await self.services.writer.drain()
         await self.webhook.drain()
         if self.producer is not None:
@@ -332,8 +360,9 @@ def create_app(gateway: Gateway, manage_lifecycle: bool = True) -> FastAPI:
     app = FastAPI(
         title="Kinshasa gateway", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None
     )
+    checks = {"database": database_check(gateway.engine), **gateway.supervisor.health_checks(gateway.roles())}
     admin = admin_app(COMPONENT, token=gateway.internal_token, dlq_api=gateway.dlq, metrics=gateway.metrics,
-                      outbox=OutboxStatus(gateway.engine))
+                      outbox=OutboxStatus(gateway.engine), health_checks=checks)
     app.mount("/", admin)
     app.add_middleware(GraphQLSwitch, gateway=gateway)
     app.add_middleware(McpRoute, endpoint=mcp)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from typing import Any, TextIO
@@ -48,13 +49,29 @@ def serve() -> None:
     stack = StackSettings()
     configure_gateway_logging(stack)
     gateway = bootstrap(stack=stack)
-    uvicorn.run(
+    server = uvicorn.Server(uvicorn.Config(
         gateway.app,
         host=gateway.settings.host,
         port=gateway.settings.port,
         lifespan="on",
         **UVICORN_LOGGING,
-    )
+    ))
+    failures: list[Exception] = []
+
+    def gave_up(failure: Exception) -> None:
+        # A background task the supervisor does not restart any more: shut down as on SIGTERM, then
+        # exit non-zero so the orchestrator starts a fresh gateway.
+        failures.append(failure)
+        server.should_exit = True
+
+    gateway.on_give_up = gave_up
+    with contextlib.suppress(KeyboardInterrupt):
+        server.run()
+    if failures:
+        typer.echo(f"gateway stopped: {failures[0]}", err=True)
+        raise typer.Exit(code=1)
+    if not server.started:
+        raise typer.Exit(code=3)  # uvicorn's own code when startup fails
 
 
 @app.command("new-key")

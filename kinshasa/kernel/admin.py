@@ -54,6 +54,10 @@ REPROCESS_MAX = 1000
 HealthCheck = Callable[[], Awaitable[object]]
 
 
+class CheckFailed(Exception):
+    """Raised by a health check whose message says it all (`/healthz` shows it without the type name)."""
+
+
 class DlqEntryView(Protocol):
     def to_json(self) -> dict[str, Any]: ...
 
@@ -123,6 +127,8 @@ async def _run_check(check: HealthCheck) -> str | None:
         result = await asyncio.wait_for(check(), HEALTH_CHECK_TIMEOUT_S)
     except TimeoutError:
         return f"timed out after {HEALTH_CHECK_TIMEOUT_S:.0f}s"
+    except CheckFailed as exc:
+        return str(exc)
     except Exception as exc:
         return f"{type(exc).__name__}: {exc}"
     return "check returned false" if result is False else None

@@ -29,7 +29,8 @@ def _restore_logging() -> Iterator[None]:
 
 
 def _serve(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, log_format: str) -> dict[str, Any]:
-    """Run `kinshasa gateway serve` with uvicorn.run replaced by what it does first: build its Config."""
+    """Run `kinshasa gateway serve` with uvicorn's Server replaced by one that logs instead of serving; the
+    real `uvicorn.Config` is built, so uvicorn's logging options apply exactly as when serving."""
     monkeypatch.setenv("KINSHASA_LOG_FORMAT", log_format)
     monkeypatch.setenv("KINSHASA_LOG_LEVEL", "INFO")
     monkeypatch.setenv("KINSHASA_DATA_DIR", str(tmp_path))
@@ -37,15 +38,18 @@ def _serve(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, log_format: str) -> 
     monkeypatch.setattr(gateway_app, "bootstrap", lambda stack: fake)
     called: dict[str, Any] = {}
 
-    def run(app: Any, **options: Any) -> None:
-        called.update(options)
-        # Config applies uvicorn's logging options, exactly as uvicorn.run does before serving.
-        uvicorn.Config(app, **options)
-        logging.getLogger("uvicorn.error").info("Uvicorn running on %s", "http://127.0.0.1:8000")
-        with log_context(run_id="run-7", actor=Actor(kind="agent", id="agent-1")):
-            logging.getLogger("kinshasa.gateway.listener").warning("breaker tripped: %s", "writes 3 > 2")
+    class Server:
+        def __init__(self, config: uvicorn.Config) -> None:
+            called.update(log_config=config.log_config, access_log=config.access_log)
+            self.started = True
+            self.should_exit = False
 
-    monkeypatch.setattr(cli.uvicorn, "run", run)
+        def run(self) -> None:
+            logging.getLogger("uvicorn.error").info("Uvicorn running on %s", "http://127.0.0.1:8000")
+            with log_context(run_id="run-7", actor=Actor(kind="agent", id="agent-1")):
+                logging.getLogger("kinshasa.gateway.listener").warning("breaker tripped: %s", "writes 3 > 2")
+
+    monkeypatch.setattr(cli.uvicorn, "Server", Server)
     cli.serve()
     return called
 
