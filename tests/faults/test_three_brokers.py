@@ -53,9 +53,9 @@ async def _published(engine: AsyncEngine) -> set[bytes]:
         return {bytes(value) for (value,) in rows}
 
 
-def _partitions(bootstrap: str, topic: str) -> dict[int, tuple[int, frozenset[int]]]:
+def _partitions(admin: AdminClient, topic: str) -> dict[int, tuple[int, frozenset[int]]]:
     """Each partition's leader and in-sync replicas, as the cluster's metadata says now."""
-    meta = AdminClient({"bootstrap.servers": bootstrap}).list_topics(topic, timeout=10)
+    meta = admin.list_topics(topic, timeout=10)
     return {p.id: (p.leader, frozenset(p.isrs)) for p in meta.topics[topic].partitions.values()}
 
 
@@ -78,6 +78,7 @@ async def test_a_node_of_three_killed_mid_publish_loses_no_acknowledged_row_and_
     state = (await asyncio.to_thread(describe_topics, cluster.bootstrap, [topic]))[topic]
     assert (state.replication_factor, state.configs.get("min.insync.replicas")) == (3, "2")
 
+    admin = AdminClient({"bootstrap.servers": cluster.bootstrap})
     expected = await append_interleaved(store, topic, keys=KEYS, per_key=PER_KEY)
     total = KEYS * PER_KEY
     producer = AsyncProducer(cluster.bootstrap, client_id="fault-cluster-relay",
@@ -93,7 +94,7 @@ async def test_a_node_of_three_killed_mid_publish_loses_no_acknowledged_row_and_
 
         await _until("the first fifth of the rows", some_published, deadline, running)
         leaders = Counter(leader for leader, _ in (await asyncio.to_thread(
-            _partitions, cluster.bootstrap, topic)).values())
+            _partitions, admin, topic)).values())
         victim = leaders.most_common(1)[0][0]
         cluster.kill(victim)
         # Every row marked PUBLISHED by now was acknowledged by the cluster before or as the node died.
@@ -101,7 +102,7 @@ async def test_a_node_of_three_killed_mid_publish_loses_no_acknowledged_row_and_
         assert len(acknowledged_before_kill) < total, "the relay finished before the kill: publish more rows"
 
         async def led_elsewhere() -> bool:
-            partitions = await asyncio.to_thread(_partitions, cluster.bootstrap, topic)
+            partitions = await asyncio.to_thread(_partitions, admin, topic)
             return all(leader not in (victim, -1) and victim not in isr
                        for leader, isr in partitions.values())
 
@@ -137,6 +138,6 @@ async def test_a_node_of_three_killed_mid_publish_loses_no_acknowledged_row_and_
     await asyncio.to_thread(cluster.restart, victim)
     rejoin_deadline = time.monotonic() + 60
     while not all(isr == {1, 2, 3} for _, isr in
-                  (await asyncio.to_thread(_partitions, cluster.bootstrap, topic)).values()):
+                  (await asyncio.to_thread(_partitions, admin, topic)).values()):
         assert time.monotonic() < rejoin_deadline, f"node {victim} did not rejoin every ISR within 60 s"
         await asyncio.sleep(0.2)
