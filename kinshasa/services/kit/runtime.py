@@ -9,6 +9,10 @@ tables and triggers, makes sure the service's topics exist, then runs side by si
 * uvicorn serving the read API and the kernel admin endpoints (/healthz, /admin/dlq, /metrics);
 * the housekeeper pruning published outbox rows once they are old enough.
 
+Each runs as a role of the kernel's `Supervisor`: one that dies is restarted with capped backoff and
+`/healthz` answers 503 naming it until it runs again; the HTTP server is never restarted, and a role that
+keeps dying makes the supervisor give up: the process then stops and `run` raises (exit non-zero).
+
 Setting `stop` (SIGTERM/SIGINT in `serve_forever`) lets the in-flight message finish and commit, stops
 consuming, drains the outbox to Kafka, then closes the producer and the server.
 """
@@ -31,7 +35,6 @@ from kinshasa.kernel.component import (
     drain_outbox,
     http_server,
     serve_until_signalled,
-    task_check,
     wait_started,
     wire_dead_letters,
     write_address_file,
@@ -42,6 +45,7 @@ from kinshasa.kernel.housekeeping import Housekeeper, housekeeping_policy
 from kinshasa.kernel.metrics import ComponentMetrics
 from kinshasa.kernel.outbox import OutboxStatus
 from kinshasa.kernel.relay import OutboxRelay
+from kinshasa.kernel.supervisor import NEVER_RESTART, RestartPolicy, Supervisor
 from kinshasa.services.kit.declarations import Service
 from kinshasa.services.kit.dispatcher import CommandDispatcher
 from kinshasa.services.kit.install import install_service
@@ -64,6 +68,10 @@ from kinshasa.topics.producer import AsyncProducer
 log = logging.getLogger(__name__)
 
 LAG_INTERVAL_S = 5.0
+# The process's roles, each a check of /healthz; the supervisor restarts all but the HTTP server.
+ROLES = ("http", "relay", "consumer", "lag", "housekeeping")
+# How long a stop waits for the consumer to finish the batch in hand before cancelling it.
+CONSUMER_STOP_S = 60.0
 # Well under librdkafka's 45 s default: a replacement for a crashed process gets its partitions sooner.
 SESSION_TIMEOUT_MS = 10_000
 
@@ -114,6 +122,8 @@ class RuntimeOptions:
     relay_max_attempts: int = 10
     # Records per fetch; each fetched batch is one transaction (see batch_record_handler).
     consumer_batch_size: int = 100
+    # How a role that died is restarted (the HTTP server never is).
+    restart_policy: RestartPolicy = field(default_factory=RestartPolicy)
 
 
 def record_handler(dispatcher: CommandDispatcher) -> Handler:
@@ -165,6 +175,9 @@ class ServiceRuntime:
         self.metrics = ComponentMetrics(service.name)
         self.admin_url: str | None = None
         self.ready = asyncio.Event()
+        # Runs the process's roles (ROLES); built by each `run`.
+        self.supervisor = Supervisor(service.name)
+        self._consumer: AsyncConsumer | None = None
 
     @property
     def database_url(self) -> str:
@@ -198,74 +211,78 @@ class ServiceRuntime:
         extra: dict[str, Any] = {"session.timeout.ms": SESSION_TIMEOUT_MS}
         if opts.instance_id:
             extra["group.instance.id"] = opts.instance_id
-        consumer = AsyncConsumer(self.stack.kafka_bootstrap, topics.group, [topics.commands],
-                                 extra_config=extra, batch_size=opts.consumer_batch_size)
-        tasks: dict[str, asyncio.Task[Any]] = {}
-
+        batch = batch_record_handler(dispatcher, self.metrics)
+        housekeeper = Housekeeper(engine, housekeeping_policy(self.settings))
+        supervisor = self.supervisor = Supervisor(name)
         token = load_or_create_internal_token(self.stack.data_dir, self.token,
                                               self.stack.internal_token_file)
         app = admin_app(name, token=token, dlq_api=dead_letters.queue, metrics=self.metrics,
                         outbox=OutboxStatus(engine),
                         health_checks={"database": database_check(engine),
-                                       "consumer": task_check(tasks, "consumer"),
-                                       "relay": task_check(tasks, "relay")})
+                                       **supervisor.health_checks(ROLES)})
         mount_reads(app, self.service, engine)
         server = http_server(app, self.settings.admin_host, self.settings.admin_port)
-        relay_stop = asyncio.Event()
+
+        async def serve_http(role_stop: asyncio.Event) -> None:
+            serving = asyncio.create_task(server.serve(), name=f"{name}-uvicorn")
+            stopping = asyncio.create_task(role_stop.wait())
+            await asyncio.wait([serving, stopping], return_when=asyncio.FIRST_COMPLETED)
+            stopping.cancel()
+            server.should_exit = True
+            await serving
+
+        async def consume(role_stop: asyncio.Event) -> None:
+            # A consumer runs once: each (re)start joins the group with a new one; the message in hand
+            # finishes and its offset is committed before the consumer leaves (its handler is never
+            # cancelled by a stop request).
+            consumer = self._consumer = AsyncConsumer(self.stack.kafka_bootstrap, topics.group,
+                                                      [topics.commands], extra_config=extra,
+                                                      batch_size=opts.consumer_batch_size)
+            await consumer.run(dead_letters.guarded, role_stop, batch)
+
+        async def run_relay(role_stop: asyncio.Event) -> None:
+            await relay.run(role_stop)
+
+        policy = opts.restart_policy
         failure: BaseException | None = None
         try:
-            tasks["server"] = asyncio.create_task(server.serve(), name=f"{name}-http")
-            await self._wait_started(server, tasks["server"])
+            # The server is not restarted: a server that stopped serving is a process to replace.
+            supervisor.add("http", serve_http, NEVER_RESTART)
+            first = supervisor.attempt("http")
+            assert first is not None
+            await self._wait_started(server, first)
             if opts.publish_declaration:
                 # Before the first command is consumed: the gateway and the conformance kit learn the
                 # service from this, and it must name the read API that just started.
                 url = self.settings.advertised_url or self.admin_url
                 await publish_declaration(producer, self.service.declaration(read_url=url, admin_url=url),
                                           topics.declarations)
-            tasks["relay"] = asyncio.create_task(relay.run(relay_stop), name=f"{name}-relay")
-            batch = batch_record_handler(dispatcher, self.metrics)
-            tasks["consumer"] = asyncio.create_task(consumer.run(dead_letters.guarded, stop, batch),
-                                                    name=f"{name}-consumer")
-            tasks["lag"] = asyncio.create_task(self._watch_lag(consumer, stop), name=f"{name}-lag")
-            housekeeper = Housekeeper(engine, housekeeping_policy(self.settings))
-            tasks["housekeeping"] = asyncio.create_task(housekeeper.run(stop), name=f"{name}-housekeeping")
+            supervisor.add("relay", run_relay, policy)
+            supervisor.add("consumer", consume, policy)
+            supervisor.add("lag", self._watch_lag, policy)
+            supervisor.add("housekeeping", housekeeper.run, policy)
             log.info("service %s ready: consuming %s as %s, publishing %s, HTTP on %s", name, topics.commands,
                      topics.group, topics.events, self.admin_url)
             self.ready.set()
-            # Whichever ends first: a stop request, or a task that died (then the process must stop too).
+            # Whichever comes first: a stop request, or a role the supervisor gave up on (then the
+            # process must stop too, and exit non-zero).
             stop_wait = asyncio.create_task(stop.wait())
-            done, _ = await asyncio.wait([stop_wait, *tasks.values()], return_when=asyncio.FIRST_COMPLETED)
+            gave_up = asyncio.create_task(supervisor.failed.wait())
+            await asyncio.wait([stop_wait, gave_up], return_when=asyncio.FIRST_COMPLETED)
             stop_wait.cancel()
-            for task in done:
-                if task is stop_wait or stop.is_set():
-                    continue
-                # Nothing but a stop request may end these tasks; a clean return is a failure too.
-                error = None if task.cancelled() else task.exception()
-                failure = error or RuntimeError(f"{task.get_name()} ended without a stop request")
-                log.error("%s stopped unexpectedly: %r; shutting the service down", task.get_name(), failure)
-            stop.set()
-            # The consumer finishes the message in hand (its handler is never cancelled), commits offsets
-            # and leaves the group.
-            with contextlib.suppress(Exception):
-                await tasks["consumer"]
+            gave_up.cancel()
+            if supervisor.failure is not None and not stop.is_set():
+                failure = supervisor.failure
+                log.error("%s; shutting the service down", failure)
         finally:
             stop.set()
-            relay_stop.set()
-            if "relay" in tasks:
-                with contextlib.suppress(Exception):
-                    await tasks["relay"]
+            # In this order: the consumer finishes the message in hand and commits, the relay publishes
+            # what that committed, then the chores and the server end.
+            await supervisor.stop(["consumer"], timeout_s=CONSUMER_STOP_S)
+            await supervisor.stop(["relay"])
+            if "relay" in supervisor.names:
                 await drain_outbox(relay)
-            if "consumer" not in tasks:
-                await consumer.close()  # never ran, so it never closed itself
-            for chore in ("lag", "housekeeping"):
-                if chore in tasks:
-                    tasks[chore].cancel()
-                    with contextlib.suppress(BaseException):
-                        await tasks[chore]
-            server.should_exit = True
-            if "server" in tasks:
-                with contextlib.suppress(BaseException):
-                    await tasks["server"]
+            await supervisor.stop()
             await producer.close()
             log.info("service %s stopped", name)
         if failure is not None:
@@ -280,12 +297,15 @@ class ServiceRuntime:
         write_address_file(self.stack.data_dir, f"svc-{name}",
                            {"service": name, "url": self.admin_url, "port": port})
 
-    async def _watch_lag(self, consumer: AsyncConsumer, stop: asyncio.Event) -> None:
+    async def _watch_lag(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), LAG_INTERVAL_S)
             if stop.is_set():
                 return
+            consumer = self._consumer  # the one the consumer role runs now
+            if consumer is None:
+                continue
             try:
                 lags = await consumer.lag()
             except Exception as exc:  # lag is a metric: never let it take the process down
