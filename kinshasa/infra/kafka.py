@@ -280,7 +280,7 @@ class KafkaCluster:
     def __post_init__(self) -> None:
         if self.size < 1:
             raise InfraError(f"a Kafka cluster needs at least one node, not {self.size}")
-        quorum = self._layout()
+        quorum, broker_ports = self._layout()
         self.size = len(quorum.voters)
         replication = min(self.size, 3)
         self.nodes = [
@@ -288,14 +288,15 @@ class KafkaCluster:
                         controller_port=voter.controller_port, heap=self.heap, node_id=voter.node_id,
                         quorum=quorum, replication=replication, min_insync=max(1, replication - 1),
                         overrides=self.overrides)
-            for voter, port in zip(quorum.voters, self._broker_ports, strict=True)
+            for voter, port in zip(quorum.voters, broker_ports, strict=True)
         ]
 
     @property
     def layout_path(self) -> Path:
         return self.root / "cluster.json"
 
-    def _layout(self) -> Quorum:
+    def _layout(self) -> tuple[Quorum, list[int]]:
+        """The recorded quorum and broker ports, recorded first if this root was never formatted."""
         try:
             recorded = json.loads(self.layout_path.read_text())
         except FileNotFoundError:
@@ -312,9 +313,9 @@ class KafkaCluster:
             raise InfraError(f"{self.layout_path} is not valid JSON; remove {self.root} to start the "
                              "cluster afresh (its data goes with it)") from exc
         nodes = recorded["nodes"]
-        self._broker_ports = [int(n["port"]) for n in nodes]
-        return Quorum(recorded["cluster_id"], tuple(
+        quorum = Quorum(recorded["cluster_id"], tuple(
             Voter(int(n["node_id"]), int(n["controller_port"]), n["directory_id"]) for n in nodes))
+        return quorum, [int(n["port"]) for n in nodes]
 
     @property
     def bootstrap(self) -> str:
