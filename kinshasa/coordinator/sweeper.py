@@ -120,6 +120,10 @@ class RevertSweeper:
             return True  # the other caller's start: it marks the trigger, or leaves it for the next sweep
         self._inflight.add(trigger.message_id)
         try:
+            # Read again now that this caller holds the trigger: the other one may have started and marked
+            # it between the caller's own check (or the sweep's listing) and here.
+            if await self._handled(trigger.message_id):
+                return True
             await asyncio.wait_for(self.start_revert(trigger), self.start_timeout_s)
         except Exception as exc:
             self.outage = True

@@ -538,6 +538,9 @@ def guarded_handler(
                     if state.unavailable:
                         if metrics is not None:
                             metrics.observe_handler(operation, elapsed, "retrying")
+                        # Poison means failing the same way N times in a row: stray errors met during an
+                        # outage do not add up to a dead letter.
+                        state.failures = 0
                         state.retries += 1
                         delay = policy.unavailable_delay(state.retries)
                         state.next_at = now + delay

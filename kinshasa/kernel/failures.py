@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import errno
 import re
+import socket
 import sqlite3
 from typing import Any, Literal
 
@@ -36,17 +37,26 @@ _CHAIN_DEPTH = 8
 # SQLite reports contention and I/O trouble as OperationalError, but also a missing table or a syntax
 # error, which no wait fixes; only these messages mean "try again later".
 _SQLITE_TRANSIENT = ("database is locked", "database table is locked", "database is busy",
-                     "disk i/o error", "unable to open database file")
+                     "disk i/o error", "unable to open database file", "database or disk is full")
 
 _CONNECTION_ERRNOS = frozenset({errno.ECONNREFUSED, errno.ECONNRESET, errno.ECONNABORTED, errno.EPIPE,
                                 errno.ETIMEDOUT, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ENETDOWN})
+
+# asyncpg's errors about the input or the client, not the server's availability; some of them inherit
+# from its InterfaceError, which otherwise means a connection in a bad state. Checked first.
+_ASYNCPG_DETERMINISTIC = frozenset({"DataError", "ClientConfigurationError", "UnsupportedClientFeatureError",
+                                    "UnsupportedServerFeatureError", "OutdatedSchemaCacheError"})
+
+# getaddrinfo failures that mean "not resolvable right now" (a restarting container leaves DNS).
+_RESOLVER_TRANSIENT = frozenset({socket.EAI_AGAIN, socket.EAI_NONAME, socket.EAI_FAIL})
 
 # asyncpg's connection-level errors, by class name so this module does not import the driver.
 _ASYNCPG_TRANSIENT = frozenset({"PostgresConnectionError", "ConnectionDoesNotExistError",
                                 "ConnectionFailureError", "CannotConnectNowError", "TooManyConnectionsError",
                                 "ConnectionRejectionError", "InterfaceError", "DeadlockDetectedError",
                                 "SerializationError", "LockNotAvailableError", "QueryCanceledError",
-                                "AdminShutdownError", "CrashShutdownError"})
+                                "AdminShutdownError", "CrashShutdownError", "DiskFullError",
+                                "InsufficientResourcesError", "OutOfMemoryError"})
 
 # Broker-unreachable codes librdkafka does not mark retriable() but that only mean "not now".
 _KAFKA_TRANSIENT_CODES = frozenset({
@@ -78,7 +88,9 @@ def _chain(exc: BaseException) -> list[BaseException]:
     current: BaseException | None = exc
     while current is not None and len(seen) < _CHAIN_DEPTH and all(current is not s for s in seen):
         seen.append(current)
-        current = current.__cause__ or current.__context__
+        # Only the explicit `raise ... from` chain (what SQLAlchemy, asyncpg's adapter and temporalio use):
+        # a bug raised while handling a lock error is still a bug.
+        current = current.__cause__
     return seen
 
 
@@ -95,18 +107,29 @@ def _kafka_transient(error: Any) -> bool:
     return bool(error.retriable()) or error.code() in _KAFKA_TRANSIENT_CODES
 
 
+def _asyncpg_deterministic(exc: BaseException | None) -> bool:
+    return exc is not None and type(exc).__module__.startswith("asyncpg") and any(
+        cls.__name__ in _ASYNCPG_DETERMINISTIC for cls in type(exc).__mro__)
+
+
 def _one_retryable(exc: BaseException) -> bool:
     if isinstance(exc, sa_exc.DBAPIError):
         if exc.connection_invalidated:
             return True
         if isinstance(exc.orig, sqlite3.Error):
             return _sqlite_transient(exc.orig)
+        # SQLAlchemy's asyncpg adapter wraps the driver's error in `orig` (and its own `__cause__`).
+        driver = exc.orig.__cause__ if exc.orig is not None and exc.orig.__cause__ is not None else exc.orig
+        if _asyncpg_deterministic(driver) or _asyncpg_deterministic(exc.orig):
+            return False
         return isinstance(exc, sa_exc.OperationalError | sa_exc.InterfaceError)
     if isinstance(exc, sa_exc.DisconnectionError | sa_exc.TimeoutError):
         return True  # a dropped connection, or the pool had none free in time
     if isinstance(exc, sqlite3.OperationalError):
         return _sqlite_transient(exc)
     if type(exc).__module__.startswith("asyncpg"):
+        if _asyncpg_deterministic(exc):
+            return False
         return any(cls.__name__ in _ASYNCPG_TRANSIENT for cls in type(exc).__mro__)
     if isinstance(exc, KafkaException):
         return _kafka_transient(exc.args[0] if exc.args else None)
@@ -114,8 +137,12 @@ def _one_retryable(exc: BaseException) -> bool:
         return True
     if isinstance(exc, TimeoutError | ConnectionError):
         return True
+    if isinstance(exc, socket.gaierror):
+        return exc.errno in _RESOLVER_TRANSIENT
     if isinstance(exc, OSError):
-        return exc.errno in _CONNECTION_ERRNOS
+        # asyncio's "Multiple exceptions: ..." (every address of a host refused) carries no errno.
+        every_address_refused = exc.errno is None and str(exc).startswith("Multiple exceptions")
+        return exc.errno in _CONNECTION_ERRNOS or every_address_refused
     return False
 
 
@@ -136,7 +163,8 @@ def classify_failure(exc: BaseException) -> FailureKind:
     Retryable: SQLAlchemy/DBAPI operational, interface and invalidated-connection errors (on SQLite only
     "locked"/"busy"/I/O ones), asyncpg connection errors, connection-level OSErrors and timeouts, a
     Kafka error that is retriable or means the brokers are unreachable, and a Temporal RPC that found
-    the server unavailable or out of time. Any error in the `raise ... from` chain counts.
+    the server unavailable or out of time. Any error in the `raise ... from` chain counts; asyncpg's errors
+    about the input (DataError, unsupported features) never do.
     """
     if isinstance(exc, InvalidMessage | ValidationError):
         return "invalid"

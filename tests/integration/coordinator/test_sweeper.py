@@ -97,3 +97,26 @@ async def test_a_trigger_whose_start_keeps_failing_does_not_hold_up_the_others(
     assert await sweeper.sweep() == 1  # it now waits out its backoff while the other one starts
     assert temporal.started == ["run-good"]
     assert [t.message_id for t in await sweeper.pending()] == [bad.message_id]
+
+
+async def test_a_trigger_the_projector_started_after_a_sweep_listed_it_is_not_started_again(
+        ledger_engine: AsyncEngine) -> None:
+    temporal = Temporal()
+    temporal.down = False
+    sweeper = RevertSweeper(ledger_engine, temporal.start, interval_s=5.0, max_backoff_s=60.0)
+    first = await request_revert(ledger_engine, "run-1")
+    second = await request_revert(ledger_engine, "run-2")
+    listed = await sweeper.pending()
+    assert [t.message_id for t in listed] == [first.message_id, second.message_id]
+
+    # While the sweep works through its list, the projector starts (and marks) the second trigger.
+    real_start = temporal.start
+
+    async def start_and_let_the_projector_in(trigger: RevertTrigger) -> None:
+        await real_start(trigger)
+        if trigger.run_id == "run-1":
+            assert await sweeper.start(second) is True
+
+    sweeper.start_revert = start_and_let_the_projector_in
+    assert await sweeper.sweep() == 2  # both handled ...
+    assert temporal.started == ["run-1", "run-2"]  # ... and each started once

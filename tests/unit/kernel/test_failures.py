@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import socket
 import sqlite3
 
 import asyncpg
@@ -57,6 +58,12 @@ RETRYABLE = {
     "temporal unavailable": RPCError("connection refused", RPCStatusCode.UNAVAILABLE, b""),
     "temporal deadline": RPCError("deadline", RPCStatusCode.DEADLINE_EXCEEDED, b""),
     "wrapped lock": _chained(_sa(sa_exc.OperationalError, sqlite3.OperationalError("database is locked"))),
+    "host not resolvable now": socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution"),
+    "host gone from dns": socket.gaierror(socket.EAI_NONAME, "Name or service not known"),
+    "every address refused": OSError("Multiple exceptions: [Errno 111] Connect call failed ('::1', 5432), "
+                                     "[Errno 111] Connect call failed ('127.0.0.1', 5432)"),
+    "sqlite disk full": sqlite3.OperationalError("database or disk is full"),
+    "postgres disk full": asyncpg.exceptions.DiskFullError("could not extend file"),
 }
 
 POISON = {
@@ -69,6 +76,11 @@ POISON = {
     "message too large": KafkaException(KafkaError(KafkaError.MSG_SIZE_TOO_LARGE)),
     "fatal kafka": KafkaException(KafkaError(KafkaError._FATAL, fatal=True)),
     "temporal not found": RPCError("workflow not found", RPCStatusCode.NOT_FOUND, b""),
+    # asyncpg's input errors inherit from its InterfaceError, which otherwise means a broken connection.
+    "asyncpg data error": asyncpg.exceptions.DataError("invalid input for query argument $1: 2147483648"),
+    "asyncpg data error wrapped": _sa(sa_exc.InterfaceError, _chained(
+        asyncpg.exceptions.DataError("value out of int32 range"))),
+    "asyncpg unsupported": asyncpg.exceptions.UnsupportedClientFeatureError("no such feature"),
 }
 
 
@@ -87,10 +99,20 @@ def test_messages_that_do_not_parse_are_invalid_even_when_chained() -> None:
     assert classify_failure(_validation_error()) == "invalid"
 
 
-def test_a_cyclic_context_chain_ends() -> None:
+def test_a_cyclic_cause_chain_ends() -> None:
     first, second = RuntimeError("a"), RuntimeError("b")
-    first.__context__, second.__context__ = second, first
+    first.__cause__, second.__cause__ = second, first
     assert classify_failure(first) == "poison"
+
+
+def test_a_bug_raised_while_handling_a_lock_error_is_poison() -> None:
+    try:
+        try:
+            raise sqlite3.OperationalError("database is locked")
+        except sqlite3.OperationalError:
+            raise KeyError("title")  # noqa: B904 - the implicit context is the point
+    except KeyError as exc:
+        assert classify_failure(exc) == "poison"
 
 
 def test_publish_errors_naming_the_message_are_its_own() -> None:
