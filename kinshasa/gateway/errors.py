@@ -119,8 +119,8 @@ def invalid_from_pydantic(exc: ValidationError, prefix: str = "") -> Invalid:
 
 
 UNAVAILABLE_MESSAGE = (
-    "the gateway's database is unavailable for a moment: retry shortly (a write with the same "
-    "idempotencyKey, so that it is never written twice)"
+    "a database or broker the gateway needs is unavailable for a moment: retry shortly (a write with "
+    "the same idempotencyKey, so that it is never written twice)"
 )
 
 
@@ -145,7 +145,7 @@ def code_errors(errors: list[GraphQLError], log: Any = None) -> None:
             extensions.setdefault("code", VALIDATION)
             error.extensions = extensions
         elif classify_failure(original) == "retryable":
-            # The gateway's database (or broker) is unavailable for a moment: not a bug, and worth a retry.
+            # Its database (or broker) is unavailable for a moment: not a bug, and worth a retry.
             if log is not None:
                 log.warning("%s failed on unavailable infrastructure: %s", error.path, original)
             unavailable = BackendUnavailable(UNAVAILABLE_MESSAGE, backend="gateway", retryAfterS=1.0)
