@@ -13,6 +13,10 @@ worker-only process):
 * uvicorn serving the ledger API and the kernel admin endpoints (/healthz, /admin/dlq, /metrics);
 * the outbox relay publishing compensate commands, run outcomes and alerts, woken by every commit.
 
+Each runs as a role of the kernel's `Supervisor`: one that dies is restarted with capped backoff and
+`/healthz` answers 503 naming it until it runs again; the API server is never restarted, and a role that
+keeps dying makes the supervisor give up: the process then stops and `run` raises (exit non-zero).
+
 Setting `stop` ends the consumer after its in-flight record, lets the worker finish or hand back its
 activities (Temporal retries them elsewhere: their state is in the ledger), drains the outbox, then
 closes the producer and the server.
@@ -49,7 +53,6 @@ from kinshasa.kernel.component import (
     drain_outbox,
     http_server,
     serve_until_signalled,
-    task_check,
     wait_started,
     wire_dead_letters,
     write_address_file,
@@ -61,6 +64,7 @@ from kinshasa.kernel.install import install_kernel_tables
 from kinshasa.kernel.metrics import ComponentMetrics
 from kinshasa.kernel.outbox import OutboxStatus
 from kinshasa.kernel.relay import OutboxRelay
+from kinshasa.kernel.supervisor import NEVER_RESTART, RestartPolicy, Supervisor
 from kinshasa.settings import CoordinatorSettings, StackSettings
 from kinshasa.topics.admin import ensure_topics
 from kinshasa.topics.consumer import AsyncConsumer
@@ -71,6 +75,8 @@ log = logging.getLogger(__name__)
 COMPONENT = "coordinator"
 ROLES = ("projector", "worker", "api", "relay")
 SESSION_TIMEOUT_MS = 10_000
+# How long a stop waits for the projector to finish the batch in hand before cancelling it.
+PROJECTOR_STOP_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -89,6 +95,8 @@ class CoordinatorOptions:
     consumer_group: str | None = None
     # Seconds the worker waits for running activities on shutdown before cancelling them.
     worker_shutdown_s: float = 10.0
+    # How a role that died is restarted (the API server never is).
+    restart_policy: RestartPolicy = field(default_factory=RestartPolicy)
     # How often the sweeper retries revert triggers whose start failed, and its longest per-trigger backoff.
     sweep_interval_s: float = 2.0
     sweep_max_backoff_s: float = 30.0
@@ -117,6 +125,8 @@ class CoordinatorRuntime:
         self.ready = asyncio.Event()
         self.relay: OutboxRelay | None = None
         self.sweeper: RevertSweeper | None = None
+        # Runs the process's roles; built by each `run`.
+        self.supervisor = Supervisor(COMPONENT)
 
     @property
     def database_url(self) -> str:
@@ -167,89 +177,103 @@ class CoordinatorRuntime:
         dead_letters = wire_dead_letters(COMPONENT, engine, handler, producer=producer, group=topics.group,
                                          policy=opts.dlq_policy, metrics=self.metrics)
         dlq, guarded = dead_letters.queue, dead_letters.guarded
-        tasks: dict[str, asyncio.Task[Any]] = {}
-        checks = {"database": database_check(engine)}
-        checks.update({role: task_check(tasks, role) for role in ("projector", "worker", "relay")
-                       if self.has(role)})
+        supervisor = self.supervisor = Supervisor(COMPONENT)
+        roles = [role for role in ("api", "relay", "worker", "projector") if self.has(role)]
+        if self.has("relay"):
+            roles.append("housekeeping")
         if sweeper is not None:
-            checks["sweeper"] = task_check(tasks, "sweeper")
+            roles.append("sweeper")
+        checks = {"database": database_check(engine), **supervisor.health_checks(roles)}
         token = load_or_create_internal_token(self.stack.data_dir, self.token,
                                               self.stack.internal_token_file)
         server: QuietServer | None = None
         if self.has("api"):
             app = self._app(ledger, client, token, dlq, checks, OutboxStatus(engine))
             server = http_server(app, self.settings.admin_host, self.settings.admin_port)
-        worker = None
-        if self.has("worker") and client is not None:
+        group = opts.consumer_group or topics.group
+        policy = opts.restart_policy
+
+        async def serve_api(role_stop: asyncio.Event) -> None:
+            assert server is not None
+            serving = asyncio.create_task(server.serve(), name="coordinator-uvicorn")
+            stopping = asyncio.create_task(role_stop.wait())
+            await asyncio.wait([serving, stopping], return_when=asyncio.FIRST_COMPLETED)
+            stopping.cancel()
+            server.should_exit = True
+            await serving
+
+        async def run_worker(role_stop: asyncio.Event) -> None:
+            # A worker runs once: each (re)start polls with a new one. On stop it finishes or hands back
+            # its activities (Temporal retries them elsewhere: their state is in the ledger).
+            assert client is not None
             worker = build_worker(client, queue, activities,
                                   max_concurrent_activities=opts.max_concurrent_activities,
                                   graceful_shutdown_timeout=timedelta(seconds=opts.worker_shutdown_s))
-        group = opts.consumer_group or topics.group
-        # Whole fetched batches in one ledger transaction; a batch that fails goes record by record
-        # through the DLQ guard, so one poison event is dead-lettered instead of blocking the ledger.
-        consumer = AsyncConsumer(self.stack.kafka_bootstrap, group, topics.consumed(),
-                                 extra_config={"session.timeout.ms": SESSION_TIMEOUT_MS,
-                                               # the events pattern finds a new service's topic this soon
-                                               "topic.metadata.refresh.interval.ms": 2_000},
-                                 batch_size=opts.consumer_batch_size) if self.has("projector") else None
-        relay_stop = asyncio.Event()
+            running = asyncio.create_task(worker.run(), name="coordinator-temporal-worker")
+            stopping = asyncio.create_task(role_stop.wait())
+            await asyncio.wait([running, stopping], return_when=asyncio.FIRST_COMPLETED)
+            stopping.cancel()
+            if not running.done():
+                with contextlib.suppress(Exception):
+                    await worker.shutdown()
+            await running
+
+        async def project(role_stop: asyncio.Event) -> None:
+            # Whole fetched batches in one ledger transaction; a batch that fails goes record by record
+            # through the DLQ guard, so one poison event is dead-lettered instead of blocking the ledger.
+            # A consumer runs once: each (re)start joins the group with a new one.
+            consumer = AsyncConsumer(self.stack.kafka_bootstrap, group, topics.consumed(),
+                                     extra_config={"session.timeout.ms": SESSION_TIMEOUT_MS,
+                                                   # the events pattern finds a new service's topic this soon
+                                                   "topic.metadata.refresh.interval.ms": 2_000},
+                                     batch_size=opts.consumer_batch_size)
+            await consumer.run(guarded, role_stop, handler.handle_batch)
+
+        async def run_relay(role_stop: asyncio.Event) -> None:
+            await relay.run(role_stop)
+
         failure: BaseException | None = None
         try:
             if server is not None:
-                tasks["api"] = asyncio.create_task(server.serve(), name="coordinator-http")
-                await self._wait_started(server, tasks["api"])
+                # Not restarted: a server that stopped serving is a process to replace.
+                supervisor.add("api", serve_api, NEVER_RESTART)
+                first = supervisor.attempt("api")
+                assert first is not None
+                await self._wait_started(server, first)
             if self.has("relay"):
-                tasks["relay"] = asyncio.create_task(relay.run(relay_stop),
-                                                     name="coordinator-relay")
+                supervisor.add("relay", run_relay, policy)
                 # The relay's process owns the outbox, so it also prunes what was published long ago.
-                tasks["housekeeping"] = asyncio.create_task(
-                    Housekeeper(engine, housekeeping_policy(self.settings)).run(stop),
-                    name="coordinator-housekeeping")
-            if worker is not None:
-                tasks["worker"] = asyncio.create_task(worker.run(), name="coordinator-worker")
-            if consumer is not None:
-                tasks["projector"] = asyncio.create_task(consumer.run(guarded, stop, handler.handle_batch),
-                                                         name="coordinator-projector")
+                supervisor.add("housekeeping", Housekeeper(engine, housekeeping_policy(self.settings)).run,
+                               policy)
+            if self.has("worker") and client is not None:
+                supervisor.add("worker", run_worker, policy)
+            if self.has("projector"):
+                supervisor.add("projector", project, policy)
             if sweeper is not None:
-                tasks["sweeper"] = asyncio.create_task(sweeper.run(stop), name="coordinator-revert-sweeper")
+                supervisor.add("sweeper", sweeper.run, policy)
             log.info("coordinator ready: roles %s, task queue %s, consuming %s as %s, API on %s",
                      ",".join(opts.roles), queue, ", ".join(topics.consumed()), group, self.api_url)
             self.ready.set()
+            # Whichever comes first: a stop request, or a role the supervisor gave up on.
             stop_wait = asyncio.create_task(stop.wait())
-            done, _ = await asyncio.wait([stop_wait, *tasks.values()], return_when=asyncio.FIRST_COMPLETED)
+            gave_up = asyncio.create_task(supervisor.failed.wait())
+            await asyncio.wait([stop_wait, gave_up], return_when=asyncio.FIRST_COMPLETED)
             stop_wait.cancel()
-            for task in done:
-                if task is not stop_wait and not task.cancelled() and task.exception() is not None:
-                    failure = task.exception()
-                    log.error("%s stopped unexpectedly: %r; shutting the coordinator down", task.get_name(),
-                              failure)
-            stop.set()
-            for name in ("projector", "sweeper"):
-                if name in tasks:
-                    with contextlib.suppress(Exception):
-                        await tasks[name]
+            gave_up.cancel()
+            if supervisor.failure is not None and not stop.is_set():
+                failure = supervisor.failure
+                log.error("%s; shutting the coordinator down", failure)
         finally:
             stop.set()
-            if worker is not None and "worker" in tasks:
-                with contextlib.suppress(Exception):
-                    await worker.shutdown()
-                with contextlib.suppress(BaseException):
-                    await tasks["worker"]
-            relay_stop.set()
-            if "housekeeping" in tasks:
-                tasks["housekeeping"].cancel()
-                with contextlib.suppress(BaseException):
-                    await tasks["housekeeping"]
-            if "relay" in tasks:
-                with contextlib.suppress(Exception):
-                    await tasks["relay"]
+            # In this order: the projector finishes its record and the sweeper its sweep, the worker
+            # finishes or hands back its activities, the relay publishes what they committed, then the
+            # API ends.
+            await supervisor.stop(["projector", "sweeper"], timeout_s=PROJECTOR_STOP_S)
+            await supervisor.stop(["worker"], timeout_s=opts.worker_shutdown_s + 5)
+            await supervisor.stop(["housekeeping", "relay"])
+            if "relay" in supervisor.names:
                 await drain_outbox(relay)
-            if server is not None:
-                server.should_exit = True
-                with contextlib.suppress(BaseException):
-                    await tasks["api"]
-            if consumer is not None and "projector" not in tasks:
-                await consumer.close()  # never ran, so it never closed itself
+            await supervisor.stop()
             await producer.close()
             await ledger.close()
             log.info("coordinator stopped")
