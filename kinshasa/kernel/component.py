@@ -2,9 +2,10 @@
 
 `wire_dead_letters` puts the DLQ guard around a component's record handler and builds the dead-letter
 queue its admin API serves, and points the component's metrics at its outbox backlog and DLQ count.
-`database_check` and `task_check` are the health checks `/healthz` runs. `http_server`, `wait_started`
-and `write_address_file` run the admin/read API and publish where it listens; `drain_outbox` empties
-the outbox on a clean stop; `serve_until_signalled` runs a component until SIGTERM or SIGINT.
+`database_check` is the health check `/healthz` runs beside the supervisor's roles (`kernel/supervisor.py`).
+`http_server`, `wait_started` and `write_address_file` run the admin/read API and publish where it
+listens; `drain_outbox` empties the outbox on a clean stop; `serve_until_signalled` runs a component
+until SIGTERM or SIGINT.
 """
 
 from __future__ import annotations
@@ -79,16 +80,6 @@ def database_check(engine: AsyncEngine) -> HealthCheck:
         async with engine.connect() as conn:
             await conn.execute(text("SELECT 1"))
         return True
-
-    return check
-
-
-def task_check(tasks: Mapping[str, asyncio.Task[Any]], name: str) -> HealthCheck:
-    """Healthy while the task registered under `name` in `tasks` (filled in later) is running."""
-
-    async def check() -> bool:
-        task = tasks.get(name)
-        return task is not None and not task.done()
 
     return check
 
