@@ -50,6 +50,7 @@ import httpx
 
 from bench import machine
 from bench.bench_latency import percentiles
+from kinshasa.infra.process import InfraError
 from tests.e2e.api import Api, GraphQLError
 from tests.e2e.stack import Stack, running_stack
 
@@ -413,6 +414,7 @@ def soak(seconds: float, agents: int, rate: float, fault_every_s: float, revert_
               f"a fault about every {fault_every_s:g} s (seed {seed})", flush=True)
         book, stop = Book(), threading.Event()
         faults = Faults(stack, book, rng)
+        recovered: dict[str, Any] = {"passed": True}
         workers = [Agent(i, agent_api, book, rate, revert_share, stop, random.Random(rng.random()))
                    for i in range(agents)]
         reverter = Reverter(operator, book, stop)
@@ -423,22 +425,32 @@ def soak(seconds: float, agents: int, rate: float, fault_every_s: float, revert_
             next_fault = rng.uniform(0.5, 1.0) * fault_every_s
             while book.elapsed() < seconds:
                 time.sleep(0.5)
-                faults.revive()
-                if book.elapsed() >= next_fault:
-                    faults.inject()
-                    next_fault = book.elapsed() + rng.uniform(0.7, 1.3) * fault_every_s
+                try:
+                    faults.revive()
+                    if book.elapsed() >= next_fault:
+                        faults.inject()
+                        next_fault = book.elapsed() + rng.uniform(0.7, 1.3) * fault_every_s
+                except (AssertionError, InfraError) as exc:
+                    # Something did not come back: stop the load and report it with the checks.
+                    recovered = {"passed": False, "why": str(exc)[-4000:]}
+                    break
         finally:
             stop.set()
             for worker in crew:
                 worker.join(timeout=60)
         failures = [f"{w.name}: {w.failure!r}" for w in crew if w.failure]
-        faults.revive()
+        with contextlib.suppress(AssertionError, InfraError):  # already reported
+            faults.revive()
         print(f"load stopped: {len(book.writes)} writes accepted in {len(book.runs)} runs; draining "
               f"(at most {drain_s:g} s)", flush=True)
         t0 = time.monotonic()
         statuses = drain(operator, book, reverter, drain_s)
         drained_s = time.monotonic() - t0
-        checks = check(stack, operator, book, statuses)
+        try:
+            checks = check(stack, operator, book, statuses)
+        except (httpx.HTTPError, ValueError, GraphQLError) as exc:
+            checks = {"checks_ran": {"passed": False, "why": f"a read the checks need failed: {exc!r}"}}
+        checks["faults_recovered"] = recovered
         if failures:
             checks["load_ran"] = {"passed": False, "failures": failures}
         if not faults.log:

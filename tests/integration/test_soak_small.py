@@ -26,6 +26,7 @@ def test_a_one_minute_soak_injects_faults_and_passes_every_check(tmp_path: Path)
     figures = json.loads((tmp_path / "soak.json").read_text())["figures"]
     assert figures["faults"] >= 1 and len(figures["fault_log"]) >= 1, output
     assert figures["writes"] > 0 and figures["passed"], output
-    assert {name for name, check in figures["checks"].items() if check["passed"]} == {
-        "commands_settled", "applied_exactly_once", "reverts_reverted", "dlq_empty"}, output
+    checks = figures["checks"]
+    assert {"commands_settled", "applied_exactly_once", "reverts_reverted", "dlq_empty"} <= set(checks)
+    assert all(check["passed"] for check in checks.values()), output
     assert figures["write_ms_per_minute"] and figures["write_ms_per_minute"][0]["p99"] is not None
