@@ -10,39 +10,18 @@ import signal
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 
-import pytest
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from kinshasa.infra.kafka import KafkaBroker
-from kinshasa.kernel.database import create_engine
-from kinshasa.kernel.install import install_kernel_tables
 from kinshasa.kernel.outbox import PENDING, PUBLISHED, outbox
 from kinshasa.kernel.relay import OutboxRelay
 from kinshasa.topics.producer import AsyncProducer
-from tests.faults.brokers import broker_pid, own_broker
+from tests.faults.brokers import broker_pid
 from tests.integration.test_relay import append_interleaved, create_topic, read_topic, statuses
 
 KEYS, PER_KEY = 50, 200
-
-
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[KafkaBroker]:
-    with own_broker(tmp_path / "kafka") as own:
-        yield own
-
-
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[AsyncEngine]:
-    engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'outbox.sqlite3'}")
-    await install_kernel_tables(engine)
-    try:
-        yield engine
-    finally:
-        await engine.dispose()
 
 
 async def _published(engine: AsyncEngine) -> int:

@@ -8,12 +8,10 @@ import asyncio
 import os
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 
 from kinshasa.gateway.app import Gateway
 from kinshasa.gateway.settings import GatewayConfig
@@ -21,7 +19,7 @@ from kinshasa.infra.kafka import KafkaBroker
 from kinshasa.services import documents
 from kinshasa.services.kit.runtime import ServiceTopics
 from kinshasa.settings import StackSettings
-from tests.faults.brokers import broker_pid, own_broker
+from tests.faults.brokers import broker_pid
 from tests.integration.gateway.conftest import OPERATOR_KEY, Client, registry
 from tests.integration.services.helpers import Running, make_runtime, wait_for
 
@@ -29,12 +27,6 @@ PAUSE_S = 20.0
 TOKEN = "pause-test-token"
 RENAME = ('mutation($r: ID!, $d: ID!, $t: String!, $k: String!) { renameDocument(runId: $r, documentId: $d, '
           "title: $t, idempotencyKey: $k) { commandId status } }")
-
-
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[KafkaBroker]:
-    with own_broker(tmp_path / "kafka") as own:
-        yield own
 
 
 async def test_a_paused_broker_loses_nothing_and_applies_nothing_twice(

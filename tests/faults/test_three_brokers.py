@@ -9,7 +9,7 @@ import asyncio
 import time
 import uuid
 from collections import Counter, defaultdict
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -18,8 +18,6 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from kinshasa.infra.kafka import KafkaCluster
-from kinshasa.kernel.database import create_engine
-from kinshasa.kernel.install import install_kernel_tables
 from kinshasa.kernel.outbox import PUBLISHED, outbox
 from kinshasa.kernel.relay import OutboxRelay
 from kinshasa.topics.admin import describe_topics, ensure_topics
@@ -35,16 +33,6 @@ KEYS, PER_KEY, PARTITIONS = 50, 100, 6
 def cluster(tmp_path: Path) -> Iterator[KafkaCluster]:
     with own_cluster(tmp_path / "kafka") as own:
         yield own
-
-
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[AsyncEngine]:
-    engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'outbox.sqlite3'}")
-    await install_kernel_tables(engine)
-    try:
-        yield engine
-    finally:
-        await engine.dispose()
 
 
 async def _published(engine: AsyncEngine) -> set[bytes]:

@@ -1,0 +1,32 @@
+"""Fixtures of the fault suite: a broker the test may kill or pause, and an outbox for a relay to drain."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from kinshasa.infra.kafka import KafkaBroker
+from kinshasa.kernel.database import create_engine
+from kinshasa.kernel.install import install_kernel_tables
+from tests.faults.brokers import own_broker
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[KafkaBroker]:
+    """A broker of this test's own: it is killed or paused, so it cannot be the session's."""
+    with own_broker(tmp_path / "kafka") as own:
+        yield own
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[AsyncEngine]:
+    """A SQLite database with the kernel's tables: the outbox a relay publishes from."""
+    engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'outbox.sqlite3'}")
+    await install_kernel_tables(engine)
+    try:
+        yield engine
+    finally:
+        await engine.dispose()
