@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import shutil
 import signal
 import subprocess
 import time
@@ -13,11 +12,11 @@ import uuid
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 
 from confluent_kafka.admin import AdminClient
 
+from kinshasa.infra.maven import fetch_jars
 from kinshasa.infra.process import InfraError, ManagedProcess, free_port, port_open, wait_until
 
 _LOG4J2 = """<Configuration status="WARN">
@@ -52,33 +51,8 @@ def kafka_libs(cache_dir: Path, version: str, kafka_home: Path | None) -> Path:
             raise InfraError(f"KAFKA_HOME={kafka_home} has no libs/kafka_*.jar; point it at an "
                              "unpacked Apache Kafka binary tarball.")
         return libs
-    libs = cache_dir / f"kafka-{version}" / "libs"
-    marker = libs / ".complete"
-    if marker.exists():
-        return libs
-    mvn = shutil.which("mvn")
-    if mvn is None:
-        raise InfraError(NO_MAVEN)
-    if shutil.which("java") is None:
-        raise InfraError("Java 17+ is needed to run the Kafka broker and 'java' is not on PATH "
-                         "(Debian: apt-get install openjdk-17-jre-headless).")
-    pom = resources.files("kinshasa.infra").joinpath("kafka/pom.xml")
-    staging = libs.with_name("libs.partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    with resources.as_file(pom) as pom_path:
-        result = subprocess.run(
-            [mvn, "-q", "-B", "-f", str(pom_path), f"-Dkafka.version={version}",
-             "dependency:copy-dependencies", f"-DoutputDirectory={staging}",
-             "-DincludeScope=runtime"],
-            capture_output=True, text=True, check=False,
-        )
-    if result.returncode != 0:
-        raise InfraError(f"Maven could not fetch Kafka {version}'s jars:\n"
-                         f"{result.stdout[-3000:]}{result.stderr[-3000:]}")
-    shutil.rmtree(libs, ignore_errors=True)
-    staging.rename(libs)
-    marker.write_text(version)
-    return libs
+    return fetch_jars("kafka/pom.xml", cache_dir / f"kafka-{version}" / "libs", {"kafka.version": version},
+                      what=f"the Kafka broker {version}", no_maven=NO_MAVEN)
 
 
 def _kafka_uuid() -> str:

@@ -100,3 +100,32 @@ def _namespace_ready(address: str) -> bool:
         return asyncio.run(asyncio.wait_for(probe(), timeout=3))
     except Exception:
         return False
+
+
+TEST_SERVER_VERSION = "1.31.0"
+NO_MAVEN_FOR_TEST_SERVER = (
+    "Temporal's time-skipping test server is fetched with Maven ('mvn'), which is not on PATH "
+    "(Debian: apt-get install maven)."
+)
+
+
+def time_skipping_server(cache_dir: Path, version: str = TEST_SERVER_VERSION) -> Path:
+    """An executable that starts Temporal's time-skipping test server: `<it> <port>`.
+
+    The SDK downloads a native build of this server from temporal.download, which a machine that reaches only
+    package registries cannot; this is the same server, the Java build from Maven Central, behind a launcher
+    the SDK takes as `WorkflowEnvironment.start_time_skipping(test_server_existing_path=...)`.
+    """
+    from kinshasa.infra.maven import fetch_jars
+
+    root = (cache_dir / f"temporal-test-server-{version}").resolve()
+    libs = fetch_jars("temporal/test-server-pom.xml", root / "libs", {"temporal.version": version},
+                      what=f"Temporal's test server {version}", no_maven=NO_MAVEN_FOR_TEST_SERVER)
+    launcher = root / "temporal-test-server"
+    script = f'#!/bin/sh\nexec java -cp "{libs}/*" io.temporal.testserver.TestServer "$@"\n'
+    if not launcher.exists() or launcher.read_text() != script:
+        staged = launcher.with_name(launcher.name + ".partial")
+        staged.write_text(script)
+        staged.chmod(0o755)
+        staged.replace(launcher)
+    return launcher

@@ -8,6 +8,7 @@ import pytest
 
 from kinshasa.infra.kafka import kafka_libs
 from kinshasa.infra.process import InfraError, free_port, pid_alive
+from kinshasa.infra.temporal import time_skipping_server
 from kinshasa.settings import ComponentSettings, ServiceSettings, StackSettings
 
 
@@ -18,6 +19,14 @@ def test_without_maven_the_error_names_both_alternatives(tmp_path: Path,
         kafka_libs(tmp_path / "cache", "4.1.1", None)
     message = str(err.value)
     assert "KAFKA_HOME" in message and "docker compose up" in message and "apt-get install maven" in message
+
+
+def test_without_maven_the_time_skipping_server_names_the_package(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(InfraError, match="apt-get install maven"):
+        time_skipping_server(tmp_path / "cache")
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").rglob("*.jar"))
 
 
 def test_kafka_home_without_jars_is_refused(tmp_path: Path) -> None:
