@@ -14,6 +14,8 @@ A third server, the same echo with Strawberry's parser and validation caches (th
 two caches, in its one hardening extension `kinshasa.gateway.hardening.HardenedDocuments`, keyed by the
 query text; the bare echo has none), is measured alongside for information only: against it the ratio
 shows what the gateway's own work costs per request. The target ratio is the one against the bare echo.
+On SQLite a fourth server, the same gateway with `synchronous=NORMAL` on a database of its own, states
+what the durable commit the stores run with (`synchronous=FULL`) costs; it is never part of a ratio.
 
     python -m bench.bench_gateway [--small] [--database-url URL] [--bootstrap HOST:PORT]
     python -m bench [--small] gateway
@@ -88,10 +90,14 @@ def serve_echo(port: int, cached: bool = False) -> None:
     uvicorn.run(echo_app(cached), host="127.0.0.1", port=port, **UVICORN)  # type: ignore[arg-type]
 
 
-def serve_gateway(port: int) -> None:
+def serve_gateway(port: int, synchronous: str = "FULL") -> None:
     import uvicorn
 
     from kinshasa.gateway.app import bootstrap
+    from kinshasa.kernel import database
+
+    # NORMAL only for the side that states what the stores' synchronous=FULL costs; never for the ratio.
+    database.SQLITE_SYNCHRONOUS = synchronous
 
     gateway = bootstrap()
     uvicorn.run(gateway.app, host="127.0.0.1", port=port, **UVICORN)  # type: ignore[arg-type]
@@ -329,7 +335,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         from kinshasa.services.registry import publish_example_declarations
 
         # The gateway learns the example services from their declarations, as when they start beside it.
-        publish_example_declarations(bootstrap)
+        await asyncio.to_thread(publish_example_declarations, bootstrap)
         database_url = args.database_url or f"sqlite+aiosqlite:///{root / 'gateway.sqlite3'}"
         (root / "credentials.json").write_text(
             json.dumps(
@@ -361,36 +367,48 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         echo = spawn(["--serve-echo", str(echo_port)], env, root / "echo.log")
         cached = spawn(["--serve-cached-echo", str(cached_port)], env, root / "cached-echo.log")
         gateway = spawn(["--serve-gateway", str(gw_port)], env, root / "gateway.log")
+        # On SQLite, a second gateway on a database of its own with synchronous=NORMAL, to state the cost
+        # of the durability the stores run with (a commit on disk when it returns).
+        normal_url = f"sqlite+aiosqlite:///{root / 'gateway-normal.sqlite3'}"
+        normal_port = free_port() if database_url.startswith("sqlite") else None
+        normal = None if normal_port is None else spawn(
+            ["--serve-gateway-normal", str(normal_port)],
+            {**env, "KINSHASA_GATEWAY_DATABASE_URL": normal_url,
+             "KINSHASA_DATA_DIR": str(root / "data-normal")},
+            root / "gateway-normal.log")
         try:
             await wait_http(echo_port, echo, root / "echo.log")
             await wait_http(cached_port, cached, root / "cached-echo.log")
             await wait_http(gw_port, gateway, root / "gateway.log")
+            if normal is not None and normal_port is not None:
+                await wait_http(normal_port, normal, root / "gateway-normal.log")
             echo_body = {
                 "query": "mutation($r: ID!, $t: String!) { echo(runId: $r, title: $t) { commandId status } }",
                 "variables": {"r": "run", "t": "bench"},
             }
             echo_request = request_bytes(echo_port, echo_body, AGENT_KEY)
             cached_request = request_bytes(cached_port, echo_body, AGENT_KEY)
-            await gql(
-                gw_port,
-                'mutation { setPolicy(scope: DEFAULT, reason: "bench", settings: {maxWrites: 10000000, '
-                "maxVelocity: 10000000, velocityWindowS: 1, quarantineWindowS: 0}) { version } }",
-                OPERATOR_KEY,
-            )
-            run_ids = [
-                (await gql(gw_port, 'mutation { startRun(entryPoint: "bench") { id } }', AGENT_KEY))[
-                    "startRun"
-                ]["id"]
-                for _ in range(connections)
-            ]
             mutation = (
                 'mutation($r: ID!) { createDocument(runId: $r, input: {title: "bench"}) '
                 "{ commandId status } }"
             )
-            requests = [
-                request_bytes(gw_port, {"query": mutation, "variables": {"r": r}}, AGENT_KEY) for r in run_ids
-            ]
-            echo_side, gw_side, cached_side = Side(), Side(), Side()
+
+            async def writers(port: int) -> tuple[list[str], list[bytes]]:
+                """Open the policy and start one run per connection; one request per run."""
+                await gql(
+                    port,
+                    'mutation { setPolicy(scope: DEFAULT, reason: "bench", settings: {maxWrites: 10000000, '
+                    "maxVelocity: 10000000, velocityWindowS: 1, quarantineWindowS: 0}) { version } }",
+                    OPERATOR_KEY,
+                )
+                runs = [(await gql(port, 'mutation { startRun(entryPoint: "bench") { id } }', AGENT_KEY))[
+                    "startRun"]["id"] for _ in range(connections)]
+                return runs, [request_bytes(port, {"query": mutation, "variables": {"r": r}}, AGENT_KEY)
+                              for r in runs]
+
+            run_ids, requests = await writers(gw_port)
+            normal_requests = [] if normal_port is None else (await writers(normal_port))[1]
+            echo_side, gw_side, cached_side, normal_side = Side(), Side(), Side(), Side()
             backlogs: list[int] = []
             drains: list[float] = []
             load_at_start = load_average()
@@ -408,6 +426,9 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
                     *await drive(cached_port, [cached_request] * connections, seconds, warmup, cached.pid),
                     seconds,
                 )
+                if normal is not None and normal_port is not None:
+                    normal_side.add(*await drive(normal_port, normal_requests, seconds, warmup, normal.pid),
+                                    seconds)
             load_at_end = load_average()
             accepted_total = await published_count(gw_port, run_ids)
             # Drained: every accepted command is on Kafka (the outbox holds no unpublished row).
@@ -417,6 +438,8 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
             stop(echo)
             stop(cached)
             stop(gateway)
+            if normal is not None:
+                stop(normal)
     finally:
         if broker is not None:
             broker.stop()
@@ -457,6 +480,11 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         "cached_echo": cached_side.figures(),
         "ratio_vs_cached_echo": ratio(gw_side.rate, cached_side.rate),
         "cpu_ratio_vs_cached_echo": ratio(cached_side.cpu_ms_per_request, gw_side.cpu_ms_per_request),
+        # SQLite only: the same gateway with synchronous=NORMAL (a power loss may undo its last commits),
+        # and the share of throughput the stores' synchronous=FULL costs against it.
+        "synchronous_normal": normal_side.figures() if normal is not None else None,
+        "synchronous_full_cost": (None if normal is None or not normal_side.rate
+                                  else round(1 - gw_side.rate / normal_side.rate, 3)),
         "machine": {
             **machine_info(),
             "load_average_at_start": load_at_start,
@@ -484,6 +512,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--serve-echo", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--serve-cached-echo", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--serve-gateway", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--serve-gateway-normal", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve_echo:
         serve_echo(args.serve_echo)
@@ -493,6 +522,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.serve_gateway:
         serve_gateway(args.serve_gateway)
+        return 0
+    if args.serve_gateway_normal:
+        serve_gateway(args.serve_gateway_normal, synchronous="NORMAL")
         return 0
     from bench import machine
 
@@ -519,6 +551,12 @@ def main(argv: list[str] | None = None) -> int:
         f"({cached['cpu_ms_per_request']} CPU ms/request): gateway/cached echo "
         f"{result['ratio_vs_cached_echo']}, CPU ratio {result['cpu_ratio_vs_cached_echo']}"
     )
+    if result["synchronous_normal"] is not None:
+        print(
+            f"durability: the gateway with SQLite synchronous=FULL (what it runs) {gw['per_s']:.1f}/s vs "
+            f"NORMAL {result['synchronous_normal']['per_s']:.1f}/s: FULL costs "
+            f"{result['synchronous_full_cost']:.1%}"
+        )
     print(
         f"load average start/end: {result['machine']['load_average_at_start']} / "
         f"{result['machine']['load_average_at_end']}"

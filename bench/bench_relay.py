@@ -12,7 +12,9 @@ an events topic:
   per-key order, record. Timed from the relay's start to the last row marked.
 
 Each side gets its own producer, warmed up by one message (connection and metadata) before the clock
-starts. `ratio` is relay/bare events per second; the rounds alternate sides and report medians.
+starts. `ratio` is relay/bare events per second; the rounds alternate sides and report medians. On SQLite
+each round also runs the relay with `synchronous=NORMAL` (a power loss may undo its last commits) to
+state what the stores' `synchronous=FULL` costs (`synchronous_full_cost`); it is never part of the ratio.
 
     python -m bench.bench_relay [--small] [--messages 20000] [--keys 1000] [--rounds 3]
 
@@ -170,6 +172,18 @@ async def relay_round(bootstrap: str, database_url: str, items: list[Any]) -> fl
         await engine.dispose()
 
 
+async def relay_round_synchronous_normal(bootstrap: str, database_url: str, items: list[Any]) -> float:
+    """`relay_round` with SQLite's synchronous=NORMAL, to state what the stores' FULL costs; never used
+    for the ratio."""
+    from kinshasa.kernel import database
+
+    database.SQLITE_SYNCHRONOUS = "NORMAL"
+    try:
+        return await relay_round(bootstrap, database_url, items)
+    finally:
+        database.SQLITE_SYNCHRONOUS = "FULL"
+
+
 async def measure(bootstrap: str, databases: FreshDatabases, count: int, keys: int,
                   rounds: int) -> dict[str, Any]:
     from kinshasa.topics.admin import ensure_topics
@@ -184,9 +198,13 @@ async def measure(bootstrap: str, databases: FreshDatabases, count: int, keys: i
     for name in ("sqlite", "postgresql"):
         bare_s: list[float] = []
         relay_s: list[float] = []
+        normal_s: list[float] = []
         for _ in range(rounds):
             bare_s.append(await bare_round(bootstrap, items))
             relay_s.append(await relay_round(bootstrap, await databases.url(name), items))
+            if name == "sqlite":
+                normal_s.append(await relay_round_synchronous_normal(bootstrap, await databases.url(name),
+                                                                     items))
         bare = count / statistics.median(bare_s)
         relay = count / statistics.median(relay_s)
         results[name] = {
@@ -195,6 +213,11 @@ async def measure(bootstrap: str, databases: FreshDatabases, count: int, keys: i
             # Each round's pair ran back to back under the same machine load: the spread shows the noise.
             "round_ratios": [round(b / r, 3) for b, r in zip(bare_s, relay_s, strict=True)],
         }
+        if normal_s:
+            normal = count / statistics.median(normal_s)
+            # What durability costs: the same relay with synchronous=NORMAL, which a power loss can undo.
+            results[name]["synchronous_normal_per_s"] = round(normal)
+            results[name]["synchronous_full_cost"] = round(1 - relay / normal, 3)
     return {
         "messages": count, "keys": keys, "rounds": rounds, "partitions": EVENT_PARTITIONS,
         "message_bytes": round(statistics.mean(len(m.value) for m in items)),
@@ -209,6 +232,10 @@ def print_table(f: dict[str, Any]) -> None:
     for name in ("sqlite", "postgresql"):
         r = f[name]
         print(f"{name:<12}{r['bare_per_s']:>10}{r['relay_per_s']:>10}{r['ratio']:>8}")
+    sqlite = f["sqlite"]
+    print(f"durability: the SQLite relay with synchronous=FULL (what the stores run) "
+          f"{sqlite['relay_per_s']}/s vs NORMAL {sqlite['synchronous_normal_per_s']}/s: FULL costs "
+          f"{sqlite['synchronous_full_cost']:.1%}")
 
 
 def main(argv: list[str] | None = None) -> int:

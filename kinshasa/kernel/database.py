@@ -39,6 +39,13 @@ def is_postgres(engine: AsyncEngine) -> bool:
     return engine.dialect.name == "postgresql"
 
 
+# FULL: a commit is on disk when it returns. Every store holds an outbox or an inbox, so a transaction whose
+# offset was stored or whose event was published must survive a power loss; NORMAL in WAL mode may lose the
+# last commits. Not a setting: only the relay and gateway benchmarks set NORMAL, in their own processes, to
+# state what FULL costs (`bench/bench_relay.py`, `bench/bench_gateway.py`).
+SQLITE_SYNCHRONOUS = "FULL"
+
+
 def create_engine(url: str, **kwargs: Any) -> AsyncEngine:
     """Build the async engine for a component's store, with settings each backend needs.
 
@@ -61,10 +68,7 @@ def create_engine(url: str, **kwargs: Any) -> AsyncEngine:
             dbapi_connection.isolation_level = None
             cursor = dbapi_connection.cursor()
             cursor.execute("PRAGMA journal_mode=WAL")
-            # FULL: a commit is on disk when it returns. Every store holds an outbox or an inbox, so a
-            # transaction whose offset was stored or whose event was published must survive a power
-            # loss; NORMAL in WAL mode may lose the last commits. About 0.4 ms per commit here.
-            cursor.execute("PRAGMA synchronous=FULL")
+            cursor.execute(f"PRAGMA synchronous={SQLITE_SYNCHRONOUS}")
             cursor.execute("PRAGMA foreign_keys=ON")
             cursor.execute("PRAGMA busy_timeout=30000")
             cursor.close()

@@ -1,4 +1,4 @@
-"""Benchmarks 2, 4, 5, 6 and 7 at small size: each runs, exits 0 and writes its figures (no timed checks)."""
+"""The benchmarks at small size: each runs, exits 0 and writes its figures (no timed checks)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 import bench.machine
-from bench import bench_discard, bench_isolation, bench_latency, bench_relay, bench_trip
+from bench import bench_discard, bench_gateway, bench_isolation, bench_latency, bench_relay, bench_trip
 
 PERCENTILES = ("p50", "p95", "p99")
 CASES = [
@@ -32,6 +32,7 @@ CASES = [
     pytest.param(bench_relay, "relay", [
         "messages", "keys", *(f"{db}.{k}" for db in ("sqlite", "postgresql")
                               for k in ("bare_per_s", "relay_per_s", "ratio")),
+        "sqlite.synchronous_normal_per_s", "sqlite.synchronous_full_cost",
     ], id="relay", marks=pytest.mark.postgres),
 ]
 
@@ -63,3 +64,17 @@ def test_small_run_writes_its_figures(module: ModuleType, name: str, figure_keys
         assert [lookup(t, "excess") for t in figures["trials"]] == [0] * len(figures["trials"])
     if name == "discard":
         assert figures["commands_on_kafka"] == figures["events_on_kafka"] == 0
+
+
+def test_gateway_small_run_writes_its_figures(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(bench.machine, "RESULTS", tmp_path)
+
+    assert bench_gateway.main(["--small"]) == 0
+
+    result = json.loads((tmp_path / "gateway.json").read_text())
+    assert result["mode"] == "small" and result["database"] == "sqlite"
+    for side in ("echo", "gateway", "cached_echo", "synchronous_normal"):
+        assert result[side]["per_s"] > 0 and result[side]["failed"] == 0, result[side]
+    assert result["gateway"]["outbox_backlog_after"] == 0
+    for key in ("ratio", "ratio_vs_cached_echo", "synchronous_full_cost"):
+        assert result[key] is not None, key
