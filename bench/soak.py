@@ -1,20 +1,24 @@
 """The soak: the whole stack under a steady agent load with a random fault about every 30 s, then the checks.
 
     python -m bench.soak [--minutes 10] [--seconds S] [--agents 3] [--rate 2] [--fault-every 30]
-                         [--revert-share 0.25] [--seed N] [--results-dir DIR]
+                         [--gateways 2] [--revert-share 0.25] [--seed N] [--results-dir DIR]
 
 The stack is the e2e suite's (`tests.e2e.stack.running_stack`): every process of the launcher's plan
-(gateway, the example services, coordinator, SMTP sink) on the embedded SQLite default, with a private
-Kafka broker and Temporal dev server from `LocalInfra`. A few agents write through the GraphQL API, each
-in runs of its own (documents created and renamed, an account opened and posted to, documents linked;
-quarantine window 0 by `setPolicy(loosen: true)`), and the operator reverts a share of the finished runs.
-Every write carries an idempotency key and is sent again until the gateway answers, so a write in
-flight when a fault hits is accepted once or not at all, and its command id is always known.
+(gateway replicas, the example services, coordinator, SMTP sink), with a private Kafka broker and
+Temporal dev server from `LocalInfra`. With two or more `--gateways` (the default), the replicas share
+one PostgreSQL database and every component runs on PostgreSQL; `--gateways 1` runs the embedded SQLite
+default. A few agents write through the GraphQL API, each in runs of its own (documents created and
+renamed, an account opened and posted to, documents linked; quarantine window 0 by
+`setPolicy(loosen: true)`), and the operator reverts a share of the finished runs. Each agent starts on
+a replica of its own and, like a load balancer that drops a backend it cannot connect to, moves to the
+next when its replica refuses the connection. Every write carries an idempotency key and is sent again
+until a gateway answers, so a write in flight when a fault hits is accepted once or not at all, on
+whichever replica, and its command id is always known.
 
-About every `--fault-every` seconds one fault, chosen at random: a service or the coordinator SIGKILLed
-and restarted, the gateway SIGKILLed and restarted (the stack runs one replica), Temporal SIGKILLed and
-restarted, the broker SIGSTOPped for a few seconds then SIGCONTed, or SIGKILLed and restarted on its
-data directory. A process that exits on its own is started again (the soak is its supervisor) and noted.
+About every `--fault-every` seconds one fault, chosen at random: a service, the coordinator or one
+gateway replica SIGKILLed and restarted, Temporal SIGKILLed and restarted, the broker SIGSTOPped for a
+few seconds then SIGCONTed, or SIGKILLed and restarted on its data directory. A process that exits on
+its own is started again (the soak is its supervisor) and noted.
 
 At the end the load stops, the pipeline drains (bounded by `--drain-s`), and the soak checks:
 * every accepted command's receipt is APPLIED, REJECTED or COMPENSATED (none still PUBLISHED);
@@ -60,7 +64,7 @@ POLICY = {"quarantineWindowS": 0.0, "maxWrites": 1_000_000, "maxVelocity": 1_000
           "maxServices": 4, "maxErrors": 1_000, "autoRevert": False}
 # Answers a keyed write may be sent again after: the gateway or what it needs is briefly away.
 RETRYABLE_CODES = {"BACKEND_UNAVAILABLE", "INTERNAL", None}
-PROCESS_FAULTS = ("documents", "ledger", "links", "notifier", "coordinator", "gateway")
+SERVICE_FAULTS = ("documents", "ledger", "links", "notifier", "coordinator")
 FINAL = {"APPLIED", "REJECTED", "COMPENSATED"}
 # Which read tells how many times a command took effect, per operation.
 EFFECTS = {"createDocument": "documents", "renameDocument": "documents", "link": "links",
@@ -93,6 +97,26 @@ class Book:
 
     def elapsed(self) -> float:
         return time.monotonic() - self.started
+
+
+@dataclass
+class Balanced(Api):
+    """One principal behind a client-side balancer over the gateway replicas: a replica that refuses the
+    connection is left for the next one, as a load balancer's health check would."""
+
+    replicas: list[str] = field(default_factory=list)
+
+    @classmethod
+    def over(cls, urls: list[str], key: str, first: int = 0) -> Balanced:
+        return cls(urls[first % len(urls)], key, list(urls))
+
+    def call(self, query: str, **variables: Any) -> dict[str, Any]:
+        for _ in range(len(self.replicas) - 1):
+            try:
+                return super().call(query, **variables)
+            except httpx.ConnectError:
+                self.url = self.replicas[(self.replicas.index(self.url) + 1) % len(self.replicas)]
+        return super().call(query, **variables)
 
 
 def persist(call: Callable[[], Any], stop: threading.Event, book: Book, give_up_s: float = 300.0) -> Any:
@@ -264,13 +288,17 @@ class Faults:
     """Injects one fault at a time and records it; runs in the main thread (processes are started there,
     because their parent-death signal follows the starting thread)."""
 
-    def __init__(self, stack: Stack, book: Book, rng: random.Random) -> None:
+    def __init__(self, stack: Stack, book: Book, rng: random.Random, first: str | None = None) -> None:
         self.stack, self.book, self.rng = stack, book, rng
         self.log: list[dict[str, Any]] = []
+        self.processes = [*SERVICE_FAULTS, *(name for name in stack.processes if name.startswith("gateway"))]
+        self.first = first
 
     def inject(self) -> None:
         kind = self.rng.choice(["process", "process", "process", "temporal", "broker-pause", "broker-kill"])
-        target = self.rng.choice(PROCESS_FAULTS) if kind == "process" else kind.split("-")[0]
+        target = self.rng.choice(self.processes) if kind == "process" else kind.split("-")[0]
+        if self.first is not None:
+            kind, target, self.first = "process", self.first, None
         entry: dict[str, Any] = {"at_s": round(self.book.elapsed(), 1), "target": target}
         t0 = time.monotonic()
         if kind == "process":
@@ -404,18 +432,20 @@ def per_minute(writes: list[Write]) -> list[dict[str, Any]]:
 
 
 def soak(seconds: float, agents: int, rate: float, fault_every_s: float, revert_share: float,
-         drain_s: float, seed: int) -> dict[str, Any]:
+         drain_s: float, seed: int, gateways: int = 2, first_fault: str | None = None) -> dict[str, Any]:
     rng = random.Random(seed)
-    with running_stack(keep_data=True) as stack:
-        operator = Api(stack.gateway_url, stack.key("operator"))
-        agent_api = Api(stack.gateway_url, stack.key("agent"))
+    with running_stack(keep_data=True, gateway_replicas=gateways) as stack:
+        operator = Balanced.over(stack.gateway_urls, stack.key("operator"))
+        agent_key = stack.key("agent")
         operator.set_policy(ENTRY_POINT, **POLICY)
-        print(f"stack up; {agents} agents at {rate:g} writes/s each for {seconds:g} s, "
-              f"a fault about every {fault_every_s:g} s (seed {seed})", flush=True)
+        print(f"stack up ({gateways} gateway replica{'s' if gateways > 1 else ''}); {agents} agents at "
+              f"{rate:g} writes/s each for {seconds:g} s, a fault about every {fault_every_s:g} s "
+              f"(seed {seed})", flush=True)
         book, stop = Book(), threading.Event()
-        faults = Faults(stack, book, rng)
+        faults = Faults(stack, book, rng, first_fault)
         recovered: dict[str, Any] = {"passed": True}
-        workers = [Agent(i, agent_api, book, rate, revert_share, stop, random.Random(rng.random()))
+        workers = [Agent(i, Balanced.over(stack.gateway_urls, agent_key, first=i), book, rate, revert_share,
+                         stop, random.Random(rng.random()))
                    for i in range(agents)]
         reverter = Reverter(operator, book, stop)
         crew: list[Agent | Reverter] = [*workers, reverter]
@@ -461,7 +491,8 @@ def soak(seconds: float, agents: int, rate: float, fault_every_s: float, revert_
     latencies = [w.latency_s for w in book.writes]
     return {
         "seconds": seconds, "agents": agents, "rate_per_agent": rate, "fault_every_s": fault_every_s,
-        "revert_share": revert_share, "seed": seed, "database": "sqlite",
+        "revert_share": revert_share, "seed": seed, "gateways": gateways,
+        "database": "postgresql" if gateways > 1 else "sqlite",
         "writes": len(book.writes), "runs": len(book.runs), "reverts": len(book.reverted),
         "faults": len(faults.log), "fault_log": faults.log, "drain_s": round(drained_s, 1),
         "write_ms": percentiles(latencies), "write_ms_per_minute": per_minute(book.writes),
@@ -478,6 +509,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--agents", type=int, default=3)
     parser.add_argument("--rate", type=float, default=2.0, help="writes per second per agent (on average)")
     parser.add_argument("--fault-every", type=float, default=30.0, help="seconds between faults (on average)")
+    parser.add_argument("--gateways", type=int, default=2,
+                        help="gateway replicas (two or more run every component on PostgreSQL)")
+    parser.add_argument("--first-fault", default=None, metavar="PROCESS",
+                        help="make the first fault a SIGKILL of this process (e.g. gateway-2), then random")
     parser.add_argument("--revert-share", type=float, default=0.25, help="share of finished runs reverted")
     parser.add_argument("--drain-s", type=float, default=240.0,
                         help="how long the pipeline may take to drain")
@@ -487,7 +522,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     seconds = args.seconds if args.seconds is not None else args.minutes * 60
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1 << 30)
-    figures = soak(seconds, args.agents, args.rate, args.fault_every, args.revert_share, args.drain_s, seed)
+    if args.gateways < 1:
+        parser.error("--gateways must be at least 1")
+    processes = [*SERVICE_FAULTS, "gateway", *(f"gateway-{i}" for i in range(2, args.gateways + 1))]
+    if args.first_fault is not None and args.first_fault not in processes:
+        parser.error(f"--first-fault {args.first_fault!r} is not a process of this stack: "
+                     f"{', '.join(processes)}")
+    figures = soak(seconds, args.agents, args.rate, args.fault_every, args.revert_share, args.drain_s, seed,
+                   args.gateways, args.first_fault)
     figures["load_avg"] = [round(x, 1) for x in os.getloadavg()]
     if args.results_dir is not None:
         machine.RESULTS = args.results_dir

@@ -32,6 +32,8 @@ class StackPorts:
     smtp: int = 2525
     services: dict[str, int] = field(default_factory=lambda: {
         name: 8101 + i for i, name in enumerate(SERVICE_NAMES)})
+    # Ports of gateway replicas beyond the first (`gateway-2`, `gateway-3`, ...), which share its database.
+    gateway_replicas: list[int] = field(default_factory=list)
 
     @classmethod
     def from_settings(cls) -> StackPorts:
@@ -106,10 +108,17 @@ class StackPlan:
         }
         gateway_env |= {f"KINSHASA_GATEWAY_{k}": v for k, v in self._database_url("gateway").items()}
         procs.append(("gateway", [*exe, "gateway"], gateway_env))
+        if self.ports.gateway_replicas and self.postgres_url is None:
+            raise ValueError("gateway replicas share one database, which must be PostgreSQL: "
+                             "give a PostgreSQL URL or run one gateway")
+        for index, port in enumerate(self.ports.gateway_replicas, start=2):
+            procs.append((f"gateway-{index}", [*exe, "gateway"],
+                          gateway_env | {"KINSHASA_GATEWAY_PORT": str(port)}))
         return procs
 
 
-async def _create_databases(url: str, names: list[str]) -> None:
+async def create_databases(url: str, names: list[str]) -> None:
+    """Create each of `names` on the PostgreSQL server of `url` unless it exists."""
     import asyncpg
 
     base = url.replace("postgresql+asyncpg://", "postgresql://", 1).rsplit("/", 1)[0]
@@ -184,7 +193,7 @@ def run_stack(postgres_url: str | None, report: Callable[[str], None] = print,
                                     or max(ports.services.values()) + 1 + index)
         plan = StackPlan(stack, ports, postgres_url=postgres_url, extra_services=extra)
         if postgres_url:
-            asyncio.run(_create_databases(postgres_url, plan.databases()))
+            asyncio.run(create_databases(postgres_url, plan.databases()))
         # The coordinator's Temporal worker may take up to 10 s to hand back its activities cleanly;
         # honcho's default 5 s before SIGKILL would cut that short on every Ctrl-C.
         honcho.manager.KILL_WAIT = 15

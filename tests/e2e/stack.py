@@ -9,6 +9,7 @@ checkout's Kafka jar cache so the broker is never downloaded twice.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -23,10 +24,11 @@ from typing import Any
 
 import httpx
 
+from kinshasa.gateway.principals import write_dev_credentials
 from kinshasa.infra.process import InfraError, ManagedProcess, free_port, port_open
 from kinshasa.infra.stack import LocalInfra
 from kinshasa.kernel.admin import load_or_create_internal_token
-from kinshasa.launcher import StackPlan, StackPorts
+from kinshasa.launcher import StackPlan, StackPorts, create_databases
 from kinshasa.settings import SERVICE_NAMES, InfraSettings, StackSettings
 from kinshasa.topics.admin import ensure_topics
 from kinshasa.topics.catalogue import catalogue
@@ -133,8 +135,15 @@ class Stack:
         document = json.loads(self.credentials_path.read_text())
         return str(next(p["key"] for p in document["principals"] if p["kind"] == kind))
 
+    @property
+    def gateway_urls(self) -> list[str]:
+        """Every gateway replica's GraphQL endpoint, the first one first."""
+        ports = (self.ports.gateway, *self.ports.gateway_replicas)
+        return [f"http://127.0.0.1:{port}/graphql" for port in ports]
+
     def health_url(self, name: str) -> str:
-        port = {"gateway": self.ports.gateway, "coordinator": self.ports.coordinator}.get(name)
+        replicas = {f"gateway-{i}": port for i, port in enumerate(self.ports.gateway_replicas, start=2)}
+        port = {"gateway": self.ports.gateway, "coordinator": self.ports.coordinator, **replicas}.get(name)
         return f"http://127.0.0.1:{port or self.ports.services[name]}/healthz"
 
     def healthy(self, name: str) -> bool:
@@ -200,8 +209,12 @@ class Stack:
 
 
 @contextlib.contextmanager
-def running_stack(keep_data: bool = False) -> Iterator[Stack]:
-    """Start infrastructure and every process of `StackPlan` on free ports; stop all of it on exit."""
+def running_stack(keep_data: bool = False, gateway_replicas: int = 1) -> Iterator[Stack]:
+    """Start infrastructure and every process of `StackPlan` on free ports; stop all of it on exit.
+
+    With more than one gateway replica (`gateway`, `gateway-2`, ...), the replicas share one database, so
+    the stack runs on PostgreSQL (every component gets a database of its own on one local server).
+    """
     data_dir = Path(tempfile.mkdtemp(prefix="kinshasa-e2e-"))
     kafka_port, controller_port, temporal_port = free_port(), free_port(), free_port()
     stack_settings = StackSettings(data_dir=data_dir, kafka_bootstrap=f"127.0.0.1:{kafka_port}",
@@ -210,16 +223,26 @@ def running_stack(keep_data: bool = False) -> Iterator[Stack]:
                                    temporal_port=temporal_port, cache_dir=CACHE,
                                    start_timeout_s=START_TIMEOUT_S)
     ports = StackPorts(gateway=free_port(), coordinator=free_port(), smtp=free_port(),
-                       services={name: free_port() for name in SERVICE_NAMES})
+                       services={name: free_port() for name in SERVICE_NAMES},
+                       gateway_replicas=[free_port() for _ in range(gateway_replicas - 1)])
     infra = LocalInfra.from_settings(stack_settings, infra_settings)
     stack = Stack(data_dir=data_dir, ports=ports, infra=infra)
     logs = data_dir / "logs"
     logs.mkdir()
     try:
-        stack.infra.up(attached=True, report=lambda _line: None)
+        postgres = gateway_replicas > 1
+        if postgres:
+            # The server runs as its own user (when we are root), which must reach its directory below.
+            data_dir.chmod(0o711)
+        stack.infra.up(with_postgres=postgres, attached=True, report=lambda _line: None)
         ensure_topics(stack_settings.kafka_bootstrap, catalogue())
         load_or_create_internal_token(data_dir)
-        for name, argv, env in StackPlan(stack_settings, ports).processes():
+        plan = StackPlan(stack_settings, ports, postgres_url=stack.infra.postgres().url if postgres else None)
+        if plan.postgres_url is not None:
+            asyncio.run(create_databases(plan.postgres_url, plan.databases()))
+            # Replicas starting together must serve the same keys: write them before either starts.
+            write_dev_credentials(stack.credentials_path)
+        for name, argv, env in plan.processes():
             process = Process(name, argv, env, logs / f"{name}.log")
             stack.processes[name] = process
             process.start()

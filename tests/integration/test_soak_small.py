@@ -1,5 +1,8 @@
 """The soak for one minute (`python -m bench.soak --minutes 1`): faults injected, every check passed.
 
+Two gateway replicas (the soak's default, on PostgreSQL), and the first fault kills one of them while the
+agents write, so failing over to the other replica is part of every run.
+
 The ten-minute soak is `make soak`; this run keeps the soak itself working in `make test`. It runs as a
 subprocess because the soak starts and kills the whole stack's processes, as `make soak` does.
 """
@@ -17,7 +20,8 @@ TIMEOUT_S = 900
 
 
 def test_a_one_minute_soak_injects_faults_and_passes_every_check(tmp_path: Path) -> None:
-    done = subprocess.run([sys.executable, "-m", "bench.soak", "--minutes", "1", "--fault-every", "25",
+    done = subprocess.run([sys.executable, "-m", "bench.soak", "--minutes", "1", "--fault-every", "20",
+                           "--first-fault", "gateway-2",
                            "--results-dir", str(tmp_path)],
                           cwd=REPO, capture_output=True, text=True, timeout=TIMEOUT_S, check=False)
     output = f"stdout:\n{done.stdout[-4000:]}\nstderr:\n{done.stderr[-4000:]}"
@@ -25,6 +29,7 @@ def test_a_one_minute_soak_injects_faults_and_passes_every_check(tmp_path: Path)
 
     figures = json.loads((tmp_path / "soak.json").read_text())["figures"]
     assert figures["faults"] >= 1 and len(figures["fault_log"]) >= 1, output
+    assert figures["gateways"] == 2 and figures["fault_log"][0]["target"] == "gateway-2", output
     assert figures["writes"] > 0 and figures["passed"], output
     checks = figures["checks"]
     assert {"commands_settled", "applied_exactly_once", "reverts_reverted", "dlq_empty"} <= set(checks)

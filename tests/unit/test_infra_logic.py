@@ -9,6 +9,7 @@ import pytest
 from kinshasa.infra.kafka import kafka_libs
 from kinshasa.infra.process import InfraError, free_port, pid_alive
 from kinshasa.infra.temporal import time_skipping_server
+from kinshasa.launcher import StackPlan, StackPorts
 from kinshasa.settings import ComponentSettings, ServiceSettings, StackSettings
 
 
@@ -57,3 +58,21 @@ def test_service_settings_read_their_own_prefix(monkeypatch: pytest.MonkeyPatch)
 def test_process_helpers() -> None:
     assert 0 < free_port() < 65536
     assert not pid_alive(2**22 + 12345)
+
+
+def test_gateway_replicas_share_the_first_gateways_settings_on_their_own_ports(tmp_path: Path) -> None:
+    stack = StackSettings(data_dir=tmp_path)
+    ports = StackPorts(gateway=9000, gateway_replicas=[9001, 9002])
+    plan = StackPlan(stack, ports, postgres_url="postgresql+asyncpg://u@127.0.0.1:5433/kinshasa")
+    gateways = {name: env for name, _argv, env in plan.processes() if name.startswith("gateway")}
+    assert sorted(gateways) == ["gateway", "gateway-2", "gateway-3"]
+    assert [gateways[n]["KINSHASA_GATEWAY_PORT"] for n in ("gateway", "gateway-2", "gateway-3")] == \
+        ["9000", "9001", "9002"]
+    urls = {env["KINSHASA_GATEWAY_DATABASE_URL"] for env in gateways.values()}
+    assert urls == {"postgresql+asyncpg://u@127.0.0.1:5433/kinshasa_gateway"}
+
+
+def test_gateway_replicas_on_the_embedded_default_are_refused(tmp_path: Path) -> None:
+    plan = StackPlan(StackSettings(data_dir=tmp_path), StackPorts(gateway_replicas=[9001]))
+    with pytest.raises(ValueError, match="PostgreSQL"):
+        plan.processes()
