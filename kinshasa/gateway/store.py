@@ -3,6 +3,7 @@ and idempotency keys."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -21,7 +22,7 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.engine import Dialect
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 gateway_metadata = MetaData(
     naming_convention={
@@ -227,8 +228,8 @@ _APPEND_ONLY = ("gw_policy_versions", "gw_service_versions")
 # missing tables). Columns come first: an index may name one.
 _ADDED_COLUMNS = {"gw_commands": ("applied_at", "applied_event_id", "compensated_at")}
 _ADDED_INDEXES = (
-    f"CREATE INDEX IF NOT EXISTS {_RUNS_AGENT_STATUS} ON gw_runs (agent_id, status)",
-    f"CREATE INDEX IF NOT EXISTS {_COMMANDS_APPLIED_EVENT} ON gw_commands (applied_event_id)",
+    ("gw_runs", _RUNS_AGENT_STATUS, "agent_id, status"),
+    ("gw_commands", _COMMANDS_APPLIED_EVENT, "applied_event_id"),
 )
 
 
@@ -246,10 +247,33 @@ def _missing_columns(sync_conn: Any) -> list[str]:
     return statements
 
 
-def _append_only_ddl(dialect: str) -> list[str]:
+def _missing_indexes(sync_conn: Any) -> list[str]:
+    """CREATE INDEX statements for the added indexes an existing database lacks."""
+    inspector = inspect(sync_conn)
+    statements: list[str] = []
+    for table_name, name, columns in _ADDED_INDEXES:
+        if name not in {index["name"] for index in inspector.get_indexes(table_name)}:
+            statements.append(f"CREATE INDEX IF NOT EXISTS {name} ON {table_name} ({columns})")
+    return statements
+
+
+async def _missing_append_only(conn: AsyncConnection) -> list[str]:
+    """The append-only triggers' DDL for the tables that lack them (on PostgreSQL, by the catalogue)."""
+    if conn.dialect.name == "sqlite":
+        present = set((await conn.execute(text("SELECT name FROM sqlite_master WHERE type = 'trigger'")))
+                      .scalars())
+        return _append_only_ddl("sqlite", [t for t in _APPEND_ONLY
+                                           if not {f"{t}_no_update", f"{t}_no_delete"} <= present])
+    present = set((await conn.execute(
+        text("SELECT tgname FROM pg_trigger WHERE NOT tgisinternal AND tgname = ANY(:names)"),
+        {"names": [f"{table}_no_change" for table in _APPEND_ONLY]})).scalars())
+    return _append_only_ddl("postgresql", [t for t in _APPEND_ONLY if f"{t}_no_change" not in present])
+
+
+def _append_only_ddl(dialect: str, tables: Sequence[str]) -> list[str]:
     """Triggers refusing UPDATE and DELETE, so the policy history cannot be rewritten, even by hand."""
     statements: list[str] = []
-    for table in _APPEND_ONLY:
+    for table in tables:
         if dialect == "sqlite":
             for op in ("UPDATE", "DELETE"):
                 statements.append(
@@ -270,7 +294,12 @@ def _append_only_ddl(dialect: str) -> list[str]:
 
 
 async def install_gateway_tables(engine: AsyncEngine) -> None:
-    """Create the gateway tables and their append-only triggers; safe to run on every start."""
+    """Create the gateway tables and their append-only triggers; safe to run on every start.
+
+    Every piece is looked up before it is created, so a start against a database that has them all runs
+    no DDL: DDL locks whole tables, and a replica starting beside one that is writing would otherwise
+    deadlock with it (a CREATE INDEX on one table waiting for a writer that waits for another).
+    """
     async with engine.begin() as conn:
         if engine.dialect.name == "postgresql":
             # Two replicas starting together would race on CREATE TABLE; one advisory lock serialises them.
@@ -278,9 +307,9 @@ async def install_gateway_tables(engine: AsyncEngine) -> None:
         await conn.run_sync(gateway_metadata.create_all)
         for statement in await conn.run_sync(_missing_columns):
             await conn.execute(text(statement))
-        for statement in _ADDED_INDEXES:
+        for statement in await conn.run_sync(_missing_indexes):
             await conn.execute(text(statement))
-        for statement in _append_only_ddl(engine.dialect.name):
+        for statement in await _missing_append_only(conn):
             await conn.execute(text(statement))
 
 

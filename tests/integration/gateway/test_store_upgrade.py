@@ -3,7 +3,9 @@ its rows, and a second start changes nothing."""
 
 from __future__ import annotations
 
-from sqlalchemy import inspect, text
+from typing import Any
+
+from sqlalchemy import event, inspect, text
 
 from kinshasa.gateway.store import install_gateway_tables
 from kinshasa.kernel.database import create_engine
@@ -42,5 +44,26 @@ async def test_an_old_commands_table_gains_the_receipt_columns_and_keeps_its_row
         assert {"applied_at", "applied_event_id", "compensated_at"} <= columns
         assert "ix_gw_commands_applied_event" in indexes
         assert tuple(row) == ("c1", "PUBLISHED", None, None, None)
+    finally:
+        await engine.dispose()
+
+
+async def test_a_start_against_an_installed_database_runs_no_ddl(database_url: str) -> None:
+    """DDL locks whole tables: a replica starting beside one that writes deadlocked with it (CREATE INDEX
+    waiting on a writer waiting on the index's table). A start that finds everything runs none."""
+    engine = create_engine(database_url)
+    try:
+        await install_gateway_tables(engine)
+        statements: list[str] = []
+
+        def record(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+            statements.append(statement.strip())
+
+        event.listen(engine.sync_engine, "before_cursor_execute", record)
+        await install_gateway_tables(engine)
+        event.remove(engine.sync_engine, "before_cursor_execute", record)
+        assert statements, "the second start looked nothing up"
+        ddl = [s for s in statements if s.split()[0].upper() in {"CREATE", "ALTER", "DROP"}]
+        assert ddl == []
     finally:
         await engine.dispose()
