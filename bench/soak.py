@@ -15,7 +15,8 @@ next when its replica refuses the connection. Every write carries an idempotency
 until a gateway answers, so a write in flight when a fault hits is accepted once or not at all, on
 whichever replica, and its command id is always known.
 
-About every `--fault-every` seconds one fault, chosen at random: a service, the coordinator or one
+About every `--fault-every` seconds one fault, dealt from a shuffled deck of six so that every kind
+comes up in each six faults: a service or the coordinator SIGKILLed and restarted (two cards), one
 gateway replica SIGKILLed and restarted, Temporal SIGKILLed and restarted, the broker SIGSTOPped for a
 few seconds then SIGCONTed, or SIGKILLed and restarted on its data directory. A process that exits on
 its own is started again (the soak is its supervisor) and noted.
@@ -291,12 +292,21 @@ class Faults:
     def __init__(self, stack: Stack, book: Book, rng: random.Random, first: str | None = None) -> None:
         self.stack, self.book, self.rng = stack, book, rng
         self.log: list[dict[str, Any]] = []
-        self.processes = [*SERVICE_FAULTS, *(name for name in stack.processes if name.startswith("gateway"))]
+        self.gateways = [name for name in stack.processes if name.startswith("gateway")]
+        # Fault kinds are dealt from a shuffled deck, so a run of a few cycles meets every kind.
+        self.deck: list[str] = []
         self.first = first
 
     def inject(self) -> None:
-        kind = self.rng.choice(["process", "process", "process", "temporal", "broker-pause", "broker-kill"])
-        target = self.rng.choice(self.processes) if kind == "process" else kind.split("-")[0]
+        if not self.deck:
+            self.deck = ["service", "service", "gateway", "temporal", "broker-pause", "broker-kill"]
+            self.rng.shuffle(self.deck)
+        kind = self.deck.pop()
+        if kind in ("service", "gateway"):
+            target = self.rng.choice(SERVICE_FAULTS if kind == "service" else self.gateways)
+            kind = "process"
+        else:
+            target = kind.split("-")[0]
         if self.first is not None:
             kind, target, self.first = "process", self.first, None
         entry: dict[str, Any] = {"at_s": round(self.book.elapsed(), 1), "target": target}
