@@ -1,0 +1,125 @@
+"""Live feeds behind the operator's subscriptions: alerts as they are raised and a run as it changes.
+
+Replicas of one gateway share its database, and an alert may be stored by any of them (a trip on a
+write, another component's alert read back from kinshasa.alerts by whichever replica consumed it), so
+the feeds read the database rather than one process's events. One poller per process serves every
+subscriber of the alert feed and runs only while someone listens; a run's feed polls that run's row.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from kinshasa.gateway import runs as runs_mod
+from kinshasa.gateway import store
+from kinshasa.gateway.alerts import Alert, list_alerts
+from kinshasa.gateway.errors import BackendUnavailable
+from kinshasa.gateway.reads import Backends
+from kinshasa.schemas.envelope import utcnow
+
+log = logging.getLogger(__name__)
+
+Connect = Callable[[], AbstractAsyncContextManager[AsyncConnection]]
+# How often the feeds look; an operator sees an alert or a run's change within about this.
+POLL_S = 0.5
+# An alert is delivered live if it is stored within this long of its own created_at (another component's
+# alert carries the time it was raised, and reaches the gateway with the consumer's lag). One stored later
+# still lists in the `alerts` query.
+LOOKBACK = timedelta(minutes=10)
+# Alerts a subscriber has not taken yet; one that falls this far behind loses the oldest.
+QUEUE_MAX = 1_000
+# Run statuses whose revert progress moves: the coordinator is asked only then.
+_REVERTING = (store.REVERTING, store.REVERT_FAILED)
+
+
+class AlertFeed:
+    """Every alert stored after a subscriber joined, to that subscriber, in the order they were seen."""
+
+    def __init__(self, connect: Connect, poll_s: float = POLL_S) -> None:
+        self._connect = connect
+        self._poll_s = poll_s
+        self._subscribers: set[asyncio.Queue[Alert]] = set()
+        self._task: asyncio.Task[None] | None = None
+        # Set once the poller has read what was already there: a subscriber joins after that.
+        self._primed = asyncio.Event()
+
+    @asynccontextmanager
+    async def subscribe(self) -> AsyncIterator[asyncio.Queue[Alert]]:
+        queue: asyncio.Queue[Alert] = asyncio.Queue(QUEUE_MAX)
+        if self._task is None or self._task.done():
+            self._primed = asyncio.Event()
+            self._task = asyncio.create_task(self._poll(), name="alert-feed")
+        await self._primed.wait()
+        self._subscribers.add(queue)
+        try:
+            yield queue
+        finally:
+            self._subscribers.discard(queue)
+            if not self._subscribers and self._task is not None:
+                self._task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._task
+                self._task = None
+
+    async def _poll(self) -> None:
+        seen: dict[str, datetime] = {}
+        first = True
+        while True:
+            try:
+                since = utcnow() - LOOKBACK
+                async with self._connect() as conn:
+                    found = await list_alerts(conn, limit=QUEUE_MAX, since=since)
+                    await conn.rollback()
+                for alert in reversed(found):  # oldest first
+                    if alert.alert_id in seen:
+                        continue
+                    seen[alert.alert_id] = alert.created_at
+                    if not first:
+                        self._fan_out(alert)
+                for alert_id in [a for a, at in seen.items() if at < since]:
+                    del seen[alert_id]
+            except Exception:
+                # A database blip must not end every operator's feed; the next poll tries again.
+                log.exception("the alert feed could not read alerts")
+            if first:
+                first = False
+                self._primed.set()
+            await asyncio.sleep(self._poll_s)
+
+    def _fan_out(self, alert: Alert) -> None:
+        for queue in self._subscribers:
+            if queue.full():
+                queue.get_nowait()
+            queue.put_nowait(alert)
+
+
+async def run_changes(
+    connect: Connect, backends: Backends, run_id: str, poll_s: float = POLL_S
+) -> AsyncIterator[runs_mod.RunRecord]:
+    """The run now, then again each time its row, its commands' counts or (while it is reverting) its
+    revert progress change. RUN_NOT_FOUND before anything for a run that does not exist."""
+    last: Any = None
+    while True:
+        async with connect() as conn:
+            run = await runs_mod.load_run(conn, run_id)
+            counts = await runs_mod.command_counts(conn, run_id)
+            await conn.rollback()
+        progress: Any = None
+        if run.status in _REVERTING:
+            try:
+                progress = (await backends.progress_many([run_id]))[0]
+            except BackendUnavailable:
+                progress = None  # the run's own row still moves; the coordinator is asked again next time
+        fingerprint = (run, tuple(sorted(counts.items())), progress)
+        if fingerprint != last:
+            last = fingerprint
+            yield run
+        await asyncio.sleep(poll_s)
