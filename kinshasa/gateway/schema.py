@@ -1211,6 +1211,15 @@ class Subscription:
 IDEMPOTENCY_KEY_ARG = "idempotency_key"
 
 
+def _reason(reason: str | None) -> str | None:
+    """An operator's optional reason for releaseRun, discardRun or holdRun: recorded when given."""
+    if reason is None or not reason.strip():
+        return None
+    if len(reason.strip()) > revert_mod.REASON_MAX:
+        raise Invalid(f"reason must be at most {revert_mod.REASON_MAX} characters", [("reason", "too long")])
+    return reason.strip()
+
+
 def _kill_marker(info: strawberry.Info) -> str | None:
     """TEST ONLY: the idempotency key whose commit kills this process (idempotency.kill_after_commit...)."""
     return _ctx(info).services.settings.test_kill_after_commit_key
@@ -1320,26 +1329,35 @@ class OperatorMutations:
         return result
 
     @strawberry.mutation(permission_classes=OPERATOR, description="Publish the run's held commands now.")
-    async def release_run(self, info: strawberry.Info, run_id: strawberry.ID) -> RunActionResult:
+    async def release_run(
+        self, info: strawberry.Info, run_id: strawberry.ID, reason: str | None = None
+    ) -> RunActionResult:
         operator = _ctx(info).require_operator()
-        run, count = await _in_tx(info, lambda tx: quarantine.release_run(tx, str(run_id), operator.id))
+        why = _reason(reason)
+        run, count = await _in_tx(info, lambda tx: quarantine.release_run(tx, str(run_id), operator.id, why))
         return RunActionResult(run=Run.of(run), count=count)
 
     @strawberry.mutation(permission_classes=OPERATOR, description="Discard the run's unpublished commands.")
-    async def discard_run(self, info: strawberry.Info, run_id: strawberry.ID) -> RunActionResult:
+    async def discard_run(
+        self, info: strawberry.Info, run_id: strawberry.ID, reason: str | None = None
+    ) -> RunActionResult:
         operator = _ctx(info).require_operator()
-        run, count = await _in_tx(info, lambda tx: quarantine.discard_run(tx, str(run_id), operator.id))
+        why = _reason(reason)
+        run, count = await _in_tx(info, lambda tx: quarantine.discard_run(tx, str(run_id), operator.id, why))
         return RunActionResult(run=Run.of(run), count=count)
 
     @strawberry.mutation(permission_classes=OPERATOR, description="Hold the run's commands until releaseRun.")
-    async def hold_run(self, info: strawberry.Info, run_id: strawberry.ID) -> RunActionResult:
+    async def hold_run(
+        self, info: strawberry.Info, run_id: strawberry.ID, reason: str | None = None
+    ) -> RunActionResult:
         operator = _ctx(info).require_operator()
         services = _ctx(info).services
+        why = _reason(reason)
 
         async def work(tx: Any) -> Any:
             run = await runs_mod.load_run(tx.conn, str(run_id), lock=True)
             policy = await services.policies.effective(tx.conn, run.agent_id, run.entry_point)
-            return await quarantine.hold_run(tx, str(run_id), operator.id, policy)
+            return await quarantine.hold_run(tx, str(run_id), operator.id, policy, why)
 
         run, count = await _in_tx(info, work)
         return RunActionResult(run=Run.of(run), count=count)

@@ -242,3 +242,36 @@ async def test_only_an_operator_may_subscribe(harness: Harness, served: str, key
         assert socket.close_code == 4403
     finally:
         await socket.close()
+
+
+async def test_release_discard_and_hold_record_the_operators_reason(harness: Harness) -> None:
+    c = harness.client
+    await c.set_policy({"quarantineWindowS": 600}, scope="ENTRY_POINT", subject="reasons", loosen=True)
+    run_id = await c.start_run(entry_point="reasons")
+    await c.create_document(run_id)
+    commands = 'query($id: ID!) { run(id: $id) { commands { status reason } } }'
+    action = "mutation($id: ID!, $why: String) {{ {name}(runId: $id, reason: $why) {{ count }} }}"
+
+    # Too long a reason is refused and changes nothing.
+    error = await c.error(action.format(name="holdRun"), {"id": run_id, "why": "x" * 2001}, OPERATOR_KEY)
+    assert error["extensions"]["code"] == "VALIDATION"
+    assert (await c.data(commands, {"id": run_id}, OPERATOR_KEY))["run"]["commands"] == [
+        {"status": "HELD", "reason": None}]
+
+    held = await c.data(action.format(name="holdRun"), {"id": run_id, "why": "looking into it"}, OPERATOR_KEY)
+    assert held["holdRun"]["count"] == 1
+    assert (await c.data(commands, {"id": run_id}, OPERATOR_KEY))["run"]["commands"] == [
+        {"status": "HELD", "reason": "looking into it"}]
+    discarded = await c.data(action.format(name="discardRun"), {"id": run_id, "why": "duplicate work"},
+                             OPERATOR_KEY)
+    assert discarded["discardRun"]["count"] == 1
+    assert (await c.data(commands, {"id": run_id}, OPERATOR_KEY))["run"]["commands"] == [
+        {"status": "DISCARDED", "reason": "duplicate work"}]
+
+    other = await c.start_run(entry_point="reasons")
+    await c.create_document(other)
+    released = await c.data(action.format(name="releaseRun"), {"id": other, "why": "checked, fine"},
+                            OPERATOR_KEY)
+    assert released["releaseRun"]["count"] == 1
+    statuses = (await c.data(commands, {"id": other}, OPERATOR_KEY))["run"]["commands"]
+    assert statuses[0]["status"] in ("PUBLISHED", "APPLIED", "REJECTED")
