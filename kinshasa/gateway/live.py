@@ -13,7 +13,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -36,28 +36,39 @@ POLL_S = 0.5
 LOOKBACK = timedelta(minutes=10)
 # Alerts a subscriber has not taken yet; one that falls this far behind loses the oldest.
 QUEUE_MAX = 1_000
+# What a new subscriber is sent first: the alerts raised this long before it subscribed.
+REPLAY = timedelta(seconds=30)
 # Run statuses whose revert progress moves: the coordinator is asked only then.
 _REVERTING = (store.REVERTING, store.REVERT_FAILED)
 
 
 class AlertFeed:
-    """Every alert stored after a subscriber joined, to that subscriber, in the order they were seen."""
+    """Every alert as the poller finds it, to every subscriber; a new subscriber first gets those raised in
+    the last `REPLAY`, so a client that lists alerts and then subscribes misses none raised in between
+    (it may get one twice: alerts carry their id)."""
 
     def __init__(self, connect: Connect, poll_s: float = POLL_S) -> None:
         self._connect = connect
         self._poll_s = poll_s
         self._subscribers: set[asyncio.Queue[Alert]] = set()
         self._task: asyncio.Task[None] | None = None
-        # Set once the poller has read what was already there: a subscriber joins after that.
+        # What the poller has seen within LOOKBACK, by id; set once it has read what was already there.
+        self._recent: dict[str, Alert] = {}
         self._primed = asyncio.Event()
 
     @asynccontextmanager
     async def subscribe(self) -> AsyncIterator[asyncio.Queue[Alert]]:
         queue: asyncio.Queue[Alert] = asyncio.Queue(QUEUE_MAX)
         if self._task is None or self._task.done():
+            self._recent = {}
             self._primed = asyncio.Event()
             self._task = asyncio.create_task(self._poll(), name="alert-feed")
         await self._primed.wait()
+        # No await from here to `add`: the poller cannot fan out an alert in between.
+        since = utcnow() - REPLAY
+        for alert in sorted(self._recent.values(), key=lambda a: a.created_at):
+            if alert.created_at >= since:
+                _put(queue, alert)
         self._subscribers.add(queue)
         try:
             yield queue
@@ -70,8 +81,6 @@ class AlertFeed:
                 self._task = None
 
     async def _poll(self) -> None:
-        seen: dict[str, datetime] = {}
-        first = True
         while True:
             try:
                 since = utcnow() - LOOKBACK
@@ -79,26 +88,23 @@ class AlertFeed:
                     found = await list_alerts(conn, limit=QUEUE_MAX, since=since)
                     await conn.rollback()
                 for alert in reversed(found):  # oldest first
-                    if alert.alert_id in seen:
-                        continue
-                    seen[alert.alert_id] = alert.created_at
-                    if not first:
-                        self._fan_out(alert)
-                for alert_id in [a for a, at in seen.items() if at < since]:
-                    del seen[alert_id]
+                    if alert.alert_id not in self._recent:
+                        self._recent[alert.alert_id] = alert
+                        for queue in self._subscribers:
+                            _put(queue, alert)
+                for alert_id in [a for a, alert in self._recent.items() if alert.created_at < since]:
+                    del self._recent[alert_id]
             except Exception:
                 # A database blip must not end every operator's feed; the next poll tries again.
                 log.exception("the alert feed could not read alerts")
-            if first:
-                first = False
-                self._primed.set()
+            self._primed.set()
             await asyncio.sleep(self._poll_s)
 
-    def _fan_out(self, alert: Alert) -> None:
-        for queue in self._subscribers:
-            if queue.full():
-                queue.get_nowait()
-            queue.put_nowait(alert)
+
+def _put(queue: asyncio.Queue[Alert], alert: Alert) -> None:
+    if queue.full():
+        queue.get_nowait()  # a subscriber this far behind loses the oldest
+    queue.put_nowait(alert)
 
 
 async def run_changes(

@@ -1186,7 +1186,11 @@ class Query:
 @strawberry.type(description="Operator only, over graphql-transport-ws; connection_init's payload carries "
                  '{"authorization": "Bearer <operator key>"}.')
 class Subscription:
-    @strawberry.subscription(permission_classes=OPERATOR, description="Each alert as it is raised.")
+    @strawberry.subscription(
+        permission_classes=OPERATOR,
+        description="Each alert as it is raised, those of the 30 s before subscribing first, so listing "
+        "`alerts` and then subscribing misses none (an alert may come twice: dedupe by id).",
+    )
     async def alert_raised(self, info: strawberry.Info) -> AsyncGenerator[Alert, None]:
         context = _ctx(info)
         async with context.services.alert_feed.subscribe() as queue:

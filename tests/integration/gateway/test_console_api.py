@@ -200,6 +200,15 @@ async def test_an_operator_sees_an_alert_the_moment_a_run_trips(harness: Harness
     finally:
         await socket.close()
 
+    # A client that listed alerts a moment ago and subscribes now is sent what was raised meanwhile.
+    socket, _ = await _connect(served, OPERATOR_KEY)
+    try:
+        late = Subscriber(socket)
+        await late.subscribe("subscription { alertRaised { id } }")
+        assert (await late.next())["alertRaised"] == {"id": alert["id"]}
+    finally:
+        await socket.close()
+
 
 async def test_a_run_is_sent_now_and_again_when_it_changes(harness: Harness, served: str) -> None:
     c = harness.client
