@@ -9,7 +9,6 @@ subscriber of the alert feed and runs only while someone listens; a run's feed p
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -75,9 +74,9 @@ class AlertFeed:
         finally:
             self._subscribers.discard(queue)
             if not self._subscribers and self._task is not None:
+                # No await here: a subscriber joining meanwhile must find either this poller running or
+                # none (and start its own), never one that is being cancelled.
                 self._task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await self._task
                 self._task = None
 
     async def _poll(self) -> None:

@@ -167,8 +167,15 @@ async def hold_run(
             commands.c.status == store.HELD,
             commands.c.manual_hold.is_(False),
         )
-        .values(manual_hold=True, discard_at=discard_at, decided_by=operator_id, **_why(reason))
+        .values(manual_hold=True, discard_at=discard_at, decided_by=operator_id)
     )
+    if reason:
+        # Every held command carries the reason, those a trip had put on hold already too.
+        await tx.conn.execute(
+            update(commands)
+            .where(commands.c.run_id == run_id, commands.c.status == store.HELD)
+            .values(reason=reason, decided_by=operator_id)
+        )
     await tx.conn.execute(update(runs).where(runs.c.run_id == run_id).values(on_hold=True))
     return await load_run(tx.conn, run_id), int(result.rowcount or 0)
 

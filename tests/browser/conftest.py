@@ -64,10 +64,11 @@ def browser(stack: Stack) -> Iterator[Browser]:
     # After the stack: Playwright's sync API keeps an event loop in this thread, and starting the stack
     # runs asyncio itself.
     if not CHROMIUM.exists():
-        raise RuntimeError(f"no Chromium at {CHROMIUM}: install Debian's (apt-get install chromium), as .ci/run "
-                           "does, or set KINSHASA_CHROMIUM to its path")
+        raise RuntimeError(f"no Chromium at {CHROMIUM}: install Debian's (apt-get install chromium), as "
+                           ".ci/run does, or set KINSHASA_CHROMIUM to its path")
     with sync_playwright() as playwright:
-        launched = playwright.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"], headless=True)
+        launched = playwright.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"],
+                                              headless=True)
         yield launched
         launched.close()
 

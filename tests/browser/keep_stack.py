@@ -1,4 +1,4 @@
-"""Start the browser tests' stack and keep it up until Ctrl-C, for working on the console.
+"""Start the browser tests' stack and keep it up until Ctrl-C or SIGTERM, for working on the console.
 
     python -m tests.browser.keep_stack .kinshasa/browser-stack.json
     KINSHASA_BROWSER_STACK=.kinshasa/browser-stack.json pytest tests/browser
@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
 import time
 from pathlib import Path
@@ -14,12 +15,19 @@ from pathlib import Path
 from tests.e2e.stack import running_stack
 
 
+def _stop(_signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main() -> None:
+    # Started in the background, Ctrl-C never reaches it: `kill <pid>` stops the stack as cleanly.
+    signal.signal(signal.SIGTERM, _stop)
     described = Path(sys.argv[1] if len(sys.argv) > 1 else ".kinshasa/browser-stack.json")
     with running_stack() as stack:
         described.parent.mkdir(parents=True, exist_ok=True)
         described.write_text(json.dumps({"gateway_url": stack.gateway_url, "data_dir": str(stack.data_dir)}))
-        print(f"stack up: console at {stack.gateway_url.removesuffix('/graphql')}/console; described in {described}")
+        console = stack.gateway_url.removesuffix("/graphql") + "/console"
+        print(f"stack up: console at {console}; described in {described}")
         try:
             while True:
                 time.sleep(3600)

@@ -57,7 +57,8 @@ def test_approved_emails_leave_and_a_denied_one_never_does(
     expect(page.get_by_role("status").filter(has_text="Denied 1 write(s).")).to_be_visible()
     expect(table).not_to_contain_text(f"Refunds for all ({tag})")
 
-    mail = wait_for("the approved email in the SMTP sink", lambda: _mail(stack.mail_dir, f"Q3 numbers ({tag})"))
+    mail = wait_for("the approved email in the SMTP sink",
+                    lambda: _mail(stack.mail_dir, f"Q3 numbers ({tag})"))
     assert [m["rcpt_tos"] for m in mail] == [["cfo@example.org"]]
     denied_now = operator.command(denied["commandId"])
     assert denied_now["status"] == "DISCARDED" and denied_now["reason"] == "no blanket refunds"
@@ -72,5 +73,6 @@ def test_approved_emails_leave_and_a_denied_one_never_does(
     page.get_by_role("dialog").get_by_role("button", name="Approve all").click()
     expect(page.get_by_role("status").filter(has_text="Approved 2 write(s).")).to_be_visible()
     for n in (1, 2):
-        wait_for(f"board pack {n} in the SMTP sink", lambda n=n: _mail(stack.mail_dir, f"Board pack {n} ({tag})"))
+        wait_for(f"board pack {n} in the SMTP sink",
+                 lambda n=n: _mail(stack.mail_dir, f"Board pack {n} ({tag})"))
     assert _mail(stack.mail_dir, f"Refunds for all ({tag})") == []

@@ -67,16 +67,18 @@ def test_the_inbox_by_keyboard_alone(page: Page, stack: Stack, agent: Api, opera
     page.locator("body").focus()
     decide_by_keyboard(page, f"Discard run {run_id[:8]} (run_tripped alert)", "not wanted")
     wait_for("the held command to be discarded",
-             lambda: [(c["status"], c["reason"]) for c in operator.commands(run_id)] == [("DISCARDED", "not wanted")])
+             lambda: [(c["status"], c["reason"]) for c in operator.commands(run_id)]
+             == [("DISCARDED", "not wanted")])
 
 
 def test_the_approvals_page_by_keyboard_alone(page: Page, stack: Stack, agent: Api, operator: Api) -> None:
     operator.set_policy(EGRESS, quarantineWindowS=0.0)
     run_id = agent.start_run(EGRESS)
-    first = agent.write(run_id, "sendEmail", to="a@example.org", subject=f"keyboard deny {run_id[:8]}", body=".")
-    second = agent.write(run_id, "sendEmail", to="b@example.org", subject=f"keyboard approve {run_id[:8]}", body=".")
+    tag = run_id[:8]
+    first = agent.write(run_id, "sendEmail", to="a@example.org", subject=f"keyboard deny {tag}", body=".")
+    second = agent.write(run_id, "sendEmail", to="b@example.org", subject=f"keyboard approve {tag}", body=".")
     signed_in(page, stack, "approvals")
-    expect(page.get_by_role("table", name="Writes awaiting approval")).to_contain_text(f"keyboard deny {run_id[:8]}")
+    expect(page.get_by_role("table", name="Writes awaiting approval")).to_contain_text(f"keyboard deny {tag}")
 
     page.locator("body").focus()
     decide_by_keyboard(page, f"Deny notifier.send_email {first['commandId'][:8]}", "typed, not clicked")
