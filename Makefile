@@ -7,7 +7,7 @@ PYTEST_ARGS ?=
 # Kafka's jars, fetched once per checkout, shared by the suite, `make run` and kinshasa.testing.
 export KINSHASA_CACHE_DIR := $(CURDIR)/.kinshasa/cache
 
-.PHONY: setup run test test-unit test-integration test-e2e bench bench-small soak lint infra-up infra-down clean
+.PHONY: setup run test test-unit test-integration test-e2e test-browser screenshots bench bench-small soak lint infra-up infra-down clean
 
 $(STAMP): pyproject.toml examples/tickets/pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Kinshasa needs Python 3.11 or newer; set PYTHON=/path/to/python3.11")'
@@ -33,6 +33,14 @@ test-integration: setup
 
 test-e2e: setup
 	$(BIN)/pytest tests/e2e $(PYTEST_ARGS)
+
+# The console in headless Chromium (Debian's /usr/bin/chromium) against a real stack.
+test-browser: setup
+	$(BIN)/pytest tests/browser $(PYTEST_ARGS)
+
+# The README's console screenshots (docs/images/console-*.png), taken by the browser tests.
+screenshots: setup
+	KINSHASA_CONSOLE_SCREENSHOTS=$(CURDIR)/docs/images $(BIN)/pytest tests/browser/test_inbox_and_run.py tests/browser/test_approvals.py $(PYTEST_ARGS)
 
 bench: setup
 	$(BIN)/python -m bench

@@ -48,6 +48,12 @@ class StepsBatchBody(BaseModel):
     runs: list[StepsRequest] = Field(min_length=1, max_length=MAX_BATCH)
 
 
+class ProgressBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    run_ids: list[str] = Field(min_length=1, max_length=MAX_BATCH)
+
+
 def _error(status: int, code: str, message: str, **extra: Any) -> JSONResponse:
     return JSONResponse({"error": {"code": code, "message": message, **extra}}, status_code=status)
 
@@ -84,6 +90,22 @@ def ledger_router(ledger: Ledger, *, client: Client | None = None) -> APIRouter:
             {"run_id": r.run_id, "missing": True} if page is None
             else {"run_id": r.run_id, "steps": page[0], "next_before": page[1]}
             for r, page in zip(body.runs, found, strict=True)]}
+
+    @router.post("/progress")
+    async def runs_progress(body: ProgressBody) -> dict[str, Any]:
+        """Where each run's steps stand on the way back (the gateway's `Run.revertProgress`), in the order
+        asked: `total` steps to compensate (egress is never compensated), how many are `compensated`,
+        refused (`failing`) and not settled yet (`pending`); `missing: true` for a run not seen yet."""
+        found = await ledger.counts_many(body.run_ids)
+        return {"runs": [
+            {"run_id": run_id, "missing": True} if counts is None else {
+                "run_id": run_id,
+                "total": counts.steps - counts.irreversible,
+                "compensated": counts.compensated,
+                "failing": counts.compensation_failed,
+                "pending": counts.applied + counts.compensating,
+            }
+            for run_id, counts in zip(body.run_ids, found, strict=True)]}
 
     @router.get("/runs")
     async def search_runs(agent_id: str | None = None, entry_point: str | None = None,

@@ -370,9 +370,20 @@ class Ledger:
             "applied_at": utc(r.applied_at).isoformat() if r.applied_at else None,  # type: ignore[union-attr]
             "status": r.status, "attempts": r.attempt,
             "resolved_at": utc(r.resolved_at).isoformat() if r.resolved_at else None,  # type: ignore[union-attr]
-            "failure_reason": r.failure_reason,
+            "failure_reason": r.failure_reason, "before": r.before_state, "after": r.after_state,
         } for r in rows]
         return page, (rows[-1].step_id if more and rows else None)
+
+    async def counts_many(self, run_ids: Sequence[str]) -> list[RunCounts | None]:
+        """`counts` of many runs on one connection, in order; None for a run the ledger has not seen."""
+        async with self.reader.connect() as conn:
+            known: set[str] = set()
+            ids = sorted(set(run_ids))
+            for start in range(0, len(ids), _CHUNK):
+                chunk = ids[start:start + _CHUNK]
+                found = await conn.execute(select(runs.c.run_id).where(runs.c.run_id.in_(chunk)))
+                known.update(found.scalars())
+            return [await self.counts(run_id, conn) if run_id in known else None for run_id in run_ids]
 
     async def rejections(self, run_id: str, limit: int = 100) -> list[dict[str, Any]]:
         async with self.reader.connect() as conn:

@@ -13,6 +13,7 @@ happened in, because one entity's events share a partition.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
@@ -39,6 +40,8 @@ log = logging.getLogger(__name__)
 
 RUN_SERVICE = "run"
 _CHUNK = 500
+# The largest entity state (before or after) kept on a step, in bytes of JSON.
+STATE_MAX_BYTES = 16_384
 
 # Which run facts may move a run from which statuses: a late `finished` must not hide a revert.
 _ADVANCES: dict[RunEventKind, tuple[RunStatus, tuple[RunStatus, ...] | None]] = {
@@ -97,6 +100,22 @@ def _forward_id(env: EnvelopeModel) -> str | None:
         return str(UUID(str(raw))) if raw is not None else None
     except ValueError:
         return None
+
+
+def domain_state(env: EnvelopeModel, key: str) -> Any:
+    """The `before` or `after` a service put on its `.applied` event, as the ledger keeps it for reading.
+
+    A state larger than `STATE_MAX_BYTES` of JSON is kept as a note saying so: the ledger holds one row
+    per step of runs of 10,000+ steps, and the operator reads the whole entity from its service anyway.
+    """
+    value = env.payload.get(key) if isinstance(env.payload, dict) else None
+    if value is None:
+        return None
+    size = len(json.dumps(value, default=str))
+    if size > STATE_MAX_BYTES:
+        return {"omitted": f"{size} bytes of JSON, over the ledger's {STATE_MAX_BYTES}: read the entity "
+                           "from its service"}
+    return value
 
 
 def _chunks(items: Sequence[str]) -> Iterable[Sequence[str]]:
@@ -288,9 +307,12 @@ class LedgerProjector:
             await conn.execute(
                 update(steps)
                 .where(steps.c.run_id == bindparam("b_run"), steps.c.step_id == bindparam("b_step"))
-                .values(forward_seen=True, applied_at=bindparam("b_at"), command_id=bindparam("b_cmd")),
+                .values(forward_seen=True, applied_at=bindparam("b_at"), command_id=bindparam("b_cmd"),
+                        before_state=bindparam("b_before"), after_state=bindparam("b_after")),
                 [{"b_run": row.run_id, "b_step": row.step_id, "b_at": env.occurred_at,
-                  "b_cmd": str(env.causation_id) if env.causation_id else None} for row, env in late])
+                  "b_cmd": str(env.causation_id) if env.causation_id else None,
+                  "b_before": domain_state(env, "before"), "b_after": domain_state(env, "after")}
+                 for row, env in late])
         new = [env for i, env in unique.items() if i not in existing]
         if not new:
             return
@@ -313,6 +335,7 @@ class LedgerProjector:
                 "service": env.entity.service, "entity_type": env.entity.type, "entity_id": env.entity.id,
                 "entity_key": env.entity.key, "actor_kind": env.actor.kind, "actor_id": env.actor.id,
                 "applied_at": env.occurred_at, "status": status.value, "forward_seen": True, "attempt": 0,
+                "before_state": domain_state(env, "before"), "after_state": domain_state(env, "after"),
             })
         await conn.execute(steps.insert(), rows)
 

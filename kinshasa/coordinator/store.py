@@ -20,6 +20,8 @@ from sqlalchemy import (
     Text,
     and_,
     event,
+    inspect,
+    text,
 )
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
@@ -124,6 +126,10 @@ steps = Table(
     Column("failure_reason", Text, nullable=True),
     # The run's settle_counter when this step last settled: "what settled since" is one index range.
     Column("settle_seq", Integer, nullable=True),
+    # The entity as the service showed it on the `.applied` event, before and after the step: what the
+    # operator reads as the step's diff. Never used to compensate (the owning service does that).
+    Column("before_state", JSON, nullable=True),
+    Column("after_state", JSON, nullable=True),
     PrimaryKeyConstraint("run_id", "step_id"),
     Index("ix_ledger_steps_run_entity", "run_id", "entity_key", "step_id"),
     Index("ix_ledger_steps_run_status", "run_id", "status"),
@@ -199,9 +205,29 @@ def reader_for(engine: AsyncEngine) -> AsyncEngine:
     return reader
 
 
+# Columns added to tables an existing ledger already has (create_all creates only missing tables).
+_ADDED_COLUMNS = {"ledger_steps": ("before_state", "after_state")}
+
+
+def _missing_columns(sync_conn: Any) -> list[str]:
+    """ALTER TABLE statements for the added columns an existing ledger lacks."""
+    inspector = inspect(sync_conn)
+    statements: list[str] = []
+    for table_name, names in _ADDED_COLUMNS.items():
+        present = {column["name"] for column in inspector.get_columns(table_name)}
+        table = ledger_metadata.tables[table_name]
+        for name in names:
+            if name not in present:
+                column_type = table.c[name].type.compile(dialect=sync_conn.dialect)
+                statements.append(f"ALTER TABLE {table_name} ADD COLUMN {name} {column_type}")
+    return statements
+
+
 async def install_ledger(engine: AsyncEngine) -> None:
-    """Create the ledger tables if they are missing (idempotent)."""
+    """Create the ledger tables if they are missing, and the columns added since (idempotent)."""
     async with engine.begin() as conn:
         await conn.run_sync(ledger_metadata.create_all)
+        for statement in await conn.run_sync(_missing_columns):
+            await conn.execute(text(statement))
         # create_all skips an existing table and its indexes: a ledger from before the sweeper gets it here.
         await conn.run_sync(lambda sync: unhandled_triggers_index.create(sync, checkfirst=True))

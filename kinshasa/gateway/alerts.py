@@ -236,9 +236,15 @@ async def record_alert(tx: Tx, alert: Alert, webhook: bool) -> None:
 
 
 async def list_alerts(
-    conn: AsyncConnection, run_id: str | None = None, limit: int = 100, kind: str | None = None
+    conn: AsyncConnection,
+    run_id: str | None = None,
+    limit: int = 100,
+    kind: str | None = None,
+    since: datetime | None = None,
 ) -> list[Alert]:
     query = select(alerts).order_by(alerts.c.created_at.desc(), alerts.c.alert_id).limit(limit)
+    if since is not None:
+        query = query.where(alerts.c.created_at >= since)
     if run_id is not None:
         query = query.where(alerts.c.run_id == run_id)
     if kind is not None:

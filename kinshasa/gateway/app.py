@@ -7,13 +7,19 @@ import gc
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 from cross_web import HTTPException
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, RedirectResponse, Response
+from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import HTTPConnection
+from strawberry.exceptions import ConnectionRejectionError
 from strawberry.fastapi import GraphQLRouter
+from strawberry.subscriptions import GRAPHQL_TRANSPORT_WS_PROTOCOL
+from strawberry.types.unset import UNSET, UnsetType
 
 from kinshasa.gateway import idempotency
 from kinshasa.gateway.alerts import WebhookSender
@@ -23,9 +29,10 @@ from kinshasa.gateway.durability import gateway_watcher, install_durability_tabl
 from kinshasa.gateway.fairness import fairness_from
 from kinshasa.gateway.hardening import RequestGuard, error_body, schema_extensions
 from kinshasa.gateway.listener import GROUP, Listener, listened_topics
+from kinshasa.gateway.live import AlertFeed
 from kinshasa.gateway.loaders import DatabaseReads, Pacer
 from kinshasa.gateway.policy import PolicyBook
-from kinshasa.gateway.principals import PrincipalRegistry, load_registry
+from kinshasa.gateway.principals import Principal, PrincipalRegistry, load_registry
 from kinshasa.gateway.reads import Backends
 from kinshasa.gateway.releaser import Releaser
 from kinshasa.gateway.schema import build_schema, operator_mutation_names
@@ -55,6 +62,7 @@ from kinshasa.topics.producer import AsyncProducer
 
 log = logging.getLogger(__name__)
 COMPONENT = "gateway"
+CONSOLE_DIR = Path(__file__).with_name("console")
 # How soon the listener's pattern subscription notices a new service's events topic.
 METADATA_REFRESH_MS = 2_000
 
@@ -127,6 +135,7 @@ class Gateway:
             wake_relay=self._wake,
             database=DatabaseReads(self.engine, settings.database_reads),
             pacer=Pacer(),
+            alert_feed=AlertFeed(DatabaseReads(self.engine, 1).connect),
         )
         # Its own read connection (one at a time), so its polls never take a request's.
         self.durability = gateway_watcher(settings, self.engine, self.backends,
@@ -272,7 +281,7 @@ class Gateway:
         await self.backends.close()
         await self.engine.dispose()
 
-    def context(self, request: Request) -> GatewayContext:
+    def context(self, request: HTTPConnection) -> GatewayContext:
         header = request.headers.get("authorization")
         principal = None
         if header:
@@ -283,7 +292,31 @@ class Gateway:
 
 
 class GatewayRouter(GraphQLRouter[GatewayContext, None]):
-    """Strawberry's router, refusing JSON bodies that are not one object (a batch) or not objects at all."""
+    """Strawberry's router, refusing JSON bodies that are not one object (a batch) or not objects at all,
+    and WebSockets (graphql-transport-ws, the subscriptions) of anyone but an operator."""
+
+    def __init__(self, *args: Any, authenticate: Callable[[str], Principal | None], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.authenticate = authenticate
+
+    async def on_ws_connect(self, context: GatewayContext) -> UnsetType | dict[str, object] | None:
+        """A browser cannot set headers on a WebSocket: the key comes in connection_init's payload,
+        `{"authorization": "Bearer <key>"}` (an Authorization header still counts for other clients).
+        Anyone but an operator is refused (close code 4403): subscriptions are operator only."""
+        params = context.connection_params if isinstance(context.connection_params, dict) else {}
+        given = params.get("authorization", params.get("Authorization"))
+        if isinstance(given, str):
+            scheme, _, key = given.partition(" ")
+            context.principal = (
+                self.authenticate(key.strip()) if scheme.lower() == "bearer" and key.strip() else None
+            )
+            context.presented_key = True
+        if context.principal is None or not context.principal.is_operator:
+            raise ConnectionRejectionError(
+                {"message": "subscriptions are for operators: send connection_init with the payload "
+                 '{"authorization": "Bearer <operator key>"}'}
+            )
+        return UNSET
 
     def parse_json(self, data: str | bytes) -> Any:
         parsed = super().parse_json(data)
@@ -298,15 +331,18 @@ def graphql_app(gateway: Gateway, schema: Any) -> FastAPI:
     """An app serving /graphql on one schema; the gateway builds a new one when the catalogue changes."""
     app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
 
-    async def get_context(request: Request) -> GatewayContext:
+    async def get_context(request: HTTPConnection) -> GatewayContext:
+        # HTTPConnection, not Request: a WebSocket (the subscriptions) gets its context here too.
         return gateway.context(request)
 
     router = GatewayRouter(
         schema,
+        authenticate=gateway.registry.authenticate,
         context_getter=get_context,
         graphql_ide="graphiql" if gateway.settings.dev_mode else None,
         allow_queries_via_get=False,
         multipart_uploads_enabled=False,
+        subscription_protocols=(GRAPHQL_TRANSPORT_WS_PROTOCOL,),
     )
     app.include_router(router, prefix="/graphql")
 
@@ -339,7 +375,8 @@ class GraphQLSwitch:
 
 
 def create_app(gateway: Gateway, manage_lifecycle: bool = True) -> FastAPI:
-    """The FastAPI app: /graphql, /mcp, plus /healthz, /admin/dlq and /metrics from the kernel's admin app."""
+    """The FastAPI app: /graphql, /mcp, the console at /console, plus /healthz, /admin/dlq and /metrics from
+    the kernel's admin app."""
     settings = gateway.settings
 
     mcp = mcp_endpoint(gateway)
@@ -363,6 +400,9 @@ def create_app(gateway: Gateway, manage_lifecycle: bool = True) -> FastAPI:
     checks = {"database": database_check(gateway.engine), **gateway.supervisor.health_checks(gateway.roles())}
     admin = admin_app(COMPONENT, token=gateway.internal_token, dlq_api=gateway.dlq, metrics=gateway.metrics,
                       outbox=OutboxStatus(gateway.engine), health_checks=checks)
+    # The operator's console: static files that speak only to /graphql (kinshasa/gateway/console/).
+    app.add_api_route("/console", lambda: RedirectResponse("/console/"), include_in_schema=False)
+    app.mount("/console", StaticFiles(directory=CONSOLE_DIR, html=True), name="console")
     app.mount("/", admin)
     app.add_middleware(GraphQLSwitch, gateway=gateway)
     app.add_middleware(McpRoute, endpoint=mcp)

@@ -13,14 +13,14 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from pydantic import BaseModel
-from sqlalchemy import Integer, Text, bindparam, insert, select, update
+from sqlalchemy import Integer, Text, and_, bindparam, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from kinshasa.gateway import idempotency, store
 from kinshasa.gateway.alerts import Alert, WebhookSender
 from kinshasa.gateway.breaker import check_write, refusal, services_after, trip
 from kinshasa.gateway.budgets import WriteBudgets, note_breach
-from kinshasa.gateway.errors import GatewayError, NotFound, RunClosed, RunNotFound
+from kinshasa.gateway.errors import GatewayError, Invalid, NotFound, RunClosed, RunNotFound
 from kinshasa.gateway.policy import EffectivePolicy, PolicyBook
 from kinshasa.gateway.principals import Principal
 from kinshasa.gateway.runs import RunRecord, check_owner, check_run_id, load_runs_for_write, velocities
@@ -530,8 +530,25 @@ async def get_command(conn: AsyncConnection, command_id: str) -> Any:
     return row
 
 
-async def list_commands(conn: AsyncConnection, run_id: str, status: str | None, limit: int) -> list[Receipt]:
+async def list_commands(
+    conn: AsyncConnection, run_id: str, status: str | None, limit: int, after: str | None = None
+) -> list[Receipt]:
+    """The run's commands in acceptance order; `after` (a commandId of the run) starts past that one."""
     query = select(commands).where(commands.c.run_id == run_id)
+    if after is not None:
+        ours = (commands.c.command_id == after, commands.c.run_id == run_id)
+        mark = (await conn.execute(select(commands.c.accepted_at).where(*ours))).first()
+        if mark is None:
+            raise Invalid(
+                "after must be the commandId of the last command of a previous page of this run's commands",
+                [("after", "not a command of this run")],
+            )
+        query = query.where(
+            or_(
+                commands.c.accepted_at > mark.accepted_at,
+                and_(commands.c.accepted_at == mark.accepted_at, commands.c.command_id > after),
+            )
+        )
     if status is not None:
         query = query.where(commands.c.status == status)
     rows = await conn.execute(query.order_by(commands.c.accepted_at, commands.c.command_id).limit(limit))

@@ -37,6 +37,8 @@ class Services:
     # The gateway's own DLQ (kernel DeadLetterQueue), read in-process rather than over HTTP.
     local_dlq: Any = None
     wake_relay: Callable[[], None] | None = None
+    # The alerts feed of the operator's subscriptions (gateway/live.py), one per process.
+    alert_feed: Any = None
     # Read-only connections for read resolvers (None: plain connections of `engine`), and the pace of
     # what their batches set off, shared by all requests.
     database: DatabaseReads | None = None
@@ -75,6 +77,12 @@ class GatewayContext(BaseContext):
                 pacer=self.services.pacer,
             )
         return self._reads
+
+    def renew(self) -> None:
+        """Start this context's reads afresh: each event of a subscription is resolved as a request of its
+        own, with its own time for reading other components and no answers cached from the last one."""
+        self.started = time.monotonic()
+        self._reads = None
 
     def require_principal(self) -> Principal:
         if self.principal is None:

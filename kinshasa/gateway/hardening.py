@@ -22,6 +22,7 @@ from graphql.validation import NoSchemaIntrospectionCustomRule
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from strawberry.extensions import MaxAliasesLimiter, QueryDepthLimiter, SchemaExtension
 from strawberry.schema.schema import validate_document
+from strawberry.types.graphql import OperationType
 
 from kinshasa.gateway.cost import CostWeights, estimate, size_variables
 from kinshasa.gateway.errors import VALIDATION, GatewayError, QueryTooCostly
@@ -177,6 +178,10 @@ class HardenedDocuments(SchemaExtension):
         if self.fairness is None or principal is None:
             return
         self.fairness.admit(principal.id, cost)
+        if context.operation_type is OperationType.SUBSCRIPTION:
+            # Charged like any request, but not counted in flight for as long as an operator watches.
+            self.fairness.release(principal.id)
+            return
         self._admitted = principal.id
 
 

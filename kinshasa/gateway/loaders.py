@@ -30,7 +30,7 @@ from strawberry.dataloader import DataLoader
 from kinshasa.gateway.commands import Receipt
 from kinshasa.gateway.errors import BackendUnavailable
 from kinshasa.gateway.policy import LATEST_VERSION, EffectivePolicy, PolicyBook
-from kinshasa.gateway.reads import Backends, StepsPage
+from kinshasa.gateway.reads import Backends, RevertProgress, StepsPage
 from kinshasa.gateway.runs import velocities
 from kinshasa.gateway.store import commands
 from kinshasa.kernel.database import READ_ONLY
@@ -151,6 +151,9 @@ class RequestReads:
         self._steps: DataLoader[tuple[str, int, int | None], StepsPage] = DataLoader(
             self._load_steps, max_batch_size=STEPS_BATCH
         )
+        self._progress: DataLoader[str, RevertProgress] = DataLoader(
+            self._load_progress, max_batch_size=STEPS_BATCH
+        )
         self._entities: DataLoader[EntityKey, dict[str, Any] | None] = DataLoader(self._load_entities)
         self._versions: DataLoader[EntityKey, list[dict[str, Any]]] = DataLoader(self._load_versions)
         self._lists: DataLoader[ListKey, list[dict[str, Any]]] = DataLoader(self._load_lists)
@@ -250,6 +253,9 @@ class RequestReads:
     async def steps(self, run_id: str, limit: int, before: int | None) -> StepsPage:
         return await self._paced(self._steps.load((run_id, limit, before)))
 
+    async def revert_progress(self, run_id: str) -> RevertProgress:
+        return await self._paced(self._progress.load(run_id))
+
     async def entity(self, service: str, entity_type: str, entity_id: str) -> dict[str, Any] | None:
         return await self._paced(self._entities.load((service, entity_type, entity_id)))
 
@@ -267,6 +273,9 @@ class RequestReads:
 
     async def _load_steps(self, keys: list[tuple[str, int, int | None]]) -> list[StepsPage]:
         return await self._bounded("coordinator", lambda t: self._backends.steps_many(keys, t))
+
+    async def _load_progress(self, keys: list[str]) -> list[RevertProgress]:
+        return await self._bounded("coordinator", lambda t: self._backends.progress_many(keys, t))
 
     async def _load_entities(self, keys: list[EntityKey]) -> list[dict[str, Any] | BaseException | None]:
         return await self._each(keys, lambda k, t: self._backends.entity(k[0], k[1], k[2], t))

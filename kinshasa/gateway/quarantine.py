@@ -69,6 +69,14 @@ async def discard(tx: Tx, run_id: str, statuses: Sequence[str], reason: str, dec
     return int(result.rowcount or 0)
 
 
+def _why(reason: str | None) -> dict[str, Any]:
+    return {"reason": reason} if reason else {}
+
+
+def _fact(count: int, reason: str | None) -> dict[str, Any]:
+    return {"count": count, **_why(reason)}
+
+
 def _actor(operator_id: str) -> Actor:
     return Actor(kind="operator", id=operator_id)
 
@@ -94,8 +102,11 @@ def _check_open(run: RunRecord, action: str) -> None:
         raise closed(run, action)
 
 
-async def release_run(tx: Tx, run_id: str, operator_id: str) -> tuple[RunRecord, int]:
-    """Publish every HELD command of the run now, manual holds included: an operator's decision."""
+async def release_run(
+    tx: Tx, run_id: str, operator_id: str, reason: str | None = None
+) -> tuple[RunRecord, int]:
+    """Publish every HELD command of the run now, manual holds included: an operator's decision (its reason,
+    if given, goes on the `released` fact)."""
     run = await load_run(tx.conn, run_id, lock=True)
     _check_open(run, "released")
     rows = (
@@ -116,12 +127,14 @@ async def release_run(tx: Tx, run_id: str, operator_id: str) -> tuple[RunRecord,
     await tx.conn.execute(update(runs).where(runs.c.run_id == run_id).values(on_hold=False))
     if count:
         await tx.emit(
-            RUNS, run_envelope(run_id, RunEventKind.RELEASED, _actor(operator_id), {"count": count})
+            RUNS, run_envelope(run_id, RunEventKind.RELEASED, _actor(operator_id), _fact(count, reason))
         )
     return await load_run(tx.conn, run_id), count
 
 
-async def discard_run(tx: Tx, run_id: str, operator_id: str) -> tuple[RunRecord, int]:
+async def discard_run(
+    tx: Tx, run_id: str, operator_id: str, reason: str | None = None
+) -> tuple[RunRecord, int]:
     """Discard the run's unpublished commands (held and awaiting approval): nothing downstream saw them.
 
     Accepted whatever the run's status, a reverting or reverted one included: what an operator asks for
@@ -130,16 +143,19 @@ async def discard_run(tx: Tx, run_id: str, operator_id: str) -> tuple[RunRecord,
     gateway from before the doorbell discarded at once) is discarded now.
     """
     await load_run(tx.conn, run_id, lock=True)
-    count = await discard(tx, run_id, UNPUBLISHED, "discarded by operator", operator_id)
+    count = await discard(tx, run_id, UNPUBLISHED, reason or "discarded by operator", operator_id)
     if count:
         await tx.emit(
-            RUNS, run_envelope(run_id, RunEventKind.DISCARDED, _actor(operator_id), {"count": count})
+            RUNS, run_envelope(run_id, RunEventKind.DISCARDED, _actor(operator_id), _fact(count, reason))
         )
     return await load_run(tx.conn, run_id), count
 
 
-async def hold_run(tx: Tx, run_id: str, operator_id: str, policy: EffectivePolicy) -> tuple[RunRecord, int]:
-    """Stop the clock: held commands (and later ones) wait for releaseRun; a hold timeout can only discard."""
+async def hold_run(
+    tx: Tx, run_id: str, operator_id: str, policy: EffectivePolicy, reason: str | None = None
+) -> tuple[RunRecord, int]:
+    """Stop the clock: held commands (and later ones) wait for releaseRun; a hold timeout can only discard.
+    The reason, if given, is each held command's `reason` until it is decided."""
     run = await load_run(tx.conn, run_id, lock=True)
     _check_open(run, "held")
     now = utcnow()
@@ -153,6 +169,13 @@ async def hold_run(tx: Tx, run_id: str, operator_id: str, policy: EffectivePolic
         )
         .values(manual_hold=True, discard_at=discard_at, decided_by=operator_id)
     )
+    if reason:
+        # Every held command carries the reason, those a trip had put on hold already too.
+        await tx.conn.execute(
+            update(commands)
+            .where(commands.c.run_id == run_id, commands.c.status == store.HELD)
+            .values(reason=reason, decided_by=operator_id)
+        )
     await tx.conn.execute(update(runs).where(runs.c.run_id == run_id).values(on_hold=True))
     return await load_run(tx.conn, run_id), int(result.rowcount or 0)
 

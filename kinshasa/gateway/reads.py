@@ -35,6 +35,17 @@ class StepsPage:
     next_before: int | None
 
 
+@dataclass(frozen=True)
+class RevertProgress:
+    """Where a run's steps stand on the way back, from the coordinator's ledger: `total` steps a revert
+    compensates (egress never is), `compensated`, refused (`failing`) and not yet settled (`pending`)."""
+
+    total: int = 0
+    compensated: int = 0
+    failing: int = 0
+    pending: int = 0
+
+
 class Backends:
     """HTTP clients for every read backend, sharing one connection pool."""
 
@@ -183,6 +194,21 @@ class Backends:
             )
         return [_steps_page(page) for page in pages]
 
+    async def progress_many(
+        self, run_ids: Sequence[str], timeout_s: float | None = None
+    ) -> list[RevertProgress]:
+        """Each run's revert progress, in one call to the coordinator; zeros for a run it has not seen."""
+        result = await self._get("coordinator", f"{self._ledger()}/progress", allow_404=False,
+                                 timeout_s=timeout_s, json={"run_ids": list(run_ids)})
+        answers = result.get("runs") if isinstance(result, dict) else None
+        if not isinstance(answers, list) or len(answers) != len(run_ids):
+            raise BackendUnavailable(
+                "the coordinator's ledger API answered revert progress this gateway cannot read: are the "
+                "gateway and the coordinator the same version?",
+                backend="coordinator",
+            )
+        return [_progress(answer) for answer in answers]
+
     def _admin(self, component: str) -> str:
         url = self._declared_admin_urls().get(component)
         if url is None:
@@ -277,3 +303,14 @@ def _steps_page(page: Any) -> StepsPage:
         list(steps) if isinstance(steps, list) else [],
         next_before if isinstance(next_before, int) and not isinstance(next_before, bool) else None,
     )
+
+
+def _progress(answer: Any) -> RevertProgress:
+    if not isinstance(answer, dict) or answer.get("missing"):
+        return RevertProgress()
+
+    def count(name: str) -> int:
+        value = answer.get(name)
+        return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+
+    return RevertProgress(count("total"), count("compensated"), count("failing"), count("pending"))

@@ -304,6 +304,7 @@ class RunFilter:
     started_after: datetime | None = None
     started_before: datetime | None = None
     run_ids: tuple[str, ...] | None = None
+    breaker_state: str | None = None
 
 
 def encode_cursor(run: RunRecord) -> str:
@@ -334,6 +335,8 @@ def filter_clause(f: RunFilter) -> list[Any]:
         clause.append(runs.c.started_at >= f.started_after)
     if f.started_before is not None:
         clause.append(runs.c.started_at < f.started_before)
+    if f.breaker_state is not None:
+        clause.append(runs.c.breaker_state == f.breaker_state)
     if f.run_ids is not None:
         clause.append(runs.c.run_id.in_(f.run_ids))
     return clause

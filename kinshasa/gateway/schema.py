@@ -13,7 +13,7 @@ import json
 import logging
 import types
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncGenerator, Callable, Mapping
 from datetime import datetime
 from typing import Annotated, Any, NewType, Union
 
@@ -26,13 +26,14 @@ from strawberry.permission import BasePermission
 from strawberry.scalars import JSON
 from strawberry.schema.config import StrawberryConfig
 
+from kinshasa.gateway import approvals as approvals_mod
 from kinshasa.gateway import breaker as breaker_mod
-from kinshasa.gateway import durability, egress, idempotency, quarantine, store
+from kinshasa.gateway import durability, egress, idempotency, live, quarantine, store
 from kinshasa.gateway import policy as policy_mod
 from kinshasa.gateway import revert as revert_mod
 from kinshasa.gateway import runs as runs_mod
 from kinshasa.gateway.alerts import list_alerts
-from kinshasa.gateway.commands import Receipt, get_command
+from kinshasa.gateway.commands import Receipt, get_command, list_commands
 from kinshasa.gateway.context import GatewayContext
 from kinshasa.gateway.cost import BATCHED, BATCHED_BACKEND, CALLS_BACKEND
 from kinshasa.gateway.entity_reads import Entity, ReadWiring, entity_query, typed_reads
@@ -279,6 +280,8 @@ class RunStep:
     attempts: int = strawberry.field(description="compensate commands emitted for it so far")
     resolved_at: datetime | None = strawberry.field(description="when it was compensated or refused")
     failure_reason: str | None = strawberry.field(description="why the service refused its inverse")
+    before: JSON | None = strawberry.field(description="the entity as its service showed it before the step")
+    after: JSON | None = strawberry.field(description="the entity as its service showed it after the step")
 
     @classmethod
     def of(cls, step: dict[str, Any]) -> "RunStep":
@@ -305,6 +308,8 @@ class RunStep:
                 attempts=int(step.get("attempts") or 0),
                 resolved_at=_stamp(step.get("resolved_at")),
                 failure_reason=step.get("failure_reason"),
+                before=step.get("before"),
+                after=step.get("after"),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise BackendUnavailable(
@@ -337,6 +342,15 @@ def _step_cursor(after: str | None) -> int | None:
             [("after", "not a step cursor")],
         )
     return int(after)
+
+
+@strawberry.type(description="Where a run's applied steps stand on the way back; pending reaches 0 when "
+                 "its revert is done. Egress is never compensated, so it is not counted.")
+class RevertProgress:
+    total: int = strawberry.field(description="applied steps a revert compensates")
+    compensated: int
+    failing: int = strawberry.field(description="steps whose service refused the inverse")
+    pending: int = strawberry.field(description="steps not compensated yet")
 
 
 @strawberry.type
@@ -425,11 +439,32 @@ class Run:
         metadata=BATCHED,
     )
     async def commands(
-        self, info: strawberry.Info, status: CommandStatus | None = None, first: int = 100
+        self,
+        info: strawberry.Info,
+        status: CommandStatus | None = None,
+        first: int = 100,
+        after: Annotated[
+            str | None, strawberry.argument(description="the commandId of a previous page's last command")
+        ] = None,
     ) -> list[CommandReceipt]:
         wanted = status.value if status else None
-        rows = await _ctx(info).reads.commands(self.record.run_id, wanted, _page(first))
+        if after is None:
+            rows = await _ctx(info).reads.commands(self.record.run_id, wanted, _page(first))
+        else:
+            _bounded(after, "after")
+            async with _ctx(info).reads.database() as conn:
+                rows = await list_commands(conn, self.record.run_id, wanted, _page(first), after)
+                await conn.rollback()
         return [CommandReceipt.of(r) for r in rows]
+
+    @strawberry.field(
+        description="The revert's progress from the coordinator's ledger. Null with a BACKEND_UNAVAILABLE "
+        "error when the coordinator cannot be reached.",
+        metadata=BATCHED_BACKEND,
+    )
+    async def revert_progress(self, info: strawberry.Info) -> RevertProgress | None:
+        p = await _ctx(info).reads.revert_progress(self.record.run_id)
+        return RevertProgress(total=p.total, compensated=p.compensated, failing=p.failing, pending=p.pending)
 
 
 @strawberry.type
@@ -442,6 +477,28 @@ class RunEdge:
 class RunConnection:
     edges: list[RunEdge]
     nodes: list[Run]
+    page_info: PageInfo
+
+
+@strawberry.type(description="An egress command waiting for approveEgress or denyEgress, and what it is.")
+class Approval:
+    command: CommandReceipt
+    run_id: strawberry.ID
+    agent_id: str
+    entry_point: str
+    payload: JSON = strawberry.field(description="what the agent asked to send, as its service receives it")
+
+
+@strawberry.type
+class ApprovalEdge:
+    cursor: str
+    node: Approval
+
+
+@strawberry.type
+class ApprovalConnection:
+    edges: list[ApprovalEdge]
+    nodes: list[Approval]
     page_info: PageInfo
 
 
@@ -685,6 +742,7 @@ class RunFilter:
     status: RunStatus | None = None
     started_after: datetime | None = None
     started_before: datetime | None = None
+    breaker_state: BreakerState | None = None
 
 
 @strawberry.input
@@ -991,6 +1049,7 @@ class Query:
             status=f.status.value if f.status else None,
             started_after=f.started_after,
             started_before=f.started_before,
+            breaker_state=f.breaker_state.value if f.breaker_state else None,
         )
         async with context.reads.database() as conn:
             rows, more = await runs_mod.list_runs(conn, query, _page(first), after)
@@ -1074,6 +1133,37 @@ class Query:
             await conn.rollback()
         return [_alert(a) for a in found]
 
+    @strawberry.field(
+        permission_classes=OPERATOR,
+        description="Every egress command AWAITING_APPROVAL across runs, oldest first; pass "
+        "pageInfo.endCursor as `after` for the next page.",
+    )
+    async def approvals(
+        self, info: strawberry.Info, first: int = 50, after: str | None = None
+    ) -> ApprovalConnection:
+        _bounded(after, "after", 1024)
+        async with _ctx(info).reads.database() as conn:
+            found, more = await approvals_mod.awaiting_approval(conn, _page(first), after)
+            await conn.rollback()
+        edges = [
+            ApprovalEdge(
+                cursor=a.cursor,
+                node=Approval(
+                    command=CommandReceipt.of(a.receipt),
+                    run_id=strawberry.ID(a.receipt.run_id),
+                    agent_id=a.agent_id,
+                    entry_point=a.entry_point,
+                    payload=JSON(a.payload),
+                ),
+            )
+            for a in found
+        ]
+        return ApprovalConnection(
+            edges=edges,
+            nodes=[e.node for e in edges],
+            page_info=PageInfo(has_next_page=more, end_cursor=edges[-1].cursor if edges else None),
+        )
+
     @strawberry.field(permission_classes=OPERATOR, description="The breaker and quarantine policy.")
     async def policy(
         self, info: strawberry.Info, agent_id: str | None = None, entry_point: str | None = None
@@ -1093,10 +1183,45 @@ class Query:
         )
 
 
+@strawberry.type(description="Operator only, over graphql-transport-ws; connection_init's payload carries "
+                 '{"authorization": "Bearer <operator key>"}.')
+class Subscription:
+    @strawberry.subscription(
+        permission_classes=OPERATOR,
+        description="Each alert as it is raised, those of the 30 s before subscribing first, so listing "
+        "`alerts` and then subscribing misses none (an alert may come twice: dedupe by id).",
+    )
+    async def alert_raised(self, info: strawberry.Info) -> AsyncGenerator[Alert, None]:
+        context = _ctx(info)
+        async with context.services.alert_feed.subscribe() as queue:
+            while True:
+                yield _alert(await queue.get())
+
+    @strawberry.subscription(
+        permission_classes=OPERATOR, description="The run now, then each time it changes (its revert too)."
+    )
+    async def run_changed(self, info: strawberry.Info, id: strawberry.ID) -> AsyncGenerator[Run, None]:
+        context = _ctx(info)
+        _bounded(str(id), "id")
+        connect = lambda: context.reads.database()  # noqa: E731 - the reads of the event being resolved
+        async for record in live.run_changes(connect, context.services.backends, str(id)):
+            context.renew()
+            yield Run.of(record)
+
+
 # --- mutations -----------------------------------------------------------------------------------------
 
 
 IDEMPOTENCY_KEY_ARG = "idempotency_key"
+
+
+def _reason(reason: str | None) -> str | None:
+    """An operator's optional reason for releaseRun, discardRun or holdRun: recorded when given."""
+    if reason is None or not reason.strip():
+        return None
+    if len(reason.strip()) > revert_mod.REASON_MAX:
+        raise Invalid(f"reason must be at most {revert_mod.REASON_MAX} characters", [("reason", "too long")])
+    return reason.strip()
 
 
 def _kill_marker(info: strawberry.Info) -> str | None:
@@ -1208,26 +1333,35 @@ class OperatorMutations:
         return result
 
     @strawberry.mutation(permission_classes=OPERATOR, description="Publish the run's held commands now.")
-    async def release_run(self, info: strawberry.Info, run_id: strawberry.ID) -> RunActionResult:
+    async def release_run(
+        self, info: strawberry.Info, run_id: strawberry.ID, reason: str | None = None
+    ) -> RunActionResult:
         operator = _ctx(info).require_operator()
-        run, count = await _in_tx(info, lambda tx: quarantine.release_run(tx, str(run_id), operator.id))
+        why = _reason(reason)
+        run, count = await _in_tx(info, lambda tx: quarantine.release_run(tx, str(run_id), operator.id, why))
         return RunActionResult(run=Run.of(run), count=count)
 
     @strawberry.mutation(permission_classes=OPERATOR, description="Discard the run's unpublished commands.")
-    async def discard_run(self, info: strawberry.Info, run_id: strawberry.ID) -> RunActionResult:
+    async def discard_run(
+        self, info: strawberry.Info, run_id: strawberry.ID, reason: str | None = None
+    ) -> RunActionResult:
         operator = _ctx(info).require_operator()
-        run, count = await _in_tx(info, lambda tx: quarantine.discard_run(tx, str(run_id), operator.id))
+        why = _reason(reason)
+        run, count = await _in_tx(info, lambda tx: quarantine.discard_run(tx, str(run_id), operator.id, why))
         return RunActionResult(run=Run.of(run), count=count)
 
     @strawberry.mutation(permission_classes=OPERATOR, description="Hold the run's commands until releaseRun.")
-    async def hold_run(self, info: strawberry.Info, run_id: strawberry.ID) -> RunActionResult:
+    async def hold_run(
+        self, info: strawberry.Info, run_id: strawberry.ID, reason: str | None = None
+    ) -> RunActionResult:
         operator = _ctx(info).require_operator()
         services = _ctx(info).services
+        why = _reason(reason)
 
         async def work(tx: Any) -> Any:
             run = await runs_mod.load_run(tx.conn, str(run_id), lock=True)
             policy = await services.policies.effective(tx.conn, run.agent_id, run.entry_point)
-            return await quarantine.hold_run(tx, str(run_id), operator.id, policy)
+            return await quarantine.hold_run(tx, str(run_id), operator.id, policy, why)
 
         run, count = await _in_tx(info, work)
         return RunActionResult(run=Run.of(run), count=count)
@@ -1432,6 +1566,7 @@ def build_schema(
     return GatewaySchema(
         query=build_query_type(declarations or {}),
         mutation=build_mutation_type(catalogue),
+        subscription=Subscription,
         types=[Entity],
         extensions=extensions,
         config=StrawberryConfig(disable_field_suggestions=not dev_mode, scalar_map={Long: LONG_SCALAR}),

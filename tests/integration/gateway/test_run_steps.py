@@ -17,6 +17,7 @@ from typing import Any
 import httpx
 import pytest
 import uvicorn
+from sqlalchemy import text
 
 from kinshasa.coordinator import operator
 from kinshasa.coordinator.api import ledger_app
@@ -273,3 +274,62 @@ async def test_the_steps_of_many_runs_are_one_call_to_the_coordinator(
     assert steps[run_ids[1]] == {"nodes": [{"stepId": 4}, {"stepId": 3}], "pageInfo": {"hasNextPage": True}}
     empty = {"nodes": [], "pageInfo": {"hasNextPage": False}}
     assert all(steps[r] == empty for r in run_ids if r != run_ids[1])
+
+
+async def test_each_step_shows_the_entity_before_and_after_and_the_run_its_revert_progress(
+    stack: Stack,
+) -> None:
+    c = stack.client
+    run_id = await c.start_run(entry_point="steps-diff")
+    query = """query($id: ID!) { run(id: $id) { revertProgress { total compensated failing pending }
+      steps { nodes { stepId status before after } } } }"""
+    # The ledger has not seen the run yet: nothing to revert.
+    unseen = (await c.data(query, {"id": run_id}, OPERATOR_KEY))["run"]
+    assert unseen["revertProgress"] == {"total": 0, "compensated": 0, "failing": 0, "pending": 0}
+
+    await fill_ledger(stack.ledger, run_id)
+    renamed = applied(run_id, "documents.rename", "d1", 5)
+    renamed = renamed.model_copy(update={"payload": {
+        "old_title": "Q3", "new_title": "Q3 (final)",
+        "before": {"id": "d1", "title": "Q3", "status": "active"},
+        "after": {"id": "d1", "title": "Q3 (final)", "status": "active"}}})
+    async with stack.ledger.engine.begin() as conn:
+        await LedgerProjector().project_batch(conn, [renamed])
+
+    run = (await c.data(query, {"id": run_id}, OPERATOR_KEY))["run"]
+    newest = run["steps"]["nodes"][0]
+    assert newest == {"stepId": 5, "status": "APPLIED",
+                      "before": {"id": "d1", "title": "Q3", "status": "active"},
+                      "after": {"id": "d1", "title": "Q3 (final)", "status": "active"}}
+    created = run["steps"]["nodes"][-1]
+    assert created["before"] is None and created["after"] == {"id": "d1"}
+    # Steps 1 (refused), 2 (undone), 4 and 5 (applied) are the revert's; 3 is egress and never is.
+    assert run["revertProgress"] == {"total": 4, "compensated": 1, "failing": 1, "pending": 2}
+
+
+async def test_a_huge_state_is_kept_as_a_note_and_an_older_ledger_gains_the_columns(
+    stack: Stack, tmp_path: Path
+) -> None:
+    c = stack.client
+    run_id = await c.start_run(entry_point="steps-huge")
+    event = applied(run_id, "documents.edit", "d9", 1)
+    event = event.model_copy(update={"payload": {"before": {"body": "x" * 100_000}, "after": {"body": "y"}}})
+    async with stack.ledger.engine.begin() as conn:
+        await LedgerProjector().project_batch(conn, [event])
+    step = (await c.data("query($id: ID!) { run(id: $id) { steps { nodes { before after } } } }",
+                         {"id": run_id}, OPERATOR_KEY))["run"]["steps"]["nodes"][0]
+    assert "read the entity from its service" in step["before"]["omitted"] and step["after"] == {"body": "y"}
+
+    # A ledger created before steps carried states: installing again adds the columns, keeping the rows.
+    old = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'old-ledger.sqlite3'}")
+    try:
+        await install_ledger(old)
+        async with old.begin() as conn:
+            await conn.execute(text("ALTER TABLE ledger_steps DROP COLUMN before_state"))
+            await conn.execute(text("ALTER TABLE ledger_steps DROP COLUMN after_state"))
+        await install_ledger(old)
+        async with old.connect() as conn:
+            columns = {row[1] for row in await conn.execute(text("PRAGMA table_info(ledger_steps)"))}
+        assert {"before_state", "after_state"} <= columns
+    finally:
+        await old.dispose()

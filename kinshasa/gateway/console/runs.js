@@ -1,0 +1,117 @@
+// Runs: filter by agent, entry point, status, breaker state and time range; select several and revert
+// them together, with each one's progress live in its row.
+
+import { gql, live } from "./api.js";
+import { revertMany } from "./decisions.js";
+import { badge, errorBox, h, note, progressText, runLink, short, when } from "./ui.js";
+
+const STATUSES = ["RUNNING", "FINISHED", "TRIPPED", "REVERTING", "REVERTED", "REVERT_FAILED"];
+const BREAKERS = ["CLOSED", "OPEN", "HALF_OPEN"];
+const QUERY = `query($f: RunFilter, $after: String) { runs(filter: $f, first: 50, after: $after) {
+  nodes { id agentId entryPoint status startedAt breaker { state writes errors }
+          counts { held published applied compensated } }
+  pageInfo { hasNextPage endCursor } } }`;
+
+function field(id, label, control) {
+  control.id = id;
+  return h("div", { class: "field" }, h("label", { for: id }, label), control);
+}
+
+function choice(options) {
+  return h("select", {}, h("option", { value: "" }, "any"), options.map((o) => h("option", { value: o }, o)));
+}
+
+export function render(main) {
+  const agent = h("input", { type: "text" });
+  const entry = h("input", { type: "text" });
+  const status = choice(STATUSES);
+  const breaker = choice(BREAKERS);
+  const after = h("input", { type: "datetime-local" });
+  const before = h("input", { type: "datetime-local" });
+  const form = h("form", { class: "filters", "aria-label": "Filter runs" },
+    field("f-agent", "Agent", agent), field("f-entry", "Entry point", entry), field("f-status", "Status", status),
+    field("f-breaker", "Breaker", breaker), field("f-after", "Started after (UTC)", after),
+    field("f-before", "Started before (UTC)", before), h("button", { type: "submit" }, "Filter"));
+  const revert = h("button", { type: "button", class: "danger", disabled: true }, "Revert selected");
+  const message = h("p", { role: "status", class: "note" });
+  const body = h("tbody");
+  const more = h("button", { type: "button", hidden: true }, "More runs");
+  main.append(h("h1", {}, "Runs"), form,
+    h("div", { class: "toolbar" }, revert), message,
+    h("table", { class: "list", "aria-label": "Runs" },
+      h("thead", {}, h("tr", {}, h("th", { scope: "col" }, h("span", { class: "sr-only" }, "Select")),
+        ["Run", "Agent", "Entry point", "Started", "Status", "Breaker", "Counts", "Revert progress"]
+          .map((t) => h("th", { scope: "col" }, t)))),
+      body), more);
+
+  const rows = new Map();
+  const watching = [];
+  let cursor = null;
+  const selected = () => [...rows.values()].filter((r) => r.box.checked).map((r) => r.run.id);
+  const sync = () => {
+    const n = selected().length;
+    revert.disabled = n === 0;
+    revert.textContent = n ? `Revert selected (${n})` : "Revert selected";
+  };
+  const utc = (input) => (input.value ? new Date(`${input.value}Z`).toISOString() : null);
+  const filter = () => ({
+    agentId: agent.value.trim() || null, entryPoint: entry.value.trim() || null,
+    status: status.value || null, breakerState: breaker.value || null,
+    startedAfter: utc(after), startedBefore: utc(before),
+  });
+
+  function row(run) {
+    const box = h("input", { type: "checkbox", id: `select-run-${run.id}`, onchange: sync });
+    const statusCell = h("td", {}, badge(run.status));
+    const progressCell = h("td", { role: "status" });
+    const tr = h("tr", { "data-run": run.id },
+      h("td", {}, h("label", { for: box.id, class: "sr-only" }, `Select run ${short(run.id)}`), box),
+      h("td", {}, runLink(run.id)), h("td", {}, run.agentId), h("td", {}, run.entryPoint),
+      h("td", {}, when(run.startedAt)), statusCell, h("td", {}, badge(run.breaker.state)),
+      h("td", {}, `${run.breaker.writes} writes, ${run.counts.held} held, ${run.counts.applied} applied, ` +
+        `${run.counts.compensated} compensated`),
+      progressCell);
+    return { run, box, tr, statusCell, progressCell };
+  }
+
+  async function load(next = null) {
+    try {
+      const page = (await gql(QUERY, { f: filter(), after: next })).runs;
+      if (!next) { rows.clear(); body.replaceChildren(); }
+      for (const run of page.nodes) {
+        const r = row(run);
+        rows.set(run.id, r);
+        body.append(r.tr);
+      }
+      if (!rows.size) body.append(h("tr", {}, h("td", { colspan: 9 }, "No run matches.")));
+      cursor = page.pageInfo.hasNextPage ? page.pageInfo.endCursor : null;
+      more.hidden = !cursor;
+      sync();
+    } catch (error) {
+      message.replaceChildren(errorBox(error));
+    }
+  }
+
+  form.addEventListener("submit", (event) => { event.preventDefault(); load(); });
+  more.addEventListener("click", () => load(cursor));
+  revert.addEventListener("click", async () => {
+    const ids = selected();
+    const done = await revertMany(ids);
+    if (!done) return;
+    const result = done.revertRuns;
+    message.textContent = `Revert requested for ${result.requested.length} run(s); ` +
+      `${result.unchanged.length} already reverting or reverted.`;
+    for (const id of ids) {
+      watching.push(live.subscribe(`subscription($id: ID!) { runChanged(id: $id) { id status
+          revertProgress { total compensated failing pending } } }`, { id }, (data) => {
+        const r = rows.get(id);
+        if (!r) return;
+        const run = data.runChanged;
+        r.statusCell.replaceChildren(badge(run.status));
+        r.progressCell.textContent = progressText(run.status, run.revertProgress);
+      }));
+    }
+  });
+  load();
+  return () => watching.forEach((stop) => stop());
+}
