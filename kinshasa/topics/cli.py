@@ -8,7 +8,7 @@ import typer
 
 from kinshasa.settings import SERVICE_NAMES, StackSettings
 from kinshasa.topics.admin import TopicAdminError, describe_topics, ensure_topics, list_topics
-from kinshasa.topics.catalogue import PREFIX, catalogue
+from kinshasa.topics.catalogue import GATEWAY, PREFIX, catalogue, dlq_topic, group_id, with_suffix
 from kinshasa.topics.checks import TopicMinimums
 
 app = typer.Typer(help="The log's topics: create the catalogue, list what the broker holds.",
@@ -42,6 +42,10 @@ def ensure(
              "less than the replication factor (at least 1)."),
     timeout: float = TIMEOUT,
     service: list[str] | None = SERVICES,
+    topic_suffix: str | None = typer.Option(
+        None, "--topic-suffix", metavar="SUFFIX",
+        help="The topics of an isolated copy, as `kinshasa service` and `kinshasa coordinator` use them "
+             "with the same --topic-suffix."),
 ) -> None:
     """Create missing catalogue topics; report existing ones whose partitions or configs differ (exit 1).
 
@@ -52,6 +56,10 @@ def ensure(
     try:
         minimums = TopicMinimums.from_settings(StackSettings(), replication_factor, min_insync_replicas)
         specs = catalogue(service or SERVICE_NAMES)
+        if topic_suffix is not None:
+            # The gateway runs no suffixed copy: its DLQ has none.
+            specs = [with_suffix(spec, topic_suffix) for spec in specs
+                     if spec.name != dlq_topic(group_id(GATEWAY))]
         report = ensure_topics(address, specs, replication_factor=minimums.replication, timeout=timeout,
                                min_insync_replicas=minimums.insync_replicas)
     except (TopicAdminError, ValueError) as exc:

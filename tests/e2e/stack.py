@@ -26,10 +26,8 @@ import httpx
 from kinshasa.infra.process import InfraError, ManagedProcess, free_port, port_open
 from kinshasa.infra.stack import LocalInfra
 from kinshasa.kernel.admin import load_or_create_internal_token
-from kinshasa.launcher import StackPlan, StackPorts
+from kinshasa.launcher import StackPlan, StackPorts, ensure_stack_topics
 from kinshasa.settings import SERVICE_NAMES, InfraSettings, StackSettings
-from kinshasa.topics.admin import ensure_topics
-from kinshasa.topics.catalogue import catalogue
 
 REPO = Path(__file__).resolve().parents[2]
 CACHE = REPO / ".kinshasa" / "cache"
@@ -217,7 +215,8 @@ def running_stack(keep_data: bool = False) -> Iterator[Stack]:
     logs.mkdir()
     try:
         stack.infra.up(attached=True, report=lambda _line: None)
-        ensure_topics(stack_settings.kafka_bootstrap, catalogue())
+        # What `kinshasa up` does before it starts the processes.
+        ensure_stack_topics(stack_settings, SERVICE_NAMES, report=lambda _line: None)
         load_or_create_internal_token(data_dir)
         for name, argv, env in StackPlan(stack_settings, ports).processes():
             process = Process(name, argv, env, logs / f"{name}.log")
