@@ -96,12 +96,14 @@ def up(postgres: str | None = typer.Option(
         help="Also run this service of yours (repeatable), e.g. tickets.service:tickets.")) -> None:
     """Start the whole stack in the foreground; Ctrl-C stops all of it."""
     from kinshasa.launcher import run_stack
+    from kinshasa.topics.admin import TopicAdminError
+    from kinshasa.topics.checks import TopicCheckError
 
     # Turn SIGTERM into the same clean path as Ctrl-C.
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
         run_stack(postgres, report=typer.echo, services=service)
-    except (InfraError, LookupError, ValueError) as exc:
+    except (InfraError, LookupError, ValueError, TopicAdminError, TopicCheckError) as exc:
         _fail(exc)
     except KeyboardInterrupt:
         typer.echo("stopped.")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from kinshasa.infra.stack import LocalInfra
@@ -21,6 +21,7 @@ from kinshasa.settings import (
 )
 from kinshasa.topics.admin import ensure_topics
 from kinshasa.topics.catalogue import catalogue
+from kinshasa.topics.checks import TopicMinimums, check_topics
 
 
 @dataclass
@@ -166,6 +167,25 @@ def resolve_services(references: list[str]) -> list[tuple[str, str]]:
     return resolved
 
 
+def ensure_stack_topics(stack: StackSettings, services: Sequence[str],
+                        report: Callable[[str], None] = print) -> None:
+    """`kinshasa topics ensure` for a stack about to start: every topic of these services, the gateway
+    and the coordinator, created at the stack's minimums (KINSHASA_MIN_REPLICATION).
+
+    Then the check each component makes at start, over all of them at once: a topic a component would
+    refuse (an old one below the minimums) stops `kinshasa up` with the full list before any process runs.
+    """
+    minimums = TopicMinimums.from_settings(stack)
+    specs = catalogue(services)
+    created = ensure_topics(stack.kafka_bootstrap, specs, replication_factor=minimums.replication,
+                            min_insync_replicas=minimums.insync_replicas)
+    report(f"topics: {len(created.created)} created, {len(created.existing)} existing "
+           f"(replication factor at least {minimums.replication}, min.insync.replicas at least "
+           f"{minimums.insync_replicas})")
+    for mismatch in check_topics(stack.kafka_bootstrap, specs, minimums, component="kinshasa up"):
+        report(f"warning: {mismatch.line()}")
+
+
 def run_stack(postgres_url: str | None, report: Callable[[str], None] = print,
               services: list[str] | None = None) -> None:
     """Start infrastructure and processes in the foreground; Ctrl-C or SIGTERM stops everything."""
@@ -180,13 +200,9 @@ def run_stack(postgres_url: str | None, report: Callable[[str], None] = print,
     ports = StackPorts.from_settings()
     try:
         infra.up(attached=True, report=report)
-        report_ = ensure_topics(stack.kafka_bootstrap, catalogue())
-        report(f"topics: {len(report_.created)} created, {len(report_.existing)} existing")
-        for mismatch in report_.mismatches:
-            report(f"warning: topic {mismatch.topic} {mismatch.field}: expected {mismatch.expected}, "
-                   f"found {mismatch.actual}")
-        load_or_create_internal_token(stack.data_dir)
         extra = resolve_services(services or [])
+        ensure_stack_topics(stack, [*SERVICE_NAMES, *(name for name, _ in extra)], report)
+        load_or_create_internal_token(stack.data_dir)
         for index, (name, _) in enumerate(extra):
             # The service's own setting if given, else the next port after the examples'.
             ports.services[name] = (ServiceSettings.for_service(name).admin_port

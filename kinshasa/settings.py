@@ -28,6 +28,12 @@ class StackSettings(BaseSettings):
     log_format: str = "json"
     # The internal token (admin endpoints) from a mounted secret; None: `<data_dir>/internal-token`.
     internal_token_file: Path | None = None
+    # The least every topic must have: `kinshasa topics ensure` creates topics with this replication factor
+    # and a component refuses to start on a topic below it. 1 for the single local broker, 3 on a cluster.
+    min_replication: int = Field(default=1, ge=1)
+    # The least min.insync.replicas of every topic; None: one less than min_replication (at least 1), so an
+    # acks=all write is on two brokers of three and survives losing one.
+    min_insync_replicas: int | None = Field(default=None, ge=1)
 
 
 class InfraSettings(BaseSettings):

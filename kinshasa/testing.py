@@ -26,7 +26,9 @@ What you get:
 * `running_service(service, bootstrap, tmp_path, suffix=None)`, an async context manager: your
   `Service` run in-process by the same `ServiceRuntime` as `kinshasa service`, on a SQLite database
   under `tmp_path`, its HTTP read API on a free port, yielding the runtime once it is ready (its
-  declaration published, its consumer started). Leaving the block stops it cleanly. With `suffix`,
+  declaration published, its consumer started). It creates the service's topics first, as
+  `kinshasa topics ensure --service <name>` does before a deployment starts it (a service only checks
+  its topics: it never creates them). Leaving the block stops it cleanly. With `suffix`,
   its topics, consumer group and catalogue get that suffix (`kinshasa.commands.<name>.<suffix>`,
   `kinshasa.catalogue.<suffix>`), so several tests can share one broker without seeing each other.
 
@@ -49,6 +51,7 @@ from kinshasa.infra.process import free_port
 from kinshasa.services.kit import Service
 from kinshasa.services.kit.runtime import ServiceRuntime, ServiceTopics
 from kinshasa.settings import InfraSettings, ServiceSettings, StackSettings, service_env_prefix
+from kinshasa.topics.admin import ensure_topics
 
 READY_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 60.0
@@ -92,8 +95,10 @@ async def running_service(service: Service, bootstrap: str, tmp_path: Path,
     settings = ServiceSettings(_env_prefix=service_env_prefix(service.name),
                                database_url=f"sqlite+aiosqlite:///{tmp_path / f'{service.name}.sqlite3'}",
                                admin_host="127.0.0.1", admin_port=0, advertised_url=None)
-    runtime = ServiceRuntime(service, stack=stack, settings=settings,
-                             topics=ServiceTopics.for_service(service.name, suffix))
+    topics = ServiceTopics.for_service(service.name, suffix)
+    # What `kinshasa topics ensure --service <name>` does before a deployment starts the service.
+    await asyncio.to_thread(ensure_topics, bootstrap, topics.specs(service.name))
+    runtime = ServiceRuntime(service, stack=stack, settings=settings, topics=topics)
     stop = asyncio.Event()
     task = asyncio.create_task(runtime.run(stop), name=f"kinshasa-testing-{service.name}")
     try:

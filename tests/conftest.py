@@ -19,6 +19,8 @@ from kinshasa.infra.process import free_port
 from kinshasa.infra.temporal import TemporalServer
 from kinshasa.kernel.database import create_engine
 from kinshasa.kernel.install import install_kernel_tables
+from kinshasa.topics.admin import ensure_topics
+from kinshasa.topics.catalogue import catalogue
 
 REPO = Path(__file__).resolve().parent.parent
 # The jar cache is shared with `make run`, so the suite downloads Kafka at most once per checkout.
@@ -32,6 +34,10 @@ pytest_plugins = ["kinshasa.testing"]
 
 @pytest.fixture(scope="session")
 def kafka(kinshasa_kafka: KafkaBroker) -> KafkaBroker:
+    """The session's broker, holding the default catalogue's topics as `kinshasa topics ensure` creates
+    them: components only check their topics, so a gateway or a coordinator on the shared names starts.
+    Topics with a test's own suffix are created by the harness that starts the component."""
+    ensure_topics(kinshasa_kafka.bootstrap, catalogue())
     return kinshasa_kafka
 
 

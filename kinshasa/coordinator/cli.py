@@ -43,8 +43,6 @@ def coordinator(
                                    "repeat the option. Default: all of them."),
     topic_suffix: str | None = typer.Option(None, "--topic-suffix", help="Use an isolated copy of every "
                                             "topic (`<topic>.<suffix>`), as `kinshasa service` does."),
-    ensure: bool = typer.Option(True, "--ensure-topics/--no-ensure-topics",
-                                help="Create or verify the topics at start."),
     policy_json: str | None = typer.Option(None, "--policy-json", help="Revert policy as JSON (attempts, "
                                            "backoff_s, straggler_timeout_s, entity_depth, ...)."),
     sweep_interval: float = typer.Option(2.0, "--sweep-interval", help="Seconds between retries of revert "
@@ -60,7 +58,7 @@ def coordinator(
     try:
         policy = RevertPolicy.model_validate_json(policy_json) if policy_json else RevertPolicy()
         options = CoordinatorOptions(roles=tuple(dict.fromkeys(role)), topic_suffix=topic_suffix,
-                                     ensure_topics=ensure, policy=policy, sweep_interval_s=sweep_interval,
+                                     policy=policy, sweep_interval_s=sweep_interval,
                                      sweep_max_backoff_s=max(30.0, sweep_interval))
     except ValueError as exc:
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)

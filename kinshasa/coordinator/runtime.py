@@ -1,7 +1,8 @@
 """The coordinator process: ledger projector, Temporal worker, HTTP API and outbox relay, started and stopped.
 
-`CoordinatorRuntime(stack=..., settings=..., options=...).run(stop)` is the whole process. It installs
-its tables, makes sure its topics exist, then runs side by side (each role can be switched off, e.g. a
+`CoordinatorRuntime(stack=..., settings=..., options=...).run(stop)` is the whole process. It checks its
+topics (it refuses to start on one that is missing or below the stack's minimums: `kinshasa topics
+ensure` creates them), installs its tables, then runs side by side (each role can be switched off, e.g. a
 worker-only process):
 
 * the projector: a consumer of every `kinshasa.events.*` topic and `kinshasa.runs` (DLQ-guarded) that
@@ -53,6 +54,7 @@ from kinshasa.kernel.component import (
     drain_outbox,
     http_server,
     serve_until_signalled,
+    verify_topics,
     wait_started,
     wire_dead_letters,
     write_address_file,
@@ -66,7 +68,6 @@ from kinshasa.kernel.outbox import OutboxStatus
 from kinshasa.kernel.relay import OutboxRelay
 from kinshasa.kernel.supervisor import NEVER_RESTART, RestartPolicy, Supervisor
 from kinshasa.settings import CoordinatorSettings, StackSettings
-from kinshasa.topics.admin import ensure_topics
 from kinshasa.topics.consumer import AsyncConsumer
 from kinshasa.topics.producer import AsyncProducer
 
@@ -85,7 +86,6 @@ class CoordinatorOptions:
 
     roles: tuple[str, ...] = ROLES
     topic_suffix: str | None = None
-    ensure_topics: bool = True
     policy: RevertPolicy = field(default_factory=RevertPolicy)
     dlq_policy: DeadLetterPolicy = field(default_factory=DeadLetterPolicy)
     max_concurrent_activities: int = 100
@@ -138,14 +138,9 @@ class CoordinatorRuntime:
     async def run(self, stop: asyncio.Event) -> None:
         engine = create_engine(self.database_url)
         try:
+            await verify_topics(COMPONENT, self.stack, self.topics.specs())
             await install_kernel_tables(engine)
             await install_ledger(engine)
-            if self.options.ensure_topics:
-                report = await asyncio.to_thread(ensure_topics, self.stack.kafka_bootstrap,
-                                                 self.topics.specs())
-                for mismatch in report.mismatches:
-                    log.warning("topic differs from the catalogue (fix with `kinshasa topics ensure`): %s",
-                                mismatch.line())
             await self._run_with(engine, stop)
         finally:
             await engine.dispose()

@@ -40,7 +40,7 @@ from kinshasa.gateway.service_book import ServiceBook
 from kinshasa.gateway.settings import GatewayConfig
 from kinshasa.gateway.store import install_gateway_tables
 from kinshasa.kernel.admin import admin_app, load_or_create_internal_token
-from kinshasa.kernel.component import database_check
+from kinshasa.kernel.component import database_check, verify_topics
 from kinshasa.kernel.database import create_engine
 from kinshasa.kernel.dlq import DeadLetterQueue, OutboxDeadLetters, SqlDeadLetterStore, guarded_handler
 from kinshasa.kernel.housekeeping import Housekeeper, housekeeping_policy
@@ -53,7 +53,6 @@ from kinshasa.mcp.http import McpEndpoint, McpRoute
 from kinshasa.mcp.settings import McpSettings
 from kinshasa.schemas.operations import OperationCatalogue
 from kinshasa.settings import StackSettings
-from kinshasa.topics.admin import ensure_topics
 from kinshasa.topics.catalogue import ALERTS, RUNS, TopicSpec, catalogue_topic_spec, dlq_topic
 from kinshasa.topics.catalogue import catalogue as topic_catalogue
 from kinshasa.topics.consumer import AsyncConsumer
@@ -190,13 +189,15 @@ class Gateway:
         await install_durability_tables(self.engine)
 
     async def start(self) -> None:
-        """Create tables, load the accepted services and follow the catalogue, start the releaser; with
+        """Check the gateway's topics (no start on a missing or under-replicated one), create tables, load
+        the accepted services and follow the catalogue, start the releaser; with
         `background` also the relay, the outbox housekeeper, the durability watcher and the listener.
 
         Each runs as a role of `self.supervisor`: one that dies is restarted with backoff and `/healthz`
         names it until it runs again; one that keeps dying makes the supervisor give up, and
         `on_give_up` (the CLI stops uvicorn and exits non-zero) hands the process to its orchestrator.
         """
+        await verify_topics(COMPONENT, self.stack, self.own_topics())
         await self.install()
         await self.book.load()
         await self._follow_catalogue()
@@ -239,7 +240,6 @@ class Gateway:
 
     async def _follow_catalogue(self) -> None:
         """Read every service declaration published so far before serving, then keep following."""
-        await asyncio.to_thread(ensure_topics, self.stack.kafka_bootstrap, self.own_topics())
         follower = self.follower = DeclarationFollower(self.stack.kafka_bootstrap, self.book.offer,
                                                        self.settings.catalogue_topic)
         self.supervisor.add("catalogue", follower.run, self.restart_policy)

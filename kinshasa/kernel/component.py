@@ -5,7 +5,8 @@ queue its admin API serves, and points the component's metrics at its outbox bac
 `database_check` is the health check `/healthz` runs beside the supervisor's roles (`kernel/supervisor.py`).
 `http_server`, `wait_started` and `write_address_file` run the admin/read API and publish where it
 listens; `drain_outbox` empties the outbox on a clean stop; `serve_until_signalled` runs a component
-until SIGTERM or SIGINT.
+until SIGTERM or SIGINT. `verify_topics` is the first step of every start: the topics a component uses,
+checked against the stack's minimums, or no start at all.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import contextlib
 import json
 import logging
 import signal
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,9 @@ from kinshasa.kernel.dlq import (
 from kinshasa.kernel.metrics import ComponentMetrics
 from kinshasa.kernel.outbox import SqlOutboxStore
 from kinshasa.kernel.relay import OutboxRelay
+from kinshasa.settings import StackSettings
+from kinshasa.topics.catalogue import TopicSpec
+from kinshasa.topics.checks import TopicMinimums, check_topics
 from kinshasa.topics.consumer import Handler
 
 log = logging.getLogger(__name__)
@@ -71,6 +75,20 @@ def wire_dead_letters(component: str, engine: AsyncEngine, handler: Handler, *, 
     metrics.set_outbox_callback(outbox_numbers)
     metrics.set_dlq_callback(queue.dlq_count)
     return DeadLetterWiring(guarded, queue)
+
+
+async def verify_topics(component: str, stack: StackSettings, specs: Sequence[TopicSpec]) -> None:
+    """Check the topics `component` uses against the stack's minimums before it touches any of them.
+
+    Raises TopicCheckError naming each topic that is missing or falls short (the component's start then
+    fails: a service or the coordinator exits non-zero, the gateway's uvicorn never serves); logs the
+    differences it can run with. Creating topics is `kinshasa topics ensure`'s job alone.
+    """
+    minimums = TopicMinimums.from_settings(stack)
+    tolerated = await asyncio.to_thread(check_topics, stack.kafka_bootstrap, specs, minimums,
+                                        component=component)
+    for mismatch in tolerated:
+        log.warning("topic differs from the catalogue (the component runs with it): %s", mismatch.line())
 
 
 def database_check(engine: AsyncEngine) -> HealthCheck:

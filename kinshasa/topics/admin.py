@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, TopicCollection
@@ -63,15 +63,19 @@ def compare(spec: TopicSpec, state: TopicState, replication_factor: int | None =
     """How `state` differs from `spec`: partition count, each catalogue config, and the replication factor.
 
     Only configs the catalogue names are compared; broker defaults for the rest are nobody's contract.
+    The replication factor and min.insync.replicas are minimums: a topic an operator made safer than
+    asked for is no mismatch.
     """
     mismatches: list[TopicMismatch] = []
     if state.partitions != spec.partitions:
         mismatches.append(TopicMismatch(spec.name, "partitions", str(spec.partitions), str(state.partitions)))
-    if replication_factor is not None and state.replication_factor != replication_factor:
+    if replication_factor is not None and state.replication_factor < replication_factor:
         mismatches.append(TopicMismatch(spec.name, "replication_factor", str(replication_factor),
                                         str(state.replication_factor)))
     for key, expected in sorted(spec.configs.items()):
         actual = state.configs.get(key)
+        if key == "min.insync.replicas" and actual is not None and int(actual) >= int(expected):
+            continue
         if actual != expected:
             mismatches.append(TopicMismatch(spec.name, key, expected, actual))
     return mismatches
@@ -172,14 +176,22 @@ def ensure_topics(
     specs: Sequence[TopicSpec],
     replication_factor: int = 1,
     timeout: float = 30.0,
+    *,
+    min_insync_replicas: int | None = None,
 ) -> EnsureReport:
     """Create each missing topic of `specs`; report how existing ones differ from their spec.
+
+    `min_insync_replicas`, when given, replaces the specs' own (the catalogue's default is 1), so one
+    call creates every topic at a deployment's minimums (`kinshasa topics ensure`).
 
     Idempotent: a second call creates nothing. A topic another process created between our listing and
     our create (TOPIC_ALREADY_EXISTS) counts as existing and is verified like the others. Existing topics
     are never altered: a mismatch is for an operator to resolve (partitions can only grow, and growing
     them moves keys between partitions, which breaks per-entity order for in-flight messages).
     """
+    if min_insync_replicas is not None:
+        specs = [replace(spec, configs={**spec.configs, "min.insync.replicas": str(min_insync_replicas)})
+                 for spec in specs]
     by_name = {spec.name: spec for spec in specs}
     if len(by_name) != len(specs):
         raise ValueError("specs name the same topic twice: pass each topic once")
@@ -188,8 +200,8 @@ def ensure_topics(
         if isr > replication_factor:
             raise ValueError(
                 f"{spec.name}: min.insync.replicas={isr} exceeds replication factor {replication_factor}, "
-                "so no acks=all write could ever succeed: raise the replication factor or lower "
-                "min_insync_replicas in catalogue()"
+                "so no acks=all write could ever succeed: raise the replication factor "
+                "(KINSHASA_MIN_REPLICATION) or lower min.insync.replicas (KINSHASA_MIN_INSYNC_REPLICAS)"
             )
     admin = _admin(bootstrap)
     try:

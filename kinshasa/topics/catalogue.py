@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from kinshasa.settings import SERVICE_NAMES
@@ -199,6 +199,18 @@ def catalogue_topic_spec(min_insync_replicas: int = 1, name: str = CATALOGUE) ->
          "min.insync.replicas": str(min_insync_replicas)}, "service",
         "service declarations: operations, inverses and read models, newest per service",
     )
+
+
+def with_suffix(spec: TopicSpec, suffix: str) -> TopicSpec:
+    """`spec` for an isolated copy of the stack (`--topic-suffix`): `<topic>.<suffix>`, and for a DLQ the
+    one of the group `<group>.<suffix>` (`kinshasa.svc.documents.<suffix>.dlq`), as the components name
+    them."""
+    if not _NAME_RE.match(suffix):
+        raise TopicNameError(f"invalid topic suffix {suffix!r}: use lowercase letters, digits and '_', "
+                             "starting with a letter")
+    if spec.keyed_by == "group" and spec.name.endswith(".dlq"):
+        return replace(spec, name=check_topic_name(f"{spec.name.removesuffix('.dlq')}.{suffix}.dlq"))
+    return replace(spec, name=check_topic_name(f"{spec.name}.{suffix}"))
 
 
 def events_topic_pattern(suffix: str | None = None) -> str:

@@ -8,7 +8,8 @@ import typer
 
 from kinshasa.settings import SERVICE_NAMES, StackSettings
 from kinshasa.topics.admin import TopicAdminError, describe_topics, ensure_topics, list_topics
-from kinshasa.topics.catalogue import PREFIX, catalogue
+from kinshasa.topics.catalogue import GATEWAY, PREFIX, catalogue, dlq_topic, group_id, with_suffix
+from kinshasa.topics.checks import TopicMinimums
 
 app = typer.Typer(help="The log's topics: create the catalogue, list what the broker holds.",
                   no_args_is_help=True)
@@ -32,17 +33,35 @@ def _fail(exc: Exception) -> NoReturn:
 @app.command("ensure")
 def ensure(
     bootstrap: str | None = BOOTSTRAP,
-    replication_factor: int = typer.Option(1, "--replication-factor", min=1,
-                                           help="Replicas per partition for topics created now."),
+    replication_factor: int | None = typer.Option(
+        None, "--replication-factor", min=1,
+        help="Replicas per partition for topics created now; default KINSHASA_MIN_REPLICATION (1)."),
+    min_insync_replicas: int | None = typer.Option(
+        None, "--min-insync-replicas", min=1,
+        help="min.insync.replicas of topics created now; default KINSHASA_MIN_INSYNC_REPLICAS, else one "
+             "less than the replication factor (at least 1)."),
     timeout: float = TIMEOUT,
     service: list[str] | None = SERVICES,
+    topic_suffix: str | None = typer.Option(
+        None, "--topic-suffix", metavar="SUFFIX",
+        help="The topics of an isolated copy, as `kinshasa service` and `kinshasa coordinator` use them "
+             "with the same --topic-suffix."),
 ) -> None:
-    """Create missing catalogue topics; report existing ones whose partitions or configs differ (exit 1)."""
+    """Create missing catalogue topics; report existing ones whose partitions or configs differ (exit 1).
+
+    The only command that creates topics: components check theirs at start and refuse to run on a topic
+    that is missing or below KINSHASA_MIN_REPLICATION / KINSHASA_MIN_INSYNC_REPLICAS.
+    """
     address = _bootstrap(bootstrap)
     try:
-        # With 3+ replicas keep 2 in sync, so an acks=all write survives losing a broker.
-        specs = catalogue(service or SERVICE_NAMES, min_insync_replicas=min(2, replication_factor))
-        report = ensure_topics(address, specs, replication_factor=replication_factor, timeout=timeout)
+        minimums = TopicMinimums.from_settings(StackSettings(), replication_factor, min_insync_replicas)
+        specs = catalogue(service or SERVICE_NAMES)
+        if topic_suffix is not None:
+            # The gateway runs no suffixed copy: its DLQ has none.
+            specs = [with_suffix(spec, topic_suffix) for spec in specs
+                     if spec.name != dlq_topic(group_id(GATEWAY))]
+        report = ensure_topics(address, specs, replication_factor=minimums.replication, timeout=timeout,
+                               min_insync_replicas=minimums.insync_replicas)
     except (TopicAdminError, ValueError) as exc:
         _fail(exc)
     for name in report.created:

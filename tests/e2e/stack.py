@@ -28,10 +28,8 @@ from kinshasa.gateway.principals import write_dev_credentials
 from kinshasa.infra.process import InfraError, ManagedProcess, free_port, port_open
 from kinshasa.infra.stack import LocalInfra
 from kinshasa.kernel.admin import load_or_create_internal_token
-from kinshasa.launcher import StackPlan, StackPorts, create_databases
+from kinshasa.launcher import StackPlan, StackPorts, create_databases, ensure_stack_topics
 from kinshasa.settings import SERVICE_NAMES, InfraSettings, StackSettings
-from kinshasa.topics.admin import ensure_topics
-from kinshasa.topics.catalogue import catalogue
 
 REPO = Path(__file__).resolve().parents[2]
 CACHE = REPO / ".kinshasa" / "cache"
@@ -235,7 +233,8 @@ def running_stack(keep_data: bool = False, gateway_replicas: int = 1) -> Iterato
             # The server runs as its own user (when we are root), which must reach its directory below.
             data_dir.chmod(0o711)
         stack.infra.up(with_postgres=postgres, attached=True, report=lambda _line: None)
-        ensure_topics(stack_settings.kafka_bootstrap, catalogue())
+        # What `kinshasa up` does before it starts the processes.
+        ensure_stack_topics(stack_settings, SERVICE_NAMES, report=lambda _line: None)
         load_or_create_internal_token(data_dir)
         plan = StackPlan(stack_settings, ports, postgres_url=stack.infra.postgres().url if postgres else None)
         if plan.postgres_url is not None:

@@ -6,6 +6,8 @@ all of it."""
 from __future__ import annotations
 
 import importlib.util
+import os
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -42,6 +44,11 @@ def outside_services(stack: Stack) -> Iterator[dict[str, Process]]:
               "PYTHONPATH": str(REPO / "examples" / "tickets")}
     logs = stack.data_dir / "logs"
     binary = _go_build()(stack.data_dir / "bin")
+    # A service of one's own joins with its topics made first: Kinshasa's service runtime only checks them.
+    ensured = subprocess.run(
+        [sys.executable, "-m", "kinshasa.cli", "topics", "ensure", "--service", "tickets"],
+        env=os.environ | shared, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert ensured.returncode == 0, ensured.stdout + ensured.stderr
     started = {
         "tickets": Process("tickets", [sys.executable, "-m", "kinshasa.cli", "service", "--module",
                                        "tickets.service:tickets"],

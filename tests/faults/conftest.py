@@ -11,13 +11,17 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from kinshasa.infra.kafka import KafkaBroker
 from kinshasa.kernel.database import create_engine
 from kinshasa.kernel.install import install_kernel_tables
+from kinshasa.topics.admin import ensure_topics
+from kinshasa.topics.catalogue import catalogue
 from tests.faults.brokers import own_broker
 
 
 @pytest.fixture
 def broker(tmp_path: Path) -> Iterator[KafkaBroker]:
-    """A broker of this test's own: it is killed or paused, so it cannot be the session's."""
+    """A broker of this test's own: it is killed or paused, so it cannot be the session's. It holds the
+    default catalogue's topics, as `kinshasa topics ensure` leaves them, so components on it start."""
     with own_broker(tmp_path / "kafka") as own:
+        ensure_topics(own.bootstrap, catalogue())
         yield own
 
 

@@ -77,3 +77,21 @@ def test_each_container_mounts_only_what_it_needs() -> None:
     with_credentials = {name for name, svc in services.items()
                         if any(s.get("source") == "credentials" for s in svc.get("secrets", []))}
     assert with_credentials == {"gateway"}
+
+
+def test_production_topics_are_three_replicas_made_before_any_component_starts() -> None:
+    services = _doc()["services"]
+    brokers = [svc for svc in services.values() if str(svc.get("image", "")).startswith("apache/kafka")]
+    assert len(brokers) == 3
+    for broker in brokers:
+        assert (broker["environment"]["KAFKA_DEFAULT_REPLICATION_FACTOR"],
+                broker["environment"]["KAFKA_MIN_INSYNC_REPLICAS"]) == ("3", "2")
+    assert services["topics"]["command"] == ["topics", "ensure"]
+    for name, svc in _kinshasa_services().items():
+        if name == "smtp-sink":
+            continue  # no Kafka
+        # Components check against three replicas; `topics ensure` creates with them.
+        assert svc["environment"]["KINSHASA_MIN_REPLICATION"] == "3", name
+        assert svc["environment"]["KINSHASA_KAFKA_BOOTSTRAP"].count(",") == 2, name
+        if name != "topics":
+            assert svc["depends_on"]["topics"] == {"condition": "service_completed_successfully"}, name

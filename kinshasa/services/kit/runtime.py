@@ -1,7 +1,8 @@
 """One service process: consumer, inbox, DLQ guard, outbox relay and HTTP read/admin API, started and stopped.
 
-`ServiceRuntime(service, stack=..., settings=...).run(stop)` is the whole process. It installs the
-tables and triggers, makes sure the service's topics exist, then runs side by side:
+`ServiceRuntime(service, stack=..., settings=...).run(stop)` is the whole process. It checks the service's
+topics (it refuses to start on one that is missing or below the stack's minimums: `kinshasa topics
+ensure` creates them), installs the tables and triggers, then runs side by side:
 
 * the consumer of `kinshasa.commands.<service>` (group `kinshasa.svc.<service>`), each record going
   through the DLQ guard into `CommandDispatcher.handle` (one transaction: inbox, domain, outbox);
@@ -35,6 +36,7 @@ from kinshasa.kernel.component import (
     drain_outbox,
     http_server,
     serve_until_signalled,
+    verify_topics,
     wait_started,
     wire_dead_letters,
     write_address_file,
@@ -51,7 +53,6 @@ from kinshasa.services.kit.dispatcher import CommandDispatcher
 from kinshasa.services.kit.install import install_service
 from kinshasa.services.kit.readapi import mount_reads
 from kinshasa.settings import ServiceSettings, StackSettings
-from kinshasa.topics.admin import ensure_topics
 from kinshasa.topics.catalogue import (
     CATALOGUE,
     TopicSpec,
@@ -111,7 +112,6 @@ class ServiceTopics:
 class RuntimeOptions:
     """Knobs of the process that are not per-deployment settings."""
 
-    ensure_topics: bool = True
     # Publish the service's declaration on kinshasa.catalogue at start (tests of isolated copies may not).
     publish_declaration: bool = True
     # Static group membership: a restarted process with the same instance id gets its partitions back
@@ -186,13 +186,8 @@ class ServiceRuntime:
     async def run(self, stop: asyncio.Event) -> None:
         engine = create_engine(self.database_url)
         try:
+            await verify_topics(self.service.name, self.stack, self.topics.specs(self.service.name))
             await install_service(engine, self.service)
-            if self.options.ensure_topics:
-                report = await asyncio.to_thread(ensure_topics, self.stack.kafka_bootstrap,
-                                                 self.topics.specs(self.service.name))
-                for mismatch in report.mismatches:
-                    log.warning("topic differs from the catalogue (fix with `kinshasa topics ensure`): %s",
-                                mismatch.line())
             await self._run_with(engine, stop)
         finally:
             await engine.dispose()

@@ -39,6 +39,7 @@ from kinshasa.coordinator.workflows import revert_workflow_id
 from kinshasa.kernel.database import create_engine
 from kinshasa.schemas.envelope import Actor, EntityRef, Envelope, RunEventKind, utcnow
 from kinshasa.services import documents, ledger, links
+from kinshasa.services.kit.runtime import ServiceTopics
 from kinshasa.services.registry import example_catalogue
 from kinshasa.settings import CoordinatorSettings, StackSettings
 from kinshasa.topics.admin import ensure_topics
@@ -237,9 +238,13 @@ class ServiceFleet:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
 
     def start_all(self) -> None:
-        # Every topic the coordinator reads and writes under this suffix, so each test's coordinator can
-        # skip the check and start at once.
-        ensure_topics(self.kafka_bootstrap, CoordinatorTopics(suffix=self.suffix).specs())
+        # Every topic of this suffix's services and coordinators, as `kinshasa topics ensure` creates them
+        # before a deployment starts: each component only checks its own.
+        specs = {spec.name: spec for spec in CoordinatorTopics(suffix=self.suffix).specs()}
+        for name in self.names:
+            # The services share one catalogue topic: each spec once.
+            specs |= {spec.name: spec for spec in ServiceTopics.for_service(name, self.suffix).specs(name)}
+        ensure_topics(self.kafka_bootstrap, list(specs.values()))
         for name in self.names:
             self.start(name)
         for name in self.names:
@@ -350,8 +355,7 @@ class Stack:
 
     def coordinator_runtime(self, roles: Sequence[str] | None = None) -> CoordinatorRuntime:
         options = CoordinatorOptions(roles=tuple(roles) if roles else ROLES, topic_suffix=self.fleet.suffix,
-                                     policy=self.policy, consumer_group=self.consumer_group,
-                                     ensure_topics=False)
+                                     policy=self.policy, consumer_group=self.consumer_group)
         return CoordinatorRuntime(stack=self.stack_settings,
                                   settings=CoordinatorSettings(database_url=self.coordinator_url,
                                                                admin_port=0, task_queue=self.task_queue),
@@ -547,7 +551,7 @@ class WorkerProcess:
                "KINSHASA_COORDINATOR_ADMIN_PORT": "0"}
         policy = self.stack.policy.model_dump_json()
         argv = [sys.executable, "-m", "kinshasa.coordinator", "--role", "worker", "--role", "relay",
-                "--topic-suffix", self.stack.fleet.suffix, "--no-ensure-topics", "--policy-json", policy]
+                "--topic-suffix", self.stack.fleet.suffix, "--policy-json", policy]
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(argv, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
 

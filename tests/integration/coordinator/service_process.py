@@ -1,6 +1,7 @@
 """One example service as its own process, for the coordinator suite and the revert benchmark.
 
-The same `ServiceRuntime`, with the same options, as `kinshasa service <name> --topic-suffix <s>`.
+The same `ServiceRuntime`, with the same options, as `kinshasa service <name> --topic-suffix <s>`; like it,
+the process only checks its topics: the fleet creates them first.
 
     python -m tests.integration.coordinator.service_process <name> <topic-suffix>
 """
@@ -11,7 +12,7 @@ import asyncio
 import sys
 
 from kinshasa.kernel.logs import configure_logging
-from kinshasa.services.kit.runtime import RuntimeOptions, ServiceRuntime, ServiceTopics, serve_forever
+from kinshasa.services.kit.runtime import ServiceRuntime, ServiceTopics, serve_forever
 from kinshasa.services.registry import load_service
 from kinshasa.settings import ServiceSettings, StackSettings
 
@@ -20,8 +21,7 @@ def main(name: str, suffix: str) -> None:
     stack = StackSettings()
     configure_logging(name, stack.log_level)
     runtime = ServiceRuntime(load_service(name), stack=stack, settings=ServiceSettings.for_service(name),
-                             topics=ServiceTopics.for_service(name, suffix),
-                             options=RuntimeOptions(ensure_topics=True))
+                             topics=ServiceTopics.for_service(name, suffix))
     asyncio.run(serve_forever(runtime))
 
 

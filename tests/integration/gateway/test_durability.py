@@ -41,8 +41,7 @@ from kinshasa.services import notifier
 from kinshasa.services.kit.runtime import ServiceTopics
 from kinshasa.services.smtp_sink import REFUSE_FILE, SmtpSink
 from kinshasa.settings import StackSettings
-from kinshasa.topics.admin import ensure_topics
-from kinshasa.topics.catalogue import ALERTS, TopicSpec
+from kinshasa.topics.catalogue import ALERTS
 from kinshasa.topics.producer import AsyncProducer
 from tests.integration.gateway.conftest import AGENT_KEY, OPERATOR_KEY, Client, TopicReader, registry
 from tests.integration.services.helpers import Running, command, make_runtime, new_entity_id, wait_for
@@ -116,7 +115,6 @@ async def stack(
     unique: str,
 ) -> AsyncIterator[Stack]:
     topics = ServiceTopics.for_service("notifier", f"t{unique}")
-    await asyncio.to_thread(ensure_topics, kafka.bootstrap, [TopicSpec(topics.commands, 1)])
     mail_dir = tmp_path / "mail"
     mail_dir.mkdir()
     smtp_port = free_port()

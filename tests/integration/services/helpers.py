@@ -27,6 +27,7 @@ from kinshasa.services.kit.install import install_service
 from kinshasa.services.kit.runtime import ServiceRuntime, ServiceTopics
 from kinshasa.services.registry import example_catalogue
 from kinshasa.settings import ServiceSettings, StackSettings, service_env_prefix
+from kinshasa.topics.admin import ensure_topics
 
 CATALOGUE = example_catalogue()
 
@@ -218,7 +219,11 @@ def make_runtime(
     token: str,
     **settings: Any,
 ) -> ServiceRuntime:
-    """A ServiceRuntime on the test broker and database, HTTP on a free port, settings as keyword values."""
+    """A ServiceRuntime on the test broker and database, HTTP on a free port, settings as keyword values.
+
+    Its topics are created here, as `kinshasa topics ensure` does before a deployment starts a service.
+    """
+    ensure_topics(kafka.bootstrap, topics.specs(service.name))
     stack = StackSettings(kafka_bootstrap=kafka.bootstrap, data_dir=data_dir)
     values = {"database_url": database_url, "admin_port": free_port(), **settings}
     service_settings = ServiceSettings(_env_prefix=service_env_prefix(service.name), **values)

@@ -1,7 +1,7 @@
 """Poison messages land in the DLQ with their error, never block their partition, and reprocess once fixed.
 
-The notifier runs in-process against real Kafka and a real SMTP sink. Its commands topic has one
-partition, so every message below shares it. Two poison messages go in among good ones: bytes that
+The notifier runs in-process against real Kafka and a real SMTP sink. Every message below is sent to the
+first partition of its commands topic, so they share it. Two poison messages go in among good ones: bytes that
 are no envelope (dead-lettered at once) and an email whose mailbox the sink refuses with 450 (retried,
 then dead-lettered). The good emails behind them are delivered. Once the mailbox accepts mail again,
 `POST /admin/dlq/reprocess` delivers the refused email exactly once, however often it is asked.
@@ -15,6 +15,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from confluent_kafka import Producer
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from kinshasa.infra.kafka import KafkaBroker
@@ -24,9 +25,7 @@ from kinshasa.schemas.envelope import Envelope
 from kinshasa.services import notifier
 from kinshasa.services.kit.runtime import ServiceTopics
 from kinshasa.services.smtp_sink import REFUSE_FILE, SmtpSink
-from kinshasa.topics.admin import ensure_topics
-from kinshasa.topics.catalogue import TopicSpec
-from kinshasa.topics.producer import AsyncProducer, Outgoing, envelope_message
+from kinshasa.topics.producer import Outgoing, envelope_message
 from tests.integration.services.helpers import (
     Running,
     command,
@@ -38,6 +37,14 @@ from tests.integration.services.helpers import (
 
 TOKEN = "dlq-test-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def send_to_first_partition(bootstrap: str, messages: list[Outgoing]) -> None:
+    """Publish `messages` in order, all on partition 0 whatever their keys."""
+    producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True})
+    for message in messages:
+        producer.produce(message.topic, message.value, message.key, partition=0, headers=message.headers)
+    assert producer.flush(30) == 0, "messages left unsent"
 
 
 @pytest.fixture
@@ -58,8 +65,6 @@ async def test_poison_goes_to_the_dlq_and_reprocesses_once(
     kafka: KafkaBroker, database_url: str, engine: AsyncEngine, tmp_path: Path, unique: str
 ) -> None:
     topics = ServiceTopics.for_service("notifier", f"t{unique}")
-    # One partition: the poison messages sit in front of the good ones on the same partition.
-    await asyncio.to_thread(ensure_topics, kafka.bootstrap, [TopicSpec(topics.commands, 1)])
     mail_dir = tmp_path / "mail"
     mail_dir.mkdir()
     (mail_dir / REFUSE_FILE).write_text("poison@example.org\n")
@@ -76,15 +81,13 @@ async def test_poison_goes_to_the_dlq_and_reprocesses_once(
         )
         await running.started()
         try:
-            async with AsyncProducer(kafka.bootstrap, client_id=f"test-{unique}") as producer:
-                await producer.send_batch(
-                    [
-                        envelope_message(topics.commands, before),
-                        Outgoing(topics.commands, b"notifier:garbage", b"{not an envelope"),
-                        envelope_message(topics.commands, poison),
-                        envelope_message(topics.commands, after),
-                    ]
-                )
+            # One partition: the poison messages sit in front of the good ones.
+            await asyncio.to_thread(send_to_first_partition, kafka.bootstrap, [
+                envelope_message(topics.commands, before),
+                Outgoing(topics.commands, b"notifier:garbage", b"{not an envelope"),
+                envelope_message(topics.commands, poison),
+                envelope_message(topics.commands, after),
+            ])
             await wait_for(lambda: len(sink.store.messages()) == 2, 60, "the good emails")
             assert [m.rcpt_tos for m in sink.store.messages()] == [
                 ["first@example.org"],
