@@ -329,7 +329,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         from kinshasa.services.registry import publish_example_declarations
 
         # The gateway learns the example services from their declarations, as when they start beside it.
-        publish_example_declarations(bootstrap)
+        await asyncio.to_thread(publish_example_declarations, bootstrap)
         database_url = args.database_url or f"sqlite+aiosqlite:///{root / 'gateway.sqlite3'}"
         (root / "credentials.json").write_text(
             json.dumps(
