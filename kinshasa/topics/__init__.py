@@ -1,4 +1,5 @@
-"""The log: topic catalogue, idempotent topic creation, typed Kafka producer and consumer."""
+"""The log: topic catalogue, idempotent topic creation, the start-up topic check, typed Kafka producer and
+consumer."""
 
 from kinshasa.topics.admin import (
     EnsureReport,
@@ -21,6 +22,7 @@ from kinshasa.topics.catalogue import (
     events_topic,
     group_id,
 )
+from kinshasa.topics.checks import TopicCheckError, TopicMinimums, check_topics
 from kinshasa.topics.consumer import AsyncConsumer, ConsumerError, Record
 from kinshasa.topics.producer import AsyncProducer, Delivered, Outgoing, PublishError, envelope_message
 
@@ -36,11 +38,14 @@ __all__ = [
     "PublishError",
     "Record",
     "TopicAdminError",
+    "TopicCheckError",
+    "TopicMinimums",
     "TopicMismatch",
     "TopicNameError",
     "TopicSpec",
     "TopicState",
     "catalogue",
+    "check_topics",
     "commands_topic",
     "default_groups",
     "describe_topics",

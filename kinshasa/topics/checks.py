@@ -75,10 +75,10 @@ class TopicCheckError(RuntimeError):
             f"{component} refuses to start: {len(self.problems)} problem(s) with the topics it uses, and "
             f"nothing was consumed or produced:\n{lines}\n"
             "Run `kinshasa topics ensure` against this broker with this deployment's "
-            "KINSHASA_MIN_REPLICATION (add --service NAME for a service of your own) to create missing "
-            "topics. It never alters an existing topic: raise a replication factor with "
-            "kafka-reassign-partitions, min.insync.replicas with kafka-configs, or delete the topic and "
-            "ensure it again.")
+            "KINSHASA_MIN_REPLICATION (add --service NAME for a service of your own, --topic-suffix S for "
+            "an isolated copy) to create missing topics. It never alters an existing topic: raise a "
+            "replication factor with kafka-reassign-partitions, min.insync.replicas with kafka-configs, or "
+            "delete the topic and ensure it again.")
 
 
 def topic_problems(spec: TopicSpec, state: TopicState | None, minimums: TopicMinimums) -> list[TopicProblem]:

@@ -1,8 +1,8 @@
 """Components check their topics at start and refuse to run on a topic that is missing or below the
 configured minimums, naming each problem; `kinshasa topics ensure` creates the topics, then they start.
 
-Real broker, real components: a service and the coordinator in-process, the gateway in-process and as
-its own process, the service's and the coordinator's commands as processes for their exit codes.
+Real broker, real components: a service and the coordinator in-process, the gateway in-process, and each
+of the three as its own process for its exit code; `kinshasa up`'s ensure step before any process.
 """
 
 from __future__ import annotations
@@ -24,11 +24,20 @@ from kinshasa.gateway.app import Gateway
 from kinshasa.gateway.settings import GatewayConfig
 from kinshasa.infra.kafka import KafkaBroker
 from kinshasa.infra.process import free_port
+from kinshasa.launcher import ensure_stack_topics
 from kinshasa.services import documents
 from kinshasa.services.kit.runtime import ServiceRuntime, ServiceTopics
 from kinshasa.settings import CoordinatorSettings, ServiceSettings, StackSettings, service_env_prefix
 from kinshasa.topics.admin import describe_topics, ensure_topics, list_topics
-from kinshasa.topics.catalogue import TopicSpec, catalogue_topic_spec
+from kinshasa.topics.catalogue import (
+    RUNS,
+    TopicSpec,
+    catalogue_topic_spec,
+    commands_topic,
+    dlq_topic,
+    events_topic,
+    group_id,
+)
 from kinshasa.topics.checks import TopicCheckError
 from kinshasa.topics.cli import app as topics_app
 from kinshasa.topics.producer import AsyncProducer
@@ -231,3 +240,27 @@ def test_topics_ensure_creates_at_the_configured_minimums(
     # The broker says why it cannot: three replicas on one broker.
     assert refused.exit_code == 2, refused.output
     assert "replication factor" in refused.output.lower()
+
+
+def test_kinshasa_up_makes_the_topics_of_every_service_it_starts_its_own_included(
+        kafka: KafkaBroker, tmp_path: Path, unique: str) -> None:
+    own = f"svc{unique}"
+    lines: list[str] = []
+    stack = StackSettings(kafka_bootstrap=kafka.bootstrap, data_dir=tmp_path)
+    ensure_stack_topics(stack, [SERVICE, own], lines.append)
+    present = list_topics(kafka.bootstrap)
+    assert {commands_topic(own), events_topic(own), dlq_topic(group_id(own))} <= set(present)
+    assert lines[0].startswith("topics: 3 created, ")
+
+    ensure_stack_topics(stack, [SERVICE, own], lines.append)
+    assert lines[1].startswith("topics: 0 created, ")
+
+
+def test_kinshasa_up_stops_before_any_process_on_topics_its_components_would_refuse(
+        kafka: KafkaBroker, tmp_path: Path) -> None:
+    # The session broker's topics have one replica; a stack asking for three gets the whole list at once.
+    stack = StackSettings(kafka_bootstrap=kafka.bootstrap, data_dir=tmp_path, min_replication=3)
+    with pytest.raises(TopicCheckError) as refused:
+        ensure_stack_topics(stack, [SERVICE], lambda _line: None)
+    assert str(refused.value).startswith("kinshasa up refuses to start")
+    assert f"{RUNS}: replication factor 1, below KINSHASA_MIN_REPLICATION=3" in str(refused.value)
