@@ -58,7 +58,8 @@ def test_policy_versions_and_dead_letters_are_shown(page: Page, stack: Stack, op
     page.get_by_role("link", name="Dead letters").click()
     expect(page.get_by_role("heading", name="Dead letters")).to_be_visible()
     for component in ("gateway", "coordinator"):
-        expect(page.get_by_role("heading", name=re.compile(rf"^{component}: \d+ dead letter\(s\)$"))).to_be_visible()
+        heading = page.get_by_role("heading", name=re.compile(rf"^{component}: \d+ dead letter\(s\)$"))
+        expect(heading).to_be_visible()
 
 
 def test_a_dead_letter_is_inspected_and_reprocessed(page: Page, stack: Stack) -> None:
