@@ -9,9 +9,17 @@ from tests.e2e.stack import Stack
 
 
 def test_an_operator_signs_in_and_the_key_stays_in_the_tab_only(page: Page, stack: Stack) -> None:
+    asked: list[str] = []
+    page.on("request", lambda request: asked.append(request.url))
+    page.on("websocket", lambda socket: asked.append(socket.url))
     sign_in(page, stack.key("operator"))
     expect(page.get_by_role("navigation", name="Console pages")).to_be_visible()
     expect(page.get_by_role("heading", name="Inbox")).to_be_visible()
+    expect(page.get_by_role("status").filter(has_text="live")).to_be_visible()
+    # Everything the page loads or talks to is the gateway itself: no CDN, no other host.
+    gateway = stack.gateway_url.removesuffix("/graphql").split("://", 1)[1]
+    assert asked and all(url.split("://", 1)[1].startswith(gateway + "/") for url in asked), asked
+    assert any(url.endswith("/console/app.js") for url in asked)
     expect(page.get_by_text("signed in as")).to_be_visible()
     assert page.evaluate("sessionStorage.getItem('kinshasa.operatorKey')") == stack.key("operator")
     assert page.evaluate("localStorage.length") == 0 and page.context.cookies() == []

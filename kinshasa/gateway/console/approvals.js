@@ -73,9 +73,9 @@ export function render(main) {
           h("td", {}, a.agentId, h("br"), h("span", { class: "muted" }, a.entryPoint)),
           h("td", {}, runLink(a.runId)),
           h("td", {}, when(a.command.acceptedAt)),
-          h("td", { class: "actions" },
+          h("td", {}, h("div", { class: "actions" },
             h("button", { type: "button", "aria-label": `Approve ${what}`, onclick: () => act("Approve", [a]) }, "Approve"),
-            h("button", { type: "button", class: "danger", "aria-label": `Deny ${what}`, onclick: () => act("Deny", [a]) }, "Deny")));
+            h("button", { type: "button", class: "danger", "aria-label": `Deny ${what}`, onclick: () => act("Deny", [a]) }, "Deny"))));
         return { approval: a, box, tr };
       });
       body.replaceChildren(...rows.map((r) => r.tr));

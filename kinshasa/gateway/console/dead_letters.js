@@ -7,9 +7,10 @@ const QUERY = "query { dlq(first: 50) { component count entries error } }";
 
 export function render(main) {
   const body = h("div");
+  const outcome = h("p", { role: "status", class: "note" });
   main.append(h("h1", {}, "Dead letters"),
     h("p", { class: "lead" }, "Messages a component gave up on, per component. Reprocess one once its cause is fixed."),
-    h("button", { type: "button", onclick: () => load() }, "Refresh"), body);
+    h("button", { type: "button", onclick: () => load() }, "Refresh"), outcome, body);
 
   async function load() {
     try {
@@ -31,7 +32,12 @@ export function render(main) {
                   confirmLabel: "Reprocess", reasonLabel: null,
                   act: () => gql("mutation($c: String!, $ids: [String!]!) { reprocessDlq(component: $c, messageIds: $ids) { count results } }",
                     { c: d.component, ids: [String(e.message_id ?? e.id)] }) });
-                if (done) load();
+                if (done) {
+                  const r = done.reprocessDlq.results[0] || {};
+                  outcome.textContent = `Reprocessed ${id} of ${d.component}: ${r.outcome ?? "done"}` +
+                    (r.error ? ` (${r.error})` : "");
+                  load();
+                }
               } }, "Reprocess"));
         })) : h("p", { class: "muted" }, "none"))));
     } catch (error) {

@@ -1,6 +1,6 @@
 // Inbox: open alerts newest first, each with everything needed to decide and the decisions as buttons.
-// New alerts arrive over the alertRaised subscription; each alert's run is followed with runChanged, so a
-// revert's progress shows on its card as it happens.
+// New alerts arrive over the alertRaised subscription; the run of each open alert is followed with
+// runChanged (until its alert is decided), so a revert's progress shows on its card as it happens.
 
 import { gql, gqlPartial, live } from "./api.js";
 import { RUN_ACTIONS, decideOnRun } from "./decisions.js";
@@ -52,6 +52,7 @@ export function render(main) {
 
   function follow(runId) {
     if (!runId || following.has(runId)) return;
+    // The gateway reads a followed run every half second: only runs still wanting a decision are followed.
     following.set(runId, live.subscribe(`subscription($id: ID!) { runChanged(id: $id) { ${RUN_FIELDS} } }`,
       { id: runId }, (data) => { runs[runId] = data.runChanged; refreshRun(runId); }, () => {}));
   }
@@ -74,6 +75,7 @@ export function render(main) {
           const fresh = await loadRuns([alert.runId]);
           if (fresh[alert.runId]) runs[alert.runId] = fresh[alert.runId];
           place(alert);
+          follow(alert.runId);
         }
       },
     }, action));
@@ -108,7 +110,12 @@ export function render(main) {
         b.disabled = reverting && b.textContent !== "Revert" || run.status === "REVERTED" || run.status === "REVERTING";
       });
     }
-    const target = isOpen(alert, run) ? openList : decidedList;
+    const open = isOpen(alert, run);
+    if (!open && run && following.has(alert.runId)) {
+      following.get(alert.runId)();
+      following.delete(alert.runId);
+    }
+    const target = open ? openList : decidedList;
     if (c.el.parentElement !== target) {
       const newer = [...target.children].find((li) => {
         const other = [...alerts.values()].find((a) => cards.get(a.id)?.el === li);
@@ -124,7 +131,10 @@ export function render(main) {
     for (const a of fresh) alerts.set(a.id, a);
     const ids = [...new Set(fresh.map((a) => a.runId).filter((id) => id && !runs[id]))];
     Object.assign(runs, await loadRuns(ids));
-    for (const a of fresh) { place(a); follow(a.runId); }
+    for (const a of fresh) {
+      place(a);
+      if (isOpen(a, runs[a.runId])) follow(a.runId);
+    }
   }
 
   // Subscribe first, then list: an alert raised in between arrives by one or the other (ids dedupe).

@@ -93,8 +93,10 @@ export function decide({ title, effect, confirmLabel, reasonRequired = true, rea
 /** Rows of a before -> after diff: every key of either side, changed ones marked. */
 export function diff(before, after) {
   if (before === null && after === null) return h("p", { class: "muted" }, "no state shown by the service");
-  const b = before && typeof before === "object" ? before : { value: before };
-  const a = after && typeof after === "object" ? after : { value: after };
+  // An entity absent on one side (created, or deleted) has no fields there; a bare value is one field.
+  const side = (v) => (v === null || v === undefined ? {} : typeof v === "object" ? v : { value: v });
+  const b = side(before);
+  const a = side(after);
   const keys = [...new Set([...Object.keys(b), ...Object.keys(a)])];
   const show = (v) => (v === undefined ? "—" : typeof v === "object" ? JSON.stringify(v) : String(v));
   const rows = keys.map((key) => {

@@ -14,6 +14,7 @@ import uvicorn
 import websockets
 from websockets.exceptions import ConnectionClosed
 
+from kinshasa.gateway.fairness import Limits
 from kinshasa.infra.process import free_port
 from kinshasa.kernel.component import QuietServer
 from tests.integration.gateway.conftest import AGENT_KEY, OPERATOR_KEY, OTHER_AGENT_KEY, Harness
@@ -284,3 +285,23 @@ async def test_release_discard_and_hold_record_the_operators_reason(harness: Har
     assert released["releaseRun"]["count"] == 1
     statuses = (await c.data(commands, {"id": other}, OPERATOR_KEY))["run"]["commands"]
     assert statuses[0]["status"] in ("PUBLISHED", "APPLIED", "REJECTED")
+
+
+async def test_a_watching_operator_is_not_counted_in_flight(harness: Harness, served: str) -> None:
+    """Subscriptions last as long as a console is open: they pay their cost once, like a request, but do
+    not hold the operator's in-flight slots, so queries and decisions still pass beside them."""
+    harness.gateway.fairness.overrides["op-1"] = Limits(rate_per_s=1e9, burst=1e9, max_in_flight=1)
+    run_id = await harness.client.start_run(entry_point="in-flight")
+    socket, ack = await _connect(served, OPERATOR_KEY)
+    try:
+        assert ack == {"type": "connection_ack"}
+        live = Subscriber(socket)
+        await live.subscribe("subscription($id: ID!) { runChanged(id: $id) { id } }", {"id": run_id})
+        assert (await live.next())["runChanged"] == {"id": run_id}
+        await socket.send(json.dumps({"id": "2", "type": "subscribe",
+                                      "payload": {"query": "subscription { alertRaised { id } }"}}))
+        for _ in range(3):
+            data = await harness.client.data("{ me { kind } }", key=OPERATOR_KEY)
+            assert data == {"me": {"kind": "operator"}}
+    finally:
+        await socket.close()
