@@ -171,8 +171,16 @@ class Incident:
     @strawberry.field(description="Policy changes the recorded runs justify; computed on the first read.")
     async def proposals(self, info: strawberry.Info) -> list[PolicyProposal]:
         services = info.context.services
+        if self.record.proposed:
+            async with info.context.reads.database() as conn:
+                found = await proposals_mod.list_proposals(conn, self.record.incident_id)
+                await conn.rollback()
+            return [PolicyProposal.of(p) for p in found]
+        async with services.engine.connect() as conn:
+            drafts = await proposals_mod.draft(conn, self.record, _declared(info))
+            await conn.rollback()
         async with transaction(services.engine) as tx:
-            found = await proposals_mod.ensure_proposals(tx.conn, self.record, _declared(info))
+            found = await proposals_mod.store_drafts(tx.conn, self.record, drafts)
             await tx.commit()
         return [PolicyProposal.of(p) for p in found]
 

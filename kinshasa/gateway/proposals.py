@@ -4,9 +4,12 @@ For a trip, the tripped threshold lowered to the highest limit that would have s
 its first escaped write, kept low enough only while at most 1% of the good runs replayed would have
 tripped; and, for each operation that escaped, a window long enough to have held it until the trip. For
 a revert that failed, an approval gate on each operation whose compensation failed (it stays revertible
-and waits for `approveEgress`). Proposals target the DEFAULT layer: a punch one agent threw, another
-will throw. Each carries its backtest and one sentence an operator can read; accepting one appends a
-policy version linked to the incident, rejecting one records why.
+and waits for `approveEgress`). Proposals target the ENTRY_POINT layer of the incident's run: an entry
+point is the operator's name for one kind of work, so a punch thrown there by one agent will be thrown
+there by another, and the runs that backtest it are that entry point's. A tightening layer can only
+make the policy stricter, which is all a proposal ever does. Each carries its backtest and one sentence
+an operator can read; accepting one appends a policy version linked to the incident, rejecting one
+records why.
 """
 
 from __future__ import annotations
@@ -139,19 +142,22 @@ class Proposer:
         incident: Incident,
         since: datetime,
     ) -> None:
+        self.scope, self.subject = target_layer(incident)
         self.history = history
         self.runs = list(runs)
         self.incident = incident
         self.since = since
         self.governing = Governing(history)
-        self.base = history.layers_at(None).get((PolicyScope.DEFAULT, ""))
+        self.base = history.layers_at(None).get((self.scope, self.subject))
         self.good = [h for h in self.runs if h.good]
         self.bound = rate_bound(len(self.good), GOOD_RUNS_SHARE)
         self.target = next((h for h in self.runs if h.record.run_id == incident.run_id), None)
 
     def _candidate(self, change: PolicyDocument) -> Candidate:
         base = self.base.document if self.base is not None else PolicyDocument()
-        return Candidate(self.history, PolicyScope.DEFAULT, "", merge(base, change))
+        # The layer keeps its kind: one an operator set to loosen stays so, now tighter than it was.
+        loosen = self.base is not None and self.base.replaces and self.scope is not PolicyScope.DEFAULT
+        return Candidate(self.history, self.scope, self.subject, merge(base, change), loosen)
 
     def _backtest(self, change: PolicyDocument) -> Backtest:
         return summarise(compare(self.runs, self.governing, self._candidate(change)))
@@ -224,9 +230,10 @@ class Proposer:
         for write in target.recorded.writes:
             if write.command_id not in escaped or write.egress or policy.gated(write.operation):
                 continue
-            # Held until the trip, with a tenth of a second to spare for the releaser's poll.
-            held_for = (before.tripped_at - write.accepted_at).total_seconds() + 0.1
-            window = math.ceil(held_for * 10) / 10
+            # Held until the trip, in whole seconds with at least one to spare: the same punch thrown a
+            # little slower must still meet a held write.
+            held_for = (before.tripped_at - write.accepted_at).total_seconds()
+            window = float(math.ceil(held_for) + 1)
             current = policy.window_for(write.operation, write.declared_window_s)
             if window > current:
                 needed[write.operation] = max(needed.get(write.operation, 0.0), window)
@@ -269,6 +276,13 @@ class Proposer:
         return Draft("gate", change, rationale, backtest)
 
 
+def target_layer(incident: Incident) -> tuple[PolicyScope, str]:
+    """The layer a proposal for this incident changes: its run's entry point (DEFAULT without one)."""
+    if incident.entry_point:
+        return PolicyScope.ENTRY_POINT, incident.entry_point
+    return PolicyScope.DEFAULT, ""
+
+
 def _highest(lo: int, hi: int, ok: Callable[[int], bool]) -> int | None:
     """The highest value in [lo, hi] where `ok` holds, for an `ok` that holds below some point."""
     if hi < lo or not ok(lo):
@@ -304,41 +318,50 @@ def proposal_id(incident_id: str, key: str) -> str:
     return str(uuid.uuid5(uuid.UUID(incident_id), key))
 
 
-async def ensure_proposals(
+async def draft(
     conn: AsyncConnection, incident: Incident, declared: Mapping[str, float | None]
-) -> list[Proposal]:
-    """The incident's proposals, drafted and stored on first ask; the caller commits."""
-    if not incident.proposed:
-        locked = (
+) -> list[Draft]:
+    """The proposals the recorded runs justify for this incident: reads only, so it runs outside any
+    write transaction (replaying a week of runs must not hold the writers' lock)."""
+    since = incident.opened_at - LOOKBACK
+    scope, subject = target_layer(incident)
+    runs = await load_history(
+        conn, declared, since, entry_point=subject if scope is PolicyScope.ENTRY_POINT else None
+    )
+    if incident.run_id is not None and all(h.record.run_id != incident.run_id for h in runs):
+        runs += await load_history(conn, declared, datetime.min.replace(tzinfo=since.tzinfo),
+                                   run_ids=[incident.run_id])
+    history = await load_policy_history(conn)
+    return Proposer(history, runs, incident, since).drafts()
+
+
+async def store_drafts(conn: AsyncConnection, incident: Incident, drafts: Sequence[Draft]) -> list[Proposal]:
+    """Store the drafts as the incident's proposals unless another reader did first; the caller commits."""
+    proposed = (
+        await conn.execute(
+            select(incidents.c.proposed)
+            .where(incidents.c.incident_id == incident.incident_id)
+            .with_for_update()
+        )
+    ).scalar_one()
+    if not proposed:
+        scope, subject = target_layer(incident)
+        now = utcnow()
+        for d in drafts:
             await conn.execute(
-                select(incidents.c.proposed)
-                .where(incidents.c.incident_id == incident.incident_id)
-                .with_for_update()
-            )
-        ).scalar_one()
-        if not locked:
-            since = incident.opened_at - LOOKBACK
-            runs = await load_history(conn, declared, since)
-            if incident.run_id is not None and all(h.record.run_id != incident.run_id for h in runs):
-                runs += await load_history(conn, declared, datetime.min.replace(tzinfo=since.tzinfo),
-                                           run_ids=[incident.run_id])
-            history = await load_policy_history(conn)
-            now = utcnow()
-            for draft in Proposer(history, runs, incident, since).drafts():
-                await conn.execute(
-                    insert(proposals).values(
-                        proposal_id=proposal_id(incident.incident_id, draft.key),
-                        incident_id=incident.incident_id,
-                        scope=PolicyScope.DEFAULT.value,
-                        subject="",
-                        settings=json.dumps(draft.settings.model_dump(exclude_none=True), sort_keys=True),
-                        rationale=draft.rationale,
-                        backtest=json.dumps(draft.backtest.to_json()),
-                        status=ProposalStatus.PROPOSED.value,
-                        created_at=now,
-                    )
+                insert(proposals).values(
+                    proposal_id=proposal_id(incident.incident_id, d.key),
+                    incident_id=incident.incident_id,
+                    scope=scope.value,
+                    subject=subject,
+                    settings=json.dumps(d.settings.model_dump(exclude_none=True), sort_keys=True),
+                    rationale=d.rationale,
+                    backtest=json.dumps(d.backtest.to_json()),
+                    status=ProposalStatus.PROPOSED.value,
+                    created_at=now,
                 )
-            await incidents_mod.mark_proposed(conn, incident.incident_id)
+            )
+        await incidents_mod.mark_proposed(conn, incident.incident_id)
     return await list_proposals(conn, incident.incident_id)
 
 
@@ -390,6 +413,7 @@ async def accept(conn: AsyncConnection, proposal_id_: str, reason: str, operator
     history = await load_policy_history(conn)
     base = history.layers_at(None).get((proposal.scope, proposal.subject))
     document = merge(base.document if base is not None else PolicyDocument(), proposal.settings)
+    loosen = base is not None and base.replaces and proposal.scope is not PolicyScope.DEFAULT
     version = await append_version(
         conn,
         proposal.scope,
@@ -397,7 +421,7 @@ async def accept(conn: AsyncConnection, proposal_id_: str, reason: str, operator
         document,
         operator_id,
         f"{reason} (proposal {proposal.proposal_id} for incident {proposal.incident_id})",
-        loosen=False,
+        loosen=loosen,
         incident_id=proposal.incident_id,
     )
     now = utcnow()

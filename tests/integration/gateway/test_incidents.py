@@ -157,7 +157,8 @@ async def test_revert_outcomes_and_dead_letters_are_incidents_and_a_failed_compe
     data = await c.data(f"query($i: ID!) {{ incident(id: $i) {{ proposals {{ {PROPOSAL} }} }} }}",
                         {"i": incident["id"]}, OPERATOR_KEY)
     [gate] = data["incident"]["proposals"]
-    assert gate["status"] == "PROPOSED" and gate["scope"] == "DEFAULT"
+    assert gate["status"] == "PROPOSED"
+    assert (gate["scope"], gate["subject"]) == ("ENTRY_POINT", "failed")
     assert gate["settings"]["operationGates"] == ["documents.rename"]
     assert "documents.rename" in gate["rationale"] and gate["incident"]["id"] == incident["id"]
     # Reading again proposes nothing new.

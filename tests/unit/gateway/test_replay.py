@@ -143,7 +143,7 @@ def test_a_trip_proposal_lowers_the_limit_to_stop_the_run_before_its_first_escap
         "0 of 100 good runs since"
     )
     windows = [d for d in drafts if d.key.startswith("window:")]
-    assert windows and windows[0].settings.operation_windows == {"documents.create": 1.1}
-    back = summarise(compare(runs, Governing(history), Candidate(history, PolicyScope.DEFAULT, "",
+    assert windows and windows[0].settings.operation_windows == {"documents.create": 2.0}
+    back = summarise(compare(runs, Governing(history), Candidate(history, PolicyScope.ENTRY_POINT, "e",
                                                                    PolicyDocument(max_velocity=5))))
     assert back == threshold.backtest
