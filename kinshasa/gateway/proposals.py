@@ -168,6 +168,10 @@ class Proposer:
         if self.incident.kind is IncidentKind.TRIP:
             before = replay(self.target.recorded, self.governing.policy_for(self.target.recorded))
             found = [d for d in (self._threshold(before),) if d is not None]
+            if self.incident.threshold == "errors":
+                # Errors are learnt only from what was published: a longer window delays the lesson,
+                # it does not hold the writes that teach it.
+                return found
             return found + self._windows(before)
         if self.incident.kind is IncidentKind.REVERT_FAILED:
             gate = self._gate()

@@ -1,4 +1,4 @@
-"""Benchmarks 2, 4, 5, 6 and 7 at small size: each runs, exits 0 and writes its figures (no timed checks)."""
+"""Benchmarks 2, 4 to 8 at small size: each runs, exits 0 and writes its figures (no timed checks)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 import bench.machine
-from bench import bench_discard, bench_isolation, bench_latency, bench_relay, bench_trip
+from bench import bench_antifragile, bench_discard, bench_isolation, bench_latency, bench_relay, bench_trip
 
 PERCENTILES = ("p50", "p95", "p99")
 CASES = [
@@ -33,6 +33,9 @@ CASES = [
         "messages", "keys", *(f"{db}.{k}" for db in ("sqlite", "postgresql")
                               for k in ("bare_per_s", "relay_per_s", "ratio")),
     ], id="relay", marks=pytest.mark.postgres),
+    pytest.param(bench_antifragile, "antifragile", [
+        "seed", "rounds", "escaped_reduction", "worst_good_tripped_share", "target_met", "learned_layers",
+    ], id="antifragile"),
 ]
 
 
@@ -61,5 +64,12 @@ def test_small_run_writes_its_figures(module: ModuleType, name: str, figure_keys
         assert lookup(figures, key) is not None, f"figure {key!r} is empty: {figures}"
     if name == "trip":
         assert [lookup(t, "excess") for t in figures["trials"]] == [0] * len(figures["trials"])
+    if name == "antifragile":
+        rounds = figures["rounds"]
+        assert [r["round"] for r in rounds] == [1, 2, 3, 4, 5]
+        for r in rounds:
+            assert r["good_runs"] > 0 and r["rogue_runs"] > 0 and r["escaped_per_rogue_run"] >= 0
+        # Round 1 learns from rogue runs the starting policy let through.
+        assert rounds[0]["rogue_runs_tripped"] > 0 and rounds[0]["proposals_accepted"] > 0
     if name == "discard":
         assert figures["commands_on_kafka"] == figures["events_on_kafka"] == 0
