@@ -238,6 +238,13 @@ class Service:
             actor=Actor(kind="service", id=service), causation_id=uuid.UUID(receipt["commandId"]),
             correlation_id=run_id, entity=EntityRef(service=service, type=entity, id=receipt["entityId"]),
             occurred_at=utcnow(), payload={"reason": "refused by the service"}))
+        # Until the gateway has counted it: a round's trips are read only once every rejection was.
+        for _ in range(100):
+            data = await self.gateway.data(OPERATOR_KEY, "query($c: ID!) { command(id: $c) { status } }",
+                                           {"c": receipt["commandId"]})
+            if data["command"]["status"] == "REJECTED":
+                return
+            await asyncio.sleep(0.1)
 
 
 async def play(gateway: Gateway, service: Service, shape: Shape, rng: random.Random) -> Played:
@@ -272,7 +279,7 @@ async def play(gateway: Gateway, service: Service, shape: Shape, rng: random.Ran
 
 INCIDENTS = """query($after: String) { incidents(first: 50, after: $after, kind: TRIP) {
   nodes { id runId openedAt escaped { count } } pageInfo { hasNextPage endCursor } } }"""
-PROPOSALS = """query($i: ID!) { incident(id: $i) { proposals { id status
+PROPOSALS = """query($i: ID!) { incident(id: $i) { entryPoint proposals { id status rationale
   backtest { goodRunsReplayed goodRunsTripped } } } }"""
 LAYERS = """{ policy { layers { scope subject settings { maxWrites maxErrors maxServices maxVelocity
   operationWindows operationGates } } } }"""
@@ -327,6 +334,7 @@ async def run_round(gateway: Gateway, service: Service, shapes: list[Shape], see
 
     # The operator's part: accept what the recorded runs prove safe for the good runs.
     seen = accepted = 0
+    rationales: list[str] = []
     for incident in trips.values():
         # Reading an incident's proposals drafts them from the recorded runs.
         found = await gateway.data(OPERATOR_KEY, PROPOSALS, {"i": incident["id"]})
@@ -339,6 +347,7 @@ async def run_round(gateway: Gateway, service: Service, shapes: list[Shape], see
                 await gateway.data(OPERATOR_KEY, 'mutation($p: ID!) { acceptProposal(id: $p, reason: '
                                    '"bench: backtest keeps good runs") { status } }', {"p": proposal["id"]})
                 accepted += 1
+                rationales.append(f"{found['incident']['entryPoint']}: {proposal['rationale']}")
     return {
         "round": number,
         "seconds": round(elapsed, 1),
@@ -352,6 +361,7 @@ async def run_round(gateway: Gateway, service: Service, shapes: list[Shape], see
         "escaped_per_rogue_kind": {k: round(sum(v) / len(v), 2) for k, v in sorted(escaped_by_kind.items())},
         "proposals_seen": seen,
         "proposals_accepted": accepted,
+        "accepted": rationales,
     }
 
 

@@ -41,7 +41,7 @@ from kinshasa.gateway.backtest import (
 )
 from kinshasa.gateway.errors import Invalid, NotFound
 from kinshasa.gateway.incidents import Incident, IncidentKind
-from kinshasa.gateway.policy import PolicyDocument, PolicyScope, append_version
+from kinshasa.gateway.policy import EffectivePolicy, PolicyDocument, PolicyScope, append_version
 from kinshasa.gateway.replay import Outcome, replay
 from kinshasa.gateway.store import incidents, proposals
 from kinshasa.schemas.envelope import utcnow
@@ -159,6 +159,12 @@ class Proposer:
         loosen = self.base is not None and self.base.replaces and self.scope is not PolicyScope.DEFAULT
         return Candidate(self.history, self.scope, self.subject, merge(base, change), loosen)
 
+    def _today(self) -> EffectivePolicy:
+        """The policy in force now for the incident's run."""
+        assert self.target is not None
+        record = self.target.record
+        return self._candidate(PolicyDocument()).policy_for(record.agent_id, record.entry_point)
+
     def _backtest(self, change: PolicyDocument) -> Backtest:
         return summarise(compare(self.runs, self.governing, self._candidate(change)))
 
@@ -183,10 +189,13 @@ class Proposer:
         if threshold not in _LIMITS or not before.escaped or self.target is None:
             return None
         name, lowest = _LIMITS[threshold]
-        current = int(getattr(self.governing.policy_for(self.target.recorded), name))
-        if current <= lowest:
-            return None
         target = self.target
+        # From the policy in force now, which earlier lessons may already have tightened: a proposal
+        # says what it changes today, and is made only if today's policy still lets this run escape.
+        today = self._today()
+        current = int(getattr(today, name))
+        if current <= lowest or not replay(target.recorded, today).escaped:
+            return None
 
         def change(limit: int) -> PolicyDocument:
             return PolicyDocument.model_validate({name: limit})
@@ -218,7 +227,7 @@ class Proposer:
         label = threshold if threshold != "errors" else "errors"
         rationale = (
             f"{label} {current} → {chosen} would have tripped this run at write {after.write_index} with "
-            f"{len(after.escaped)} writes escaped instead of {len(before.escaped)}; "
+            f"{_writes(len(after.escaped))} escaped instead of {len(before.escaped)}; "
             f"{backtest.good_runs_tripped} of {backtest.good_runs_replayed} good runs since "
             f"{_when(self.since)} would have tripped"
         )
@@ -228,7 +237,7 @@ class Proposer:
         target = self.target
         if target is None or before.tripped_at is None or not before.escaped:
             return []
-        policy = self.governing.policy_for(target.recorded)
+        policy = self._today()
         needed: dict[str, float] = {}
         escaped = set(before.escaped)
         for write in target.recorded.writes:
@@ -311,6 +320,10 @@ def _lowest(lo: int, hi: int, ok: Callable[[int], bool]) -> int | None:
         else:
             lo = mid + 1
     return lo
+
+
+def _writes(count: int) -> str:
+    return f"{count} write" if count == 1 else f"{count} writes"
 
 
 def _when(moment: datetime) -> str:

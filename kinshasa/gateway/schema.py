@@ -14,7 +14,7 @@ import logging
 import types
 import typing
 from collections.abc import Callable, Mapping
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any, NewType, Union
 
 import annotated_types
@@ -1136,6 +1136,7 @@ class Query:
         loosen: bool = False,
     ) -> PolicyBacktest:
         scope_value, subject_value, document = _policy_layer(info, scope, subject, settings)
+        since = since if since.tzinfo is not None else since.replace(tzinfo=UTC)  # no zone given: UTC
         services = _ctx(info).services
         declared = {spec.command_type: spec.window_s for spec in services.catalogue}
         async with _ctx(info).reads.database() as conn:

@@ -88,6 +88,18 @@ async def test_a_trip_records_what_tripped_what_escaped_and_what_was_held(harnes
                          OPERATOR_KEY)
     assert again["incident"] == incident
 
+    # The recorded run replayed under a tighter entry-point layer (a time without a zone is UTC).
+    backtest = """query($s: PolicyInput!) { backtestPolicy(scope: ENTRY_POINT, subject: "incidents",
+      settings: $s, since: "2020-01-01T00:00:00") { runsReplayed incidentRunsReplayed incidentRunsCaught
+      incidentRunsCaughtEarlier escapedWritesBefore escapedWritesAfter goodRunsReplayed goodRunsTripped } }"""
+    tighter = await c.data(backtest, {"s": {"maxWrites": 1}}, OPERATOR_KEY)
+    assert tighter["backtestPolicy"] == {
+        "runsReplayed": 1, "incidentRunsReplayed": 1, "incidentRunsCaught": 1, "incidentRunsCaughtEarlier": 1,
+        "escapedWritesBefore": 2, "escapedWritesAfter": 1, "goodRunsReplayed": 0, "goodRunsTripped": 0,
+    }
+    unknown = await c.error(backtest, {"s": {"operationGates": ["nobody.nothing"]}}, OPERATOR_KEY)
+    assert unknown["extensions"]["code"] == "VALIDATION"
+
 
 async def test_incidents_are_for_operators_only_and_bad_ids_say_what_to_pass(harness: Harness) -> None:
     c = harness.client
