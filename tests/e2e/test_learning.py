@@ -142,3 +142,25 @@ def test_an_accepted_proposal_makes_the_same_rogue_pattern_trip_earlier_with_few
     assert "good runs tripped:       0 of 6" in figures and "escaped writes:          10 -> 6" in figures
     fresh = _good_run(agent)
     assert operator.run(fresh)["status"] == "FINISHED" and fresh not in good
+
+
+def test_a_gated_operation_waits_for_approval_and_a_revert_still_compensates_it(
+    stack: Stack, agent: Api, operator: Api
+) -> None:
+    entry_point = "e2e.gated"
+    operator.set_policy(entry_point, quarantineWindowS=0.0, operationGates=["documents.rename"])
+    run_id = agent.start_run(entry_point)
+    doc = agent.write(run_id, "createDocument", title="Plan", body="first draft")
+    renamed = agent.rename(run_id, doc["entityId"], "Plan B")
+    assert renamed["status"] == "AWAITING_APPROVAL" and renamed["releaseAt"] is None
+    approved = operator.call("mutation($c: ID!) { approveEgress(commandId: $c) { status } }",
+                             c=renamed["commandId"])
+    assert approved["approveEgress"]["status"] == "PUBLISHED"
+    wait_for("the approved rename to be applied",
+             lambda: agent.command(renamed["commandId"])["result"] == "APPLIED")
+
+    operator.call('mutation($r: ID!) { revertRun(runId: $r, reason: "undo the gated rename") { id } }',
+                  r=run_id)
+    assert _reverted(operator, run_id)["status"] == "REVERTED"
+    wait_for("the gated rename to be compensated",
+             lambda: agent.command(renamed["commandId"])["status"] == "COMPENSATED")
