@@ -25,6 +25,7 @@ def _mount() -> None:
     from kinshasa.conformance.cli import app as conformance_app
     from kinshasa.coordinator.cli import app as coordinator_app
     from kinshasa.coordinator.cli import operator_app
+    from kinshasa.coordinator.incidents_cli import app as incidents_app
     from kinshasa.demo import app as demo_app
     from kinshasa.gateway.cli import app as gateway_app
     from kinshasa.kernel.receipts_cli import app as receipts_app
@@ -39,6 +40,8 @@ def _mount() -> None:
     app.add_typer(coordinator_app, name="coordinator")
     # Operator verbs read best at the top: `kinshasa revert --run ID`.
     app.add_typer(operator_app)
+    # `kinshasa incidents`, `kinshasa incident ID`, `kinshasa policy backtest`, `kinshasa proposal accept ID`.
+    app.add_typer(incidents_app)
     app.add_typer(demo_app)
     app.add_typer(conformance_app)
     app.add_typer(scaffold_app)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import and_, func, select, update
@@ -20,6 +20,7 @@ from sqlalchemy import and_, func, select, update
 from kinshasa.gateway import store
 from kinshasa.gateway.alerts import Alert, record_alert, trip_alert
 from kinshasa.gateway.errors import BreakerOpen, Invalid, RunClosed
+from kinshasa.gateway.incidents import IncidentKind, by_operation, open_incident, run_commands_at
 from kinshasa.gateway.policy import EffectivePolicy
 from kinshasa.gateway.revert import request_revert
 from kinshasa.gateway.runs import RunRecord, command_counts, load_run, run_envelope
@@ -95,17 +96,36 @@ def refusal(run: RunRecord, recent: int | None = None) -> BreakerOpen:
     return BreakerOpen(message, breaker=snapshot(run, recent))
 
 
+@dataclass(frozen=True)
+class Refused:
+    """The write a trip refused: kept on the TRIP incident, so a replay of the run meets it too."""
+
+    operation: str
+    service: str
+
+
 async def trip(
-    tx: Tx, run: RunRecord, cause: Trip, policy: EffectivePolicy, actor: Actor, webhook: bool
+    tx: Tx,
+    run: RunRecord,
+    cause: Trip,
+    policy: EffectivePolicy,
+    actor: Actor,
+    webhook: bool,
+    at: datetime | None = None,
+    refused: Refused | None = None,
 ) -> tuple[RunRecord, Alert]:
     """Open the breaker in the caller's transaction, which must hold the run's row lock.
+
+    `at` is the moment of the decision (the refused write's acceptance time, the rejection's arrival):
+    the run's `tripped_at` and its TRIP incident, with what had escaped and what was held then.
 
     Held commands move to a manual hold (a hold timeout, if any, discards them later: never releases),
     and `run.tripped` plus the alert are emitted through the outbox with the same commit. With
     auto-revert (the policy's default; never for an operator's OPEN) the revert doorbell rings in that
     commit too: the run is REVERTING and its unpublished commands are discarded.
     """
-    now = utcnow()
+    now = at or utcnow()
+    out, waiting = await run_commands_at(tx.conn, run.run_id)
     discard_at = now + timedelta(seconds=policy.hold_timeout_s) if policy.hold_timeout_s is not None else None
     await tx.conn.execute(
         update(commands)
@@ -115,6 +135,30 @@ async def trip(
             commands.c.manual_hold.is_(False),
         )
         .values(manual_hold=True, discard_at=discard_at)
+    )
+    await open_incident(
+        tx.conn,
+        IncidentKind.TRIP,
+        now,
+        run_id=run.run_id,
+        agent_id=run.agent_id,
+        entry_point=run.entry_point,
+        policy_version=policy.version,
+        threshold=cause.threshold,
+        count=cause.count,
+        limit=cause.limit,
+        write_index=run.writes + 1,
+        escaped=by_operation(list(out)),
+        held=len(waiting),
+        services=list(run.services),
+        detail={
+            "reason": cause.reason,
+            "escaped_ids": [r["command_id"] for r in out],
+            "held_ids": [r["command_id"] for r in waiting],
+            "refused": {"operation": refused.operation, "service": refused.service, "at": now.isoformat()}
+            if refused is not None
+            else None,
+        },
     )
     status = run.status if run.reverting_or_done else store.TRIPPED
     await tx.conn.execute(
@@ -127,6 +171,7 @@ async def trip(
             tripped_at=now,
             trip_count=runs.c.trip_count + 1,
             probes_left=0,
+            policy_version=policy.version,
         )
     )
     by_status = await command_counts(tx.conn, run.run_id)

@@ -39,6 +39,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from kinshasa.gateway import store
 from kinshasa.gateway.alerts import Alert, budget_alert, record_alert
 from kinshasa.gateway.errors import AgentBudgetExceeded
+from kinshasa.gateway.incidents import IncidentKind, open_incident
 from kinshasa.gateway.policy import EffectivePolicy
 from kinshasa.gateway.store import agent_budgets, agent_writes, runs
 from kinshasa.gateway.uow import Tx
@@ -173,8 +174,10 @@ async def note_breach(
     entry_point: str,
     run_id: str,
     webhook: bool,
+    policy_version: int | None = None,
 ) -> Alert | None:
-    """Raise the `agent_budget` alert if this refusal opens a breach; the caller holds the row's lock."""
+    """Raise the `agent_budget` alert and its AGENT_BUDGET incident if this refusal opens a breach; the
+    caller holds the row's lock."""
     if not opens_breach(row.alerted_at.get(overrun.budget), now):
         return None
     await tx.conn.execute(
@@ -194,6 +197,19 @@ async def note_breach(
         run_id,
     )
     await record_alert(tx, alert, webhook)
+    await open_incident(
+        tx.conn,
+        IncidentKind.AGENT_BUDGET,
+        now,
+        run_id=run_id or None,
+        agent_id=overrun.agent_id,
+        entry_point=entry_point,
+        policy_version=policy_version,
+        threshold=overrun.budget.value,
+        count=overrun.count,
+        limit=overrun.limit,
+        detail={"retry_after_s": overrun.retry_after_s, "summary": alert.summary},
+    )
     return alert
 
 
@@ -229,7 +245,7 @@ async def check_start(
             overrun = Overrun(agent_id, Budget.RUNS_PER_HOUR, limit, started, retry)
     if overrun is None:
         return None, None
-    return overrun, await note_breach(tx, row, overrun, now, entry_point, "", webhook)
+    return overrun, await note_breach(tx, row, overrun, now, entry_point, "", webhook, policy.version)
 
 
 async def _count(conn: AsyncConnection, *where: Any) -> int:

@@ -18,12 +18,19 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from kinshasa.gateway import idempotency, store
 from kinshasa.gateway.alerts import Alert, WebhookSender
-from kinshasa.gateway.breaker import check_write, refusal, services_after, trip
+from kinshasa.gateway.breaker import Refused, check_write, refusal, services_after, trip
 from kinshasa.gateway.budgets import WriteBudgets, note_breach
 from kinshasa.gateway.errors import GatewayError, Invalid, NotFound, RunClosed, RunNotFound
 from kinshasa.gateway.policy import EffectivePolicy, PolicyBook
 from kinshasa.gateway.principals import Principal
-from kinshasa.gateway.runs import RunRecord, check_owner, check_run_id, load_runs_for_write, velocities
+from kinshasa.gateway.runs import (
+    RunRecord,
+    check_owner,
+    check_run_id,
+    load_runs_for_write,
+    velocities,
+    velocity,
+)
 from kinshasa.gateway.store import commands, runs
 from kinshasa.gateway.uow import GatewayTx, transaction
 from kinshasa.schemas.envelope import Actor, EntityRef, Envelope, utcnow
@@ -148,6 +155,7 @@ _BUMP_RUN = (
         published=runs.c.published + bindparam("b_published", type_=Integer),
         probes_left=runs.c.probes_left - bindparam("b_probes", type_=Integer),
         services=bindparam("b_services", type_=Text),
+        policy_version=bindparam("b_policy_version", type_=Integer),
     )
 )
 
@@ -366,13 +374,29 @@ class CommandWriter:
         if run.status in CLOSED_STATUSES:
             raise RunClosed(f"run {run_id} is {run.status}: it accepts no more writes; start a new run")
         policy = policies[run_id]
+        if run.breaker_state == store.CLOSED and recent[run_id] + 1 > policy.max_velocity:
+            # The batch's count is taken at its start, so it may still hold writes that have slid out of
+            # the window since: near the limit, count exactly at this write's own time. The breaker then
+            # decides on the writes accepted in (now - window, now], as a replay of the run does.
+            await self._flush(tx, batch)
+            since = now - timedelta(seconds=policy.velocity_window_s)
+            recent[run_id] = await velocity(tx.conn, run_id, since)
         verdict = check_write(run, policy, spec.service, recent[run_id])
         if not verdict.accept:
             if verdict.trip is None:
                 raise refusal(run, recent[run_id])
             # The trip reads and moves the run's held commands: they must include this batch's.
             await self._flush(tx, batch)
-            tripped, alert = await trip(tx, run, verdict.trip, policy, _SYSTEM, self._webhook.url is not None)
+            tripped, alert = await trip(
+                tx,
+                run,
+                verdict.trip,
+                policy,
+                _SYSTEM,
+                self._webhook.url is not None,
+                at=now,
+                refused=Refused(spec.command_type, spec.service),
+            )
             found[run_id] = tripped
             batch.alerts.append(alert)
             raise refusal(tripped, recent[run_id])
@@ -386,6 +410,7 @@ class CommandWriter:
                 run.entry_point,
                 run_id,
                 self._webhook.url is not None,
+                policy.version,
             )
             if breach is not None:
                 batch.alerts.append(breach)
@@ -404,7 +429,8 @@ class CommandWriter:
         wire = envelope.to_bytes()
         window = policy.window_for(spec.command_type, spec.window_s)
         release_at: datetime | None = None
-        if spec.egress:
+        if spec.egress or policy.gated(spec.command_type):
+            # Egress has no inverse; a gated operation has one, but the operator asked to see it first.
             status = store.AWAITING_APPROVAL
         elif window <= 0 and not run.on_hold:
             status = store.PUBLISHED
@@ -444,7 +470,9 @@ class CommandWriter:
         )
         recent[run_id] += 1
         bump = batch.run_bumps.setdefault(
-            run_id, {"b_run_id": run_id, "b_writes": 0, "b_published": 0, "b_probes": 0}
+            run_id,
+            {"b_run_id": run_id, "b_writes": 0, "b_published": 0, "b_probes": 0,
+             "b_policy_version": policy.version},
         )
         bump["b_writes"] += 1
         bump["b_published"] += int(published)

@@ -9,6 +9,7 @@ from sqlalchemy import select, update
 from kinshasa.gateway import store
 from kinshasa.gateway.commands import get_command
 from kinshasa.gateway.errors import Invalid
+from kinshasa.gateway.incidents import IncidentKind, open_incident
 from kinshasa.gateway.quarantine import closed, publish
 from kinshasa.gateway.runs import RunRecord, load_run
 from kinshasa.gateway.store import commands
@@ -67,9 +68,24 @@ async def deny(tx: Tx, command_id: str, reason: str, operator_id: str) -> Any:
     if run.reverting_or_done and row["status"] == store.DISCARDED:
         return row
     _check_awaiting(command_id, row)
+    now = utcnow()
     await tx.conn.execute(
         update(commands)
         .where(commands.c.command_id == command_id)
         .values(status=store.DISCARDED, reason=reason, decided_by=operator_id)
+    )
+    await open_incident(
+        tx.conn,
+        IncidentKind.EGRESS_DENIED,
+        now,
+        run_id=run.run_id,
+        agent_id=run.agent_id,
+        entry_point=run.entry_point,
+        policy_version=run.policy_version,
+        escaped={},
+        held=1,
+        services=[row["service"]],
+        detail={"command_id": command_id, "operation": row["command_type"], "reason": reason,
+                "denied_by": operator_id},
     )
     return await get_command(tx.conn, command_id)

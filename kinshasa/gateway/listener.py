@@ -27,15 +27,25 @@ from kinshasa.gateway.alerts import (
 )
 from kinshasa.gateway.breaker import Trip, probes_settled, trip
 from kinshasa.gateway.errors import RunNotFound
+from kinshasa.gateway.incidents import IncidentKind, by_operation, open_incident, run_commands_at
 from kinshasa.gateway.policy import PolicyBook
 from kinshasa.gateway.quarantine import UNPUBLISHED, discard
 from kinshasa.gateway.runs import load_run, run_envelope
 from kinshasa.gateway.store import commands, runs
 from kinshasa.gateway.uow import GatewayTx, transaction
+from kinshasa.kernel.dlq import DLQ_HEADER_PREFIX
 from kinshasa.kernel.inbox import Inbox
 from kinshasa.kernel.logs import log_context
-from kinshasa.schemas.envelope import Actor, Envelope, EventSuffix, RunEventKind, deterministic_id, split_type
-from kinshasa.topics.catalogue import ALERTS, RUNS, events_topic_pattern, group_id
+from kinshasa.schemas.envelope import (
+    Actor,
+    Envelope,
+    EventSuffix,
+    RunEventKind,
+    deterministic_id,
+    split_type,
+    utcnow,
+)
+from kinshasa.topics.catalogue import ALERTS, RUNS, events_topic_pattern, group_id, service_dlq_pattern
 from kinshasa.topics.consumer import Record
 
 log = logging.getLogger(__name__)
@@ -46,9 +56,9 @@ COORDINATOR = Actor(kind="system", id="coordinator")
 
 
 def listened_topics() -> list[str]:
-    """Every service's events topic (by pattern, so services registered later are included), run facts
-    and alerts."""
-    return [events_topic_pattern(), RUNS, ALERTS]
+    """Every service's events topic (by pattern, so services registered later are included), run facts,
+    alerts, and every service's dead letters (a dead-lettered command of a run is a DEAD_LETTER incident)."""
+    return [events_topic_pattern(), RUNS, ALERTS, service_dlq_pattern()]
 
 
 class Listener:
@@ -70,8 +80,58 @@ class Listener:
         self.group = group
 
     async def handle(self, record: Record) -> None:
+        if record.topic.endswith(".dlq"):
+            await self._dead_letter(record)
+            return
         # An unparsable message raises InvalidMessage: the kernel's DLQ guard dead-letters it.
         await self.handle_envelope(record.envelope())
+
+    async def _dead_letter(self, record: Record) -> None:
+        """A service gave up on a message: if it is a command of one of this gateway's runs, an incident.
+
+        Whatever else lands on a dead-letter topic (a message nobody could parse, a foreign stack's) is
+        the service's DLQ's business, not an incident of a run.
+        """
+        try:
+            envelope = record.envelope()
+        except Exception:
+            return
+        if envelope.run_id is None or envelope.entity is None:
+            return
+
+        def header(name: str) -> str:
+            raw = record.header(DLQ_HEADER_PREFIX + name)
+            return raw.decode("utf-8", "replace") if raw is not None else ""
+
+        marker = deterministic_id(
+            "dead_letter", header("group"), header("dead_letter_id"), str(envelope.message_id)
+        )
+        async with transaction(self._engine) as tx:
+            try:
+                run = await load_run(tx.conn, envelope.run_id)
+            except RunNotFound:
+                return
+            if not await self._inbox.record(tx.conn, self.group, marker):
+                return
+            await open_incident(
+                tx.conn,
+                IncidentKind.DEAD_LETTER,
+                utcnow(),
+                run_id=run.run_id,
+                agent_id=run.agent_id,
+                entry_point=run.entry_point,
+                policy_version=run.policy_version,
+                services=[envelope.entity.service],
+                detail={
+                    "message_id": str(envelope.message_id),
+                    "operation": envelope.type,
+                    "group": header("group"),
+                    "reason": header("reason"),
+                    "error": header("error")[:500],
+                    "attempts": header("attempts"),
+                },
+            )
+            await tx.commit()
 
     async def handle_envelope(self, envelope: Envelope) -> None:
         with log_context(run_id=envelope.run_id, actor=envelope.actor):
@@ -133,12 +193,16 @@ class Listener:
             else:
                 reason = str(envelope.payload.get("reason", ""))[:2000] or None
                 log.info("command %s (%s) rejected: %s", command["command_id"], envelope.type, reason)
+                # The moment the error counts, under the run's lock: what a replay of the run meets.
+                counted_at = utcnow()
                 await tx.conn.execute(
                     update(commands)
                     .where(
                         commands.c.command_id == command["command_id"], commands.c.status == store.PUBLISHED
                     )
-                    .values(result=store.REJECTED, status=store.REJECTED, reason=reason)
+                    .values(
+                        result=store.REJECTED, status=store.REJECTED, reason=reason, rejected_at=counted_at
+                    )
                 )
                 await tx.conn.execute(
                     update(runs).where(runs.c.run_id == run.run_id).values(errors=runs.c.errors + 1)
@@ -155,7 +219,9 @@ class Listener:
                 ):
                     cause = Trip("errors", run.errors, policy.max_errors)
                 if cause is not None:
-                    _run, alert = await trip(tx, run, cause, policy, GATEWAY, self._webhook.url is not None)
+                    _run, alert = await trip(
+                        tx, run, cause, policy, GATEWAY, self._webhook.url is not None, at=counted_at
+                    )
             await tx.commit()
         if alert is not None:
             log.warning("breaker tripped: %s", alert.summary)
@@ -270,6 +336,21 @@ class Listener:
             if not await self._inbox.record(tx.conn, self.group, envelope.message_id):
                 return
             status = store.REVERTED if kind is RunEventKind.REVERTED else store.REVERT_FAILED
+            out, _waiting = await run_commands_at(tx.conn, run.run_id)
+            await open_incident(
+                tx.conn,
+                IncidentKind.REVERT if kind is RunEventKind.REVERTED else IncidentKind.REVERT_FAILED,
+                utcnow(),
+                run_id=run.run_id,
+                agent_id=run.agent_id,
+                entry_point=run.entry_point,
+                policy_version=run.policy_version,
+                write_index=run.writes,
+                escaped=by_operation(list(out)),
+                held=0,
+                services=list(run.services),
+                detail={"reason": run.revert_reason, "outcome": envelope.payload},
+            )
             discarded = await discard(
                 tx, run.run_id, UNPUBLISHED, f"run {status} by the coordinator", COORDINATOR.id
             )

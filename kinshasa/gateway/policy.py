@@ -58,6 +58,11 @@ class PolicyDocument(BaseModel):
         default=None,
         description="per-operation window override by command type, e.g. {'orders.cancel': 60}",
     )
+    operation_gates: list[str] | None = Field(
+        default=None,
+        description="command types that wait for an operator's approveEgress like egress does, e.g. "
+        "['orders.cancel']; they keep their inverse and stay revertible",
+    )
     probe_writes: PositiveInt | None = None
     hold_timeout_s: Seconds | None = Field(
         default=None, description="discard manually held commands after this"
@@ -121,6 +126,7 @@ class EffectivePolicy:
     max_concurrent_runs: int | None = None
     max_runs_per_hour: int | None = None
     max_agent_writes_per_hour: int | None = None
+    operation_gates: tuple[str, ...] = ()
     version: int = 0
     # Each layer's say on windows, in order: an operation's window depends on its service's declared
     # default, known only per write, so the fold over the layers runs in `window_for`.
@@ -184,7 +190,12 @@ class EffectivePolicy:
             max_concurrent_runs=self.max_concurrent_runs,
             max_runs_per_hour=self.max_runs_per_hour,
             max_agent_writes_per_hour=self.max_agent_writes_per_hour,
+            operation_gates=list(self.operation_gates),
         )
+
+    def gated(self, command_type: str) -> bool:
+        """Does this operation wait for an operator's approval (an operation gate)?"""
+        return command_type in self.operation_gates
 
 
 BUILTIN = PolicyDocument(
@@ -202,6 +213,7 @@ BUILTIN = PolicyDocument(
     max_concurrent_runs=None,
     max_runs_per_hour=None,
     max_agent_writes_per_hour=None,
+    operation_gates=[],
 )
 
 
@@ -218,6 +230,10 @@ def _either_true(below: bool, layer: bool) -> bool:
     return below or layer
 
 
+def _union(below: Sequence[str], layer: Sequence[str]) -> list[str]:
+    return sorted({*below, *layer})
+
+
 # What "stricter" means, field by field, when a layer tightens the one below:
 # - max_writes, max_errors, max_services, max_velocity: lower. probe_writes: fewer probe writes while
 #   HALF_OPEN. Agent budgets (max_concurrent_runs, max_runs_per_hour, max_agent_writes_per_hour): lower,
@@ -228,6 +244,7 @@ def _either_true(below: bool, layer: bool) -> bool:
 # - hold_timeout_s: shorter, none being the loosest. A tripped run's held commands are discarded sooner,
 #   so less of a bad run can ever be released; a layer that wants more review time must loosen.
 # - auto_revert: true (what escaped from a tripped run is compensated).
+# - operation_gates: more gates (the union): an operation gated below stays gated.
 # - quarantine_window_s and operation_windows: longer quarantine; see EffectivePolicy.window_for. A
 #   tightening layer's general window is a floor for every operation, overrides from below included; its
 #   override for one operation is the longer of that override and the operation's window below.
@@ -243,6 +260,7 @@ _STRICTER: dict[str, Callable[[Any, Any], Any]] = {
     "hold_timeout_s": _lower_limit,
     "velocity_window_s": _longer,
     "auto_revert": _either_true,
+    "operation_gates": _union,
 }
 
 
@@ -271,6 +289,7 @@ def resolve(layers: Sequence[Layer], version: int) -> EffectivePolicy:
         if w.general is not None:
             general = w.general if w.replaces else max(general, w.general)
     merged["quarantine_window_s"] = general
+    merged["operation_gates"] = tuple(sorted(set(merged["operation_gates"] or ())))
     policy = EffectivePolicy(**merged, version=version, window_layers=tuple(windows))
     # Shown as resolved for a service that declares no window of its own (a declared one may lengthen it).
     named = sorted({op for w in windows for op in w.operations})
@@ -289,6 +308,8 @@ class PolicyVersion:
     # Set by the operator's `setPolicy(loosen: true)`: this layer's fields replace the layer below even
     # where they are looser. Always true in effect for the default layer, which sets the base.
     loosen: bool = False
+    # The incident whose accepted proposal appended this version, if one did.
+    incident_id: str | None = None
 
     @property
     def layer(self) -> Layer:
@@ -352,9 +373,10 @@ class PolicyBook:
 
 
 def row_to_version(row: Any) -> PolicyVersion:
-    # `loosen` rides in the stored document beside the settings (the table predates it).
+    # `loosen` and the incident ride in the stored document beside the settings (the table predates them).
     stored = json.loads(row["document"])
     loosen = stored.pop(LOOSEN_KEY, False) is True
+    incident = stored.pop(INCIDENT_KEY, None)
     return PolicyVersion(
         version=row["version"],
         scope=PolicyScope(row["scope"]),
@@ -364,10 +386,12 @@ def row_to_version(row: Any) -> PolicyVersion:
         reason=row["reason"],
         created_at=row["created_at"],
         loosen=loosen,
+        incident_id=incident if isinstance(incident, str) else None,
     )
 
 
 LOOSEN_KEY = "loosen"
+INCIDENT_KEY = "incident"
 
 
 async def append_version(
@@ -378,14 +402,18 @@ async def append_version(
     author: str,
     reason: str,
     loosen: bool = False,
+    incident_id: str | None = None,
 ) -> int:
     """Append one version; the caller commits. Returns its version number.
 
-    `loosen` records the operator's explicit word that this layer may loosen what lies below it.
+    `loosen` records the operator's explicit word that this layer may loosen what lies below it;
+    `incident_id` the incident whose accepted proposal this version is.
     """
     stored: dict[str, Any] = document.model_dump(exclude_none=True)
     if loosen:
         stored[LOOSEN_KEY] = True
+    if incident_id is not None:
+        stored[INCIDENT_KEY] = incident_id
     result = await conn.execute(
         insert(policy_versions)
         .values(

@@ -52,6 +52,9 @@ class RunRecord:
     compensated: int
     revert_reason: str | None
     revert_requested_at: datetime | None
+    # The policy version that governed the run's latest breaker decision (None: it has not written yet
+    # and was started without a policy lookup).
+    policy_version: int | None = None
 
     @classmethod
     def from_row(cls, row: Any) -> RunRecord:
@@ -78,6 +81,7 @@ class RunRecord:
             compensated=m["compensated"],
             revert_reason=m["revert_reason"],
             revert_requested_at=m["revert_requested_at"],
+            policy_version=m.get("policy_version"),
         )
 
     @property
@@ -105,7 +109,7 @@ def check_run_id(run_id: str) -> str:
 
 # Built once: the compiled form is cached by SQLAlchemy, and the hot path builds no statement objects.
 _LOAD_FOR_WRITE = (
-    select(runs, LATEST_VERSION.label("policy_version"))
+    select(runs, LATEST_VERSION.label("latest_policy_version"))
     .where(runs.c.run_id.in_(bindparam("run_ids", expanding=True)))
     # Sorted, so two writers locking several runs (on any replica) take the row locks in one order.
     .order_by(runs.c.run_id)
@@ -131,7 +135,7 @@ async def load_runs_for_write(
     found there is no policy version either (None).
     """
     rows = (await conn.execute(_LOAD_FOR_WRITE, {"run_ids": sorted(set(run_ids))})).all()
-    policy_version = int(rows[0]._mapping["policy_version"]) if rows else None
+    policy_version = int(rows[0]._mapping["latest_policy_version"]) if rows else None
     return {row._mapping["run_id"]: RunRecord.from_row(row) for row in rows}, policy_version
 
 
@@ -202,8 +206,10 @@ async def start_run(
         if idempotency_key in known:
             answer = known[idempotency_key].replay(request)
             return StartOutcome(await load_run(tx.conn, str(answer["runId"])))
+    policy_version: int | None = None
     if policies is not None:
         policy = await policies.effective(tx.conn, principal.id, entry_point)
+        policy_version = policy.version
         overrun, alert = await budgets.check_start(tx, principal.id, entry_point, policy, now, webhook)
         if overrun is not None:
             return StartOutcome(None, overrun.refusal(), [alert] if alert is not None else [])
@@ -226,6 +232,7 @@ async def start_run(
             published=0,
             applied=0,
             compensated=0,
+            policy_version=policy_version,
         )
     )
     if idempotency_key is not None:

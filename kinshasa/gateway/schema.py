@@ -14,7 +14,7 @@ import logging
 import types
 import typing
 from collections.abc import AsyncGenerator, Callable, Mapping
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any, NewType, Union
 
 import annotated_types
@@ -29,10 +29,13 @@ from strawberry.schema.config import StrawberryConfig
 from kinshasa.gateway import approvals as approvals_mod
 from kinshasa.gateway import breaker as breaker_mod
 from kinshasa.gateway import durability, egress, idempotency, live, quarantine, store
+from kinshasa.gateway import incidents as incidents_mod
 from kinshasa.gateway import policy as policy_mod
+from kinshasa.gateway import proposals as proposals_mod
 from kinshasa.gateway import revert as revert_mod
 from kinshasa.gateway import runs as runs_mod
 from kinshasa.gateway.alerts import list_alerts
+from kinshasa.gateway.backtest import backtest_policy
 from kinshasa.gateway.commands import Receipt, get_command, list_commands
 from kinshasa.gateway.context import GatewayContext
 from kinshasa.gateway.cost import BATCHED, BATCHED_BACKEND, CALLS_BACKEND
@@ -45,6 +48,14 @@ from kinshasa.gateway.errors import (
     camel,
     code_errors,
     invalid_from_pydantic,
+)
+from kinshasa.gateway.incident_types import (
+    Incident,
+    IncidentConnection,
+    IncidentKind,
+    PolicyBacktest,
+    PolicyProposal,
+    connection,
 )
 from kinshasa.gateway.uow import transaction
 from kinshasa.kernel.logs import log_context
@@ -364,6 +375,9 @@ class Run:
     finished_at: datetime | None
     revert_reason: str | None
     revert_requested_at: datetime | None
+    policy_version: int | None = strawberry.field(
+        description="the policy version that governed the run's latest breaker decision"
+    )
     record: strawberry.Private[runs_mod.RunRecord]
 
     @classmethod
@@ -378,6 +392,7 @@ class Run:
             finished_at=record.finished_at,
             revert_reason=record.revert_reason,
             revert_requested_at=record.revert_requested_at,
+            policy_version=record.policy_version,
             record=record,
         )
 
@@ -585,6 +600,9 @@ class PolicySettings:
     probe_writes: int | None
     hold_timeout_s: float | None
     auto_revert: bool | None
+    operation_gates: list[str] | None = strawberry.field(
+        description="operations that wait for approveEgress like egress does; they keep their inverse"
+    )
     max_concurrent_runs: int | None = strawberry.field(
         description="RUNNING runs the agent may have at once; null: no budget"
     )
@@ -611,6 +629,7 @@ class PolicySettings:
             probe_writes=doc.probe_writes,
             hold_timeout_s=doc.hold_timeout_s,
             auto_revert=doc.auto_revert,
+            operation_gates=doc.operation_gates,
         )
 
 
@@ -627,6 +646,9 @@ class PolicyVersion:
         description="set with loosen: true, so this layer may loosen the layers below it (the DEFAULT "
         "layer always sets the base); otherwise it can only tighten them"
     )
+    incident_id: strawberry.ID | None = strawberry.field(
+        default=None, description="the incident whose accepted proposal appended this version"
+    )
 
     @classmethod
     def of(cls, pv: policy_mod.PolicyVersion) -> "PolicyVersion":
@@ -639,6 +661,7 @@ class PolicyVersion:
             author=pv.author,
             reason=pv.reason,
             created_at=pv.created_at,
+            incident_id=strawberry.ID(pv.incident_id) if pv.incident_id else None,
         )
 
 
@@ -774,6 +797,7 @@ class PolicyInput:
     max_concurrent_runs: int | None = None
     max_runs_per_hour: int | None = None
     max_agent_writes_per_hour: int | None = None
+    operation_gates: list[str] | None = None
 
 
 # --- generated agent mutations -------------------------------------------------------------------------
@@ -1164,6 +1188,52 @@ class Query:
             page_info=PageInfo(has_next_page=more, end_cursor=edges[-1].cursor if edges else None),
         )
 
+    @strawberry.field(permission_classes=OPERATOR, description="Incidents, newest first.")
+    async def incidents(
+        self,
+        info: strawberry.Info,
+        first: int = 20,
+        after: str | None = None,
+        kind: IncidentKind | None = None,
+    ) -> IncidentConnection:
+        _bounded(after, "after", 1024)
+        wanted = incidents_mod.IncidentKind(kind.value) if kind is not None else None
+        async with _ctx(info).reads.database() as conn:
+            found, more = await incidents_mod.list_incidents(conn, _page(first), after, wanted)
+            await conn.rollback()
+        return connection(found, more)
+
+    @strawberry.field(permission_classes=OPERATOR)
+    async def incident(self, info: strawberry.Info, id: strawberry.ID) -> Incident:
+        _bounded(id, "id")
+        async with _ctx(info).reads.database() as conn:
+            found = await incidents_mod.get_incident(conn, str(id))
+            await conn.rollback()
+        return Incident.of(found)
+
+    @strawberry.field(
+        permission_classes=OPERATOR,
+        description="Replay the runs recorded since `since` (those the layer applies to) under the policy "
+        "that governed them and under the policy with this layer: what it would have caught and stopped.",
+    )
+    async def backtest_policy(
+        self,
+        info: strawberry.Info,
+        scope: PolicyScope,
+        settings: PolicyInput,
+        since: datetime,
+        subject: str | None = None,
+        loosen: bool = False,
+    ) -> PolicyBacktest:
+        scope_value, subject_value, document = _policy_layer(info, scope, subject, settings)
+        since = since if since.tzinfo is not None else since.replace(tzinfo=UTC)  # no zone given: UTC
+        services = _ctx(info).services
+        declared = {spec.command_type: spec.window_s for spec in services.catalogue}
+        async with _ctx(info).reads.database() as conn:
+            found = await backtest_policy(conn, declared, scope_value, subject_value, document, since, loosen)
+            await conn.rollback()
+        return PolicyBacktest.of(found)
+
     @strawberry.field(permission_classes=OPERATOR, description="The breaker and quarantine policy.")
     async def policy(
         self, info: strawberry.Info, agent_id: str | None = None, entry_point: str | None = None
@@ -1235,6 +1305,52 @@ async def _in_tx(info: strawberry.Info, work: Callable[[Any], Any]) -> Any:
         result = await work(tx)
         await tx.commit()
     return result
+
+
+def _policy_layer(
+    info: strawberry.Info, scope: Any, subject: str | None, settings: "PolicyInput"
+) -> tuple[policy_mod.PolicyScope, str, policy_mod.PolicyDocument]:
+    """A layer as setPolicy and backtestPolicy take it, checked: its scope, subject and document."""
+    services = _ctx(info).services
+    scope_value = policy_mod.PolicyScope(scope)
+    if scope_value is not policy_mod.PolicyScope.DEFAULT and not (subject and subject.strip()):
+        raise Invalid(
+            f"scope {scope_value.value} needs a subject (the agent id or entry point)",
+            [("subject", "required")],
+        )
+    _bounded(subject, "subject")
+    raw = {name: getattr(settings, name) for name in policy_mod.PolicyDocument.model_fields}
+    if raw.get("operation_windows") is not None:
+        unknown = (
+            [op for op in raw["operation_windows"] if op not in services.catalogue]
+            if isinstance(raw["operation_windows"], dict)
+            else ["(not an object)"]
+        )
+        if unknown:
+            raise Invalid(
+                f"operationWindows names unknown operations: {', '.join(map(str, unknown))}",
+                [("settings.operationWindows", "unknown operation")],
+            )
+    gates = [op for op in raw.get("operation_gates") or () if op not in services.catalogue]
+    if gates:
+        raise Invalid(
+            f"operationGates names unknown operations: {', '.join(gates)}: name command types from "
+            "the operations query",
+            [("settings.operationGates", "unknown operation")],
+        )
+    try:
+        document = policy_mod.PolicyDocument.model_validate(raw)
+    except ValidationError as exc:
+        raise invalid_from_pydantic(exc, "settings.") from exc
+    misplaced = [(f"settings.{camel(name)}", problem) for name, problem in
+                 policy_mod.scope_problems(scope_value, document)]
+    if misplaced:
+        raise Invalid(
+            "agent budgets (maxConcurrentRuns, maxRunsPerHour, maxAgentWritesPerHour) bound an agent "
+            "across all its runs: set them at scope DEFAULT or AGENT, not ENTRY_POINT",
+            misplaced,
+        )
+    return scope_value, (subject or "").strip(), document
 
 
 @strawberry.type
@@ -1404,6 +1520,21 @@ class OperatorMutations:
         row = await _in_tx(info, lambda tx: egress.deny(tx, str(command_id), reason, operator.id))
         return CommandReceipt.of(Receipt.from_row(row))
 
+    @strawberry.mutation(
+        permission_classes=OPERATOR,
+        description="Accept a proposal: append its policy version, linked to the incident.",
+    )
+    async def accept_proposal(self, info: strawberry.Info, id: strawberry.ID, reason: str) -> PolicyProposal:
+        operator = _ctx(info).require_operator()
+        proposal = await _in_tx(info, lambda tx: proposals_mod.accept(tx.conn, str(id), reason, operator.id))
+        return PolicyProposal.of(proposal)
+
+    @strawberry.mutation(permission_classes=OPERATOR, description="Reject a proposal, saying why.")
+    async def reject_proposal(self, info: strawberry.Info, id: strawberry.ID, reason: str) -> PolicyProposal:
+        operator = _ctx(info).require_operator()
+        proposal = await _in_tx(info, lambda tx: proposals_mod.reject(tx.conn, str(id), reason, operator.id))
+        return PolicyProposal.of(proposal)
+
     @strawberry.mutation(permission_classes=OPERATOR, description="Re-run dead letters of one component.")
     async def reprocess_dlq(
         self, info: strawberry.Info, component: str, message_ids: list[str]
@@ -1446,42 +1577,12 @@ class OperatorMutations:
     ) -> PolicyVersion:
         operator = _ctx(info).require_operator()
         services = _ctx(info).services
-        scope_value = policy_mod.PolicyScope(scope)
         reason = reason.strip()
         if not reason or len(reason) > 2000:
             raise Invalid(
                 "reason must be 1-2000 characters saying why the policy changes", [("reason", "required")]
             )
-        if scope_value is not policy_mod.PolicyScope.DEFAULT and not (subject and subject.strip()):
-            raise Invalid(
-                f"scope {scope_value.value} needs a subject (the agent id or entry point)",
-                [("subject", "required")],
-            )
-        _bounded(subject, "subject")
-        raw = {name: getattr(settings, name) for name in policy_mod.PolicyDocument.model_fields}
-        if raw.get("operation_windows") is not None:
-            unknown = (
-                [op for op in raw["operation_windows"] if op not in services.catalogue]
-                if isinstance(raw["operation_windows"], dict)
-                else ["(not an object)"]
-            )
-            if unknown:
-                raise Invalid(
-                    f"operationWindows names unknown operations: {', '.join(map(str, unknown))}",
-                    [("settings.operationWindows", "unknown operation")],
-                )
-        try:
-            document = policy_mod.PolicyDocument.model_validate(raw)
-        except ValidationError as exc:
-            raise invalid_from_pydantic(exc, "settings.") from exc
-        misplaced = [(f"settings.{camel(name)}", problem) for name, problem in
-                     policy_mod.scope_problems(scope_value, document)]
-        if misplaced:
-            raise Invalid(
-                "agent budgets (maxConcurrentRuns, maxRunsPerHour, maxAgentWritesPerHour) bound an agent "
-                "across all its runs: set them at scope DEFAULT or AGENT, not ENTRY_POINT",
-                misplaced,
-            )
+        scope_value, _subject, document = _policy_layer(info, scope, subject, settings)
 
         async def work(tx: Any) -> int:
             return await policy_mod.append_version(

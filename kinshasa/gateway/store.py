@@ -1,5 +1,5 @@
-"""The gateway's own tables: runs with their breaker row, commands, alerts, the policy versions, agent budgets
-and idempotency keys."""
+"""The gateway's own tables: runs with their breaker row, commands, alerts, the policy versions, agent
+budgets, idempotency keys, incidents and the policy proposals made for them."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from sqlalchemy import (
     Boolean,
     Column,
     DateTime,
+    Float,
     Index,
     Integer,
     MetaData,
@@ -108,6 +109,8 @@ runs = Table(
     Column("revert_requested_at", UtcDateTime),
     Column("revert_requested_by", String(256)),
     Column("revert_detail", Text),
+    # The policy version that governed the run's latest breaker decision (its writes, its trip).
+    Column("policy_version", Integer),
     Index("ix_gw_runs_agent_started", "agent_id", "started_at"),
     Index("ix_gw_runs_entry_started", "entry_point", "started_at"),
     Index("ix_gw_runs_started", "started_at", "run_id"),
@@ -142,6 +145,8 @@ commands = Table(
     Column("applied_at", UtcDateTime),
     Column("applied_event_id", String(36)),
     Column("compensated_at", UtcDateTime),
+    # When the service's rejection reached the gateway (the moment it counted as an error).
+    Column("rejected_at", UtcDateTime),
     Column("envelope", Text, nullable=False),
     Index("ix_gw_commands_run_accepted", "run_id", "accepted_at"),
     Index("ix_gw_commands_status_release", "status", "release_at"),
@@ -222,11 +227,64 @@ idempotency_keys = Table(
     Index("ix_gw_idempotency_keys_created", "created_at"),
 )
 
+# What went wrong, one row per incident (gateway/incidents.py): a trip, a revert and its outcome, an agent
+# over a budget, a denied egress, a dead-lettered command. `decided_at` and `decision` are filled once,
+# when an operator accepts or rejects one of its proposals.
+incidents = Table(
+    "gw_incidents",
+    gateway_metadata,
+    Column("incident_id", String(36), primary_key=True),
+    Column("kind", String(20), nullable=False),
+    Column("run_id", String(64)),
+    Column("agent_id", String(256)),
+    Column("entry_point", String(256)),
+    Column("policy_version", Integer),
+    Column("threshold", String(32)),
+    Column("count", Float),
+    Column("limit", Float),
+    Column("write_index", Integer),
+    Column("escaped", Text, nullable=False, default="[]"),
+    Column("held", Integer, nullable=False, default=0),
+    Column("services", Text, nullable=False, default="[]"),
+    Column("opened_at", UtcDateTime, nullable=False),
+    Column("decided_at", UtcDateTime),
+    Column("decision", Text),
+    # The facts a replay needs beyond the command rows (the refused write that tripped, the held and
+    # escaped command ids, the failing steps of a revert), and whether proposals were computed.
+    Column("detail", Text, nullable=False, default="{}"),
+    Column("proposed", Boolean, nullable=False, default=False),
+    Index("ix_gw_incidents_opened", "opened_at", "incident_id"),
+    Index("ix_gw_incidents_run", "run_id"),
+)
+
+# Policy changes the system proposes for an incident, each with the backtest that justifies it.
+proposals = Table(
+    "gw_proposals",
+    gateway_metadata,
+    Column("proposal_id", String(36), primary_key=True),
+    Column("incident_id", String(36), nullable=False),
+    Column("scope", String(16), nullable=False),
+    Column("subject", String(256), nullable=False),
+    Column("settings", Text, nullable=False),
+    Column("rationale", Text, nullable=False),
+    Column("backtest", Text, nullable=False),
+    Column("status", String(10), nullable=False),
+    Column("created_at", UtcDateTime, nullable=False),
+    Column("decided_at", UtcDateTime),
+    Column("decided_by", String(256)),
+    Column("reason", Text),
+    Column("policy_version", Integer),
+    Index("ix_gw_proposals_incident", "incident_id"),
+)
+
 _APPEND_ONLY = ("gw_policy_versions", "gw_service_versions")
 
 # Columns and indexes added to tables that existing databases already have (create_all creates only
 # missing tables). Columns come first: an index may name one.
-_ADDED_COLUMNS = {"gw_commands": ("applied_at", "applied_event_id", "compensated_at")}
+_ADDED_COLUMNS = {
+    "gw_commands": ("applied_at", "applied_event_id", "compensated_at", "rejected_at"),
+    "gw_runs": ("policy_version",),
+}
 _ADDED_INDEXES = (
     ("gw_runs", _RUNS_AGENT_STATUS, "agent_id, status"),
     ("gw_commands", _COMMANDS_APPLIED_EVENT, "applied_event_id"),

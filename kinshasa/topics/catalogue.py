@@ -220,6 +220,11 @@ def events_topic_pattern(suffix: str | None = None) -> str:
     return rf"^{re.escape(PREFIX)}\.events\.[a-z][a-z0-9_]*{tail}$"
 
 
+def service_dlq_pattern() -> str:
+    """A subscription regex matching every service's dead-letter topic (`kinshasa.svc.<name>.dlq`)."""
+    return rf"^{re.escape(PREFIX)}\.svc\.[a-z][a-z0-9_]*\.dlq$"
+
+
 def _check_unique(specs: Sequence[TopicSpec]) -> None:
     # Kafka maps '.' and '_' to the same metric name, so topics differing only there collide too.
     seen: dict[str, str] = {}

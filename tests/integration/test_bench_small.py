@@ -10,7 +10,15 @@ from typing import Any
 import pytest
 
 import bench.machine
-from bench import bench_discard, bench_gateway, bench_isolation, bench_latency, bench_relay, bench_trip
+from bench import (
+    bench_antifragile,
+    bench_discard,
+    bench_gateway,
+    bench_isolation,
+    bench_latency,
+    bench_relay,
+    bench_trip,
+)
 
 PERCENTILES = ("p50", "p95", "p99")
 CASES = [
@@ -34,6 +42,9 @@ CASES = [
                               for k in ("bare_per_s", "relay_per_s", "ratio")),
         "sqlite.synchronous_normal_per_s", "sqlite.synchronous_full_cost",
     ], id="relay", marks=pytest.mark.postgres),
+    pytest.param(bench_antifragile, "antifragile", [
+        "seed", "rounds", "escaped_reduction", "worst_good_tripped_share", "target_met", "learned_layers",
+    ], id="antifragile"),
 ]
 
 
@@ -62,6 +73,13 @@ def test_small_run_writes_its_figures(module: ModuleType, name: str, figure_keys
         assert lookup(figures, key) is not None, f"figure {key!r} is empty: {figures}"
     if name == "trip":
         assert [lookup(t, "excess") for t in figures["trials"]] == [0] * len(figures["trials"])
+    if name == "antifragile":
+        rounds = figures["rounds"]
+        assert [r["round"] for r in rounds] == [1, 2, 3, 4, 5]
+        for r in rounds:
+            assert r["good_runs"] > 0 and r["rogue_runs"] > 0 and r["escaped_per_rogue_run"] >= 0
+        # Round 1 learns from rogue runs the starting policy let through.
+        assert rounds[0]["rogue_runs_tripped"] > 0 and rounds[0]["proposals_accepted"] > 0
     if name == "discard":
         assert figures["commands_on_kafka"] == figures["events_on_kafka"] == 0
 

@@ -21,8 +21,18 @@ OPERATOR_MUTATIONS = {
     "denyEgress": 'denyEgress(commandId: "{email}", reason: "r") {{ status }}',
     "reprocessDlq": 'reprocessDlq(component: "gateway", messageIds: ["x"]) {{ count }}',
     "setPolicy": 'setPolicy(scope: DEFAULT, settings: {{maxWrites: 1}}, reason: "r") {{ version }}',
+    "acceptProposal": 'acceptProposal(id: "{run}", reason: "r") {{ status }}',
+    "rejectProposal": 'rejectProposal(id: "{run}", reason: "r") {{ status }}',
 }
-OPERATOR_QUERIES = ["dlq { component }", "alerts { id }", "policy { version }"]
+OPERATOR_QUERIES = [
+    "dlq { component }",
+    "alerts { id }",
+    "policy { version }",
+    "incidents { nodes { id } }",
+    'incident(id: "00000000-0000-0000-0000-000000000000") { id }',
+    'backtestPolicy(scope: DEFAULT, settings: {maxWrites: 1}, since: "2020-01-01T00:00:00Z") '
+    "{ runsReplayed }",
+]
 
 
 async def _state(harness: Harness) -> dict[str, Any]:
@@ -61,6 +71,8 @@ async def test_operator_mutations_refuse_agents(harness: Harness) -> None:
         "denyEgress",
         "reprocessDlq",
         "setPolicy",
+        "acceptProposal",
+        "rejectProposal",
     }
     before = await _state(harness)
     for name, call in OPERATOR_MUTATIONS.items():
