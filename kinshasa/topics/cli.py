@@ -9,7 +9,7 @@ import typer
 from kinshasa.settings import SERVICE_NAMES, StackSettings
 from kinshasa.topics.admin import TopicAdminError, describe_topics, ensure_topics, list_topics
 from kinshasa.topics.catalogue import GATEWAY, PREFIX, catalogue, dlq_topic, group_id, with_suffix
-from kinshasa.topics.checks import TopicMinimums
+from kinshasa.topics.checks import TopicCheckError, TopicMinimums, check_topics
 
 app = typer.Typer(help="The log's topics: create the catalogue, list what the broker holds.",
                   no_args_is_help=True)
@@ -46,11 +46,17 @@ def ensure(
         None, "--topic-suffix", metavar="SUFFIX",
         help="The topics of an isolated copy, as `kinshasa service` and `kinshasa coordinator` use them "
              "with the same --topic-suffix."),
+    strict: bool = typer.Option(
+        False, "--strict",
+        help="Also exit 1 on differences the components run with (more partitions, another retention)."),
 ) -> None:
-    """Create missing catalogue topics; report existing ones whose partitions or configs differ (exit 1).
+    """Create missing catalogue topics, then check every topic as the components will at start.
 
     The only command that creates topics: components check theirs at start and refuse to run on a topic
-    that is missing or below KINSHASA_MIN_REPLICATION / KINSHASA_MIN_INSYNC_REPLICAS.
+    that is missing or below KINSHASA_MIN_REPLICATION / KINSHASA_MIN_INSYNC_REPLICAS. Exit 1 when an
+    existing topic would be refused (fewer partitions, below the minimums, another cleanup policy);
+    differences the components accept (more partitions, another retention) are reported and exit 0,
+    unless --strict, so a deployment that waits on this command still starts after a topic was grown.
     """
     address = _bootstrap(bootstrap)
     try:
@@ -62,6 +68,11 @@ def ensure(
                      if spec.name != dlq_topic(group_id(GATEWAY))]
         report = ensure_topics(address, specs, replication_factor=minimums.replication, timeout=timeout,
                                min_insync_replicas=minimums.insync_replicas)
+        refusal: TopicCheckError | None = None
+        try:
+            check_topics(address, specs, minimums, component="kinshasa topics ensure", timeout=timeout)
+        except TopicCheckError as exc:
+            refusal = exc
     except (TopicAdminError, ValueError) as exc:
         _fail(exc)
     for name in report.created:
@@ -72,7 +83,11 @@ def ensure(
         typer.secho(f"MISMATCH  {mismatch.line()}", fg=typer.colors.YELLOW)
     typer.echo(f"{len(report.created)} created, {len(report.existing)} existing, "
                f"{len(report.mismatches)} mismatches on {address}")
-    if report.mismatches:
+    if refusal is not None:
+        typer.secho("Components would refuse these topics:", fg=typer.colors.RED, err=True)
+        for problem in refusal.problems:
+            typer.secho(f"  - {problem.line()}", fg=typer.colors.RED, err=True)
+    if refusal is not None or (strict and report.mismatches):
         typer.secho("Existing topics are never altered: fix them by hand (kafka-configs / kafka-topics) "
                     "or recreate them, then run `kinshasa topics ensure` again.", err=True)
         raise typer.Exit(code=1)

@@ -264,3 +264,36 @@ def test_kinshasa_up_stops_before_any_process_on_topics_its_components_would_ref
         ensure_stack_topics(stack, [SERVICE], lambda _line: None)
     assert str(refused.value).startswith("kinshasa up refuses to start")
     assert f"{RUNS}: replication factor 1, below KINSHASA_MIN_REPLICATION=3" in str(refused.value)
+
+
+def test_topics_ensure_passes_a_grown_topic_and_fails_one_components_would_refuse(
+        kafka: KafkaBroker, unique: str) -> None:
+    """A deployment waits on `topics ensure`: a topic an operator grew must not keep it from starting."""
+    from confluent_kafka.admin import AdminClient, NewPartitions, NewTopic
+
+    grown, shrunk = f"t{unique}", f"u{unique}"
+    args = ["ensure", "--bootstrap", kafka.bootstrap, "--service", SERVICE, "--topic-suffix"]
+    assert CliRunner().invoke(topics_app, [*args, grown]).exit_code == 0
+    admin = AdminClient({"bootstrap.servers": kafka.bootstrap})
+    commands_topic = ServiceTopics.for_service(SERVICE, grown).commands
+    partitions = describe_topics(kafka.bootstrap, [commands_topic])[commands_topic].partitions
+    for future in admin.create_partitions([NewPartitions(commands_topic, partitions + 2)]).values():
+        future.result(30)
+    deadline = time.monotonic() + 30
+    while describe_topics(kafka.bootstrap, [commands_topic])[commands_topic].partitions != partitions + 2:
+        assert time.monotonic() < deadline, "the broker never showed the grown topic"
+        time.sleep(0.1)
+
+    again = CliRunner().invoke(topics_app, [*args, grown])
+    assert again.exit_code == 0, again.output
+    assert "1 mismatches" in again.output and commands_topic in again.output
+    strict = CliRunner().invoke(topics_app, [*args, grown, "--strict"])
+    assert strict.exit_code == 1, strict.output
+
+    # A topic with fewer partitions than the catalogue's is one the service would refuse: ensure says so.
+    short = ServiceTopics.for_service(SERVICE, shrunk).commands
+    for future in admin.create_topics([NewTopic(short, num_partitions=1, replication_factor=1)]).values():
+        future.result(30)
+    refused = CliRunner().invoke(topics_app, [*args, shrunk])
+    assert refused.exit_code == 1, refused.output
+    assert "Components would refuse these topics" in refused.output and short in refused.output
