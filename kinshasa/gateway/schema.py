@@ -275,6 +275,11 @@ def _stamp(value: Any) -> datetime | None:
     return None if value is None else datetime.fromisoformat(str(value).replace("Z", "+00:00"))
 
 
+def _may_read_step(info: strawberry.Info, service: str) -> bool:
+    principal = _ctx(info).principal
+    return principal is not None and principal.may_read(service)
+
+
 @strawberry.type(description="One applied forward step of a run, as the coordinator's ledger holds it.")
 class RunStep:
     step_id: int = strawberry.field(description="the step's place in the run's apply order, 1 first")
@@ -291,8 +296,20 @@ class RunStep:
     attempts: int = strawberry.field(description="compensate commands emitted for it so far")
     resolved_at: datetime | None = strawberry.field(description="when it was compensated or refused")
     failure_reason: str | None = strawberry.field(description="why the service refused its inverse")
-    before: JSON | None = strawberry.field(description="the entity as its service showed it before the step")
-    after: JSON | None = strawberry.field(description="the entity as its service showed it after the step")
+    # The domain states the service put on its `applied` event: shown only to a caller who may read the
+    # service's entities (a write scope is not a read scope), through `before` and `after` below.
+    before_state: strawberry.Private[Any]
+    after_state: strawberry.Private[Any]
+
+    @strawberry.field(description="the entity as its service showed it before the step; null unless the "
+                      "caller may read the service's entities (`<service>:read`, or an operator)")
+    def before(self, info: strawberry.Info) -> JSON | None:
+        return self.before_state if _may_read_step(info, self.service) else None
+
+    @strawberry.field(description="the entity as its service showed it after the step; null unless the "
+                      "caller may read the service's entities (`<service>:read`, or an operator)")
+    def after(self, info: strawberry.Info) -> JSON | None:
+        return self.after_state if _may_read_step(info, self.service) else None
 
     @classmethod
     def of(cls, step: dict[str, Any]) -> "RunStep":
@@ -319,8 +336,8 @@ class RunStep:
                 attempts=int(step.get("attempts") or 0),
                 resolved_at=_stamp(step.get("resolved_at")),
                 failure_reason=step.get("failure_reason"),
-                before=step.get("before"),
-                after=step.get("after"),
+                before_state=step.get("before"),
+                after_state=step.get("after"),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise BackendUnavailable(

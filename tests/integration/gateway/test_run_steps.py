@@ -32,7 +32,13 @@ from kinshasa.kernel.database import create_engine
 from kinshasa.schemas.envelope import Actor, EntityRef, Envelope, deterministic_id
 from kinshasa.services.registry import example_catalogue
 from kinshasa.settings import StackSettings
-from tests.integration.gateway.conftest import OPERATOR_KEY, Client, registry
+from tests.integration.gateway.conftest import (
+    OPERATOR_KEY,
+    OTHER_AGENT_KEY,
+    SUPPORT_AGENT_KEY,
+    Client,
+    registry,
+)
 
 CATALOGUE = example_catalogue()
 
@@ -305,6 +311,42 @@ async def test_each_step_shows_the_entity_before_and_after_and_the_run_its_rever
     assert created["before"] is None and created["after"] == {"id": "d1"}
     # Steps 1 (refused), 2 (undone), 4 and 5 (applied) are the revert's; 3 is egress and never is.
     assert run["revertProgress"] == {"total": 4, "compensated": 1, "failing": 1, "pending": 2}
+
+
+async def test_before_and_after_are_shown_only_to_a_caller_who_may_read_the_service(stack: Stack) -> None:
+    """A write scope is not a read scope: the states on a run's steps are the service's entities, so an
+    agent that may write documents but not read them sees null, as it would reading the document itself."""
+    c = stack.client
+    query = "query($id: ID!) { run(id: $id) { steps { nodes { stepId service before after } } } }"
+    states = {"before": {"id": "d1", "title": "Q3"}, "after": {"id": "d1", "title": "Q3 (final)"}}
+
+    async def run_with_states(key: str, entry_point: str) -> str:
+        run_id = await c.start_run(key=key, entry_point=entry_point)
+        rename = applied(run_id, "documents.rename", "d1", 1)
+        rename = rename.model_copy(update={"payload": states})
+        email = applied(run_id, "notifier.send_email", "e1", 2)
+        email = email.model_copy(update={"payload": {**states, "irreversible": True}})
+        async with stack.ledger.engine.begin() as conn:
+            await LedgerProjector().project_batch(conn, [rename, email])
+        return run_id
+
+    def shown(nodes: list[dict[str, Any]]) -> dict[str, tuple[Any, Any]]:
+        return {n["service"]: (n["before"], n["after"]) for n in nodes}
+
+    # agent-2 writes documents and reads nothing: its own run's steps are there, their states are not.
+    writer_run = await run_with_states(OTHER_AGENT_KEY, "steps-scoped")
+    nodes = (await c.data(query, {"id": writer_run}, OTHER_AGENT_KEY))["run"]["steps"]["nodes"]
+    assert [n["stepId"] for n in nodes] == [2, 1]
+    assert shown(nodes) == {"notifier": (None, None), "documents": (None, None)}
+    # The operator sees every state of the same run.
+    operator_view = (await c.data(query, {"id": writer_run}, OPERATOR_KEY))["run"]["steps"]["nodes"]
+    assert shown(operator_view) == {
+        "notifier": (states["before"], states["after"]), "documents": (states["before"], states["after"])}
+
+    # agent-3 reads documents (`documents:read`) but not the notifier's entities.
+    reader_run = await run_with_states(SUPPORT_AGENT_KEY, "support-bot")
+    nodes = (await c.data(query, {"id": reader_run}, SUPPORT_AGENT_KEY))["run"]["steps"]["nodes"]
+    assert shown(nodes) == {"notifier": (None, None), "documents": (states["before"], states["after"])}
 
 
 async def test_a_huge_state_is_kept_as_a_note_and_an_older_ledger_gains_the_columns(
