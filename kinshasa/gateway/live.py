@@ -51,6 +51,8 @@ class AlertFeed:
         self._poll_s = poll_s
         self._subscribers: set[asyncio.Queue[Alert]] = set()
         self._task: asyncio.Task[None] | None = None
+        # Subscribers inside `subscribe`, including those still waiting for the poller's first read.
+        self._listeners = 0
         # What the poller has seen within LOOKBACK, by id; set once it has read what was already there.
         self._recent: dict[str, Alert] = {}
         self._primed = asyncio.Event()
@@ -62,22 +64,31 @@ class AlertFeed:
             self._recent = {}
             self._primed = asyncio.Event()
             self._task = asyncio.create_task(self._poll(), name="alert-feed")
-        await self._primed.wait()
-        # No await from here to `add`: the poller cannot fan out an alert in between.
-        since = utcnow() - REPLAY
-        for alert in sorted(self._recent.values(), key=lambda a: a.created_at):
-            if alert.created_at >= since:
-                _put(queue, alert)
-        self._subscribers.add(queue)
+        # Counted from before the wait for priming: a subscriber cancelled while the poller primes still
+        # leaves through `finally`, and the last one to leave, primed or not, stops the poller.
+        self._listeners += 1
         try:
+            await self._primed.wait()
+            # No await from here to `add`: the poller cannot fan out an alert in between.
+            since = utcnow() - REPLAY
+            for alert in sorted(self._recent.values(), key=lambda a: a.created_at):
+                if alert.created_at >= since:
+                    _put(queue, alert)
+            self._subscribers.add(queue)
             yield queue
         finally:
             self._subscribers.discard(queue)
-            if not self._subscribers and self._task is not None:
+            self._listeners -= 1
+            if not self._listeners and self._task is not None:
                 # No await here: a subscriber joining meanwhile must find either this poller running or
                 # none (and start its own), never one that is being cancelled.
                 self._task.cancel()
                 self._task = None
+
+    @property
+    def polling(self) -> bool:
+        """Whether a poller is running (one runs only while someone listens)."""
+        return self._task is not None and not self._task.done()
 
     async def _poll(self) -> None:
         while True:

@@ -7,6 +7,7 @@ import asyncio
 import json
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
@@ -15,6 +16,8 @@ import websockets
 from websockets.exceptions import ConnectionClosed
 
 from kinshasa.gateway.fairness import Limits
+from kinshasa.gateway.live import AlertFeed
+from kinshasa.gateway.loaders import DatabaseReads
 from kinshasa.infra.process import free_port
 from kinshasa.kernel.component import QuietServer
 from tests.integration.gateway.conftest import AGENT_KEY, OPERATOR_KEY, OTHER_AGENT_KEY, Harness
@@ -305,3 +308,66 @@ async def test_a_watching_operator_is_not_counted_in_flight(harness: Harness, se
             assert data == {"me": {"kind": "operator"}}
     finally:
         await socket.close()
+
+
+def _alert_pollers() -> list[asyncio.Task[Any]]:
+    return [t for t in asyncio.all_tasks() if t.get_name() == "alert-feed" and not t.done()]
+
+
+async def _until(condition: Any, what: str, within_s: float = 10.0) -> None:
+    for _ in range(int(within_s / 0.02)):
+        if condition():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"gave up waiting: {what}")
+
+
+async def test_a_subscriber_cancelled_while_the_feed_primes_leaves_no_poller_behind(harness: Harness) -> None:
+    """The alert feed's poller runs only while someone listens, including a listener that leaves before the
+    poller's first read is done (a console closed while connecting)."""
+    reads = DatabaseReads(harness.gateway.engine, 1)
+    gate = asyncio.Event()
+    reading = asyncio.Event()
+
+    @asynccontextmanager
+    async def slow_connect() -> AsyncIterator[Any]:
+        reading.set()
+        await gate.wait()  # the first read hangs until the test lets it through
+        async with reads.connect() as conn:
+            yield conn
+
+    feed = AlertFeed(slow_connect, poll_s=0.05)
+    entered: list[str] = []
+
+    async def listen(name: str, stay: asyncio.Event) -> None:
+        async with feed.subscribe():
+            entered.append(name)
+            await stay.wait()
+
+    before = set(_alert_pollers())
+    leaving = asyncio.create_task(listen("leaving", asyncio.Event()))
+    await asyncio.wait_for(reading.wait(), 10)
+    [poller] = set(_alert_pollers()) - before
+    leaving.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await leaving
+    await _until(poller.done, "the poller to stop once its only subscriber left while priming")
+    assert poller.cancelled() and not feed.polling and entered == []
+
+    # Two wait for priming and one leaves: the other is still served, and the poller stops when it goes.
+    reading.clear()
+    staying_done = asyncio.Event()
+    staying = asyncio.create_task(listen("staying", staying_done))
+    leaving = asyncio.create_task(listen("leaving", asyncio.Event()))
+    await asyncio.wait_for(reading.wait(), 10)
+    [poller] = set(_alert_pollers()) - before
+    leaving.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await leaving
+    gate.set()
+    await _until(lambda: entered == ["staying"], "the remaining subscriber to be served")
+    assert feed.polling and not poller.done()
+    staying_done.set()
+    await staying
+    await _until(poller.done, "the poller to stop once the last subscriber left")
+    assert not feed.polling
