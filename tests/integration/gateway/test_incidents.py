@@ -44,7 +44,7 @@ async def incidents(c: Client, kind: str | None = None) -> list[dict[str, Any]]:
     return found
 
 
-async def wait_for_incident(c: Client, kind: str, run_id: str, within_s: float = 30.0) -> dict[str, Any]:
+async def wait_for_incident(c: Client, kind: str, run_id: str, within_s: float = 90.0) -> dict[str, Any]:
     deadline = time.monotonic() + within_s
     while True:
         found = [i for i in await incidents(c, kind) if i["runId"] == run_id]
