@@ -18,6 +18,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from kinshasa.gateway import store
+from kinshasa.gateway.errors import Invalid
 from kinshasa.gateway.policy import (
     EffectivePolicy,
     Layer,
@@ -32,6 +33,15 @@ from kinshasa.gateway.runs import RunRecord
 from kinshasa.gateway.store import commands, incidents, runs
 
 _CHUNK = 500
+# What one replay may hold in memory: every run and command it replays is loaded at once. A `since` far in
+# the past over a busy gateway would otherwise read the whole history into the gateway's process. About
+# 0.5 KB a recorded write, so the command bound keeps a backtest under ~200 MB.
+MAX_RUNS = 20_000
+MAX_COMMANDS = 400_000
+
+
+class TooMuchHistory(Invalid):
+    """More recorded runs or commands than one replay may load."""
 
 
 @dataclass(frozen=True)
@@ -146,8 +156,15 @@ async def load_history(
     agent_id: str | None = None,
     entry_point: str | None = None,
     run_ids: Sequence[str] | None = None,
+    newest_only: bool = False,
 ) -> list[HistoricRun]:
-    """The runs started since `since` (of one agent or entry point, or named), as replay records them."""
+    """The runs started since `since` (of one agent or entry point, or named), as replay records them.
+
+    Bounded: at most MAX_RUNS runs and MAX_COMMANDS commands are loaded. Beyond that it raises
+    TooMuchHistory (VALIDATION: narrow `since` or the layer), or with `newest_only` keeps the newest runs
+    that fit (a proposal learns from the recent past). Memory stays bounded either way: the runs are read
+    newest first with a limit, and the commands chunk by chunk until the bound.
+    """
     query = select(runs).where(runs.c.started_at >= since)
     if agent_id is not None:
         query = query.where(runs.c.agent_id == agent_id)
@@ -155,8 +172,13 @@ async def load_history(
         query = query.where(runs.c.entry_point == entry_point)
     if run_ids is not None:
         query = query.where(runs.c.run_id.in_(list(run_ids)))
-    ordered = query.order_by(runs.c.started_at, runs.c.run_id)
-    records = [RunRecord.from_row(r) for r in await conn.execute(ordered)]
+    newest_first = query.order_by(runs.c.started_at.desc(), runs.c.run_id.desc()).limit(MAX_RUNS + 1)
+    records = [RunRecord.from_row(r) for r in await conn.execute(newest_first)]
+    if len(records) > MAX_RUNS:
+        if not newest_only:
+            raise _too_much(since, f"more than {MAX_RUNS} runs")
+        records = records[:MAX_RUNS]
+    loaded = 0
     found: list[HistoricRun] = []
     for start in range(0, len(records), _CHUNK):
         chunk = records[start : start + _CHUNK]
@@ -170,8 +192,16 @@ async def load_history(
             )
             .where(commands.c.run_id.in_(ids))
             .order_by(commands.c.accepted_at, commands.c.command_id)
+            # One more than fits, so going over is seen without reading all of it.
+            .limit(MAX_COMMANDS - loaded + 1)
         )
-        for row in rows.mappings():
+        chunk_rows = rows.mappings().all()
+        if loaded + len(chunk_rows) > MAX_COMMANDS:
+            if not newest_only:
+                raise _too_much(since, f"more than {MAX_COMMANDS} recorded writes")
+            break  # the older runs do not fit: the newest ones already loaded are the history
+        loaded += len(chunk_rows)
+        for row in chunk_rows:
             writes[row["run_id"]].append(
                 RecordedWrite(
                     command_id=row["command_id"],
@@ -219,7 +249,17 @@ async def load_history(
             )
             breaker_trip = first is not None and first.get("threshold") not in ("operator", "probe")
             found.append(HistoricRun(record, recorded, breaker_trip))
+    # Replayed oldest first, as they happened.
+    found.sort(key=lambda h: (h.record.started_at, h.record.run_id))
     return found
+
+
+def _too_much(since: datetime, what: str) -> TooMuchHistory:
+    return TooMuchHistory(
+        f"{what} were recorded since {since.isoformat()}: a backtest replays at most {MAX_RUNS} runs and "
+        f"{MAX_COMMANDS} writes; pass a later `since`, or a narrower layer (scope AGENT or ENTRY_POINT)",
+        [("since", "too much history to replay at once")],
+    )
 
 
 def _closed_at(record: RunRecord) -> datetime | None:

@@ -342,12 +342,14 @@ async def draft(
     write transaction (replaying a week of runs must not hold the writers' lock)."""
     since = incident.opened_at - LOOKBACK
     scope, subject = target_layer(incident)
+    # Bounded like any backtest; a busy entry point's proposals learn from its newest runs that fit.
     runs = await load_history(
-        conn, declared, since, entry_point=subject if scope is PolicyScope.ENTRY_POINT else None
+        conn, declared, since, entry_point=subject if scope is PolicyScope.ENTRY_POINT else None,
+        newest_only=True,
     )
     if incident.run_id is not None and all(h.record.run_id != incident.run_id for h in runs):
         runs += await load_history(conn, declared, datetime.min.replace(tzinfo=since.tzinfo),
-                                   run_ids=[incident.run_id])
+                                   run_ids=[incident.run_id], newest_only=True)
     history = await load_policy_history(conn)
     return Proposer(history, runs, incident, since).drafts()
 
