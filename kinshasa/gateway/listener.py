@@ -30,7 +30,7 @@ from kinshasa.gateway.errors import RunNotFound
 from kinshasa.gateway.incidents import IncidentKind, by_operation, open_incident, run_commands_at
 from kinshasa.gateway.policy import PolicyBook
 from kinshasa.gateway.quarantine import UNPUBLISHED, discard
-from kinshasa.gateway.runs import load_run, run_envelope
+from kinshasa.gateway.runs import RunRecord, load_run, run_envelope
 from kinshasa.gateway.store import commands, runs
 from kinshasa.gateway.uow import GatewayTx, transaction
 from kinshasa.kernel.dlq import DLQ_HEADER_PREFIX
@@ -320,6 +320,25 @@ class Listener:
             .first()
         )
 
+    @staticmethod
+    async def _revert_incident(tx: GatewayTx, run: RunRecord, kind: RunEventKind, envelope: Envelope) -> None:
+        """The REVERT or REVERT_FAILED incident of one revert outcome, in the outcome's transaction."""
+        out, _waiting = await run_commands_at(tx.conn, run.run_id)
+        await open_incident(
+            tx.conn,
+            IncidentKind.REVERT if kind is RunEventKind.REVERTED else IncidentKind.REVERT_FAILED,
+            utcnow(),
+            run_id=run.run_id,
+            agent_id=run.agent_id,
+            entry_point=run.entry_point,
+            policy_version=run.policy_version,
+            write_index=run.writes,
+            escaped=by_operation(list(out)),
+            held=0,
+            services=list(run.services),
+            detail={"reason": run.revert_reason, "outcome": envelope.payload},
+        )
+
     async def _revert_outcome(self, envelope: Envelope, kind: RunEventKind) -> None:
         """The coordinator's outcome closes the run, whatever its status, and nothing of it stays unpublished.
 
@@ -336,21 +355,11 @@ class Listener:
             if not await self._inbox.record(tx.conn, self.group, envelope.message_id):
                 return
             status = store.REVERTED if kind is RunEventKind.REVERTED else store.REVERT_FAILED
-            out, _waiting = await run_commands_at(tx.conn, run.run_id)
-            await open_incident(
-                tx.conn,
-                IncidentKind.REVERT if kind is RunEventKind.REVERTED else IncidentKind.REVERT_FAILED,
-                utcnow(),
-                run_id=run.run_id,
-                agent_id=run.agent_id,
-                entry_point=run.entry_point,
-                policy_version=run.policy_version,
-                write_index=run.writes,
-                escaped=by_operation(list(out)),
-                held=0,
-                services=list(run.services),
-                detail={"reason": run.revert_reason, "outcome": envelope.payload},
-            )
+            # One incident per outcome: the coordinator may report the same outcome again under a new
+            # message id (a joined request gives its workflow another round; the run is already there),
+            # and that is no new decision. A retried revert that fails again went through REVERTING first.
+            if run.status != status:
+                await self._revert_incident(tx, run, kind, envelope)
             discarded = await discard(
                 tx, run.run_id, UNPUBLISHED, f"run {status} by the coordinator", COORDINATOR.id
             )
