@@ -22,7 +22,7 @@ from enum import StrEnum
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy import func, insert, select
+from sqlalchemy import func, insert, select, text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from kinshasa.gateway.store import policy_versions
@@ -394,6 +394,23 @@ LOOSEN_KEY = "loosen"
 INCIDENT_KEY = "incident"
 
 
+# pg_advisory_xact_lock key of the policy's append lock ("kinshasa.policy" as a 63-bit number).
+_POLICY_LOCK = 0x6B696E7368617361
+
+
+async def lock_policy(conn: AsyncConnection) -> None:
+    """Serialise policy appends until the caller's transaction ends.
+
+    `acceptProposal` reads a layer, merges its change in and appends the result: two such read-merge-
+    appends of one layer at once (two proposals of one incident accepted by two operators, or one beside
+    a `setPolicy`) would each append the layer as it read it, and the first one's change would be lost.
+    Every append takes this lock, and an accept takes it before it reads. SQLite's BEGIN IMMEDIATE already
+    holds the database's write lock for the whole transaction.
+    """
+    if conn.dialect.name == "postgresql":
+        await conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _POLICY_LOCK})
+
+
 async def append_version(
     conn: AsyncConnection,
     scope: PolicyScope,
@@ -409,6 +426,7 @@ async def append_version(
     `loosen` records the operator's explicit word that this layer may loosen what lies below it;
     `incident_id` the incident whose accepted proposal this version is.
     """
+    await lock_policy(conn)
     stored: dict[str, Any] = document.model_dump(exclude_none=True)
     if loosen:
         stored[LOOSEN_KEY] = True

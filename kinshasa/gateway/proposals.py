@@ -41,7 +41,7 @@ from kinshasa.gateway.backtest import (
 )
 from kinshasa.gateway.errors import Invalid, NotFound
 from kinshasa.gateway.incidents import Incident, IncidentKind
-from kinshasa.gateway.policy import EffectivePolicy, PolicyDocument, PolicyScope, append_version
+from kinshasa.gateway.policy import EffectivePolicy, PolicyDocument, PolicyScope, append_version, lock_policy
 from kinshasa.gateway.replay import Outcome, replay
 from kinshasa.gateway.store import incidents, proposals
 from kinshasa.schemas.envelope import utcnow
@@ -429,6 +429,8 @@ async def accept(conn: AsyncConnection, proposal_id_: str, reason: str, operator
     reason = _check_reason(reason)
     proposal = await get_proposal(conn, proposal_id_, lock=True)
     _check_open(proposal)
+    # Before the layer is read: another accept (or a setPolicy) of this layer appends first or waits.
+    await lock_policy(conn)
     history = await load_policy_history(conn)
     base = history.layers_at(None).get((proposal.scope, proposal.subject))
     document = merge(base.document if base is not None else PolicyDocument(), proposal.settings)
