@@ -14,6 +14,7 @@ from sqlalchemy import insert, text
 from kinshasa.gateway import backtest
 from kinshasa.gateway import proposals as proposals_mod
 from kinshasa.gateway.backtest import load_policy_history
+from kinshasa.gateway.errors import Invalid
 from kinshasa.gateway.incidents import IncidentKind, open_incident
 from kinshasa.gateway.policy import PolicyScope
 from kinshasa.gateway.store import install_gateway_tables, proposals
@@ -76,5 +77,33 @@ async def test_two_proposals_of_one_layer_accepted_at_once_both_take_effect(post
             await conn.rollback()
         layer = history.layers_at(None)[(PolicyScope.ENTRY_POINT, "billing")]
         assert (layer.document.max_writes, layer.document.max_velocity) == (5, 3)
+    finally:
+        await engine.dispose()
+
+
+@pytest.mark.postgres
+async def test_two_operators_accepting_one_proposal_at_once_append_one_version(postgres_url: str) -> None:
+    engine = create_engine(postgres_url)
+    try:
+        await install_gateway_tables(engine)
+        async with transaction(engine) as tx:
+            proposal = await _proposal(tx.conn, "billing", {"max_writes": 5})
+            await tx.commit()
+
+        async def accept(operator: str) -> str:
+            async with transaction(engine) as tx:
+                await proposals_mod.accept(tx.conn, proposal, "mine", operator)
+                await tx.commit()
+            return operator
+
+        answers = await asyncio.gather(accept("op-1"), accept("op-2"), return_exceptions=True)
+        refused = [a for a in answers if isinstance(a, Invalid)]
+        assert len(refused) == 1 and "already ACCEPTED" in str(refused[0]), answers
+        async with engine.connect() as conn:
+            history = await load_policy_history(conn)
+            decided = await proposals_mod.get_proposal(conn, proposal)
+            await conn.rollback()
+        assert [pv.version for pv in history.versions] == [decided.policy_version]
+        assert decided.decided_by in [a for a in answers if isinstance(a, str)]
     finally:
         await engine.dispose()
