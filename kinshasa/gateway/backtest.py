@@ -9,10 +9,12 @@ runs (finished, never tripped, never reverted) that the candidate would have sto
 
 from __future__ import annotations
 
+import asyncio
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import TypeVar
 
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -31,6 +33,8 @@ from kinshasa.gateway.policy import history as policy_history
 from kinshasa.gateway.replay import Outcome, RecordedRun, RecordedWrite, RefusedWrite, replay
 from kinshasa.gateway.runs import RunRecord
 from kinshasa.gateway.store import commands, incidents, runs
+
+T = TypeVar("T")
 
 _CHUNK = 500
 # What one replay may hold in memory: every run and command it replays is loaded at once. A `since` far in
@@ -335,7 +339,16 @@ async def backtest_policy(
         entry_point=subject if scope is PolicyScope.ENTRY_POINT else None,
     )
     candidate = Candidate(versions, scope, subject, document, loosen)
-    return summarise(compare(history, Governing(versions), candidate))
+    return await off_the_loop(lambda: summarise(compare(history, Governing(versions), candidate)))
+
+
+async def off_the_loop(work: Callable[[], T]) -> T:
+    """Run a replay (pure CPU: seconds for a large history) in a worker thread.
+
+    On the event loop it would stall every agent write of this gateway process for as long as it runs;
+    in a thread the loop keeps its turns (the GIL is handed over every few milliseconds).
+    """
+    return await asyncio.to_thread(work)
 
 
 async def load_policy_history(conn: AsyncConnection) -> PolicyHistory:

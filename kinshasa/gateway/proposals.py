@@ -36,6 +36,7 @@ from kinshasa.gateway.backtest import (
     compare,
     load_history,
     load_policy_history,
+    off_the_loop,
     rate_bound,
     summarise,
 )
@@ -351,7 +352,7 @@ async def draft(
         runs += await load_history(conn, declared, datetime.min.replace(tzinfo=since.tzinfo),
                                    run_ids=[incident.run_id], newest_only=True)
     history = await load_policy_history(conn)
-    return Proposer(history, runs, incident, since).drafts()
+    return await off_the_loop(Proposer(history, runs, incident, since).drafts)
 
 
 async def store_drafts(conn: AsyncConnection, incident: Incident, drafts: Sequence[Draft]) -> list[Proposal]:
