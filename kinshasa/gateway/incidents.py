@@ -191,7 +191,11 @@ def encode_cursor(incident: Incident) -> str:
 def _decode_cursor(cursor: str) -> tuple[datetime, str]:
     try:
         opened, incident_id = json.loads(base64.urlsafe_b64decode(cursor.encode()))
-        return datetime.fromisoformat(opened), str(incident_id)
+        moment = datetime.fromisoformat(opened)
+        if moment.tzinfo is None:
+            # The cursors this gateway issues carry a zone; a naive time would fail in the UTC column.
+            raise ValueError("a cursor's time carries its zone")
+        return moment, str(incident_id)
     except (ValueError, TypeError) as exc:
         raise Invalid(
             "invalid cursor: pass the endCursor of a previous page of incidents unchanged",
