@@ -331,6 +331,10 @@ def _when(moment: datetime) -> str:
     return moment.strftime("%A %Y-%m-%d %H:%M UTC")
 
 
+# The kinds of incident `Proposer.drafts` proposes for.
+_PROPOSING = (IncidentKind.TRIP, IncidentKind.REVERT_FAILED)
+
+
 def proposal_id(incident_id: str, key: str) -> str:
     """Deterministic: proposing twice for one incident yields the same rows."""
     return str(uuid.uuid5(uuid.UUID(incident_id), key))
@@ -341,6 +345,8 @@ async def draft(
 ) -> list[Draft]:
     """The proposals the recorded runs justify for this incident: reads only, so it runs outside any
     write transaction (replaying a week of runs must not hold the writers' lock)."""
+    if incident.kind not in _PROPOSING:
+        return []  # nothing to learn from the history: do not read it
     since = incident.opened_at - LOOKBACK
     scope, subject = target_layer(incident)
     # Bounded like any backtest; a busy entry point's proposals learn from its newest runs that fit.

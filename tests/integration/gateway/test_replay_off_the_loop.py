@@ -53,3 +53,30 @@ async def test_backtests_and_drafts_replay_off_the_event_loop(
         await engine.dispose()
     assert found.runs_replayed == 0
     assert len(seen) == 2 and all(t is not loop_thread for t in seen), seen
+
+
+@pytest.mark.parametrize("kind", [IncidentKind.EGRESS_DENIED, IncidentKind.AGENT_BUDGET,
+                                  IncidentKind.DEAD_LETTER, IncidentKind.REVERT])
+async def test_an_incident_nothing_is_proposed_for_reads_no_history(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: IncidentKind
+) -> None:
+    loads: list[Any] = []
+
+    async def recording_load(*args: Any, **kwargs: Any) -> list[Any]:
+        loads.append(args)
+        return []
+
+    monkeypatch.setattr(proposals_mod, "load_history", recording_load)
+    engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'gw.sqlite3'}")
+    try:
+        await install_gateway_tables(engine)
+        async with transaction(engine) as tx:
+            incident_id = await open_incident(tx.conn, kind, utcnow(), run_id="r-1", agent_id="a",
+                                              entry_point="e")
+            await tx.commit()
+        async with engine.connect() as conn:
+            drafts = await proposals_mod.draft(conn, await get_incident(conn, incident_id), {})
+            await conn.rollback()
+    finally:
+        await engine.dispose()
+    assert drafts == [] and loads == []
