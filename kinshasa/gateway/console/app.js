@@ -78,13 +78,20 @@ function start(me) {
   route();
 }
 
-document.getElementById("sign-out").addEventListener("click", () => {
+function signOut(message) {
   forgetKey();
   live.close();
   window.removeEventListener("hashchange", route);
   leave();
-  signInForm("Signed out.");
-});
+  leave = () => {};
+  signInForm(message);
+}
+
+document.getElementById("sign-out").addEventListener("click", () => signOut("Signed out."));
+// The gateway closes live updates with 4401/4403 when it no longer takes the key (revoked, or not an
+// operator's): back to sign-in, saying why.
+live.onRefused = (event) => signOut(`The gateway refused this key for live updates (${event.code}` +
+  `${event.reason ? `: ${event.reason}` : ""}). Sign in again with an operator key.`);
 
 async function boot() {
   const key = savedKey();

@@ -2,7 +2,7 @@
 // with its payload, run and agent; Approve or Deny (with a reason) one at a time, or several together.
 
 import { gql } from "./api.js";
-import { decideOnEgress } from "./decisions.js";
+import { decideOnEgress, egressOutcome } from "./decisions.js";
 import { errorBox, h, note, runLink, short, when } from "./ui.js";
 
 const QUERY = `query($after: String) { approvals(first: 200, after: $after) {
@@ -45,9 +45,9 @@ export function render(main) {
   selectAll.addEventListener("change", () => { rows.forEach((r) => { r.box.checked = selectAll.checked; }); sync(); });
 
   async function act(action, approvals) {
-    const done = await decideOnEgress(action, approvals);
-    if (done) {
-      status.textContent = `${action === "Approve" ? "Approved" : "Denied"} ${done.length} write(s).`;
+    const outcome = await decideOnEgress(action, approvals);
+    if (outcome) {
+      status.textContent = egressOutcome(action, outcome);
       await load(false);
     }
   }

@@ -60,7 +60,11 @@ export function revertMany(runIds) {
   });
 }
 
-/** Approve (no reason: approveEgress takes none) or deny (with its reason) one or more egress commands. */
+/**
+ * Approve (no reason: approveEgress takes none) or deny (with its reason) one or more egress commands.
+ * Each command is its own mutation: one that fails (decided meanwhile, a backend down) does not stop the
+ * others. Resolves to { done, failed: [{ approval, error }] }, or null when cancelled.
+ */
 export function decideOnEgress(action, approvals) {
   const many = approvals.length > 1;
   const what = many ? n(approvals.length, "egress write") : `this ${approvals[0].command.operation} write`;
@@ -74,15 +78,30 @@ export function decideOnEgress(action, approvals) {
     reasonLabel: approve ? null : "Reason",
     act: async (why) => {
       const done = [];
+      const failed = [];
       for (const a of approvals) {
-        const data = approve
-          ? await gql("mutation($id: ID!) { approveEgress(commandId: $id) { commandId status } }",
-            { id: a.command.commandId })
-          : await gql("mutation($id: ID!, $why: String!) { denyEgress(commandId: $id, reason: $why) { commandId status } }",
-            { id: a.command.commandId, why });
-        done.push(data);
+        try {
+          done.push(approve
+            ? await gql("mutation($id: ID!) { approveEgress(commandId: $id) { commandId status } }",
+              { id: a.command.commandId })
+            : await gql("mutation($id: ID!, $why: String!) { denyEgress(commandId: $id, reason: $why) { commandId status } }",
+              { id: a.command.commandId, why }));
+        } catch (error) {
+          failed.push({ approval: a, error });
+        }
       }
-      return done;
+      // A single write that failed stays in the dialog with the gateway's words, as any decision does.
+      if (!many && failed.length) throw failed[0].error;
+      return { done, failed };
     },
   });
+}
+
+/** "Approved 2 write(s)." or "Approved 2 write(s); 1 failed: notifier.send_email 1a2b3c4d: why." */
+export function egressOutcome(action, { done, failed }) {
+  const verb = action === "Approve" ? "Approved" : "Denied";
+  if (!failed.length) return `${verb} ${done.length} write(s).`;
+  const why = failed.map(({ approval, error }) =>
+    `${approval.command.operation} ${short(approval.command.commandId)}: ${error.message}`).join("; ");
+  return `${verb} ${done.length} write(s); ${failed.length} failed: ${why}`;
 }

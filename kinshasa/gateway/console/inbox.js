@@ -2,7 +2,7 @@
 // New alerts arrive over the alertRaised subscription; the run of each open alert is followed with
 // runChanged (until its alert is decided), so a revert's progress shows on its card as it happens.
 
-import { gql, gqlPartial, live } from "./api.js";
+import { gql, gqlEach, live } from "./api.js";
 import { RUN_ACTIONS, decideOnRun } from "./decisions.js";
 import { badge, errorBox, h, note, progressText, runLink, short, when } from "./ui.js";
 
@@ -11,50 +11,64 @@ export const ALERT_FIELDS = `id runId kind source createdAt summary agentId entr
 const RUN_FIELDS = `id status breaker { state }
   counts { held awaitingApproval published applied compensated discarded }
   revertProgress { total compensated failing pending }`;
-// Runs whose alert still wants a decision; any other run's alert is listed as decided.
+// Runs whose alert still wants a decision; any other run's alert is listed as decided. A run that could not
+// be read is listed as open: an alert is never shown as decided on a guess.
 const OPEN_STATUSES = new Set(["TRIPPED", "REVERTING", "REVERT_FAILED"]);
+const FOLLOW_MAX = 48;
+const RUNS_PER_REQUEST = 20;
+const REMEMBER_MS = 50;
 
 function isOpen(alert, run) {
-  if (!alert.runId || !run) return false;
+  if (!alert.runId) return false;
+  if (!run) return true;
   return OPEN_STATUSES.has(run.status) || run.counts.held + run.counts.awaitingApproval > 0;
 }
 
+/** The runs by id, ALIASES_PER_REQUEST to a request; `failed` holds why each unread run could not be read. */
 async function loadRuns(ids) {
-  if (!ids.length) return {};
-  // One request for all of them: an alias per run, and a run that fails to read fails alone.
-  const parts = ids.map((id, i) => `r${i}: run(id: ${JSON.stringify(id)}) { ${RUN_FIELDS} }`);
-  let data = {};
-  try {
-    ({ data } = await gqlPartial(`query { ${parts.join("\n")} }`));
-  } catch {
-    return {};
-  }
   const found = {};
-  ids.forEach((id, i) => { if (data[`r${i}`]) found[id] = data[`r${i}`]; });
-  return found;
+  const failed = {};
+  // A run with its breaker, counts and revert progress costs the gateway about 400: 20 fit in a request.
+  const results = await gqlEach(ids, (id) => `run(id: ${JSON.stringify(id)}) { ${RUN_FIELDS} }`, RUNS_PER_REQUEST);
+  ids.forEach((id, i) => {
+    if (results[i].data) found[id] = results[i].data;
+    else failed[id] = results[i].error ?? new Error("the gateway answered no run");
+  });
+  return { found, failed };
 }
 
 export function render(main) {
   const alerts = new Map();
   const runs = {};
+  const unread = {};
   const cards = new Map();
   const following = new Map();
   const openList = h("ol", { class: "cards", "aria-label": "Open alerts" });
   const decidedList = h("ol", { class: "cards decided", "aria-label": "Decided alerts" });
   const empty = note("Nothing waits for a decision.");
+  const problems = h("div", { class: "problems" });
+  const incidentList = h("ol", { class: "cards", "aria-label": "Open incidents" });
+  const incidentsNote = h("div");
   const liveState = h("span", { class: "live", role: "status" }, "connecting live updates…");
   main.append(
     h("h1", {}, "Inbox"),
     h("p", { class: "lead" }, "Open alerts, newest first. Each decision says what it will do and asks why. ",
       liveState),
-    openList, empty,
+    problems, openList, empty,
+    h("h2", {}, "Open incidents"), incidentsNote, incidentList,
     h("h2", {}, "Decided and informational"), decidedList);
 
   function follow(runId) {
-    if (!runId || following.has(runId)) return;
-    // The gateway reads a followed run every half second: only runs still wanting a decision are followed.
+    // The gateway reads a followed run every half second: only runs still wanting a decision are followed,
+    // at most FOLLOW_MAX at once (the gateway allows a connection 64 subscriptions); the feed ends by itself
+    // once the run settles.
+    if (!runId || following.has(runId) || following.size >= FOLLOW_MAX) return;
     following.set(runId, live.subscribe(`subscription($id: ID!) { runChanged(id: $id) { ${RUN_FIELDS} } }`,
-      { id: runId }, (data) => { runs[runId] = data.runChanged; refreshRun(runId); }, () => {}));
+      { id: runId }, (data) => {
+        runs[runId] = data.runChanged;
+        if (unread[runId]) { delete unread[runId]; showProblems(); }
+        refreshRun(runId);
+      }, () => {}, () => following.delete(runId)));
   }
 
   function refreshRun(runId) {
@@ -68,12 +82,12 @@ export function render(main) {
       type: "button", class: action === "Revert" ? "danger" : "",
       "aria-label": `${action} run ${short(alert.runId)} (${alert.kind} alert)`,
       onclick: async () => {
+        if (!runs[alert.runId]) await remember([alert.runId]);
         const run = runs[alert.runId];
         if (!run) return;
         const done = await decideOnRun(action, run);
         if (done) {
-          const fresh = await loadRuns([alert.runId]);
-          if (fresh[alert.runId]) runs[alert.runId] = fresh[alert.runId];
+          await remember([alert.runId]);
           place(alert);
           follow(alert.runId);
         }
@@ -102,6 +116,10 @@ export function render(main) {
     let c = cards.get(alert.id);
     if (!c) { c = card(alert); cards.set(alert.id, c); }
     const run = runs[alert.runId];
+    if (!run && unread[alert.runId]) {
+      c.status.replaceChildren(h("span", { class: "error" },
+        `run could not be read (${unread[alert.runId].message}): listed as open until it can be`));
+    }
     if (run) {
       c.status.replaceChildren(badge(run.status));
       const reverting = ["REVERTING", "REVERTED", "REVERT_FAILED"].includes(run.status);
@@ -126,11 +144,70 @@ export function render(main) {
     empty.hidden = openList.children.length > 0;
   }
 
+  // Runs wanted within REMEMBER_MS of each other are read together: alerts replayed by the subscription
+  // arrive one by one, and a request per run would spend the operator's rate for nothing.
+  let queued = null;
+  function remember(ids) {
+    if (!ids.length) return Promise.resolve();
+    if (!queued) {
+      const batch = { ids: new Set() };
+      batch.done = new Promise((resolve) => { setTimeout(resolve, REMEMBER_MS); }).then(() => {
+        if (queued === batch) queued = null;
+        return readRuns([...batch.ids]);
+      });
+      queued = batch;
+    }
+    for (const id of ids) queued.ids.add(id);
+    return queued.done;
+  }
+
+  /** Read these runs into `runs`; one that cannot be read is kept in `unread` and its alert stays open. */
+  async function readRuns(ids) {
+    const { found, failed } = await loadRuns(ids);
+    for (const [id, run] of Object.entries(found)) { runs[id] = run; delete unread[id]; }
+    Object.assign(unread, failed);
+    showProblems();
+  }
+
+  function showProblems() {
+    const count = Object.keys(unread).length;
+    problems.replaceChildren(...(count ? [errorBox(new Error(`${count} run(s) could not be read, their alerts ` +
+      `are listed as open: ${[...new Set(Object.values(unread).map((e) => e.message))].join("; ")}`))] : []));
+  }
+
+  function incidentCard(i) {
+    const t = i.trigger;
+    const escaped = i.escaped.map((e) => `${e.count} ${e.operation}`).join(", ");
+    return h("li", { "data-incident": i.id }, h("article", { class: "card",
+      "aria-label": `${i.kind} incident ${short(i.id)}${i.runId ? ` for run ${short(i.runId)}` : ""}` },
+    h("header", {}, badge(i.kind), " ", h("time", { datetime: i.openedAt }, when(i.openedAt))),
+    h("dl", { class: "facts" },
+      h("dt", {}, "Agent"), h("dd", {}, i.agentId ?? "—"),
+      h("dt", {}, "Entry point"), h("dd", {}, i.entryPoint ?? "—"),
+      h("dt", {}, "What tripped"), h("dd", {}, t ? `${t.threshold}: ${t.count} against a limit of ${t.limit}` : i.kind),
+      h("dt", {}, "Services touched"), h("dd", {}, i.servicesTouched.join(", ") || "none"),
+      h("dt", {}, "Held vs escaped"), h("dd", {}, `${i.held} held, escaped: ${escaped || "none"}`),
+      h("dt", {}, "Policy version"), h("dd", {}, i.policyVersion ?? "—"),
+      h("dt", {}, "Run"), h("dd", {}, i.runId ? runLink(i.runId) : "none")),
+    h("p", {}, h("a", { href: "#/policy" }, "Proposals for it on the Policy page"))));
+  }
+
+  /** Incidents no proposal decided yet, newest first (the gateway lists them so). */
+  function loadIncidents() {
+    return gql(`query { incidents(first: 50) { nodes { id kind runId agentId entryPoint policyVersion openedAt
+        decision trigger { threshold count limit } escaped { operation count } held servicesTouched } } }`)
+      .then(({ incidents }) => {
+        const open = incidents.nodes.filter((i) => i.decision === null);
+        incidentList.replaceChildren(...open.map(incidentCard));
+        incidentsNote.replaceChildren(...(open.length ? [] : [note("No open incident.")]));
+      })
+      .catch((error) => incidentsNote.replaceChildren(errorBox(error)));
+  }
+
   async function add(found) {
     const fresh = found.filter((a) => !alerts.has(a.id));
     for (const a of fresh) alerts.set(a.id, a);
-    const ids = [...new Set(fresh.map((a) => a.runId).filter((id) => id && !runs[id]))];
-    Object.assign(runs, await loadRuns(ids));
+    await remember([...new Set(fresh.map((a) => a.runId).filter((id) => id && !runs[id]))]);
     for (const a of fresh) {
       place(a);
       if (isOpen(a, runs[a.runId])) follow(a.runId);
@@ -139,14 +216,33 @@ export function render(main) {
 
   // Subscribe first, then list: an alert raised in between arrives by one or the other (ids dedupe).
   const stopAlerts = live.subscribe(`subscription { alertRaised { ${ALERT_FIELDS} } }`, {},
-    (data) => add([data.alertRaised]), (error) => { liveState.textContent = `live updates stopped: ${error.message}`; });
-  live.connect().then(() => { liveState.textContent = "live"; }, () => {});
-  gql(`query { alerts(first: 100) { ${ALERT_FIELDS} } }`)
-    .then((data) => add(data.alerts))
-    .catch((error) => main.append(errorBox(error)));
+    (data) => { add([data.alertRaised]); loadIncidents(); },
+    (error) => { liveState.textContent = `live updates stopped: ${error.message}`; });
+  const listProblem = h("div");
+  main.append(listProblem);
+
+  /** List what is there: on opening the page, and after live updates come back (what was raised while they
+   * were down arrives by neither the subscription's 30 s replay nor anything else). */
+  function list() {
+    gql(`query { alerts(first: 100) { ${ALERT_FIELDS} } }`)
+      .then((data) => { listProblem.replaceChildren(); return add(data.alerts); })
+      .catch((error) => listProblem.replaceChildren(errorBox(error)));
+    loadIncidents();
+  }
+
+  const stopState = live.onState((state) => { liveState.textContent = state.message; });
+  const stopReconnect = live.onReconnect(() => {
+    // Runs may have moved meanwhile too: read those still open again.
+    remember([...new Set([...alerts.values()].filter((a) => isOpen(a, runs[a.runId])).map((a) => a.runId))])
+      .then(() => { for (const a of alerts.values()) place(a); });
+    list();
+  });
+  list();
 
   return () => {
     stopAlerts();
+    stopState();
+    stopReconnect();
     for (const stop of following.values()) stop();
   };
 }

@@ -1,7 +1,7 @@
 // Run: its breaker and counters, held commands, the ledger timeline newest first with each step's
 // before -> after and compensation status, the state of what it touched now, and revert progress live.
 
-import { gqlPartial, live } from "./api.js";
+import { gqlEach, gqlPartial, live } from "./api.js";
 import { RUN_ACTIONS, decideOnRun } from "./decisions.js";
 import { badge, diff, errorBox, h, note, progressText, short, when } from "./ui.js";
 
@@ -30,15 +30,14 @@ function facts(pairs) {
 async function currentStates(steps) {
   const entities = new Map();
   for (const s of steps) entities.set(`${s.entity.service}:${s.entity.type}:${s.entity.id}`, s.entity);
-  if (!entities.size) return new Map();
   const list = [...entities.values()];
-  const parts = list.map((e, i) => `e${i}: entity(service: ${JSON.stringify(e.service)}, ` +
+  // ALIASES_PER_REQUEST entities to a request; one that cannot be read says why beside it.
+  const results = await gqlEach(list, (e) => `entity(service: ${JSON.stringify(e.service)}, ` +
     `type: ${JSON.stringify(e.type)}, id: ${JSON.stringify(e.id)}) { state }`);
-  const { data, errors } = await gqlPartial(`query { ${parts.join("\n")} }`);
   const found = new Map();
   list.forEach((e, i) => {
-    const failed = errors.find((err) => err.path && err.path[0] === `e${i}`);
-    found.set(`${e.service}:${e.type}:${e.id}`, failed ? { error: failed.message } : { state: data[`e${i}`]?.state ?? null });
+    const { data, error } = results[i];
+    found.set(`${e.service}:${e.type}:${e.id}`, error ? { error: error.message } : { state: data?.state ?? null });
   });
   return found;
 }
@@ -73,7 +72,7 @@ export function render(main, [runId]) {
     const buttons = RUN_ACTIONS.map((action) => h("button", {
       type: "button", class: action === "Revert" ? "danger" : "", "aria-label": `${action} run ${short(run.id)}`,
       disabled: ["REVERTING", "REVERTED"].includes(run.status) || (run.status === "REVERT_FAILED" && action !== "Revert"),
-      onclick: async () => { if (await decideOnRun(action, run)) refresh(); },
+      onclick: async () => { if (await decideOnRun(action, run)) { refresh(); watch(); } },
     }, action));
     head.replaceChildren(
       h("h1", {}, "Run ", h("span", { class: "mono" }, run.id), " ", badge(run.status)),
@@ -104,7 +103,7 @@ export function render(main, [runId]) {
             s.failureReason ? h("span", { class: "error" }, ` ${s.failureReason}`) : null),
           diff(s.before, s.after)))))
         : h("p", { class: "muted" }, "The ledger holds no step of this run yet."));
-    const states = await currentStates(steps).catch(() => new Map());
+    const states = await currentStates(steps);
     stateBox.replaceChildren(h("h2", { id: "state-title" }, "State now of what the run touched"),
       states.size ? h("table", { class: "list", "aria-label": "State now" },
         h("thead", {}, h("tr", {}, h("th", { scope: "col" }, "Entity"), h("th", { scope: "col" }, "Now"))),
@@ -131,11 +130,19 @@ export function render(main, [runId]) {
     });
   }
 
+  // The gateway ends runChanged once the run settles (reverted, revert given up, or finished holding
+  // nothing); a decision taken here afterwards (a new revert) subscribes again.
+  let stop = null;
+  function watch() {
+    if (stop) return;
+    stop = live.subscribe(`subscription($id: ID!) { runChanged(id: $id) { id status
+        revertProgress { total compensated failing pending } } }`, { id: runId }, (data) => {
+      if (run) showProgress({ ...run, ...data.runChanged });
+      refresh();
+    }, () => {}, () => { stop = null; });
+  }
+
   refresh();
-  const stop = live.subscribe(`subscription($id: ID!) { runChanged(id: $id) { id status
-      revertProgress { total compensated failing pending } } }`, { id: runId }, (data) => {
-    if (run) showProgress({ ...run, ...data.runChanged });
-    refresh();
-  }, () => {});
-  return stop;
+  watch();
+  return () => { if (stop) stop(); };
 }

@@ -7,6 +7,8 @@ import { badge, errorBox, h, note, progressText, runLink, short, when } from "./
 
 const STATUSES = ["RUNNING", "FINISHED", "TRIPPED", "REVERTING", "REVERTED", "REVERT_FAILED"];
 const BREAKERS = ["CLOSED", "OPEN", "HALF_OPEN"];
+// A revert's end: its progress moves no more.
+const SETTLED = new Set(["REVERTED", "REVERT_FAILED"]);
 const QUERY = `query($f: RunFilter, $after: String) { runs(filter: $f, first: 50, after: $after) {
   nodes { id agentId entryPoint status startedAt breaker { state writes errors }
           counts { held published applied compensated } }
@@ -45,7 +47,7 @@ export function render(main) {
       body), more);
 
   const rows = new Map();
-  const watching = [];
+  const watching = new Map();
   let cursor = null;
   const selected = () => [...rows.values()].filter((r) => r.box.checked).map((r) => r.run.id);
   const sync = () => {
@@ -102,16 +104,21 @@ export function render(main) {
     message.textContent = `Revert requested for ${result.requested.length} run(s); ` +
       `${result.unchanged.length} already reverting or reverted.`;
     for (const id of ids) {
-      watching.push(live.subscribe(`subscription($id: ID!) { runChanged(id: $id) { id status
+      if (watching.has(id)) continue;
+      const stop = live.subscribe(`subscription($id: ID!) { runChanged(id: $id) { id status
           revertProgress { total compensated failing pending } } }`, { id }, (data) => {
-        const r = rows.get(id);
-        if (!r) return;
         const run = data.runChanged;
-        r.statusCell.replaceChildren(badge(run.status));
-        r.progressCell.textContent = progressText(run.status, run.revertProgress);
-      }));
+        const r = rows.get(id);
+        if (r) {
+          r.statusCell.replaceChildren(badge(run.status));
+          r.progressCell.textContent = progressText(run.status, run.revertProgress);
+        }
+        // Nothing moves after these: stop watching (the gateway ends the feed there too).
+        if (SETTLED.has(run.status)) watching.get(id)?.();
+      }, () => {}, () => watching.delete(id));
+      watching.set(id, () => { watching.delete(id); stop(); });
     }
   });
   load();
-  return () => watching.forEach((stop) => stop());
+  return () => [...watching.values()].forEach((stop) => stop());
 }
