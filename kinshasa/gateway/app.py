@@ -62,6 +62,9 @@ from kinshasa.topics.producer import AsyncProducer
 log = logging.getLogger(__name__)
 COMPONENT = "gateway"
 CONSOLE_DIR = Path(__file__).with_name("console")
+# Subscriptions (and operations) one graphql-transport-ws connection may have running at once; past it the
+# gateway answers the new one with an error and keeps the others.
+MAX_SUBSCRIPTIONS_PER_CONNECTION = 64
 # How soon the listener's pattern subscription notices a new service's events topic.
 METADATA_REFRESH_MS = 2_000
 
@@ -343,6 +346,9 @@ def graphql_app(gateway: Gateway, schema: Any) -> FastAPI:
         allow_queries_via_get=False,
         multipart_uploads_enabled=False,
         subscription_protocols=(GRAPHQL_TRANSPORT_WS_PROTOCOL,),
+        # Each runChanged polls its run's row every half second while it lasts: a console follows at most
+        # 48 runs (inbox.js FOLLOW_MAX) beside alertRaised, and a connection holds no more than this.
+        max_subscriptions_per_connection=MAX_SUBSCRIPTIONS_PER_CONNECTION,
     )
     app.include_router(router, prefix="/graphql")
 

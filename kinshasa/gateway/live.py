@@ -121,7 +121,9 @@ async def run_changes(
     connect: Connect, backends: Backends, run_id: str, poll_s: float = POLL_S
 ) -> AsyncIterator[runs_mod.RunRecord]:
     """The run now, then again each time its row, its commands' counts or (while it is reverting) its
-    revert progress change. RUN_NOT_FOUND before anything for a run that does not exist."""
+    revert progress change, until it settles (`settled`): its last state is sent and the feed ends, so a
+    console left open on a finished run costs nothing. RUN_NOT_FOUND before anything for a run that does
+    not exist."""
     last: Any = None
     while True:
         async with connect() as conn:
@@ -138,4 +140,16 @@ async def run_changes(
         if fingerprint != last:
             last = fingerprint
             yield run
+        if settled(run, counts):
+            return
         await asyncio.sleep(poll_s)
+
+
+def settled(run: runs_mod.RunRecord, counts: dict[str, int]) -> bool:
+    """Nothing more to watch: the run was reverted or its revert gave up (an operator's new revert is a new
+    decision, and the console subscribes again after it), or it finished holding nothing and awaiting no
+    approval. A tripped or running run, or one still holding writes, may still change."""
+    if run.status in (store.REVERTED, store.REVERT_FAILED):
+        return True
+    waiting = counts.get(store.HELD, 0) + counts.get(store.AWAITING_APPROVAL, 0)
+    return run.status == store.FINISHED and not waiting

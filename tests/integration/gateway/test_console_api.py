@@ -15,6 +15,7 @@ import uvicorn
 import websockets
 from websockets.exceptions import ConnectionClosed
 
+from kinshasa.gateway.app import MAX_SUBSCRIPTIONS_PER_CONNECTION
 from kinshasa.gateway.fairness import Limits
 from kinshasa.gateway.live import AlertFeed
 from kinshasa.gateway.loaders import DatabaseReads
@@ -371,3 +372,48 @@ async def test_a_subscriber_cancelled_while_the_feed_primes_leaves_no_poller_beh
     await staying
     await _until(poller.done, "the poller to stop once the last subscriber left")
     assert not feed.polling
+
+
+async def test_run_changed_ends_once_the_run_settles(harness: Harness, served: str) -> None:
+    """A console left open on a run costs nothing once the run can no longer change: the last state is sent,
+    then the subscription completes. A finished run still holding writes is still watched."""
+    c = harness.client
+    await c.set_policy({"quarantineWindowS": 600}, scope="ENTRY_POINT", subject="settles", loosen=True)
+    run_id = await c.start_run(entry_point="settles")
+    await c.create_document(run_id)
+    socket, ack = await _connect(served, OPERATOR_KEY)
+    try:
+        assert ack == {"type": "connection_ack"}
+        live = Subscriber(socket)
+        await live.subscribe("subscription($id: ID!) { runChanged(id: $id) { status counts { held } } }",
+                             {"id": run_id})
+        assert (await live.next())["runChanged"] == {"status": "RUNNING", "counts": {"held": 1}}
+        await c.data("mutation($id: ID!) { finishRun(runId: $id) { id } }", {"id": run_id})
+        assert (await live.next())["runChanged"] == {"status": "FINISHED", "counts": {"held": 1}}
+        await c.data("mutation($id: ID!) { discardRun(runId: $id) { count } }", {"id": run_id}, OPERATOR_KEY)
+        assert (await live.next())["runChanged"] == {"status": "FINISHED", "counts": {"held": 0}}
+        assert await live.receive() == {"id": "1", "type": "complete"}
+    finally:
+        await socket.close()
+
+
+async def test_a_connection_holds_at_most_its_subscription_limit(harness: Harness, served: str) -> None:
+    socket, ack = await _connect(served, OPERATOR_KEY)
+    try:
+        assert ack == {"type": "connection_ack"}
+        for n in range(1, MAX_SUBSCRIPTIONS_PER_CONNECTION + 2):
+            await socket.send(json.dumps({"id": str(n), "type": "subscribe",
+                                          "payload": {"query": "subscription { alertRaised { id } }"}}))
+        past = str(MAX_SUBSCRIPTIONS_PER_CONNECTION + 1)
+        while True:  # alerts replayed to the others may come first
+            message = json.loads(await asyncio.wait_for(socket.recv(), 20))
+            if message.get("id") == past:
+                break
+            assert message["type"] == "next", message
+        assert message["type"] == "error" and "limit" in message["payload"][0]["message"]
+        # The others still stand: the connection stays open and answers a ping.
+        await socket.send(json.dumps({"type": "ping"}))
+        while (message := json.loads(await asyncio.wait_for(socket.recv(), 20)))["type"] != "pong":
+            assert message["type"] == "next", message
+    finally:
+        await socket.close()
