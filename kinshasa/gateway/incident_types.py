@@ -6,7 +6,9 @@ Reached only through operator fields (`incidents`, `incident`, `backtestPolicy`,
 
 from __future__ import annotations
 
+import asyncio
 import enum
+import weakref
 from collections.abc import Mapping
 from datetime import datetime
 from typing import TYPE_CHECKING, Annotated
@@ -23,6 +25,17 @@ if TYPE_CHECKING:
     from kinshasa.gateway.schema import PageInfo, PolicySettings
 
 _SCHEMA = "kinshasa.gateway.schema"
+# One proposal draft at a time per event loop (a gateway process has one; tests start several).
+_DRAFTING: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = (
+    weakref.WeakKeyDictionary())
+
+
+def _drafting() -> asyncio.Semaphore:
+    loop = asyncio.get_running_loop()
+    semaphore = _DRAFTING.get(loop)
+    if semaphore is None:
+        semaphore = _DRAFTING[loop] = asyncio.Semaphore(1)
+    return semaphore
 
 
 @strawberry.enum(description="What kind of punch the system absorbed.")
@@ -176,12 +189,20 @@ class Incident:
                 found = await proposals_mod.list_proposals(conn, self.record.incident_id)
                 await conn.rollback()
             return [PolicyProposal.of(p) for p in found]
-        async with services.engine.connect() as conn:
-            drafts = await proposals_mod.draft(conn, self.record, _declared(info))
-            await conn.rollback()
-        async with transaction(services.engine) as tx:
-            found = await proposals_mod.store_drafts(tx.conn, self.record, drafts)
-            await tx.commit()
+        # One draft at a time per process: each loads up to the backtest's history bound, and a list of
+        # a hundred undrafted incidents would otherwise hold a hundred histories at once.
+        async with _drafting():
+            async with info.context.reads.database() as conn:
+                stored = await proposals_mod.list_proposals(conn, self.record.incident_id)
+                await conn.rollback()
+            if stored:  # drafted meanwhile, by the request this one waited for
+                return [PolicyProposal.of(p) for p in stored]
+            async with services.engine.connect() as conn:
+                drafts = await proposals_mod.draft(conn, self.record, _declared(info))
+                await conn.rollback()
+            async with transaction(services.engine) as tx:
+                found = await proposals_mod.store_drafts(tx.conn, self.record, drafts)
+                await tx.commit()
         return [PolicyProposal.of(p) for p in found]
 
 
