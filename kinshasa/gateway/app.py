@@ -346,8 +346,8 @@ def graphql_app(gateway: Gateway, schema: Any) -> FastAPI:
         allow_queries_via_get=False,
         multipart_uploads_enabled=False,
         subscription_protocols=(GRAPHQL_TRANSPORT_WS_PROTOCOL,),
-        # Each runChanged polls its run's row every half second while it lasts: a console follows at most
-        # 48 runs (inbox.js FOLLOW_MAX) beside alertRaised, and a connection holds no more than this.
+        # Each runChanged polls its run's row every half second while it lasts: the inbox follows at most
+        # 24 open runs unasked (inbox.js FOLLOW_MAX) beside alertRaised; a connection holds no more than this.
         max_subscriptions_per_connection=MAX_SUBSCRIPTIONS_PER_CONNECTION,
     )
     app.include_router(router, prefix="/graphql")

@@ -65,14 +65,7 @@ async function readBatch(batch, part) {
   const query = `query { ${batch.map((item, i) => `a${i}: ${part(item)}`).join("\n")} }`;
   let body;
   try {
-    for (let attempt = 0; ; attempt += 1) {
-      body = await post(query, {}, savedKey());
-      // Over the operator's rate: wait as long as the gateway says, a few times, before giving up.
-      const limited = (body.errors || []).find((e) => e.extensions?.code === "RATE_LIMITED");
-      if (!limited || attempt >= RATE_RETRIES) break;
-      const wait = Math.max(RATE_WAIT_MIN_MS, 1000 * (limited.extensions.retryAfterS ?? 1));
-      await sleep(Math.min(5000, wait * (1 + Math.random())));
-    }
+    body = await post(query, {}, savedKey());
   } catch (error) {
     return batch.map(() => ({ error }));
   }
@@ -101,7 +94,19 @@ async function readBatch(batch, part) {
   return batch.map((_, i) => (named[i] ? { error: new GraphQLError([named[i]]) } : again.shift()));
 }
 
+/** One request; over the operator's rate (refused before anything ran, so a mutation too is safe to send
+ * again), it waits as long as the gateway says and tries again, a few times, before answering the refusal. */
 async function post(query, variables, key) {
+  for (let attempt = 0; ; attempt += 1) {
+    const body = await postOnce(query, variables, key);
+    const limited = (body.errors || []).find((e) => e.extensions?.code === "RATE_LIMITED");
+    if (!limited || attempt >= RATE_RETRIES) return body;
+    const wait = Math.max(RATE_WAIT_MIN_MS, 1000 * (limited.extensions.retryAfterS ?? 1));
+    await sleep(Math.min(5000, wait * (1 + Math.random())));
+  }
+}
+
+async function postOnce(query, variables, key) {
   const response = await fetch("/graphql", {
     method: "POST",
     headers: { "content-type": "application/json", authorization: `Bearer ${key}` },

@@ -14,7 +14,7 @@ const RUN_FIELDS = `id status breaker { state }
 // Runs whose alert still wants a decision; any other run's alert is listed as decided. A run that could not
 // be read is listed as open: an alert is never shown as decided on a guess.
 const OPEN_STATUSES = new Set(["TRIPPED", "REVERTING", "REVERT_FAILED"]);
-const FOLLOW_MAX = 48;
+const FOLLOW_MAX = 24;
 const RUNS_PER_REQUEST = 20;
 const REMEMBER_MS = 50;
 
@@ -58,11 +58,11 @@ export function render(main) {
     h("h2", {}, "Open incidents"), incidentsNote, incidentList,
     h("h2", {}, "Decided and informational"), decidedList);
 
-  function follow(runId) {
+  function follow(runId, decided = false) {
     // The gateway reads a followed run every half second: only runs still wanting a decision are followed,
-    // at most FOLLOW_MAX at once (the gateway allows a connection 64 subscriptions); the feed ends by itself
-    // once the run settles.
-    if (!runId || following.has(runId) || following.size >= FOLLOW_MAX) return;
+    // at most FOLLOW_MAX of them unasked (the gateway allows a connection 64 subscriptions), and any run the
+    // operator just decided on, to show its revert live; the feed ends by itself once the run settles.
+    if (!runId || following.has(runId) || (!decided && following.size >= FOLLOW_MAX)) return;
     following.set(runId, live.subscribe(`subscription($id: ID!) { runChanged(id: $id) { ${RUN_FIELDS} } }`,
       { id: runId }, (data) => {
         runs[runId] = data.runChanged;
@@ -89,7 +89,7 @@ export function render(main) {
         if (done) {
           await remember([alert.runId]);
           place(alert);
-          follow(alert.runId);
+          follow(alert.runId, true);
         }
       },
     }, action));
