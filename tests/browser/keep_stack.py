@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import signal
 import sys
-import time
 from pathlib import Path
 
 from tests.e2e.stack import running_stack
@@ -30,7 +29,7 @@ def main() -> None:
         print(f"stack up: console at {console}; described in {described}")
         try:
             while True:
-                time.sleep(3600)
+                signal.pause()  # until SIGTERM (turned into KeyboardInterrupt) or Ctrl-C
         except KeyboardInterrupt:
             pass
         finally:
