@@ -1,10 +1,10 @@
-"""Benchmark 2: end-to-end latency from accepted (gateway) to applied (service event) to in the ledger.
+"""Benchmark 2: end-to-end latency, accepted (gateway) to applied (service event) to in the ledger, by hop.
 
 The real processes of the stack, as `kinshasa up` starts them (`StackPlan`): the gateway, the documents
 service and the coordinator, each its own process on the embedded SQLite default, with a private Kafka
-broker and Temporal dev server on free ports in a temporary directory. An open-loop client offers
-`createDocument` mutations at a steady rate (quarantine window 0) and timestamps three moments of each
-command on one clock (this process's `perf_counter`):
+broker and Temporal dev server on free ports in a temporary directory. For each offered rate (50/s and
+200/s by default), an open-loop client offers `createDocument` mutations in a run of their own (quarantine
+window 0) and notes three moments of each command:
 
 * accepted: the gateway's mutation response arrived (the command and its outbox row are committed);
 * applied: the documents service's `documents.create.applied` event (causation = the command) was read
@@ -12,7 +12,17 @@ command on one clock (this process's `perf_counter`):
 * in the ledger: the coordinator's API (`GET /runs/<id>/steps`, polled every `--poll-ms`) first listed a
   step for the command. The poll interval bounds the error of this figure (half of it on average).
 
-    python -m bench.bench_latency [--small] [--rate 50] [--seconds 20]
+Where the time goes: the same tail reads the command on `kinshasa.commands.documents` too, and each
+message carries two more moments, its envelope's `occurred_at` (stamped by the gateway at accept, by the
+service in its handler) and its Kafka CreateTime (when the relay handed it to its producer). So each
+command's path splits into hops (`HOPS`): gateway accept, gateway relay pickup, broker to service,
+service consume -> handled, service commit + relay, broker to tail, coordinator projection, each printed
+as p50/p95/p99. All moments are on the machine's wall clock, shared by every process here.
+
+Then the saturation sweep: rising rates (`--sweep`) for `--sweep-seconds` each, until accepted -> in the
+ledger p99 passes 1 s or a command goes missing; the saturation rate is the last rate that kept it.
+
+    python -m bench.bench_latency [--small] [--rates 50,200] [--seconds 20] [--sweep 100,200,...]
 
 Writes bench/results/latency.json.
 """
@@ -30,6 +40,7 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +63,8 @@ CREATE = ('mutation($r: ID!, $t: String!) { createDocument(runId: $r, input: {ti
 
 @dataclass
 class Command:
-    """One offered mutation and the moments it passed each stage (perf_counter seconds)."""
+    """One offered mutation and the moments the client saw (wall-clock seconds, as Kafka and the envelopes
+    stamp theirs)."""
 
     sent: float
     accepted: float | None = None
@@ -73,15 +85,35 @@ def percentiles(values: list[float]) -> dict[str, float | None]:
             (("p50", rank(50)), ("p95", rank(95)), ("p99", rank(99)), ("max", ordered[-1]))}
 
 
-class AppliedTail:
-    """Tails a service's events topic in a thread, noting when each `.applied` event of a run is read."""
+def _stamp(value: str | None) -> float | None:
+    """An envelope's ISO timestamp as wall-clock seconds."""
+    return datetime.fromisoformat(value).timestamp() if value else None
 
-    def __init__(self, bootstrap: str, topic: str) -> None:
-        self.bootstrap, self.topic = bootstrap, topic
+
+@dataclass
+class Seen:
+    """One message of a run as the tail read it: when it was stamped (envelope `occurred_at`), produced
+    (the Kafka record's CreateTime, set when the relay hands it to its producer) and read here."""
+
+    occurred: float | None
+    produced: float | None
+    read: float
+
+
+class StageTail:
+    """Tails a service's commands and events topics in a thread, noting each command of a run and its
+    `.applied` event (keyed by command id) with the three moments of `Seen`."""
+
+    def __init__(self, bootstrap: str, service: str) -> None:
+        from kinshasa.topics.catalogue import commands_topic, events_topic
+
+        self.bootstrap = bootstrap
+        self.commands_topic, self.events_topic = commands_topic(service), events_topic(service)
         self.run_id: str | None = None
-        self.seen: dict[str, float] = {}
+        self.commands: dict[str, Seen] = {}
+        self.applied: dict[str, Seen] = {}
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="applied-tail", daemon=True)
+        self._thread = threading.Thread(target=self._loop, name="stage-tail", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
@@ -91,25 +123,35 @@ class AppliedTail:
         self._thread.join(timeout=10)
 
     def _loop(self) -> None:
-        from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+        from confluent_kafka import OFFSET_BEGINNING, TIMESTAMP_CREATE_TIME, Consumer, TopicPartition
 
         consumer = Consumer({"bootstrap.servers": self.bootstrap, "group.id": f"bench-latency-{os.getpid()}",
                              "enable.auto.commit": False, "fetch.wait.max.ms": 5})
         try:
-            partitions = consumer.list_topics(self.topic, timeout=10).topics[self.topic].partitions
-            consumer.assign([TopicPartition(self.topic, p, OFFSET_BEGINNING) for p in partitions])
+            assignment = []
+            for topic in (self.commands_topic, self.events_topic):
+                partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+                assignment += [TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions]
+            consumer.assign(assignment)
             while not self._stop.is_set():
                 # poll returns at the first message; consume(n, t) would wait out t for n of them.
                 first = consumer.poll(0.05)
                 if first is None:
                     continue
-                now = time.perf_counter()
+                now = time.time()
                 for msg in [first, *consumer.consume(num_messages=500, timeout=0)]:
                     if msg.error() or msg.value() is None:
                         continue
-                    event = json.loads(msg.value() or b"{}")
-                    if event.get("run_id") == self.run_id and event["type"].endswith(".applied"):
-                        self.seen.setdefault(event["causation_id"], now)
+                    envelope = json.loads(msg.value() or b"{}")
+                    if envelope.get("run_id") != self.run_id:
+                        continue
+                    kind, stamp_ms = msg.timestamp()
+                    seen = Seen(occurred=_stamp(envelope.get("occurred_at")),
+                                produced=stamp_ms / 1000 if kind == TIMESTAMP_CREATE_TIME else None, read=now)
+                    if msg.topic() == self.commands_topic:
+                        self.commands.setdefault(envelope["message_id"], seen)
+                    elif envelope["type"].endswith(".applied"):
+                        self.applied.setdefault(envelope["causation_id"], seen)
         finally:
             consumer.close()
 
@@ -132,7 +174,7 @@ async def poll_ledger(http: httpx.AsyncClient, url: str, run_id: str, seen: dict
                 break
             response.raise_for_status()
             page = response.json()
-            now = time.perf_counter()
+            now = time.time()
             fresh = [s["command_id"] for s in page["steps"] if s["command_id"] not in seen]
             for command_id in fresh:
                 seen[command_id] = now
@@ -163,7 +205,7 @@ async def offer_load(http: httpx.AsyncClient, url: str, run_id: str, rate: float
     async def one(command: Command, index: int) -> None:
         try:
             data = await gql(http, url, AGENT_KEY, CREATE, {"r": run_id, "t": f"doc {index}"})
-            command.accepted = time.perf_counter()
+            command.accepted = time.time()
             command.command_id = data["createDocument"]["commandId"]
         except Exception as exc:  # a refused or failed write is counted, not fatal
             command.error = repr(exc)
@@ -171,7 +213,7 @@ async def offer_load(http: httpx.AsyncClient, url: str, run_id: str, rate: float
     start = time.perf_counter()
     for index in range(round(rate * seconds)):
         await asyncio.sleep(max(0.0, start + index / rate - time.perf_counter()))
-        command = Command(sent=time.perf_counter())
+        command = Command(sent=time.time())
         commands.append(command)
         tasks.append(asyncio.create_task(one(command, index)))
     await asyncio.gather(*tasks)
@@ -242,93 +284,160 @@ def start_stack(root: Path, cleanup: contextlib.ExitStack, log_level: str = "WAR
             "coordinator": f"http://127.0.0.1:{ports.coordinator}", "bootstrap": kafka.bootstrap}
 
 
-async def measure(urls: dict[str, str], rate: float, seconds: float, warmup_s: float, poll_s: float,
-                  drain_s: float) -> dict[str, Any]:
-    from kinshasa.topics.catalogue import events_topic
+# The hops of one command, each a span between two moments of `moments` (wall-clock seconds).
+HOPS = (
+    ("gateway accept", "sent", "accepted"),  # the agent's mutation round trip: commit and group commit
+    ("gateway relay pickup", "stamped", "produced"),  # envelope stamped at accept -> handed to the producer
+    ("broker to service", "produced", "command_read"),  # producer linger, broker append, consumer fetch
+    ("service consume -> handled", "command_read", "event_stamped"),  # dispatcher batch, handler
+    ("service commit + relay", "event_stamped", "event_produced"),  # the service's commit and outbox relay
+    ("broker to tail", "event_produced", "applied"),  # the event's way to a consumer (the coordinator's too)
+    ("coordinator projection", "applied", "ledger"),  # its fetch, projection, commit; API poll error
+)
 
+
+def moments(command: Command, tail: StageTail, in_ledger: dict[str, float]) -> dict[str, float | None]:
+    cid = command.command_id or ""
+    sent_command, applied = tail.commands.get(cid), tail.applied.get(cid)
+    return {
+        "sent": command.sent, "accepted": command.accepted,
+        "stamped": sent_command.occurred if sent_command else None,
+        "produced": sent_command.produced if sent_command else None,
+        "command_read": sent_command.read if sent_command else None,
+        "event_stamped": applied.occurred if applied else None,
+        "event_produced": applied.produced if applied else None,
+        "applied": applied.read if applied else None,
+        "ledger": in_ledger.get(cid),
+    }
+
+
+async def measure(http: httpx.AsyncClient, urls: dict[str, str], rate: float, seconds: float, warmup_s: float,
+                  poll_s: float, drain_s: float) -> dict[str, Any]:
+    """Offers `rate` writes per second for `seconds` in a run of its own and times each command's hops."""
     gateway = urls["gateway"]
-    # uvicorn drops connections idle 5 s; keeping them as long races it (a request lost as ReadError).
-    limits = httpx.Limits(max_connections=256, max_keepalive_connections=256, keepalive_expiry=2.0)
-    async with httpx.AsyncClient(timeout=60, limits=limits) as http:
-        await gql(http, gateway, OPERATOR_KEY,
-                  'mutation { setPolicy(scope: DEFAULT, reason: "latency bench", settings: {maxWrites: '
-                  "10000000, maxVelocity: 10000000, velocityWindowS: 1, quarantineWindowS: 0}) { version } }")
-        run_id = (await gql(http, gateway, AGENT_KEY,
-                            'mutation { startRun(entryPoint: "bench-latency") { id } }'))["startRun"]["id"]
-        tail = AppliedTail(urls["bootstrap"], events_topic("documents"))
-        tail.run_id = run_id
-        tail.start()
-        in_ledger: dict[str, float] = {}
-        stop = asyncio.Event()
-        poller = asyncio.create_task(poll_ledger(http, urls["coordinator"], run_id, in_ledger, poll_s, stop))
-        try:
-            # The warm-up takes the same path (connections, caches, consumer groups) but is not counted.
-            await offer_load(http, gateway, run_id, rate, warmup_s)
-            commands = await offer_load(http, gateway, run_id, rate, seconds)
-            accepted = [c for c in commands if c.command_id is not None]
-            deadline = time.monotonic() + drain_s
-            # Polling: the stages are noted by a thread and a task, there is no event to wait on.
-            while time.monotonic() < deadline and not all(  # noqa: ASYNC110
-                    c.command_id in tail.seen and c.command_id in in_ledger for c in accepted):
-                await asyncio.sleep(0.1)
-        finally:
-            stop.set()
-            await poller
-            tail.stop()
+    started = await gql(http, gateway, AGENT_KEY,
+                        f'mutation {{ startRun(entryPoint: "bench-latency-{rate:g}") {{ id }} }}')
+    run_id = started["startRun"]["id"]
+    tail = StageTail(urls["bootstrap"], "documents")
+    tail.run_id = run_id
+    tail.start()
+    in_ledger: dict[str, float] = {}
+    stop = asyncio.Event()
+    poller = asyncio.create_task(poll_ledger(http, urls["coordinator"], run_id, in_ledger, poll_s, stop))
+    try:
+        # The warm-up takes the same path (connections, caches, consumer groups) but is not counted.
+        await offer_load(http, gateway, run_id, rate, warmup_s)
+        commands = await offer_load(http, gateway, run_id, rate, seconds)
+        accepted = [c for c in commands if c.command_id is not None]
+        deadline = time.monotonic() + drain_s
+        # Polling: the stages are noted by a thread and a task, there is no event to wait on.
+        while time.monotonic() < deadline and not all(  # noqa: ASYNC110
+                c.command_id in tail.applied and c.command_id in in_ledger for c in accepted):
+            await asyncio.sleep(0.1)
+    finally:
+        stop.set()
+        await poller
+        tail.stop()
+    seen = [moments(c, tail, in_ledger) for c in accepted]
 
     def spans(start: str, end: str) -> list[float]:
-        moments = {"sent": lambda c: c.sent, "accepted": lambda c: c.accepted,
-                   "applied": lambda c: tail.seen.get(c.command_id),
-                   "ledger": lambda c: in_ledger.get(c.command_id)}
-        pairs = [(moments[start](c), moments[end](c)) for c in accepted]
-        return [b - a for a, b in pairs if a is not None and b is not None]
+        return [m[end] - m[start] for m in seen if m[start] is not None and m[end] is not None]  # type: ignore[operator]
 
     errors = sorted({c.error for c in commands if c.error})
     return {
-        "database": "sqlite",
         "offered_per_s": rate,
         "seconds": seconds,
-        "warmup_s": warmup_s,
-        "ledger_poll_ms": round(poll_s * 1000),
         "commands": len(commands),
         "accepted": len(accepted),
-        "applied": sum(1 for c in accepted if c.command_id in tail.seen),
+        "applied": sum(1 for c in accepted if c.command_id in tail.applied),
         "in_ledger": sum(1 for c in accepted if c.command_id in in_ledger),
         "mutation_ms": percentiles(spans("sent", "accepted")),
         "accepted_to_applied_ms": percentiles(spans("accepted", "applied")),
         "accepted_to_ledger_ms": percentiles(spans("accepted", "ledger")),
         "applied_to_ledger_ms": percentiles(spans("applied", "ledger")),
+        "hops_ms": {label: percentiles(spans(start, end)) for label, start, end in HOPS},
         "errors": errors[:5],
     }
 
 
+async def measure_all(urls: dict[str, str], rates: list[float], seconds: float, warmup_s: float,
+                      poll_s: float, sweep: list[float], sweep_seconds: float) -> dict[str, Any]:
+    """The stated rates, then the saturation sweep: rising rates until accepted -> in the ledger p99 > 1 s
+    (or a command is lost or refused); the saturation rate is the last rate that kept it."""
+    # uvicorn drops connections idle 5 s; keeping them as long races it (a request lost as ReadError).
+    limits = httpx.Limits(max_connections=512, max_keepalive_connections=512, keepalive_expiry=2.0)
+    async with httpx.AsyncClient(timeout=60, limits=limits) as http:
+        await gql(http, urls["gateway"], OPERATOR_KEY,
+                  'mutation { setPolicy(scope: DEFAULT, reason: "latency bench", settings: {maxWrites: '
+                  "10000000, maxVelocity: 10000000, velocityWindowS: 1, quarantineWindowS: 0}) { version } }")
+        by_rate = [await measure(http, urls, rate, seconds, warmup_s, poll_s, drain_s=60) for rate in rates]
+        saturation: float | None = None
+        steps = []
+        for rate in sweep:
+            step = await measure(http, urls, rate, sweep_seconds, warmup_s, poll_s, drain_s=30)
+            p99 = step["accepted_to_ledger_ms"]["p99"]
+            kept = (step["in_ledger"] == step["commands"] and p99 is not None and p99 <= 1000)
+            steps.append({"offered_per_s": rate, "accepted_to_ledger_p99_ms": p99, "kept": kept,
+                          "lost_or_refused": step["commands"] - step["in_ledger"]})
+            if not kept:
+                break
+            saturation = rate
+    return {"database": "sqlite", "warmup_s": warmup_s, "ledger_poll_ms": round(poll_s * 1000),
+            "rates": by_rate, "saturation": {"rate_per_s": saturation, "steps": steps,
+                                             "seconds_per_step": sweep_seconds}}
+
+
 def print_table(f: dict[str, Any]) -> None:
-    print(f"end-to-end latency, {f['database']}, {f['offered_per_s']:g}/s offered for {f['seconds']:g} s: "
-          f"{f['accepted']}/{f['commands']} accepted, {f['applied']} applied, {f['in_ledger']} in the ledger")
-    print(f"{'(ms)':<24}{'p50':>9}{'p95':>9}{'p99':>9}{'max':>9}")
-    for label, key in (("mutation round trip", "mutation_ms"),
-                       ("accepted -> applied", "accepted_to_applied_ms"),
-                       ("accepted -> in ledger", "accepted_to_ledger_ms"),
-                       ("applied -> in ledger", "applied_to_ledger_ms")):
-        row = f[key]
-        print(f"{label:<24}" + "".join(f"{row[p] if row[p] is not None else '-':>9}"
+    print(f"{'(ms)':<30}{'p50':>9}{'p95':>9}{'p99':>9}{'max':>9}")
+
+    def row(label: str, figures: dict[str, float | None]) -> None:
+        print(f"{label:<30}" + "".join(f"{figures[p] if figures[p] is not None else '-':>9}"
                                        for p in ("p50", "p95", "p99", "max")))
-    print(f"(in ledger: the coordinator API polled every {f['ledger_poll_ms']} ms)")
+
+    for r in f["rates"]:
+        print(f"latency, {f['database']}, {r['offered_per_s']:g}/s offered for {r['seconds']:g} s: "
+              f"{r['accepted']}/{r['commands']} accepted, {r['applied']} applied, "
+              f"{r['in_ledger']} in the ledger")
+        for label, key in (("mutation round trip", "mutation_ms"),
+                           ("accepted -> applied", "accepted_to_applied_ms"),
+                           ("accepted -> in ledger", "accepted_to_ledger_ms"),
+                           ("applied -> in ledger", "applied_to_ledger_ms")):
+            row(label, r[key])
+        print("  per hop:")
+        for label, hop in r["hops_ms"].items():
+            row(f"  {label}", hop)
+    print(f"(in ledger: the coordinator API polled every {f['ledger_poll_ms']} ms; hops from envelope "
+          "stamps, Kafka CreateTime and this process's reads, all on the machine's wall clock)")
+    sat = f["saturation"]
+    steps = ", ".join(f"{s['offered_per_s']:g}/s: {s['accepted_to_ledger_p99_ms']} ms"
+                      + ("" if s["kept"] else f" (over, {s['lost_or_refused']} not in the ledger)")
+                      for s in sat["steps"])
+    print(f"saturation (highest offered rate with accepted -> in ledger p99 <= 1 s): "
+          f"{sat['rate_per_s'] if sat['rate_per_s'] is not None else '-'}/s [{steps}]")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--small", action="store_true", help="a quick run: 20/s for 3 s")
-    parser.add_argument("--rate", type=float, default=50.0, help="offered mutations per second")
-    parser.add_argument("--seconds", type=float, default=20.0, help="length of the measured load")
+    parser.add_argument("--small", action="store_true", help="a quick run: 20/s for 3 s, a two-step sweep")
+    parser.add_argument("--rates", default="50,200", help="offered mutations per second, comma-separated")
+    parser.add_argument("--seconds", type=float, default=20.0, help="length of the measured load per rate")
+    parser.add_argument("--sweep", default="100,200,300,400,600,800,1000",
+                        help="rates tried for the saturation rate, rising; empty to skip")
+    parser.add_argument("--sweep-seconds", type=float, default=10.0, help="length of each sweep step")
     parser.add_argument("--poll-ms", type=float, default=20.0, help="how often the ledger API is polled")
     args = parser.parse_args(argv)
-    rate, seconds, warmup = (20.0, 3.0, 1.0) if args.small else (args.rate, args.seconds, 3.0)
+    if args.small:
+        rates, seconds, warmup, sweep, sweep_seconds = [20.0], 3.0, 1.0, [20.0, 40.0], 2.0
+    else:
+        rates = [float(r) for r in args.rates.split(",") if r]
+        sweep = [float(r) for r in args.sweep.split(",") if r]
+        seconds, warmup, sweep_seconds = args.seconds, 3.0, args.sweep_seconds
     root = Path(tempfile.mkdtemp(prefix="kinshasa-bench-latency-"))
     try:
         with contextlib.ExitStack() as cleanup:
             urls = start_stack(root, cleanup)
-            figures = asyncio.run(measure(urls, rate, seconds, warmup, args.poll_ms / 1000, drain_s=60))
+            figures = asyncio.run(measure_all(urls, rates, seconds, warmup, args.poll_ms / 1000,
+                                              sweep, sweep_seconds))
     except Exception as exc:
         # Everything is stopped by now; the logs stay for the post-mortem.
         print(f"latency benchmark failed: {exc!r}\nprocess logs are under {root / 'logs'}", file=sys.stderr)
@@ -341,7 +450,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"machine: {os.cpu_count()} cores, load average {figures['load_avg']} (1/5/15 min)")
     path = write_result(NAME, figures)
     print(f"wrote {path}")
-    complete = figures["accepted"] == figures["applied"] == figures["in_ledger"] == figures["commands"]
+    complete = all(r["accepted"] == r["applied"] == r["in_ledger"] == r["commands"] for r in figures["rates"])
     if not complete:
         print("not every offered command was accepted, applied and projected: see 'errors' in the result",
               file=sys.stderr)

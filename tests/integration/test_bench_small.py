@@ -23,9 +23,11 @@ from bench import (
 PERCENTILES = ("p50", "p95", "p99")
 CASES = [
     pytest.param(bench_latency, "latency", [
-        "offered_per_s", "commands", "accepted", "applied", "in_ledger",
-        *(f"{span}.{p}" for span in ("mutation_ms", "accepted_to_applied_ms", "accepted_to_ledger_ms",
-                                     "applied_to_ledger_ms") for p in PERCENTILES),
+        *(f"rates.0.{k}" for k in ("offered_per_s", "commands", "accepted", "applied", "in_ledger")),
+        *(f"rates.0.{span}.{p}" for span in ("mutation_ms", "accepted_to_applied_ms", "accepted_to_ledger_ms",
+                                             "applied_to_ledger_ms") for p in PERCENTILES),
+        *(f"rates.0.hops_ms.{hop}.{p}" for hop, _, _ in bench_latency.HOPS for p in PERCENTILES),
+        "saturation.rate_per_s", "saturation.steps.1.accepted_to_ledger_p99_ms",
     ], id="latency"),
     pytest.param(bench_trip, "trip", [
         "threshold", "writers", "gateways", "total_excess", "max_excess", "all_exact",
@@ -51,6 +53,10 @@ CASES = [
 def lookup(figures: dict[str, Any], path: str) -> Any:
     value: Any = figures
     for part in path.split("."):
+        if isinstance(value, list):  # a list's items by index: "rates.0.commands"
+            assert part.isdigit() and int(part) < len(value), f"figure {path!r} missing from {figures}"
+            value = value[int(part)]
+            continue
         assert isinstance(value, dict) and part in value, f"figure {path!r} missing from {figures}"
         value = value[part]
     return value
