@@ -31,6 +31,7 @@ from kinshasa.gateway.hardening import RequestGuard, error_body, schema_extensio
 from kinshasa.gateway.listener import GROUP, Listener, listened_topics
 from kinshasa.gateway.live import AlertFeed
 from kinshasa.gateway.loaders import DatabaseReads, Pacer
+from kinshasa.gateway.metrics import GatewayMetrics
 from kinshasa.gateway.policy import PolicyBook
 from kinshasa.gateway.principals import Principal, PrincipalRegistry, load_registry
 from kinshasa.gateway.reads import Backends
@@ -94,6 +95,8 @@ class Gateway:
             stack.data_dir, settings.internal_token, stack.internal_token_file
         )
         self.metrics = ComponentMetrics(COMPONENT)
+        # Trips, incidents, held and awaiting-approval commands (read from the database), budget refusals.
+        self.domain_metrics = GatewayMetrics(self.metrics, self.engine)
         self.policies = PolicyBook()
         self.webhook = WebhookSender(
             self.engine,
@@ -130,7 +133,8 @@ class Gateway:
             book=self.book,
             registry=self.registry,
             policies=self.policies,
-            writer=CommandWriter(self.engine, self.policies, self.webhook, self._wake),
+            writer=CommandWriter(self.engine, self.policies, self.webhook, self._wake,
+                                 on_refusal=self.domain_metrics.refused),
             webhook=self.webhook,
             backends=self.backends,
             local_dlq=self.dlq,
@@ -149,6 +153,7 @@ class Gateway:
         self.graphql_app: Any = None
         # Every background task runs as a role of this supervisor; /healthz asks it about each.
         self.supervisor = Supervisor(COMPONENT, on_give_up=self._gave_up)
+        self.metrics.watch_roles(self.supervisor.health)
         # Called when a role is not restarted any more; the process must then exit non-zero.
         self.on_give_up: Callable[[GaveUp], None] | None = None
         self._catalogue_changed(self.book.catalogue)
