@@ -41,7 +41,7 @@ from kinshasa.gateway.service_book import ServiceBook
 from kinshasa.gateway.settings import GatewayConfig
 from kinshasa.gateway.store import install_gateway_tables
 from kinshasa.kernel.admin import admin_app, load_or_create_internal_token
-from kinshasa.kernel.component import database_check, verify_topics
+from kinshasa.kernel.component import database_check, drain_outbox, verify_topics
 from kinshasa.kernel.database import create_engine
 from kinshasa.kernel.dlq import DeadLetterQueue, OutboxDeadLetters, SqlDeadLetterStore, guarded_handler
 from kinshasa.kernel.housekeeping import Housekeeper, housekeeping_policy
@@ -280,8 +280,16 @@ class Gateway:
             self.on_give_up(failure)
 
     async def stop(self) -> None:
-        await self.supervisor.stop(timeout_s=15)
+        """Stop the roles in the order the outbox needs, as every component does: what commits outbox rows
+        (the listener's message in hand, the releaser's batch, the catalogue and durability chores, the
+        writes already queued) finishes first, the relay then publishes what they committed, then the
+        rest ends."""
+        await self.supervisor.stop(["listener", "releaser", "catalogue", "durability"], timeout_s=15)
         await self.services.writer.drain()
+        await self.supervisor.stop(["relay"], timeout_s=15)
+        if self.relay is not None and "relay" in self.supervisor.names:
+            await drain_outbox(self.relay)
+        await self.supervisor.stop(timeout_s=15)
         await self.webhook.drain()
         if self.producer is not None:
             await self.producer.close()

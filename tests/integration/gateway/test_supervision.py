@@ -24,12 +24,15 @@ from confluent_kafka import Message
 from kinshasa.gateway.app import Gateway
 from kinshasa.gateway.listener import GROUP
 from kinshasa.gateway.settings import GatewayConfig
+from kinshasa.kernel.database import create_engine
+from kinshasa.kernel.outbox import OutboxStatus
+from kinshasa.kernel.relay import OutboxRelay, RelayStats
 from kinshasa.kernel.supervisor import GaveUp, RestartPolicy
 from kinshasa.schemas.envelope import Actor, Envelope, utcnow
 from kinshasa.settings import StackSettings
 from kinshasa.topics.catalogue import ALERTS
 from kinshasa.topics.consumer import AsyncConsumer, ConsumerError
-from tests.integration.gateway.conftest import OPERATOR_KEY, Harness, publish, registry
+from tests.integration.gateway.conftest import OPERATOR_KEY, Client, Harness, publish, registry
 from tests.integration.prometheus import scrape, value
 
 
@@ -174,3 +177,34 @@ async def test_a_role_whose_task_is_cancelled_from_outside_is_named_by_healthz_a
             assert gateway.supervisor.attempt("releaser") not in (None, first)
     finally:
         await gateway.stop()
+
+
+async def test_a_stopping_gateway_publishes_what_it_committed_before_it_stops(
+    database_url: str, kafka: Any, tmp_path: Path, examples_catalogue: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The relay role publishes nothing while it runs: only the stop's drain can empty the outbox.
+    async def idle(self: OutboxRelay, stop: asyncio.Event, idle_sleep_s: float = 0.2) -> RelayStats:
+        await stop.wait()
+        return RelayStats()
+
+    monkeypatch.setattr(OutboxRelay, "run", idle)
+    settings = GatewayConfig(database_url=database_url, dev_mode=False, catalogue_topic=examples_catalogue)
+    stack = StackSettings(data_dir=tmp_path / "data", kafka_bootstrap=kafka.bootstrap)
+    gateway = Gateway(settings, stack, registry=registry())
+    await gateway.start()
+    try:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=gateway.app),
+                                     base_url="http://gateway") as http:
+            client = Client(http)
+            await client.set_policy({"quarantineWindowS": 0})
+            run_id = await client.start_run(entry_point="drain")
+            created = (await client.create_document(run_id))["data"]["createDocument"]
+            assert created["status"] == "PUBLISHED"
+            assert (await OutboxStatus(gateway.engine).backlog()).pending >= 1
+    finally:
+        await gateway.stop()
+    engine = create_engine(database_url)
+    try:
+        assert (await OutboxStatus(engine).backlog()).pending == 0
+    finally:
+        await engine.dispose()
