@@ -142,6 +142,7 @@ class Gateway:
             database=DatabaseReads(self.engine, settings.database_reads),
             pacer=Pacer(),
             alert_feed=AlertFeed(DatabaseReads(self.engine, 1).connect),
+            budget_refused=self.domain_metrics.refused,
         )
         # Its own read connection (one at a time), so its polls never take a request's.
         self.durability = gateway_watcher(settings, self.engine, self.backends,
