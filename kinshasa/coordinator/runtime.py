@@ -40,6 +40,7 @@ from kinshasa.coordinator.activities import RevertActivities
 from kinshasa.coordinator.api import install_error_handlers, ledger_router
 from kinshasa.coordinator.handlers import LedgerHandler
 from kinshasa.coordinator.ledger import Ledger
+from kinshasa.coordinator.metrics import CoordinatorMetrics
 from kinshasa.coordinator.models import RevertPolicy, RevertRequest
 from kinshasa.coordinator.projector import RevertTrigger
 from kinshasa.coordinator.starter import start_revert
@@ -121,6 +122,8 @@ class CoordinatorRuntime:
         self.topics = CoordinatorTopics(suffix=self.options.topic_suffix)
         self.token = token
         self.metrics = ComponentMetrics(COMPONENT)
+        # Reverts by status and compensations by outcome, read from the ledger.
+        self.domain_metrics = CoordinatorMetrics(self.metrics)
         self.api_url: str | None = None
         self.ready = asyncio.Event()
         self.relay: OutboxRelay | None = None
@@ -173,6 +176,8 @@ class CoordinatorRuntime:
                                          policy=opts.dlq_policy, metrics=self.metrics)
         dlq, guarded = dead_letters.queue, dead_letters.guarded
         supervisor = self.supervisor = Supervisor(COMPONENT)
+        self.metrics.watch_roles(lambda: self.supervisor.health())
+        self.domain_metrics.read_from(engine)
         roles = [role for role in ("api", "relay", "worker", "projector") if self.has(role)]
         if self.has("relay"):
             roles.append("housekeeping")
@@ -250,13 +255,8 @@ class CoordinatorRuntime:
                      ",".join(opts.roles), queue, ", ".join(topics.consumed()), group, self.api_url)
             self.ready.set()
             # Whichever comes first: a stop request, or a role the supervisor gave up on.
-            stop_wait = asyncio.create_task(stop.wait())
-            gave_up = asyncio.create_task(supervisor.failed.wait())
-            await asyncio.wait([stop_wait, gave_up], return_when=asyncio.FIRST_COMPLETED)
-            stop_wait.cancel()
-            gave_up.cancel()
-            if supervisor.failure is not None and not stop.is_set():
-                failure = supervisor.failure
+            failure = await supervisor.wait(stop)
+            if failure is not None:
                 log.error("%s; shutting the coordinator down", failure)
         finally:
             stop.set()

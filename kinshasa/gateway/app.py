@@ -31,6 +31,7 @@ from kinshasa.gateway.hardening import RequestGuard, error_body, schema_extensio
 from kinshasa.gateway.listener import GROUP, Listener, listened_topics
 from kinshasa.gateway.live import AlertFeed
 from kinshasa.gateway.loaders import DatabaseReads, Pacer
+from kinshasa.gateway.metrics import GatewayMetrics
 from kinshasa.gateway.policy import PolicyBook
 from kinshasa.gateway.principals import Principal, PrincipalRegistry, load_registry
 from kinshasa.gateway.reads import Backends
@@ -40,7 +41,7 @@ from kinshasa.gateway.service_book import ServiceBook
 from kinshasa.gateway.settings import GatewayConfig
 from kinshasa.gateway.store import install_gateway_tables
 from kinshasa.kernel.admin import admin_app, load_or_create_internal_token
-from kinshasa.kernel.component import database_check, verify_topics
+from kinshasa.kernel.component import database_check, drain_outbox, verify_topics
 from kinshasa.kernel.database import create_engine
 from kinshasa.kernel.dlq import DeadLetterQueue, OutboxDeadLetters, SqlDeadLetterStore, guarded_handler
 from kinshasa.kernel.housekeeping import Housekeeper, housekeeping_policy
@@ -94,6 +95,8 @@ class Gateway:
             stack.data_dir, settings.internal_token, stack.internal_token_file
         )
         self.metrics = ComponentMetrics(COMPONENT)
+        # Trips, incidents, held and awaiting-approval commands (read from the database), budget refusals.
+        self.domain_metrics = GatewayMetrics(self.metrics, self.engine)
         self.policies = PolicyBook()
         self.webhook = WebhookSender(
             self.engine,
@@ -130,7 +133,8 @@ class Gateway:
             book=self.book,
             registry=self.registry,
             policies=self.policies,
-            writer=CommandWriter(self.engine, self.policies, self.webhook, self._wake),
+            writer=CommandWriter(self.engine, self.policies, self.webhook, self._wake,
+                                 on_refusal=self.domain_metrics.refused),
             webhook=self.webhook,
             backends=self.backends,
             local_dlq=self.dlq,
@@ -138,6 +142,7 @@ class Gateway:
             database=DatabaseReads(self.engine, settings.database_reads),
             pacer=Pacer(),
             alert_feed=AlertFeed(DatabaseReads(self.engine, 1).connect),
+            budget_refused=self.domain_metrics.refused,
         )
         # Its own read connection (one at a time), so its polls never take a request's.
         self.durability = gateway_watcher(settings, self.engine, self.backends,
@@ -149,6 +154,7 @@ class Gateway:
         self.graphql_app: Any = None
         # Every background task runs as a role of this supervisor; /healthz asks it about each.
         self.supervisor = Supervisor(COMPONENT, on_give_up=self._gave_up)
+        self.metrics.watch_roles(self.supervisor.health)
         # Called when a role is not restarted any more; the process must then exit non-zero.
         self.on_give_up: Callable[[GaveUp], None] | None = None
         self._catalogue_changed(self.book.catalogue)
@@ -275,8 +281,16 @@ class Gateway:
             self.on_give_up(failure)
 
     async def stop(self) -> None:
-        await self.supervisor.stop(timeout_s=15)
+        """Stop the roles in the order the outbox needs, as every component does: what commits outbox rows
+        (the listener's message in hand, the releaser's batch, the catalogue and durability chores, the
+        writes already queued) finishes first, the relay then publishes what they committed, then the
+        rest ends."""
+        await self.supervisor.stop(["listener", "releaser", "catalogue", "durability"], timeout_s=15)
         await self.services.writer.drain()
+        await self.supervisor.stop(["relay"], timeout_s=15)
+        if self.relay is not None and "relay" in self.supervisor.names:
+            await drain_outbox(self.relay)
+        await self.supervisor.stop(timeout_s=15)
         await self.webhook.drain()
         if self.producer is not None:
             await self.producer.close()

@@ -20,7 +20,14 @@ from kinshasa.gateway import idempotency, store
 from kinshasa.gateway.alerts import Alert, WebhookSender
 from kinshasa.gateway.breaker import Refused, check_write, refusal, services_after, trip
 from kinshasa.gateway.budgets import WriteBudgets, note_breach
-from kinshasa.gateway.errors import GatewayError, Invalid, NotFound, RunClosed, RunNotFound
+from kinshasa.gateway.errors import (
+    AgentBudgetExceeded,
+    GatewayError,
+    Invalid,
+    NotFound,
+    RunClosed,
+    RunNotFound,
+)
 from kinshasa.gateway.policy import EffectivePolicy, PolicyBook
 from kinshasa.gateway.principals import Principal
 from kinshasa.gateway.runs import (
@@ -186,8 +193,11 @@ class CommandWriter:
         webhook: WebhookSender,
         on_commit: Callable[[], None] | None = None,
         max_batch: int = 256,
+        on_refusal: Callable[[str], None] | None = None,
     ) -> None:
         self._engine = engine
+        # Called with the budget's name for each write refused on an agent budget, once committed.
+        self._on_refusal = on_refusal
         self._policies = policies
         self._webhook = webhook
         # Called after a commit that put rows in the outbox, to wake the relay without waiting for its poll.
@@ -299,6 +309,8 @@ class CommandWriter:
         for alert in batch.alerts:
             self._webhook.send_later(alert)
         for write, answer in batch.answers:
+            if isinstance(answer, AgentBudgetExceeded) and self._on_refusal is not None:
+                self._on_refusal(str(answer.details.get("budget")))
             _settle(write, answer)
 
     async def _transact(self, writes: list[_Write]) -> _Batch:

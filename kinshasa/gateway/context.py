@@ -43,6 +43,8 @@ class Services:
     # what their batches set off, shared by all requests.
     database: DatabaseReads | None = None
     pacer: Pacer | None = None
+    # Counts a request refused on an agent budget, by the budget's name (gateway/metrics.py).
+    budget_refused: Callable[[str], None] | None = None
 
     @property
     def catalogue(self) -> OperationCatalogue:

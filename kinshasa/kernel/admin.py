@@ -17,6 +17,9 @@ Routes:
         authorization: {type: Bearer, credentials_file: /path/to/.kinshasa/internal-token}
         static_configs: [{targets: ["127.0.0.1:8021"]}]
 
+  Every metric, its labels (bounded: never a run, agent or entity id) and what a scrape costs are listed
+  in docs/operations.md; deploy/grafana/kinshasa-dashboard.json charts them.
+
 The token is the stack's internal token (`load_or_create_internal_token`): configured, or generated
 once into `<data_dir>/internal-token` with mode 0600 and shared by the gateway (which calls these
 endpoints for the operator's `dlq` / `reprocessDlq`) and every component.

@@ -10,7 +10,11 @@ role's own stop event, and the supervisor runs them side by side:
   called, and the component then stops and exits non-zero so an orchestrator starts a fresh process;
 * `health()` says each role's state (running, restarting since T after error E, failed, stopped) and
   `health_checks()` turns that into the kernel admin app's `/healthz` checks, so a role that is down
-  answers 503 naming it;
+  answers 503 naming it; `ComponentMetrics.watch_roles(supervisor.health)` puts the same states and
+  each role's restart count on `/metrics`;
+* `wait(stop)` is a component's main loop: it returns when the stop is requested, or with the failure
+  when the supervisor gave up first. Every component (gateway, services, coordinator) follows this one
+  rule; none decides on its own what counts as a failure;
 * `stop(names)` requests the roles' stop, waits up to a timeout for them to finish what they hold, then
   cancels them; a component stops its roles in the order its guarantees need (consumer before relay).
 
@@ -218,6 +222,18 @@ class Supervisor:
             return True
 
         return check
+
+    async def wait(self, stop: asyncio.Event) -> GaveUp | None:
+        """Wait for `stop` or for the supervisor to give up on a role, whichever comes first: None when
+        the stop was requested, else the failure (the component then stops and exits non-zero)."""
+        stopping = asyncio.create_task(stop.wait())
+        gave_up = asyncio.create_task(self.failed.wait())
+        try:
+            await asyncio.wait([stopping, gave_up], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+            gave_up.cancel()
+        return self.failure if self.failure is not None and not stop.is_set() else None
 
     async def wait_failed(self) -> GaveUp:
         await self.failed.wait()

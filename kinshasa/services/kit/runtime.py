@@ -209,6 +209,7 @@ class ServiceRuntime:
         batch = batch_record_handler(dispatcher, self.metrics)
         housekeeper = Housekeeper(engine, housekeeping_policy(self.settings))
         supervisor = self.supervisor = Supervisor(name)
+        self.metrics.watch_roles(lambda: self.supervisor.health())
         token = load_or_create_internal_token(self.stack.data_dir, self.token,
                                               self.stack.internal_token_file)
         app = admin_app(name, token=token, dlq_api=dead_letters.queue, metrics=self.metrics,
@@ -261,13 +262,8 @@ class ServiceRuntime:
             self.ready.set()
             # Whichever comes first: a stop request, or a role the supervisor gave up on (then the
             # process must stop too, and exit non-zero).
-            stop_wait = asyncio.create_task(stop.wait())
-            gave_up = asyncio.create_task(supervisor.failed.wait())
-            await asyncio.wait([stop_wait, gave_up], return_when=asyncio.FIRST_COMPLETED)
-            stop_wait.cancel()
-            gave_up.cancel()
-            if supervisor.failure is not None and not stop.is_set():
-                failure = supervisor.failure
+            failure = await supervisor.wait(stop)
+            if failure is not None:
                 log.error("%s; shutting the service down", failure)
         finally:
             stop.set()

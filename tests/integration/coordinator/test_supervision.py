@@ -1,5 +1,6 @@
 """The coordinator's roles are supervised: a projector that dies is named by `/healthz` until it is restarted,
-and then it folds run facts into the ledger again.
+and then it folds run facts into the ledger again; `/metrics` shows the restart, and the ledger's revert
+figures once a revert has run.
 
 Real coordinator (projector, Temporal worker, relay, sweeper, API), Kafka, Temporal and SQLite; the
 projector's consumer is made to fail as a fatal client error does (`ConsumerError` out of its fetch)
@@ -18,8 +19,10 @@ import pytest
 from confluent_kafka import Message
 
 from kinshasa.infra.temporal import TemporalServer
+from kinshasa.kernel.admin import load_or_create_internal_token
 from kinshasa.topics.consumer import AsyncConsumer, ConsumerError
 from tests.integration.coordinator.harness import ServiceFleet, coordinator_stack, wait_for
+from tests.integration.prometheus import scrape, scrape_until, value
 
 
 def _break_consumer(monkeypatch: pytest.MonkeyPatch, group: str) -> threading.Event:
@@ -60,6 +63,11 @@ async def test_a_dead_projector_is_named_by_healthz_until_it_is_restarted_and_th
             assert set(checks) == {"database", "api", "relay", "housekeeping", "worker", "projector",
                                    "sweeper"}
 
+            token = load_or_create_internal_token(tmp_path)
+            projector = {"component": "coordinator", "role": "projector"}
+            before = await scrape(http, token)
+            assert value(before, "kinshasa_role_restarts_total", **projector) == 0
+
             broken = _break_consumer(monkeypatch, stack.consumer_group)
             broken.set()
             await wait_for(health(503), 30, "503 for the dead projector")
@@ -69,11 +77,27 @@ async def test_a_dead_projector_is_named_by_healthz_until_it_is_restarted_and_th
 
             broken.clear()
             await wait_for(health(200), 30, "200 again after the restart")
+            after = await scrape(http, token)
+            assert value(after, "kinshasa_role_restarts_total", **projector) >= 1
+            assert value(after, "kinshasa_role_state", state="running", **projector) == 1
+            assert value(after, "kinshasa_role_restarts_total", component="coordinator", role="worker") == 0
 
-        run_id = f"run-{uuid.uuid4()}"
-        await stack.start_run(run_id, "agent-a")
+            run_id = f"run-{uuid.uuid4()}"
+            await stack.start_run(run_id, "agent-a")
 
-        async def projected() -> bool:
-            return bool(await stack.ledger.run_facts(run_id))
+            async def projected() -> bool:
+                return bool(await stack.ledger.run_facts(run_id))
 
-        await wait_for(projected, 30, "the run fact published after the restart in the ledger")
+            await wait_for(projected, 30, "the run fact published after the restart in the ledger")
+
+            # A revert of a run that wrote nothing: requested, then reverted, nothing to compensate.
+            await stack.request_revert(run_id, 0)
+            await stack.revert_result(run_id)
+
+            def reverted(samples: dict[tuple[str, frozenset[tuple[str, str]]], float]) -> bool:
+                return value(samples, "kinshasa_reverts", component="coordinator", status="reverted") == 1
+
+            figures = await scrape_until(http, token, reverted, "the reverted run", within_s=60)
+            assert value(figures, "kinshasa_reverts", component="coordinator", status="requested") == 1
+            assert value(figures, "kinshasa_reverts", component="coordinator", status="failed") == 0
+            assert value(figures, "kinshasa_compensations", component="coordinator", outcome="sent") == 0

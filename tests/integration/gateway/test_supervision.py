@@ -1,5 +1,5 @@
 """The gateway's background tasks are supervised: one that dies is named by `/healthz` (503) until the
-supervisor has restarted it, and then it works again.
+supervisor has restarted it, and then it works again; `/metrics` shows it down, then its restart.
 
 Real gateway, real database, real broker: the listener's Kafka consumer is made to fail the way a fatal
 client error does (`ConsumerError` out of its fetch), for every consumer the gateway builds, until the
@@ -24,12 +24,16 @@ from confluent_kafka import Message
 from kinshasa.gateway.app import Gateway
 from kinshasa.gateway.listener import GROUP
 from kinshasa.gateway.settings import GatewayConfig
+from kinshasa.kernel.database import create_engine
+from kinshasa.kernel.outbox import OutboxStatus
+from kinshasa.kernel.relay import OutboxRelay, RelayStats
 from kinshasa.kernel.supervisor import GaveUp, RestartPolicy
 from kinshasa.schemas.envelope import Actor, Envelope, utcnow
 from kinshasa.settings import StackSettings
 from kinshasa.topics.catalogue import ALERTS
 from kinshasa.topics.consumer import AsyncConsumer, ConsumerError
-from tests.integration.gateway.conftest import OPERATOR_KEY, Harness, publish, registry
+from tests.integration.gateway.conftest import OPERATOR_KEY, Client, Harness, publish, registry
+from tests.integration.prometheus import scrape, value
 
 
 async def _health_until(http: httpx.AsyncClient, wanted: Callable[[httpx.Response], bool],
@@ -80,6 +84,15 @@ async def test_a_dead_listener_is_named_by_healthz_until_it_is_restarted_and_the
     assert set(healthy["checks"]) == {"database", "catalogue", "releaser", "relay", "housekeeping",
                                       "durability", "listener"}
 
+    token = harness.gateway.internal_token
+    listener = {"component": "gateway", "role": "listener"}
+    before = await scrape(http, token)
+    assert value(before, "kinshasa_role_up", **listener) == 1
+    assert value(before, "kinshasa_role_restarts_total", **listener) == 0
+    for role in healthy["checks"]:
+        if role != "database":
+            assert value(before, "kinshasa_role_state", component="gateway", role=role, state="running") == 1
+
     broken = _break_listener(monkeypatch)
     broken.set()
     down = await _health_until(http, lambda r: r.status_code == 503, "answered 503 for the dead listener")
@@ -93,6 +106,10 @@ async def test_a_dead_listener_is_named_by_healthz_until_it_is_restarted_and_the
     broken.clear()
     await _health_until(http, lambda r: r.status_code == 200, "answered 200 again after the restart")
     assert harness.gateway.supervisor.health()["listener"].state == "running"
+    after = await scrape(http, token)
+    assert value(after, "kinshasa_role_restarts_total", **listener) >= 1
+    assert value(after, "kinshasa_role_up", **listener) == 1
+    assert value(after, "kinshasa_role_restarts_total", component="gateway", role="relay") == 0
 
     # The restarted listener consumes again: an alert published now is stored.
     run_id = await harness.client.start_run(entry_point="supervision")
@@ -128,3 +145,66 @@ async def test_a_listener_that_keeps_dying_makes_the_gateway_give_up_and_say_so(
         assert "not restarted: the process is exiting" in response.json()["checks"]["listener"]
     finally:
         await gateway.stop()
+
+
+async def test_a_role_whose_task_is_cancelled_from_outside_is_named_by_healthz_and_restarted(
+    database_url: str, kafka: Any, tmp_path: Path, examples_catalogue: str
+) -> None:
+    settings = GatewayConfig(database_url=database_url, dev_mode=False, catalogue_topic=examples_catalogue)
+    stack = StackSettings(data_dir=tmp_path / "data", kafka_bootstrap=kafka.bootstrap)
+    # A long first backoff, so the test sees the role down before it is back.
+    policy = RestartPolicy(initial_backoff_s=2.0, max_backoff_s=2.0)
+    gateway = Gateway(settings, stack, registry=registry(), restart_policy=policy)
+    await gateway.start()
+    try:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=gateway.app),
+                                     base_url="http://gateway") as http:
+            await _health_until(http, lambda r: r.status_code == 200, "answered 200 after start")
+            first = gateway.supervisor.attempt("releaser")
+            assert first is not None
+            first.cancel()
+            down = await _health_until(http, lambda r: r.status_code == 503, "named the cancelled releaser")
+            assert down["checks"]["releaser"].startswith("failed: releaser is down, restarting since ")
+            assert "it was cancelled" in down["checks"]["releaser"]
+            releaser = {"component": "gateway", "role": "releaser"}
+            during = await scrape(http, gateway.internal_token)
+            assert value(during, "kinshasa_role_up", **releaser) == 0
+            assert value(during, "kinshasa_role_state", state="restarting", **releaser) == 1
+            await _health_until(http, lambda r: r.status_code == 200, "answered 200 after the restart")
+            after = await scrape(http, gateway.internal_token)
+            assert value(after, "kinshasa_role_restarts_total", **releaser) == 1
+            assert value(after, "kinshasa_role_state", state="running", **releaser) == 1
+            assert gateway.supervisor.attempt("releaser") not in (None, first)
+    finally:
+        await gateway.stop()
+
+
+async def test_a_stopping_gateway_publishes_what_it_committed_before_it_stops(
+    database_url: str, kafka: Any, tmp_path: Path, examples_catalogue: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The relay role publishes nothing while it runs: only the stop's drain can empty the outbox.
+    async def idle(self: OutboxRelay, stop: asyncio.Event, idle_sleep_s: float = 0.2) -> RelayStats:
+        await stop.wait()
+        return RelayStats()
+
+    monkeypatch.setattr(OutboxRelay, "run", idle)
+    settings = GatewayConfig(database_url=database_url, dev_mode=False, catalogue_topic=examples_catalogue)
+    stack = StackSettings(data_dir=tmp_path / "data", kafka_bootstrap=kafka.bootstrap)
+    gateway = Gateway(settings, stack, registry=registry())
+    await gateway.start()
+    try:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=gateway.app),
+                                     base_url="http://gateway") as http:
+            client = Client(http)
+            await client.set_policy({"quarantineWindowS": 0})
+            run_id = await client.start_run(entry_point="drain")
+            created = (await client.create_document(run_id))["data"]["createDocument"]
+            assert created["status"] == "PUBLISHED"
+            assert (await OutboxStatus(gateway.engine).backlog()).pending >= 1
+    finally:
+        await gateway.stop()
+    engine = create_engine(database_url)
+    try:
+        assert (await OutboxStatus(engine).backlog()).pending == 0
+    finally:
+        await engine.dispose()

@@ -1,5 +1,6 @@
 """A service's roles are supervised: a consumer that dies is named by `/healthz` until it is restarted and
-consumes again; one that keeps dying stops the service with an error (the process exits non-zero).
+consumes again, and `/metrics` shows it down and then its restart; one that keeps dying stops the service
+with an error (the process exits non-zero).
 
 The documents service runs in-process on an isolated copy of its topics, on the real broker and database;
 its consumer is made to fail as a fatal client error does (`ConsumerError` out of its fetch) until the
@@ -27,6 +28,7 @@ from kinshasa.services import documents
 from kinshasa.services.kit.runtime import ServiceRuntime, ServiceTopics
 from kinshasa.topics.consumer import AsyncConsumer, ConsumerError
 from kinshasa.topics.producer import AsyncProducer, envelope_message
+from tests.integration.prometheus import scrape, value
 from tests.integration.services.helpers import Running, command, make_runtime, new_entity_id, wait_for
 
 TOKEN = "supervision-test-token"
@@ -80,6 +82,12 @@ async def test_a_dead_consumer_is_named_by_healthz_until_it_is_restarted_and_the
         checks = await _health(url, lambda r: r.status_code == 200, "200 after start")
         assert set(checks) == {"database", "http", "relay", "consumer", "lag", "housekeeping"}
 
+        consumer = {"component": "documents", "role": "consumer"}
+        async with httpx.AsyncClient(base_url=url) as http:
+            before = await scrape(http, TOKEN)
+        assert value(before, "kinshasa_role_restarts_total", **consumer) == 0
+        assert value(before, "kinshasa_role_up", **consumer) == 1
+
         broken = _break_consumer(monkeypatch, topics.group)
         broken.set()
         checks = await _health(url, lambda r: r.status_code == 503, "503 for the dead consumer")
@@ -89,6 +97,12 @@ async def test_a_dead_consumer_is_named_by_healthz_until_it_is_restarted_and_the
 
         broken.clear()
         await _health(url, lambda r: r.status_code == 200, "200 again after the restart")
+        async with httpx.AsyncClient(base_url=url) as http:
+            after = await scrape(http, TOKEN)
+        assert value(after, "kinshasa_role_restarts_total", **consumer) >= 1
+        assert value(after, "kinshasa_role_state", state="running", **consumer) == 1
+        assert value(after, "kinshasa_role_restarts_total", component="documents", role="relay") == 0
+        assert value(after, "kinshasa_dlq_size", component="documents") == 0
         doc = new_entity_id()
         create = command("documents", "create", {"title": "after the restart", "body": "b"}, doc)
         async with AsyncProducer(kafka.bootstrap, client_id=f"test-{unique}") as producer:

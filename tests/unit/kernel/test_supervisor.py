@@ -185,3 +185,34 @@ async def test_stop_of_some_roles_leaves_the_others_running() -> None:
     assert supervisor.health()["relay"].state == "running"
     await supervisor.stop()
     assert supervisor.health()["relay"].state == "stopped"
+
+
+async def test_wait_returns_nothing_when_the_stop_is_requested() -> None:
+    supervisor = Supervisor("test")
+
+    async def forever(stop: asyncio.Event) -> None:
+        await stop.wait()
+
+    supervisor.add("relay", forever, FAST)
+    stop = asyncio.Event()
+    waiting = asyncio.create_task(supervisor.wait(stop))
+    stop.set()
+    try:
+        assert await asyncio.wait_for(waiting, 5) is None
+    finally:
+        await supervisor.stop(timeout_s=1)
+
+
+async def test_wait_returns_the_failure_when_the_supervisor_gives_up_first() -> None:
+    supervisor = Supervisor("test")
+
+    async def dies(_stop: asyncio.Event) -> None:
+        raise ConnectionError("broker gone")
+
+    supervisor.add("consumer", dies, NEVER_RESTART)
+    try:
+        failure = await asyncio.wait_for(supervisor.wait(asyncio.Event()), 5)
+        assert isinstance(failure, GaveUp) and failure.role == "consumer"
+        assert "ConnectionError: broker gone" in str(failure)
+    finally:
+        await supervisor.stop(timeout_s=1)
