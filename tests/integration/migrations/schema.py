@@ -1,14 +1,37 @@
 """A database's schema as plain data (tables, columns, keys, indexes, triggers), for comparing two
-databases on one backend."""
+databases on one backend; and loading a dumped schema (tests/fixtures/schema-*) into an empty database."""
 
 from __future__ import annotations
 
 import re
+import sqlite3
+from pathlib import Path
 from typing import Any
 
+import asyncpg
 from sqlalchemy import inspect, text
-from sqlalchemy.engine import Connection
+from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
+
+FIXTURES = Path(__file__).resolve().parents[2] / "fixtures"
+
+
+async def load_dump(url: str, directory: Path, component: str) -> None:
+    """Run a dumped schema (tests/fixtures/schema-*/<component>.<backend>.sql) as is in an empty database."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        conn = sqlite3.connect(str(parsed.database))
+        try:
+            conn.executescript((directory / f"{component}.sqlite.sql").read_text())
+        finally:
+            conn.close()
+        return
+    pg = await asyncpg.connect(host=parsed.host, port=parsed.port, user=parsed.username,
+                               database=parsed.database)
+    try:
+        await pg.execute((directory / f"{component}.postgresql.sql").read_text())
+    finally:
+        await pg.close()
 
 
 def _expression(sql: str) -> str:
@@ -61,5 +84,6 @@ def differences(left: dict[str, Any], right: dict[str, Any]) -> list[str]:
             found.append(f"{table}: only in the {'right' if a is None else 'left'} database")
             continue
         found += [f"{table}.{part}: {a[part]} != {b[part]}" for part in a if a[part] != b[part]]
-    found += [f"trigger only on one side: {t}" for t in sorted(set(left["triggers"]) ^ set(right["triggers"]))]
+    one_side = set(left["triggers"]) ^ set(right["triggers"])
+    found += [f"trigger only on one side: {trigger}" for trigger in sorted(one_side)]
     return found

@@ -5,23 +5,18 @@ on SQLite and PostgreSQL, for every component."""
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
-import asyncpg
 import pytest
 from sqlalchemy import text
-from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from kinshasa import migrations
 from kinshasa.kernel.database import create_engine
-from tests.integration.migrations.schema import differences, schema_of
+from tests.integration.migrations.schema import FIXTURES, differences, load_dump, schema_of
 
-FIXTURE = Path(__file__).resolve().parents[2] / "fixtures" / "schema-0.1.0"
 COMPONENTS = ("gateway", "coordinator", "documents", "ledger", "links", "notifier")
 AT = datetime(2026, 12, 1, 10, 0, tzinfo=UTC)
 
@@ -66,21 +61,8 @@ APPEND_ONLY = {"gateway": ("gw_policy_versions", "version = 1"),
 
 
 async def load_0_1_0(url: str, component: str) -> None:
-    """Create the component's database exactly as release 0.1.0 left it (the dumped DDL, run as is)."""
-    parsed = make_url(url)
-    if parsed.get_backend_name() == "sqlite":
-        conn = sqlite3.connect(str(parsed.database))
-        try:
-            conn.executescript((FIXTURE / f"{component}.sqlite.sql").read_text())
-        finally:
-            conn.close()
-        return
-    pg = await asyncpg.connect(host=parsed.host, port=parsed.port, user=parsed.username,
-                               database=parsed.database)
-    try:
-        await pg.execute((FIXTURE / f"{component}.postgresql.sql").read_text())
-    finally:
-        await pg.close()
+    """Create the component's database exactly as release 0.1.0 left it."""
+    await load_dump(url, FIXTURES / "schema-0.1.0", component)
 
 
 async def fill(engine: AsyncEngine, component: str) -> None:
