@@ -10,6 +10,7 @@ from sqlalchemy import event
 from kinshasa.gateway.store import install_gateway_tables
 from kinshasa.kernel.database import create_engine
 
+
 async def test_a_start_against_an_installed_database_runs_no_ddl(database_url: str) -> None:
     """DDL locks whole tables: a replica starting beside one that writes deadlocked with it (CREATE INDEX
     waiting on a writer waiting on the index's table). A start that finds everything runs none."""
