@@ -3,7 +3,8 @@ of the catch-up revisions that bring a database made before migrations existed u
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import sqlalchemy as sa
 from alembic import op
@@ -25,17 +26,12 @@ def has_table(name: str) -> bool:
     return _inspector().has_table(name)
 
 
-def create_table_if_missing(name: str, create: Callable[[], None]) -> None:
-    if not has_table(name):
-        create()
-
-
 def add_column_if_missing(table: str, column: sa.Column[object]) -> None:
     if column.name not in {c["name"] for c in _inspector().get_columns(table)}:
         op.add_column(table, column)
 
 
-def create_index_if_missing(name: str, table: str, columns: list[str], **kwargs: object) -> None:
+def create_index_if_missing(name: str, table: str, columns: list[str], **kwargs: Any) -> None:
     if name not in {index["name"] for index in _inspector().get_indexes(table)}:
         op.create_index(name, table, columns, **kwargs)
 
