@@ -63,11 +63,31 @@ class BranchState:
         return self.current == self.head
 
 
-def _config(connection: Connection | None = None) -> Config:
+def _config(connection: Connection | None = None, location: str = SCRIPT_LOCATION,
+            version_table: str = VERSION_TABLE) -> Config:
     config = Config()
-    config.set_main_option("script_location", SCRIPT_LOCATION)
+    config.set_main_option("script_location", location)
     config.attributes["connection"] = connection
+    config.attributes["version_table"] = version_table
     return config
+
+
+def run_env() -> None:
+    """The whole of an `env.py`: run the migrations on the connection that `upgrade` hands over.
+
+    A service author's own script directory uses it too (its env.py is `from kinshasa.migrations import
+    run_env; run_env()`), so their migrations run at start in the same transaction and lock.
+    """
+    from alembic import context
+
+    connection = context.config.attributes.get("connection")
+    if connection is None:
+        raise SystemExit("these migrations run through `kinshasa db upgrade --component NAME` or the "
+                         "component's start, which open its database and take its install lock")
+    context.configure(connection=connection,
+                      version_table=context.config.attributes.get("version_table", VERSION_TABLE))
+    with context.begin_transaction():
+        context.run_migrations()
 
 
 def script() -> ScriptDirectory:
@@ -161,6 +181,42 @@ async def current(engine: AsyncEngine, component: str) -> list[BranchState]:
     return result
 
 
+def _own_heads(conn: Connection, location: str, version_table: str) -> tuple[set[str], set[str]]:
+    """The database's revisions of a service's own script directory, and the directory's newest."""
+    directory = ScriptDirectory.from_config(_config(location=location))
+    current = MigrationContext.configure(conn, opts={"version_table": version_table}).get_current_heads()
+    return set(current), set(directory.get_heads())
+
+
+def _upgrade_own_sync(conn: Connection, location: str, version_table: str, tables: set[str]) -> bool:
+    current, heads = _own_heads(conn, location, version_table)
+    if current == heads:
+        return False
+    config = _config(conn, location, version_table)
+    if not current and any(inspect(conn).has_table(table) for table in tables):
+        # Its tables were created before it had migrations: its first revisions are what is there.
+        command.stamp(config, list(ScriptDirectory.from_config(config).get_bases()))
+    command.upgrade(config, "heads")
+    return True
+
+
+async def upgrade_own(engine: AsyncEngine, location: str, version_table: str, tables: set[str]) -> bool:
+    """Run a service author's own script directory (`package:folder`) to its newest revisions.
+
+    The same rules as Kinshasa's: no DDL and no lock when up to date, one transaction under the install
+    lock otherwise; a database with the service's tables and no version is stamped at the first
+    revisions. Returns whether anything ran.
+    """
+    async with engine.execution_options(**{READ_ONLY: True}).connect() as conn:
+        current, heads = await conn.run_sync(_own_heads, location, version_table)
+    if current == heads:
+        return False
+    async with engine.begin() as conn:
+        await _locked(conn)
+        moved: bool = await conn.run_sync(_upgrade_own_sync, location, version_table, tables)
+    return moved
+
+
 def owns_tables_of(service: str, table_names: set[str]) -> bool:
     """Whether a service's tables are migrated here: it has a branch and declares the branch's first table
     (so a service author's service that happens to share an example's name is not taken for it)."""
@@ -172,5 +228,6 @@ def known_components() -> tuple[str, ...]:
 
 
 __all__ = ["BranchState", "MigrationError", "branches_for", "current", "known_components", "owns_tables_of",
-           "upgrade", "upgrade_component"]
+           "run_env", "upgrade", "upgrade_component",
+           "upgrade_own"]
 
