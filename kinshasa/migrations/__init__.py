@@ -14,6 +14,7 @@ table but no version for the branch: it is stamped at the branch's first revisio
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,7 +91,9 @@ def run_env() -> None:
         context.run_migrations()
 
 
+@functools.cache
 def script() -> ScriptDirectory:
+    """Kinshasa's script directory, read once per process (every component start and test asks)."""
     return ScriptDirectory.from_config(_config())
 
 
@@ -105,11 +108,12 @@ def branches_for(component: str) -> tuple[str, ...]:
     return (KERNEL, component) if component in _labels() else (KERNEL,)
 
 
-def _labels() -> set[str]:
+@functools.cache
+def _labels() -> frozenset[str]:
     labels: set[str] = set()
     for revision in script().walk_revisions():
         labels |= set(revision.branch_labels)
-    return labels
+    return frozenset(labels)
 
 
 def _branch_revisions(directory: ScriptDirectory, branch: str) -> list[str]:
