@@ -29,12 +29,14 @@ def _mount() -> None:
     from kinshasa.demo import app as demo_app
     from kinshasa.gateway.cli import app as gateway_app
     from kinshasa.kernel.receipts_cli import app as receipts_app
+    from kinshasa.migrations.cli import app as db_app
     from kinshasa.scaffold.cli import app as scaffold_app
     from kinshasa.services.cli import app as service_app
     from kinshasa.topics.cli import app as topics_app
 
     app.add_typer(topics_app, name="topics")
     app.add_typer(receipts_app, name="receipts", help="Verify a component's hash-chained receipts.")
+    app.add_typer(db_app, name="db", help="Migrate a component's database, or show its schema version.")
     app.add_typer(service_app, name="service")
     app.add_typer(gateway_app, name="gateway")
     app.add_typer(coordinator_app, name="coordinator")

@@ -13,27 +13,21 @@ from sqlalchemy import (
     DateTime,
     Index,
     Integer,
-    MetaData,
     PrimaryKeyConstraint,
     String,
     Table,
     Text,
     and_,
     event,
-    inspect,
-    text,
 )
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
+from kinshasa.kernel.tables import component_metadata
+from kinshasa.migrations import upgrade_component
 from kinshasa.schemas.envelope import RunEventKind
 
 # Its own MetaData: the coordinator's ledger is not a kernel table and must not be created by services.
-ledger_metadata = MetaData(naming_convention={
-    "ix": "ix_%(table_name)s_%(column_0_name)s",
-    "uq": "uq_%(table_name)s_%(column_0_name)s",
-    "ck": "ck_%(table_name)s_%(constraint_name)s",
-    "pk": "pk_%(table_name)s",
-})
+ledger_metadata = component_metadata()
 
 ID = String(256)
 MESSAGE_ID = String(36)
@@ -205,29 +199,6 @@ def reader_for(engine: AsyncEngine) -> AsyncEngine:
     return reader
 
 
-# Columns added to tables an existing ledger already has (create_all creates only missing tables).
-_ADDED_COLUMNS = {"ledger_steps": ("before_state", "after_state")}
-
-
-def _missing_columns(sync_conn: Any) -> list[str]:
-    """ALTER TABLE statements for the added columns an existing ledger lacks."""
-    inspector = inspect(sync_conn)
-    statements: list[str] = []
-    for table_name, names in _ADDED_COLUMNS.items():
-        present = {column["name"] for column in inspector.get_columns(table_name)}
-        table = ledger_metadata.tables[table_name]
-        for name in names:
-            if name not in present:
-                column_type = table.c[name].type.compile(dialect=sync_conn.dialect)
-                statements.append(f"ALTER TABLE {table_name} ADD COLUMN {name} {column_type}")
-    return statements
-
-
 async def install_ledger(engine: AsyncEngine) -> None:
-    """Create the ledger tables if they are missing, and the columns added since (idempotent)."""
-    async with engine.begin() as conn:
-        await conn.run_sync(ledger_metadata.create_all)
-        for statement in await conn.run_sync(_missing_columns):
-            await conn.execute(text(statement))
-        # create_all skips an existing table and its indexes: a ledger from before the sweeper gets it here.
-        await conn.run_sync(lambda sync: unhandled_triggers_index.create(sync, checkfirst=True))
+    """Migrate the coordinator's database (kernel and ledger tables) to this build; safe on every start."""
+    await upgrade_component(engine, "coordinator")

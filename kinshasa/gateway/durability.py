@@ -28,14 +28,14 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any, Literal
 
 import strawberry
-from sqlalchemy import Boolean, Column, Integer, MetaData, String, Table, select, text, update
+from sqlalchemy import select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from kinshasa.gateway.alerts import GATEWAY_ACTOR, GATEWAY_SOURCE, Alert, WebhookSender, store_alert
 from kinshasa.gateway.errors import BackendUnavailable
-from kinshasa.gateway.store import UtcDateTime
+from kinshasa.gateway.store import durability_alarms, install_gateway_tables
 from kinshasa.gateway.uow import transaction
 from kinshasa.kernel.database import READ_ONLY
 from kinshasa.kernel.outbox import SqlOutboxStore
@@ -197,30 +197,14 @@ async def outbox_status(info: strawberry.Info) -> list[OutboxComponent]:
 # --- the threshold alert ---------------------------------------------------------------------------
 
 
-durability_metadata = MetaData(naming_convention={"pk": "pk_%(table_name)s"})
-
-alarms = Table(
-    "gw_durability_alarms",
-    durability_metadata,
-    Column("component", String(255), primary_key=True),
-    # Over a threshold as of the last poll that changed it; an alert was raised when it turned true.
-    Column("over", Boolean, nullable=False, default=False),
-    # How many times the component went over, and the alert of the latest crossing.
-    Column("crossings", Integer, nullable=False, default=0),
-    Column("alert_id", String(36), nullable=True),
-    Column("changed_at", UtcDateTime, nullable=True),
-)
-
-# Serialises replicas creating the table at once on PostgreSQL (an arbitrary constant of ours).
-_INSTALL_LOCK = 724116
+# The alarm rows live with the gateway's other tables (gateway/store.py).
+alarms = durability_alarms
 
 
 async def install_durability_tables(engine: AsyncEngine) -> None:
-    """Create `gw_durability_alarms`; safe on every start and from several replicas at once."""
-    async with engine.begin() as conn:
-        if engine.dialect.name == "postgresql":
-            await conn.execute(text(f"SELECT pg_advisory_xact_lock({_INSTALL_LOCK})"))
-        await conn.run_sync(durability_metadata.create_all)
+    """`gw_durability_alarms` is one of the gateway's tables: this migrates the gateway's database, which
+    is a no-op when `install_gateway_tables` already ran."""
+    await install_gateway_tables(engine)
 
 
 @dataclass(frozen=True)

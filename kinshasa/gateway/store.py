@@ -3,7 +3,6 @@ budgets, idempotency keys, incidents and the policy proposals made for them."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -14,24 +13,18 @@ from sqlalchemy import (
     Float,
     Index,
     Integer,
-    MetaData,
     String,
     Table,
     Text,
     TypeDecorator,
-    inspect,
-    text,
 )
 from sqlalchemy.engine import Dialect
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine
 
-gateway_metadata = MetaData(
-    naming_convention={
-        "ix": "ix_%(table_name)s_%(column_0_name)s",
-        "uq": "uq_%(table_name)s_%(column_0_name)s",
-        "pk": "pk_%(table_name)s",
-    }
-)
+from kinshasa.kernel.tables import component_metadata
+from kinshasa.migrations import upgrade_component
+
+gateway_metadata = component_metadata()
 
 
 class UtcDateTime(TypeDecorator[datetime]):
@@ -277,98 +270,28 @@ proposals = Table(
     Index("ix_gw_proposals_incident", "incident_id"),
 )
 
-_APPEND_ONLY = ("gw_policy_versions", "gw_service_versions")
-
-# Columns and indexes added to tables that existing databases already have (create_all creates only
-# missing tables). Columns come first: an index may name one.
-_ADDED_COLUMNS = {
-    "gw_commands": ("applied_at", "applied_event_id", "compensated_at", "rejected_at"),
-    "gw_runs": ("policy_version",),
-}
-_ADDED_INDEXES = (
-    ("gw_runs", _RUNS_AGENT_STATUS, "agent_id, status"),
-    ("gw_commands", _COMMANDS_APPLIED_EVENT, "applied_event_id"),
+# One row per component the durability watcher follows (gateway/durability.py): whether it is over a
+# threshold, so an alert is raised once per crossing and not on every poll.
+durability_alarms = Table(
+    "gw_durability_alarms",
+    gateway_metadata,
+    Column("component", String(255), primary_key=True),
+    # Over a threshold as of the last poll that changed it; an alert was raised when it turned true.
+    Column("over", Boolean, nullable=False, default=False),
+    # How many times the component went over, and the alert of the latest crossing.
+    Column("crossings", Integer, nullable=False, default=0),
+    Column("alert_id", String(36), nullable=True),
+    Column("changed_at", UtcDateTime, nullable=True),
 )
 
 
-def _missing_columns(sync_conn: Any) -> list[str]:
-    """ALTER TABLE statements for the added columns an existing database lacks."""
-    inspector = inspect(sync_conn)
-    statements: list[str] = []
-    for table_name, names in _ADDED_COLUMNS.items():
-        present = {column["name"] for column in inspector.get_columns(table_name)}
-        table = gateway_metadata.tables[table_name]
-        for name in names:
-            if name not in present:
-                column_type = table.c[name].type.compile(dialect=sync_conn.dialect)
-                statements.append(f"ALTER TABLE {table_name} ADD COLUMN {name} {column_type}")
-    return statements
-
-
-def _missing_indexes(sync_conn: Any) -> list[str]:
-    """CREATE INDEX statements for the added indexes an existing database lacks."""
-    inspector = inspect(sync_conn)
-    statements: list[str] = []
-    for table_name, name, columns in _ADDED_INDEXES:
-        if name not in {index["name"] for index in inspector.get_indexes(table_name)}:
-            statements.append(f"CREATE INDEX IF NOT EXISTS {name} ON {table_name} ({columns})")
-    return statements
-
-
-async def _missing_append_only(conn: AsyncConnection) -> list[str]:
-    """The append-only triggers' DDL for the tables that lack them (on PostgreSQL, by the catalogue)."""
-    if conn.dialect.name == "sqlite":
-        present = set((await conn.execute(text("SELECT name FROM sqlite_master WHERE type = 'trigger'")))
-                      .scalars())
-        return _append_only_ddl("sqlite", [t for t in _APPEND_ONLY
-                                           if not {f"{t}_no_update", f"{t}_no_delete"} <= present])
-    present = set((await conn.execute(
-        text("SELECT tgname FROM pg_trigger WHERE NOT tgisinternal AND tgname = ANY(:names)"),
-        {"names": [f"{table}_no_change" for table in _APPEND_ONLY]})).scalars())
-    return _append_only_ddl("postgresql", [t for t in _APPEND_ONLY if f"{t}_no_change" not in present])
-
-
-def _append_only_ddl(dialect: str, tables: Sequence[str]) -> list[str]:
-    """Triggers refusing UPDATE and DELETE, so the policy history cannot be rewritten, even by hand."""
-    statements: list[str] = []
-    for table in tables:
-        if dialect == "sqlite":
-            for op in ("UPDATE", "DELETE"):
-                statements.append(
-                    f"CREATE TRIGGER IF NOT EXISTS {table}_no_{op.lower()} BEFORE {op} ON {table} "
-                    f"BEGIN SELECT RAISE(ABORT, '{table} is append-only'); END"
-                )
-        else:
-            statements.append(
-                f"CREATE OR REPLACE FUNCTION {table}_append_only() RETURNS trigger AS $$ BEGIN "
-                f"RAISE EXCEPTION '{table} is append-only'; END $$ LANGUAGE plpgsql"
-            )
-            statements.append(f"DROP TRIGGER IF EXISTS {table}_no_change ON {table}")
-            statements.append(
-                f"CREATE TRIGGER {table}_no_change BEFORE UPDATE OR DELETE ON {table} "
-                f"FOR EACH ROW EXECUTE FUNCTION {table}_append_only()"
-            )
-    return statements
-
-
 async def install_gateway_tables(engine: AsyncEngine) -> None:
-    """Create the gateway tables and their append-only triggers; safe to run on every start.
+    """Migrate the gateway's database (kernel and gateway tables, append-only triggers) to this build.
 
-    Every piece is looked up before it is created, so a start against a database that has them all runs
-    no DDL: DDL locks whole tables, and a replica starting beside one that is writing would otherwise
-    deadlock with it (a CREATE INDEX on one table waiting for a writer that waits for another).
+    Safe on every start and from several replicas at once (kinshasa/migrations); a database already up to
+    date runs no DDL.
     """
-    async with engine.begin() as conn:
-        if engine.dialect.name == "postgresql":
-            # Two replicas starting together would race on CREATE TABLE; one advisory lock serialises them.
-            await conn.execute(text("SELECT pg_advisory_xact_lock(724115)"))
-        await conn.run_sync(gateway_metadata.create_all)
-        for statement in await conn.run_sync(_missing_columns):
-            await conn.execute(text(statement))
-        for statement in await conn.run_sync(_missing_indexes):
-            await conn.execute(text(statement))
-        for statement in await _missing_append_only(conn):
-            await conn.execute(text(statement))
+    await upgrade_component(engine, "gateway")
 
 
 def as_dict(row: Any) -> dict[str, Any]:

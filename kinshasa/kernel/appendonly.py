@@ -1,8 +1,9 @@
 """Append-only domain tables enforced in the database: triggers refuse UPDATE and DELETE (SQLite, PostgreSQL).
 
 An update is a new version row and a delete is a tombstone row; code that forgets this fails in the
-database rather than silently rewriting history. `install_append_only(conn, tables)` is idempotent, so
-a component calls it on every start after creating its tables.
+database rather than silently rewriting history. Migrations create the triggers of Kinshasa's own tables
+(`append_only_statements`); `install_append_only(conn, tables)` is idempotent, so a service whose tables
+no migration owns calls it on every start after creating them.
 
 On SQLite an upsert (`ON CONFLICT DO UPDATE`) runs the UPDATE trigger and is refused too. PostgreSQL
 also gets a statement-level trigger refusing TRUNCATE, which skips row triggers.
@@ -84,21 +85,14 @@ async def install_append_only(conn: AsyncConnection, table_names: Iterable[str |
         raise NotImplementedError(f"append-only triggers are not implemented for {conn.dialect.name}")
 
 
-async def _install_sqlite(conn: AsyncConnection, names: list[str]) -> None:
-    for name in names:
-        message = f"{name} {MESSAGE_SUFFIX}".replace("'", "''")
-        for operation in ("UPDATE", "DELETE"):
-            trigger = f"{_trigger_base(name)}_append_only_{operation.lower()}"
-            await conn.exec_driver_sql(
-                f'CREATE TRIGGER IF NOT EXISTS "{trigger}" BEFORE {operation} ON "{name}" '
-                f"BEGIN SELECT RAISE(ABORT, '{message}'); END"
-            )
+def _sqlite_triggers(name: str) -> list[str]:
+    message = f"{name} {MESSAGE_SUFFIX}".replace("'", "''")
+    return [f'CREATE TRIGGER IF NOT EXISTS "{_trigger_base(name)}_append_only_{operation.lower()}" '
+            f'BEFORE {operation} ON "{name}" BEGIN SELECT RAISE(ABORT, \'{message}\'); END'
+            for operation in ("UPDATE", "DELETE")]
 
 
-async def _install_postgres(conn: AsyncConnection, names: list[str]) -> None:
-    # Two processes starting at once would race between "does the trigger exist" and CREATE TRIGGER.
-    await conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_INSTALL_LOCK})
-    await conn.exec_driver_sql(f"""
+_PG_FUNCTION_DDL = f"""
         CREATE OR REPLACE FUNCTION {_PG_FUNCTION}() RETURNS trigger LANGUAGE plpgsql AS $fn$
         BEGIN
             RAISE EXCEPTION '% {MESSAGE_SUFFIX}', TG_TABLE_NAME
@@ -106,7 +100,42 @@ async def _install_postgres(conn: AsyncConnection, names: list[str]) -> None:
                       DETAIL = TG_OP || ' refused on ' || TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME,
                       HINT = 'insert a new version row, or a tombstone row to delete';
         END
-        $fn$""")
+        $fn$"""
+
+
+def _postgres_triggers(name: str) -> dict[str, str]:
+    """Each trigger's name and its CREATE TRIGGER statement."""
+    base = _trigger_base(name)
+    quoted = ".".join(f'"{part}"' for part in name.split("."))
+    wanted = {
+        f"{base}_append_only_row": f"BEFORE UPDATE OR DELETE ON {quoted} FOR EACH ROW",
+        f"{base}_append_only_truncate": f"BEFORE TRUNCATE ON {quoted} FOR EACH STATEMENT",
+    }
+    return {trigger: f'CREATE TRIGGER "{trigger}" {when} EXECUTE FUNCTION {_PG_FUNCTION}()'
+            for trigger, when in wanted.items()}
+
+
+def append_only_statements(dialect: str, table_names: Iterable[str | Table]) -> list[str]:
+    """The DDL that makes tables which have no such triggers yet insert-only: what a migration runs."""
+    names = [_name(t) for t in table_names]
+    if dialect == "sqlite":
+        return [statement for name in names for statement in _sqlite_triggers(name)]
+    if dialect == "postgresql":
+        return [_PG_FUNCTION_DDL] + [statement for name in names
+                                     for statement in _postgres_triggers(name).values()]
+    raise NotImplementedError(f"append-only triggers are not implemented for {dialect}")
+
+
+async def _install_sqlite(conn: AsyncConnection, names: list[str]) -> None:
+    for name in names:
+        for statement in _sqlite_triggers(name):
+            await conn.exec_driver_sql(statement)
+
+
+async def _install_postgres(conn: AsyncConnection, names: list[str]) -> None:
+    # Two processes starting at once would race between "does the trigger exist" and CREATE TRIGGER.
+    await conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_INSTALL_LOCK})
+    await conn.exec_driver_sql(_PG_FUNCTION_DDL)
     for name in names:
         relation = (await conn.execute(text("SELECT to_regclass(:n)::oid"), {"n": name})).scalar()
         if relation is None:
@@ -115,13 +144,6 @@ async def _install_postgres(conn: AsyncConnection, names: list[str]) -> None:
         existing = set((await conn.execute(
             text("SELECT tgname FROM pg_trigger WHERE tgrelid = :r AND NOT tgisinternal"), {"r": relation}
         )).scalars())
-        base = _trigger_base(name)
-        quoted = ".".join(f'"{part}"' for part in name.split("."))
-        wanted = {
-            f"{base}_append_only_row": f"BEFORE UPDATE OR DELETE ON {quoted} FOR EACH ROW",
-            f"{base}_append_only_truncate": f"BEFORE TRUNCATE ON {quoted} FOR EACH STATEMENT",
-        }
-        for trigger, when in wanted.items():
+        for trigger, statement in _postgres_triggers(name).items():
             if trigger not in existing:
-                await conn.exec_driver_sql(
-                    f'CREATE TRIGGER "{trigger}" {when} EXECUTE FUNCTION {_PG_FUNCTION}()')
+                await conn.exec_driver_sql(statement)

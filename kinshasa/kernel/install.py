@@ -1,19 +1,17 @@
-"""Creates every kernel table (outbox, inbox, dead letters, receipts) in a component's database at start."""
+"""Brings the kernel tables (outbox, inbox, dead letters, receipts) of a database up to date at start."""
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
 
-from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from kinshasa.kernel import inbox, outbox  # noqa: F401  (importing declares their tables)
-from kinshasa.kernel.tables import kernel_metadata
+from kinshasa.migrations import KERNEL, upgrade
 
 # Kernel modules that declare tables but may not exist in every build of the package yet.
 OPTIONAL_TABLE_MODULES = ("kinshasa.kernel.dlq", "kinshasa.kernel.receipts")
-_INSTALL_LOCK = 0x4B4E0004
 
 
 def load_table_modules() -> list[str]:
@@ -28,10 +26,9 @@ def load_table_modules() -> list[str]:
 
 
 async def install_kernel_tables(engine: AsyncEngine) -> None:
-    """Create the kernel tables that do not exist yet; safe to call on every start."""
-    load_table_modules()
-    async with engine.begin() as conn:
-        if conn.dialect.name == "postgresql":
-            # create_all checks then creates; two processes starting together must not both create.
-            await conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _INSTALL_LOCK})
-        await conn.run_sync(kernel_metadata.create_all)
+    """Migrate the kernel tables to this build (kinshasa/migrations' `kernel` branch); safe on every start.
+
+    A component's own start migrates its whole database (`kinshasa.migrations.upgrade_component`); this is
+    for code that needs the kernel tables alone (tests, benchmarks, a service with no tables of its own).
+    """
+    await upgrade(engine, (KERNEL,))

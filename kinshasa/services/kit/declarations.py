@@ -121,10 +121,14 @@ class Service:
         metadata: MetaData,
         domain_tables: Iterable[Table],
         description: str = "",
+        migrations: str | None = None,
     ) -> None:
         self.name = name
         self.version = version
         self.description = description
+        # The service's own Alembic script directory (`package:folder`), run at start after the kernel's
+        # migrations; None: its tables are created when missing (docs/migrations.md).
+        self.migrations = migrations
         self.metadata = metadata
         self.store = StepStore(name, metadata)
         self._domain_tables = tuple(domain_tables)
