@@ -31,6 +31,7 @@ from kinshasa.coordinator.models import (
 from kinshasa.coordinator.ordering import CompensationPlan, PlannedStep
 from kinshasa.coordinator.store import RunStatus, StepStatus
 from kinshasa.coordinator.topics import CoordinatorTopics
+from kinshasa.kernel import tracing
 from kinshasa.kernel.unit_of_work import UnitOfWork
 from kinshasa.schemas.envelope import (
     Actor,
@@ -70,6 +71,8 @@ def compensate_command(run_id: str, step: ClaimedStep, causation_id: UUID | None
         run_id=run_id, actor=COORDINATOR_ACTOR, causation_id=causation_id, correlation_id=run_id,
         entity=EntityRef(service=step.service, type=step.entity_type, id=step.entity_id),
         occurred_at=now, payload=payload.model_dump(mode="json"),
+        # In an activity, its span: the compensation's handling joins the revert's trace.
+        traceparent=tracing.current_traceparent(),
     )
 
 

@@ -17,7 +17,7 @@ import json
 import logging
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
@@ -27,6 +27,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from kinshasa.coordinator.store import RunStatus, StepStatus, rejections, run_events, runs, steps
+from kinshasa.kernel import tracing
 from kinshasa.schemas.envelope import Envelope as EnvelopeModel
 from kinshasa.schemas.envelope import (
     EventSuffix,
@@ -63,6 +64,8 @@ class RevertTrigger:
     published_count: int | None
     reason: str
     requested_by: str
+    # The projection span of the request, so the revert's workflow joins its trace (None from the sweeper).
+    traceparent: str | None = None
 
 
 def insert_ignore(conn: AsyncConnection, table: Table) -> Any:
@@ -159,6 +162,22 @@ class LedgerProjector:
     async def project_batch(self, conn: AsyncConnection,
                             envelopes: Sequence[EnvelopeModel]) -> list[RevertTrigger]:
         """Fold a batch; returns the reverts its run facts ask for, in order."""
+        # One projection span per envelope, in its own trace, covering the fold of the batch it came in.
+        spans = [tracing.start_span(f"project {env.type}", parent=env.traceparent, kind="consumer")
+                 for env in envelopes]
+        try:
+            triggers = await self._fold(conn, envelopes)
+        except BaseException as exc:
+            tracing.end(spans, exc)
+            raise
+        tracing.end(spans)
+        if not triggers:
+            return triggers
+        traces = {str(env.message_id): tracing.traceparent_of(started) or env.traceparent
+                  for env, started in zip(envelopes, spans, strict=True)}
+        return [replace(t, traceparent=traces.get(t.message_id)) for t in triggers]
+
+    async def _fold(self, conn: AsyncConnection, envelopes: Sequence[EnvelopeModel]) -> list[RevertTrigger]:
         facts: list[EnvelopeModel] = []
         applied: list[EnvelopeModel] = []
         rejected: list[EnvelopeModel] = []

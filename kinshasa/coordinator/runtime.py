@@ -48,6 +48,7 @@ from kinshasa.coordinator.store import install_ledger
 from kinshasa.coordinator.sweeper import RevertSweeper
 from kinshasa.coordinator.topics import CoordinatorTopics
 from kinshasa.coordinator.worker import build_worker, connect
+from kinshasa.kernel import tracing
 from kinshasa.kernel.admin import admin_app, load_or_create_internal_token
 from kinshasa.kernel.component import (
     QuietServer,
@@ -163,9 +164,12 @@ class CoordinatorRuntime:
 
         async def start(trigger: RevertTrigger) -> None:
             assert client is not None
-            await start_revert(client, queue, RevertRequest(
-                run_id=trigger.run_id, reason=trigger.reason, requested_by=trigger.requested_by,
-                published_count=trigger.published_count, request_id=trigger.message_id), opts.policy)
+            # The workflow (through the client's tracing interceptor) joins the revert request's trace.
+            with tracing.span("start revert", parent=trigger.traceparent,
+                              attributes={"kinshasa.run_id": trigger.run_id}):
+                await start_revert(client, queue, RevertRequest(
+                    run_id=trigger.run_id, reason=trigger.reason, requested_by=trigger.requested_by,
+                    published_count=trigger.published_count, request_id=trigger.message_id), opts.policy)
 
         sweeper = RevertSweeper(engine, start, interval_s=opts.sweep_interval_s,
                                 max_backoff_s=opts.sweep_max_backoff_s) \
@@ -297,4 +301,5 @@ class CoordinatorRuntime:
 
 async def serve_forever(runtime: CoordinatorRuntime) -> None:
     """Run until SIGTERM or SIGINT, then shut down gracefully."""
+    tracing.setup(COMPONENT)
     await serve_until_signalled(runtime.run)

@@ -12,13 +12,16 @@ from temporalio.worker import Worker
 
 from kinshasa.coordinator.activities import RevertActivities
 from kinshasa.coordinator.workflows import RevertRun
+from kinshasa.kernel import tracing
 
 WORKFLOWS = [RevertRun]
 
 
 async def connect(address: str, namespace: str = "default") -> Client:
     """A Temporal client with the pydantic data converter every coordinator model travels through."""
-    return await Client.connect(address, namespace=namespace, data_converter=pydantic_data_converter)
+    # The tracing interceptor (when exporting) also serves every worker built on this client.
+    return await Client.connect(address, namespace=namespace, data_converter=pydantic_data_converter,
+                                interceptors=tracing.temporal_interceptors())
 
 
 def activity_list(activities: RevertActivities) -> list[Callable[..., Any]]:

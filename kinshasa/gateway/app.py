@@ -40,6 +40,7 @@ from kinshasa.gateway.schema import build_schema, operator_mutation_names
 from kinshasa.gateway.service_book import ServiceBook
 from kinshasa.gateway.settings import GatewayConfig
 from kinshasa.gateway.store import install_gateway_tables
+from kinshasa.kernel import tracing
 from kinshasa.kernel.admin import admin_app, load_or_create_internal_token
 from kinshasa.kernel.component import database_check, drain_outbox, verify_topics
 from kinshasa.kernel.database import create_engine
@@ -404,6 +405,7 @@ def create_app(gateway: Gateway, manage_lifecycle: bool = True) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         if manage_lifecycle:
+            tracing.setup(COMPONENT)
             await gateway.start()
             freeze_startup_heap()
         try:
@@ -427,6 +429,8 @@ def create_app(gateway: Gateway, manage_lifecycle: bool = True) -> FastAPI:
     app.add_middleware(GraphQLSwitch, gateway=gateway)
     app.add_middleware(McpRoute, endpoint=mcp)
     app.add_middleware(RequestGuard, limit=settings.max_request_bytes)
+    # Outermost, so every request (and the command it writes) continues the caller's traceparent.
+    app.add_middleware(tracing.TraceRequests)
     return app
 
 

@@ -40,6 +40,7 @@ from kinshasa.gateway.runs import (
 )
 from kinshasa.gateway.store import commands, runs
 from kinshasa.gateway.uow import GatewayTx, transaction
+from kinshasa.kernel import tracing
 from kinshasa.schemas.envelope import Actor, EntityRef, Envelope, utcnow
 from kinshasa.schemas.operations import OperationSpec
 from kinshasa.topics.catalogue import commands_topic
@@ -132,6 +133,8 @@ class _Write:
     idempotency_key: str | None = None
     # The request's digest, when it carries a key: a retry must ask the same to get the same answer.
     request: str = ""
+    # The write's span: the command envelope carries it, so the service's handling joins the agent's trace.
+    traceparent: str | None = None
 
     @property
     def keyed(self) -> tuple[str, str] | None:
@@ -216,6 +219,12 @@ class CommandWriter:
     ) -> Receipt:
         """Check and count the write against the run's breaker and the agent's write budget, store it,
         commit; answer once committed. With an idempotency key already used, answer what it got then."""
+        attributes = {"kinshasa.run_id": run_id}
+        with tracing.span(f"write {spec.command_type}", attributes=attributes) as traceparent:
+            return await self._submit(principal, spec, run_id, payload, idempotency_key, traceparent)
+
+    async def _submit(self, principal: Principal, spec: OperationSpec, run_id: str, payload: BaseModel,
+                      idempotency_key: str | None, traceparent: str | None) -> Receipt:
         check_run_id(run_id)
         # Pure work is done here, before the write waits its turn, so the transaction holds locks briefly.
         dumped = payload.model_dump(mode="json")
@@ -228,6 +237,7 @@ class CommandWriter:
             payload=dumped,
             future=asyncio.get_running_loop().create_future(),
             idempotency_key=idempotency_key,
+            traceparent=traceparent,
             request=idempotency.digest(spec.graphql_name, {"runId": run_id, "input": dumped})
             if idempotency_key is not None
             else "",
@@ -437,6 +447,7 @@ class CommandWriter:
             entity=EntityRef(service=spec.service, type=spec.entity_type, id=write.entity_id),
             occurred_at=now,
             payload=write.payload,
+            traceparent=write.traceparent,
         )
         wire = envelope.to_bytes()
         window = policy.window_for(spec.command_type, spec.window_s)

@@ -11,6 +11,7 @@ from uuid import UUID
 
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from kinshasa.kernel import tracing
 from kinshasa.kernel.unit_of_work import UnitOfWork
 from kinshasa.schemas.envelope import Envelope
 
@@ -63,6 +64,9 @@ class GatewayTx:
         return conn
 
     async def emit(self, topic: str, envelope: Envelope) -> None:
+        if envelope.traceparent is None and (traceparent := tracing.current_traceparent()) is not None:
+            # Run facts (a revert request among them) join the trace of the request that caused them.
+            envelope = envelope.model_copy(update={"traceparent": traceparent})
         result = self._uow.emit(topic, envelope)
         if inspect.isawaitable(result):
             await result

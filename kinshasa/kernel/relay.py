@@ -84,6 +84,7 @@ from typing import Protocol
 
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncTransaction
 
+from kinshasa.kernel import tracing
 from kinshasa.kernel.database import READ_ONLY
 from kinshasa.kernel.failures import classify_publish_error, kafka_error_name
 from kinshasa.kernel.outbox import (
@@ -396,12 +397,16 @@ class OutboxRelay:
         stats = RelayStats(claimed=len(rows))
         if not rows:
             return stats
-        items = [Outgoing(r.topic, r.key, r.value, list(r.headers) or None) for r in rows]
+        # Each row's traceparent header becomes its publish span's, so the consumer is that span's child.
+        publishing = tracing.Publishing([(r.topic, r.headers) for r in rows])
+        items = [Outgoing(r.topic, r.key, r.value, publishing.headers(i, r.headers))
+                 for i, r in enumerate(rows)]
         error: BaseException | None = None
         try:
             await self.publisher.send_batch(items)
         except Exception as exc:
             error = exc
+        publishing.end(error)
         outcomes = publish_outcomes(len(rows), error)
         if len(rows) > 1 and any(not o.delivered and o.error and _is_size_error(o.error) for o in outcomes):
             outcomes = await self._isolate(rows, outcomes)

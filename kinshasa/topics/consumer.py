@@ -80,9 +80,11 @@ class Record:
     def envelope(self) -> Envelope:
         """The value parsed as an Envelope; raises InvalidMessage (a ValueError) naming each bad field."""
         # Imported here so the log layer does not depend on the contracts at import time.
+        from kinshasa.kernel.tracing import continued
         from kinshasa.schemas.envelope import parse_envelope
 
-        return parse_envelope(self.value)
+        # The Kafka header names the relay's publish span: handling continues the trace from there.
+        return continued(parse_envelope(self.value), self.header("traceparent"))
 
 
 Handler = Callable[[Record], Awaitable[None]]

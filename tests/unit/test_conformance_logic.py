@@ -285,6 +285,18 @@ def test_each_envelope_field_the_service_failed_to_keep_is_named() -> None:
     assert "entity" not in problems and "correlation_id" not in problems
 
 
+def test_an_event_may_carry_the_services_own_span_in_the_commands_trace_but_not_another_trace() -> None:
+    sent = command()
+    own_span = "00-0af7651916cd43dd8448eb211c80319c-00f067aa0ba902b7-01"
+    other_trace = "00-1af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    for traceparent, accepted in ((own_span, True), (other_trace, False)):
+        event = sent.derive(type="tickets.retitle.applied", actor=sent.actor,
+                            message_id=expected_id("applied", sent.message_id), payload={})
+        event = event.model_copy(update={"traceparent": traceparent})
+        problems = answer_problems(sent, event, "applied", sent.message_id)
+        assert (problems == []) is accepted, problems
+
+
 def test_a_compensate_answer_is_typed_after_the_forward_operation() -> None:
     sent = command(type="tickets.retitle.compensate", actor=Actor(kind="system", id="conformance"),
                    payload={"forward_event_id": str(new_id()), "forward_type": "tickets.retitle.applied"})

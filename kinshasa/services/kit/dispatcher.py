@@ -23,6 +23,7 @@ from pydantic import ValidationError
 from pydantic_core import to_jsonable_python
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from kinshasa.kernel import tracing
 from kinshasa.kernel.inbox import Inbox
 from kinshasa.kernel.logs import log_context
 from kinshasa.kernel.receipts import ReceiptChain, payload_digest
@@ -169,7 +170,9 @@ class CommandDispatcher:
             for envelope in envelopes:
                 # Each command's log lines carry its own run id, actor and message id.
                 with log_context(run_id=envelope.run_id, actor=envelope.actor,
-                                 message_id=envelope.message_id):
+                                 message_id=envelope.message_id), \
+                        tracing.span(f"handle {envelope.type}", parent=envelope.traceparent, kind="consumer",
+                                     attributes={"kinshasa.service": self.service.name}):
                     outcomes.append(await self._process(batch, envelope))
             await self._close(batch)
             await uow.commit()
@@ -376,5 +379,6 @@ class CommandDispatcher:
             message_id=message_id, type=type_, run_id=command.run_id, actor=command.actor,
             causation_id=command.message_id, correlation_id=command.correlation_id,
             entity=entity if entity is not None else command.entity, occurred_at=self.clock(),
-            payload=dict(payload), traceparent=command.traceparent,
+            # The handle span's, so the event's consumers continue the trace from the handling.
+            payload=dict(payload), traceparent=tracing.current_traceparent() or command.traceparent,
         )

@@ -29,6 +29,7 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from kinshasa.kernel import tracing
 from kinshasa.kernel.admin import admin_app, load_or_create_internal_token
 from kinshasa.kernel.component import (
     QuietServer,
@@ -308,4 +309,5 @@ class ServiceRuntime:
 
 async def serve_forever(runtime: ServiceRuntime) -> None:
     """Run until SIGTERM or SIGINT, then shut down gracefully (the in-flight message finishes first)."""
+    tracing.setup(runtime.service.name)
     await serve_until_signalled(runtime.run)
