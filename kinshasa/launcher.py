@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from kinshasa.infra.stack import LocalInfra
-from kinshasa.kernel.admin import load_or_create_internal_token
+from kinshasa.kernel.admin_api import load_or_create_internal_token
 from kinshasa.settings import (
     SERVICE_NAMES,
     CoordinatorSettings,

@@ -19,7 +19,6 @@ from uuid import UUID
 from sqlalchemy.ext.asyncio import AsyncEngine
 from temporalio import activity
 
-from kinshasa.coordinator.ledger import ClaimedStep, Ledger
 from kinshasa.coordinator.models import (
     FinishInput,
     ForwardStatus,
@@ -29,8 +28,9 @@ from kinshasa.coordinator.models import (
     RevertOutcome,
 )
 from kinshasa.coordinator.ordering import CompensationPlan, PlannedStep
+from kinshasa.coordinator.run_ledger import ClaimedStep, Ledger
 from kinshasa.coordinator.store import RunStatus, StepStatus
-from kinshasa.coordinator.topics import CoordinatorTopics
+from kinshasa.coordinator.topic_names import CoordinatorTopics
 from kinshasa.kernel.unit_of_work import UnitOfWork
 from kinshasa.schemas.envelope import (
     Actor,

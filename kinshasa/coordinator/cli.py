@@ -13,7 +13,9 @@ from datetime import UTC, datetime
 import typer
 
 from kinshasa.coordinator.models import RevertPolicy
-from kinshasa.coordinator.operator import (
+from kinshasa.coordinator.runtime import ROLES, CoordinatorOptions, CoordinatorRuntime, serve_forever
+from kinshasa.kernel.logs import configure_logging
+from kinshasa.operator.gateway_client import (
     RUNS_HEADER,
     GatewayClient,
     GatewayError,
@@ -24,8 +26,6 @@ from kinshasa.coordinator.operator import (
     timeline,
     watch,
 )
-from kinshasa.coordinator.runtime import ROLES, CoordinatorOptions, CoordinatorRuntime, serve_forever
-from kinshasa.kernel.logs import configure_logging
 from kinshasa.settings import CoordinatorSettings, GatewaySettings, StackSettings
 
 log = logging.getLogger(__name__)

@@ -39,15 +39,15 @@ from temporalio.client import Client
 from kinshasa.coordinator.activities import RevertActivities
 from kinshasa.coordinator.api import install_error_handlers, ledger_router
 from kinshasa.coordinator.handlers import LedgerHandler
-from kinshasa.coordinator.ledger import Ledger
 from kinshasa.coordinator.models import RevertPolicy, RevertRequest
 from kinshasa.coordinator.projector import RevertTrigger
+from kinshasa.coordinator.run_ledger import Ledger
 from kinshasa.coordinator.starter import start_revert
 from kinshasa.coordinator.store import install_ledger
 from kinshasa.coordinator.sweeper import RevertSweeper
-from kinshasa.coordinator.topics import CoordinatorTopics
+from kinshasa.coordinator.topic_names import CoordinatorTopics
 from kinshasa.coordinator.worker import build_worker, connect
-from kinshasa.kernel.admin import admin_app, load_or_create_internal_token
+from kinshasa.kernel.admin_api import admin_app, load_or_create_internal_token
 from kinshasa.kernel.component import (
     QuietServer,
     database_check,

@@ -39,7 +39,7 @@ from kinshasa.gateway.schema import build_schema, operator_mutation_names
 from kinshasa.gateway.service_book import ServiceBook
 from kinshasa.gateway.settings import GatewayConfig
 from kinshasa.gateway.store import install_gateway_tables
-from kinshasa.kernel.admin import admin_app, load_or_create_internal_token
+from kinshasa.kernel.admin_api import admin_app, load_or_create_internal_token
 from kinshasa.kernel.component import database_check, verify_topics
 from kinshasa.kernel.database import create_engine
 from kinshasa.kernel.dlq import DeadLetterQueue, OutboxDeadLetters, SqlDeadLetterStore, guarded_handler
@@ -56,7 +56,7 @@ from kinshasa.settings import StackSettings
 from kinshasa.topics.catalogue import ALERTS, RUNS, TopicSpec, catalogue_topic_spec, dlq_topic
 from kinshasa.topics.catalogue import catalogue as topic_catalogue
 from kinshasa.topics.consumer import AsyncConsumer
-from kinshasa.topics.declarations import DeclarationFollower
+from kinshasa.topics.declaration_feed import DeclarationFollower
 from kinshasa.topics.producer import AsyncProducer
 
 log = logging.getLogger(__name__)

@@ -16,13 +16,13 @@ import httpx
 import pytest
 import uvicorn
 
-from kinshasa.coordinator.operator import GatewayClient, GatewayError, timeline
 from kinshasa.gateway.app import Gateway
 from kinshasa.gateway.principals import PrincipalRegistry
 from kinshasa.gateway.settings import GatewayConfig
 from kinshasa.infra.kafka import KafkaBroker
 from kinshasa.infra.process import free_port
 from kinshasa.kernel.component import QuietServer
+from kinshasa.operator.gateway_client import GatewayClient, GatewayError, timeline
 from kinshasa.settings import StackSettings
 
 REPO = Path(__file__).resolve().parents[3]

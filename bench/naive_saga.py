@@ -20,9 +20,9 @@ from temporalio.exceptions import ApplicationError
 
 with workflow.unsafe.imports_passed_through():
     from kinshasa.coordinator.activities import compensate_command
-    from kinshasa.coordinator.ledger import ClaimedStep, Ledger
+    from kinshasa.coordinator.run_ledger import ClaimedStep, Ledger
     from kinshasa.coordinator.store import StepStatus, steps
-    from kinshasa.coordinator.topics import CoordinatorTopics
+    from kinshasa.coordinator.topic_names import CoordinatorTopics
     from kinshasa.topics.producer import AsyncProducer, envelope_message
 
 NAIVE_REVERT = "NaiveRevert"

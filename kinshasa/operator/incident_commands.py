@@ -13,7 +13,7 @@ from typing import Any
 import typer
 
 from kinshasa.coordinator.cli import GATEWAY_OPT, KEY_OPT, _client, _fail, _utc
-from kinshasa.coordinator.operator import GatewayError
+from kinshasa.operator.gateway_client import GatewayError
 
 app = typer.Typer(add_completion=False)
 policy_app = typer.Typer(help="The breaker and quarantine policy: try a layer on the recorded runs.",

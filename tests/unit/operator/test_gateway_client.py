@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from kinshasa.coordinator.operator import GatewayError, operator_key, run_line, selector, timeline
+from kinshasa.operator.gateway_client import GatewayError, operator_key, run_line, selector, timeline
 
 RUN = {"id": "run-1", "agentId": "agent-7", "entryPoint": "chat", "purpose": "tidy docs",
        "status": "REVERTED", "startedAt": "2025-01-01T12:00:00+00:00", "finishedAt": None,
