@@ -12,7 +12,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 from uuid import UUID
 
@@ -29,9 +29,10 @@ from kinshasa.coordinator.models import (
 )
 from kinshasa.coordinator.ordering import CompensationPlan, PlannedStep
 from kinshasa.coordinator.run_ledger import ClaimedStep, Ledger
-from kinshasa.coordinator.store import RunStatus, StepStatus
+from kinshasa.coordinator.store import StepStatus
 from kinshasa.coordinator.topic_names import CoordinatorTopics
 from kinshasa.kernel.unit_of_work import UnitOfWork
+from kinshasa.schemas.clock import utcnow
 from kinshasa.schemas.envelope import (
     Actor,
     CompensatePayload,
@@ -42,6 +43,7 @@ from kinshasa.schemas.envelope import (
     compensate_type,
     deterministic_id,
 )
+from kinshasa.schemas.run_status import RunStatus
 
 log = logging.getLogger(__name__)
 
@@ -49,10 +51,6 @@ COORDINATOR_ACTOR = Actor(kind="system", id="coordinator")
 ALERT_TYPE = "alert.revert_failed"
 # How many failing steps a revert_failed event and its alert list; the ledger API has them all.
 FAILING_STEPS_LISTED = 50
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 def compensate_message_id(forward_event_id: str, attempt: int) -> UUID:

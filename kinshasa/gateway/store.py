@@ -25,6 +25,8 @@ from sqlalchemy import (
 from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from kinshasa.schemas.run_status import RunStatus
+
 gateway_metadata = MetaData(
     naming_convention={
         "ix": "ix_%(table_name)s_%(column_0_name)s",
@@ -55,15 +57,13 @@ class UtcDateTime(TypeDecorator[datetime]):
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
-# Run status.
-RUNNING, FINISHED, TRIPPED, REVERTING, REVERTED, REVERT_FAILED = (
-    "RUNNING",
-    "FINISHED",
-    "TRIPPED",
-    "REVERTING",
-    "REVERTED",
-    "REVERT_FAILED",
-)
+# Run status: the one vocabulary in kinshasa.schemas.run_status, stored as its plain text.
+RUNNING = RunStatus.RUNNING.value
+FINISHED = RunStatus.FINISHED.value
+TRIPPED = RunStatus.TRIPPED.value
+REVERTING = RunStatus.REVERTING.value
+REVERTED = RunStatus.REVERTED.value
+REVERT_FAILED = RunStatus.REVERT_FAILED.value
 # Breaker state.
 CLOSED, OPEN, HALF_OPEN = "CLOSED", "OPEN", "HALF_OPEN"
 # Command status (CommandReceipt.status): HELD or AWAITING_APPROVAL -> PUBLISHED -> APPLIED or REJECTED (what

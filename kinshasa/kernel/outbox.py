@@ -58,6 +58,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from kinshasa.kernel.tables import kernel_metadata
+from kinshasa.schemas.clock import utcnow
 
 PENDING = "pending"
 PUBLISHED = "published"
@@ -200,10 +201,6 @@ class OutboxBacklog:
     pending: int
     oldest_age_s: float | None
     dead: int
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 def key_lock_id(key: bytes) -> int:

@@ -23,6 +23,8 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from kinshasa.schemas.clock import utcnow as utcnow
+
 # Never change this value: every deterministic message id ever emitted derives from it, and a retry
 # after an upgrade must still collide with the original emission so the inbox absorbs it.
 KINSHASA_NAMESPACE = UUID("296c86a6-1483-5b7a-a87e-dd0e1594f7cc")
@@ -173,11 +175,6 @@ def deterministic_id(*parts: str) -> UUID:
 def new_id() -> UUID:
     """A fresh random message id, for messages that no retry will ever re-emit."""
     return uuid.uuid4()
-
-
-def utcnow() -> datetime:
-    """Now, timezone-aware in UTC (the only clock reading an envelope accepts)."""
-    return datetime.now(UTC)
 
 
 def _check_message_type(value: str) -> str:
