@@ -15,8 +15,6 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-
 import kinshasa
 
 ROOT = Path(kinshasa.__file__).resolve().parent
@@ -104,9 +102,8 @@ def _is_type_checking(node: ast.If) -> bool:
 def _import_nodes(node: ast.AST) -> Iterator[ast.Import | ast.ImportFrom]:
     for child in ast.iter_child_nodes(node):
         if isinstance(child, ast.If) and _is_type_checking(child):
-            for other in child.orelse:
-                yield from _import_nodes(other) if not isinstance(other, ast.Import | ast.ImportFrom) \
-                    else [other]
+            # Only its `else:` ever runs.
+            yield from _import_nodes(ast.Module(body=child.orelse, type_ignores=[]))
             continue
         if isinstance(child, ast.Import | ast.ImportFrom):
             yield child
@@ -281,11 +278,12 @@ def test_only_the_services_and_the_entry_points_import_a_domain_module() -> None
         assert not targets & DOMAIN_MODULES, f"{module} imports {sorted(targets & DOMAIN_MODULES)}"
 
 
-@pytest.mark.parametrize("role", sorted(ROLES))
-def test_a_role_name_is_never_a_package(role: str) -> None:
+def test_a_role_name_is_never_a_package_and_the_readme_lists_every_role() -> None:
     # `cli` is a module in many packages; a package named `cli` would make `x.cli` mean two things.
-    assert not any(m.rsplit(".", 1)[-1] == role and MODULES[m].name == "__init__.py" for m in MODULES
-                   if role != "__init__")
+    packages = {m.rsplit(".", 1)[-1] for m, path in MODULES.items() if path.name == "__init__.py"}
+    assert not packages & (set(ROLES) - {"__init__"})
+    section = README.read_text(encoding="utf-8").split("\n## Where things are\n", 1)[1]
+    assert all(f"`{role}`" in section for role in set(ROLES) - {"__init__"})
 
 
 def test_no_two_modules_share_a_name_for_different_things() -> None:
