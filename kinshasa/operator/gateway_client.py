@@ -14,7 +14,7 @@ from typing import Any
 
 import httpx
 
-from kinshasa.schemas.run_selection import RunSelection, SelectionError
+from kinshasa.schemas.run_selection import MAX_SELECTED, RunSelection, SelectionError
 from kinshasa.schemas.run_status import REVERT_SETTLED, RunStatus
 
 RUN_FIELDS = """id agentId entryPoint purpose status startedAt finishedAt revertReason revertRequestedAt
@@ -165,10 +165,11 @@ def selection(run_ids: Sequence[str], agent: str | None, entry_point: str | None
         return RunSelection(run_ids=tuple(run_ids) or None, agent_id=agent, entry_point=entry_point,
                             started_after=since, started_before=until).checked()
     except SelectionError as exc:
-        if exc.reason == "empty":
-            raise GatewayError("say which runs: --run ID (repeatable), --agent, --entry-point, --since, "
-                               "--until") from exc
-        raise GatewayError(str(exc)) from exc
+        # The gateway's rule, in the words of the CLI's options.
+        words = {"empty": "say which runs: --run ID (repeatable), --agent, --entry-point, --since, --until",
+                 "after the end": "--since must be before --until",
+                 "too many": f"at most {MAX_SELECTED} --run ids per revert: revert them in parts"}
+        raise GatewayError(words.get(exc.reason, str(exc))) from exc
 
 
 def selector(run_ids: Sequence[str], agent: str | None, entry_point: str | None, since: datetime | None,

@@ -35,21 +35,19 @@ def test_a_time_without_a_zone_is_utc_and_one_with_a_zone_is_converted() -> None
     assert selection([], "a", None, paris, None).started_after == datetime(2025, 1, 1, 12, 0, tzinfo=UTC)
 
 
-def test_the_cli_refuses_what_the_gateway_refuses_with_the_gateways_words() -> None:
+def test_the_cli_refuses_what_the_gateway_refuses_in_the_words_of_its_options() -> None:
     bad = [
-        ((["r1"], None, None, SINCE, SINCE), "startedAfter must be before startedBefore"),
-        (([f"r{i}" for i in range(MAX_SELECTED + 1)], None, None, None, None), f"at most {MAX_SELECTED}"),
+        ((["r1"], None, None, SINCE, SINCE), "startedAfter must be before startedBefore",
+         "--since must be before --until"),
+        (([f"r{i}" for i in range(MAX_SELECTED + 1)], None, None, None, None),
+         f"at most {MAX_SELECTED} runIds", f"at most {MAX_SELECTED} --run ids"),
+        (([], None, None, None, None), "the selector is empty", "say which runs: --run ID"),
     ]
-    for (run_ids, agent, entry_point, since, until), words in bad:
-        with pytest.raises(SelectionError, match=words):
-            RunSelection(tuple(run_ids), agent, entry_point, since, until).checked()
-        with pytest.raises(GatewayError, match=words):
+    for (run_ids, agent, entry_point, since, until), gateway_words, cli_words in bad:
+        with pytest.raises(SelectionError, match=gateway_words):
+            RunSelection(tuple(run_ids) or None, agent, entry_point, since, until).checked()
+        with pytest.raises(GatewayError, match=cli_words):
             selection(run_ids, agent, entry_point, since, until)
-    # Nothing named: the gateway explains the selector; the CLI names its own options.
-    with pytest.raises(SelectionError, match="the selector is empty"):
-        RunSelection().checked()
-    with pytest.raises(GatewayError, match="say which runs: --run ID"):
-        selection([], None, None, None, None)
 
 
 def test_only_run_ids_must_all_exist_while_other_criteria_narrow_a_search() -> None:
