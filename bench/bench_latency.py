@@ -230,7 +230,7 @@ def start_stack(root: Path, cleanup: contextlib.ExitStack, log_level: str = "WAR
     from kinshasa.infra.kafka import KafkaBroker, kafka_libs
     from kinshasa.infra.process import ManagedProcess, free_port, wait_until
     from kinshasa.infra.temporal import TemporalServer
-    from kinshasa.kernel.admin import load_or_create_internal_token
+    from kinshasa.kernel.admin_api import load_or_create_internal_token
     from kinshasa.launcher import StackPlan, StackPorts
     from kinshasa.settings import SERVICE_NAMES, InfraSettings, StackSettings
     from kinshasa.topics.admin import ensure_topics

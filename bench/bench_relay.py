@@ -133,9 +133,9 @@ class FreshDatabases:
 async def relay_round(bootstrap: str, database_url: str, items: list[Any]) -> float:
     """Seconds for an OutboxRelay to publish and mark every item, appended to its empty outbox beforehand."""
     from kinshasa.kernel.database import create_engine
-    from kinshasa.kernel.install import install_kernel_tables
     from kinshasa.kernel.outbox import SqlOutboxStore, outbox_message
     from kinshasa.kernel.relay import OutboxRelay
+    from kinshasa.migrations.install import install_kernel_tables
     from kinshasa.topics.producer import AsyncProducer
 
     engine = create_engine(database_url)

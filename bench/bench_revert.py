@@ -8,7 +8,7 @@ published as the gateway would publish it; once the ledger holds every result, `
 rings the bell and the clock runs until `RevertRun` returns REVERTED. Every touched entity is then
 compared with its state before the run.
 
-The naive saga (`kinshasa.coordinator.naive`: one Temporal activity per compensation, each sending the
+The naive saga (`bench.naive_saga`: one Temporal activity per compensation, each sending the
 compensate command and waiting for its ack, strictly in sequence) reverts a second run of the same shape
 on the same stack. Being sequential, its time is linear in the steps; by default it reverts a sample of
 `--naive-steps` and the 10,000-step figure is that rate times 10,000 (`--naive-full` reverts the whole
@@ -46,10 +46,10 @@ if str(REPO) not in sys.path:  # run as a script: `python bench/bench_revert.py`
     sys.path.insert(0, str(REPO))
 
 from bench.machine import write_result  # noqa: E402
-from kinshasa.coordinator.ledger import Ledger  # noqa: E402
+from bench.naive_saga import NaiveActivities, NaiveInput, NaiveResult, NaiveRevert  # noqa: E402
 from kinshasa.coordinator.models import RevertOutcome, RevertPolicy  # noqa: E402
-from kinshasa.coordinator.naive import NaiveActivities, NaiveInput, NaiveResult, NaiveRevert  # noqa: E402
-from kinshasa.coordinator.topics import CoordinatorTopics  # noqa: E402
+from kinshasa.coordinator.run_ledger import Ledger  # noqa: E402
+from kinshasa.coordinator.topic_names import CoordinatorTopics  # noqa: E402
 from kinshasa.coordinator.worker import connect  # noqa: E402
 from kinshasa.coordinator.workflows import revert_workflow_id  # noqa: E402
 from kinshasa.infra.kafka import KafkaBroker, kafka_libs  # noqa: E402

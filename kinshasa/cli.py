@@ -24,12 +24,12 @@ def _mount() -> None:
     from kinshasa.client.cli import app as client_app
     from kinshasa.conformance.cli import app as conformance_app
     from kinshasa.coordinator.cli import app as coordinator_app
-    from kinshasa.coordinator.cli import operator_app
-    from kinshasa.coordinator.incidents_cli import app as incidents_app
     from kinshasa.demo import app as demo_app
     from kinshasa.gateway.cli import app as gateway_app
     from kinshasa.kernel.receipts_cli import app as receipts_app
     from kinshasa.migrations.cli import app as db_app
+    from kinshasa.operator.incident_commands import app as incidents_app
+    from kinshasa.operator.run_commands import app as operator_app
     from kinshasa.scaffold.cli import app as scaffold_app
     from kinshasa.services.cli import app as service_app
     from kinshasa.topics.cli import app as topics_app

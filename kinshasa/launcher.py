@@ -8,8 +8,9 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from kinshasa.gateway.settings import GatewayConfig
 from kinshasa.infra.stack import LocalInfra
-from kinshasa.kernel.admin import load_or_create_internal_token
+from kinshasa.kernel.admin_api import load_or_create_internal_token
 from kinshasa.settings import (
     SERVICE_NAMES,
     CoordinatorSettings,
@@ -17,11 +18,25 @@ from kinshasa.settings import (
     InfraSettings,
     ServiceSettings,
     StackSettings,
+    env_keys,
     service_env_prefix,
 )
 from kinshasa.topics.admin import ensure_topics
 from kinshasa.topics.catalogue import catalogue
 from kinshasa.topics.checks import TopicMinimums, check_topics
+
+
+def process_env_keys() -> dict[str, set[str]]:
+    """Environment keys understood by each Kinshasa process, by process name."""
+    # The gateway process reads an extended model (its read backends and hardening limits).
+    shared = env_keys(StackSettings)
+    keys = {
+        "gateway": shared | env_keys(GatewayConfig),
+        "coordinator": shared | env_keys(CoordinatorSettings),
+    }
+    for name in SERVICE_NAMES:
+        keys[name] = shared | env_keys(ServiceSettings, service_env_prefix(name))
+    return keys
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """Process settings: one BaseSettings per process, each with its own env prefix, built in bootstrap.
 
-No other module reads the environment. `process_env_keys()` is the registry the docker-compose test and
-the stack launcher use to know which environment keys each process understands.
+No other module reads the environment. `kinshasa.launcher.process_env_keys()` is the registry of which
+environment keys each process understands (this module imports nothing of Kinshasa's: every layer reads it).
 """
 
 from __future__ import annotations
@@ -117,19 +117,4 @@ def env_keys(model: type[BaseSettings], prefix: str | None = None) -> set[str]:
     for name, field in model.model_fields.items():
         alias = field.validation_alias
         keys.add(alias if isinstance(alias, str) else f"{prefix}{name}".upper())
-    return keys
-
-
-def process_env_keys() -> dict[str, set[str]]:
-    """Environment keys understood by each Kinshasa process, by process name."""
-    # The gateway process reads an extended model (its read backends and hardening limits).
-    from kinshasa.gateway.settings import GatewayConfig
-
-    shared = env_keys(StackSettings)
-    keys = {
-        "gateway": shared | env_keys(GatewayConfig),
-        "coordinator": shared | env_keys(CoordinatorSettings),
-    }
-    for name in SERVICE_NAMES:
-        keys[name] = shared | env_keys(ServiceSettings, service_env_prefix(name))
     return keys

@@ -18,7 +18,7 @@ from kinshasa.infra.postgres import PostgresCluster
 from kinshasa.infra.process import free_port
 from kinshasa.infra.temporal import TemporalServer
 from kinshasa.kernel.database import create_engine
-from kinshasa.kernel.install import install_kernel_tables
+from kinshasa.migrations.install import install_kernel_tables
 from kinshasa.topics.admin import ensure_topics
 from kinshasa.topics.catalogue import catalogue
 

@@ -1,5 +1,6 @@
 """The Python SDK of Kinshasa's gateway: `Kinshasa` (async) and `SyncKinshasa`; see docs/sdk.md."""
 
+from kinshasa.client.acknowledgements import Receipt
 from kinshasa.client.client import Kinshasa, new_idempotency_key
 from kinshasa.client.errors import (
     AgentBudgetExceeded,
@@ -24,7 +25,6 @@ from kinshasa.client.errors import (
     Validation,
 )
 from kinshasa.client.operations import Argument, Operation
-from kinshasa.client.receipts import Receipt
 from kinshasa.client.retries import Backoff
 from kinshasa.client.runs import Run, RunScope
 from kinshasa.client.sync import SyncKinshasa, SyncReceipt, SyncRun

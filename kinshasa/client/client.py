@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 from graphql import GraphQLError, OperationType, get_operation_ast, parse
 
+from kinshasa.client.acknowledgements import Receipt
 from kinshasa.client.errors import (
     BadResponse,
     RateLimited,
@@ -25,7 +26,6 @@ from kinshasa.client.errors import (
     error_from,
 )
 from kinshasa.client.operations import OPERATIONS_QUERY, RECEIPT_FIELDS, Operation, find
-from kinshasa.client.receipts import Receipt
 from kinshasa.client.retries import RETRIED_STATUSES, Backoff
 from kinshasa.client.runs import Run, RunScope
 

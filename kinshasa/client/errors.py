@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:
-    from kinshasa.client.receipts import Receipt
+    from kinshasa.client.acknowledgements import Receipt
 
 
 class KinshasaError(Exception):

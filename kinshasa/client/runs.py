@@ -8,9 +8,9 @@ from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
+from kinshasa.client.acknowledgements import Receipt
 from kinshasa.client.errors import RunClosed, UnknownOperation, Validation
 from kinshasa.client.operations import Operation, find
-from kinshasa.client.receipts import Receipt
 
 if TYPE_CHECKING:
     from kinshasa.client.client import Kinshasa

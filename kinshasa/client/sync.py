@@ -16,9 +16,9 @@ from typing import Any, TypeVar
 
 import httpx
 
+from kinshasa.client.acknowledgements import Receipt
 from kinshasa.client.client import Kinshasa
 from kinshasa.client.operations import Operation
-from kinshasa.client.receipts import Receipt
 from kinshasa.client.retries import Backoff
 from kinshasa.client.runs import Run, RunScope
 

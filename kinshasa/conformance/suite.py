@@ -17,7 +17,11 @@ from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
 
-from kinshasa.conformance.checks import (
+from kinshasa.conformance.driver import Seen, ServiceDriver, read_catalogue
+from kinshasa.conformance.errors import CheckFailed, SetupError
+from kinshasa.conformance.report import Check, ConformanceReport
+from kinshasa.conformance.subject import ServiceUnderTest
+from kinshasa.conformance.verdicts import (
     ORDER_COUNT,
     answer_problems,
     applied_payload_problems,
@@ -33,10 +37,6 @@ from kinshasa.conformance.checks import (
     version_of,
     versions_problems,
 )
-from kinshasa.conformance.driver import Seen, ServiceDriver, read_catalogue
-from kinshasa.conformance.errors import CheckFailed, SetupError
-from kinshasa.conformance.report import Check, ConformanceReport
-from kinshasa.conformance.subject import ServiceUnderTest
 from kinshasa.schemas.declaration import OperationDeclaration
 from kinshasa.schemas.envelope import (
     APPLIED,

@@ -12,14 +12,13 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 from uuid import UUID
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 from temporalio import activity
 
-from kinshasa.coordinator.ledger import ClaimedStep, Ledger
 from kinshasa.coordinator.models import (
     FinishInput,
     ForwardStatus,
@@ -29,10 +28,12 @@ from kinshasa.coordinator.models import (
     RevertOutcome,
 )
 from kinshasa.coordinator.ordering import CompensationPlan, PlannedStep
-from kinshasa.coordinator.store import RunStatus, StepStatus
-from kinshasa.coordinator.topics import CoordinatorTopics
+from kinshasa.coordinator.run_ledger import ClaimedStep, Ledger
+from kinshasa.coordinator.store import StepStatus
+from kinshasa.coordinator.topic_names import CoordinatorTopics
 from kinshasa.kernel import tracing
 from kinshasa.kernel.unit_of_work import UnitOfWork
+from kinshasa.schemas.clock import utcnow
 from kinshasa.schemas.envelope import (
     Actor,
     CompensatePayload,
@@ -43,6 +44,7 @@ from kinshasa.schemas.envelope import (
     compensate_type,
     deterministic_id,
 )
+from kinshasa.schemas.run_status import RunStatus
 
 log = logging.getLogger(__name__)
 
@@ -50,10 +52,6 @@ COORDINATOR_ACTOR = Actor(kind="system", id="coordinator")
 ALERT_TYPE = "alert.revert_failed"
 # How many failing steps a revert_failed event and its alert list; the ledger API has them all.
 FAILING_STEPS_LISTED = 50
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 def compensate_message_id(forward_event_id: str, attempt: int) -> UUID:

@@ -17,9 +17,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from temporalio.client import Client
 from temporalio.service import RPCError
 
-from kinshasa.coordinator.ledger import CursorError, Ledger
-from kinshasa.coordinator.store import RunStatus
+from kinshasa.coordinator.run_ledger import CursorError, Ledger
 from kinshasa.coordinator.workflows import revert_workflow_id
+from kinshasa.schemas.run_status import RunStatus
 
 MAX_PAGE = 1000
 # Runs per `POST /steps`.

@@ -26,7 +26,7 @@ from sqlalchemy import Table, and_, bindparam, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from kinshasa.coordinator.store import RunStatus, StepStatus, rejections, run_events, runs, steps
+from kinshasa.coordinator.store import StepStatus, rejections, run_events, runs, steps
 from kinshasa.kernel import tracing
 from kinshasa.schemas.envelope import Envelope as EnvelopeModel
 from kinshasa.schemas.envelope import (
@@ -36,6 +36,7 @@ from kinshasa.schemas.envelope import (
     deterministic_id,
     split_type,
 )
+from kinshasa.schemas.run_status import RunStatus
 
 log = logging.getLogger(__name__)
 

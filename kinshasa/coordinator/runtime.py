@@ -39,17 +39,17 @@ from temporalio.client import Client
 from kinshasa.coordinator.activities import RevertActivities
 from kinshasa.coordinator.api import install_error_handlers, ledger_router
 from kinshasa.coordinator.handlers import LedgerHandler
-from kinshasa.coordinator.ledger import Ledger
-from kinshasa.coordinator.metrics import CoordinatorMetrics
 from kinshasa.coordinator.models import RevertPolicy, RevertRequest
 from kinshasa.coordinator.projector import RevertTrigger
+from kinshasa.coordinator.revert_metrics import CoordinatorMetrics
+from kinshasa.coordinator.run_ledger import Ledger
 from kinshasa.coordinator.starter import start_revert
 from kinshasa.coordinator.store import install_ledger
 from kinshasa.coordinator.sweeper import RevertSweeper
-from kinshasa.coordinator.topics import CoordinatorTopics
+from kinshasa.coordinator.topic_names import CoordinatorTopics
 from kinshasa.coordinator.worker import build_worker, connect
 from kinshasa.kernel import tracing
-from kinshasa.kernel.admin import admin_app, load_or_create_internal_token
+from kinshasa.kernel.admin_api import admin_app, load_or_create_internal_token
 from kinshasa.kernel.component import (
     QuietServer,
     database_check,
@@ -64,11 +64,11 @@ from kinshasa.kernel.component import (
 from kinshasa.kernel.database import create_engine
 from kinshasa.kernel.dlq import DeadLetterPolicy, DeadLetterQueue
 from kinshasa.kernel.housekeeping import Housekeeper, housekeeping_policy
-from kinshasa.kernel.install import install_kernel_tables
 from kinshasa.kernel.metrics import ComponentMetrics
 from kinshasa.kernel.outbox import OutboxStatus
 from kinshasa.kernel.relay import OutboxRelay
 from kinshasa.kernel.supervisor import NEVER_RESTART, RestartPolicy, Supervisor
+from kinshasa.migrations.install import install_kernel_tables
 from kinshasa.settings import CoordinatorSettings, StackSettings
 from kinshasa.topics.consumer import AsyncConsumer
 from kinshasa.topics.producer import AsyncProducer

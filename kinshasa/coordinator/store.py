@@ -34,17 +34,6 @@ MESSAGE_ID = String(36)
 STAMP = DateTime(timezone=True)
 
 
-class RunStatus(StrEnum):
-    """A run's state as the ledger knows it; the names are the public `Run.status` values."""
-
-    RUNNING = "RUNNING"
-    FINISHED = "FINISHED"
-    TRIPPED = "TRIPPED"
-    REVERTING = "REVERTING"
-    REVERTED = "REVERTED"
-    REVERT_FAILED = "REVERT_FAILED"
-
-
 class StepStatus(StrEnum):
     """Where one applied forward step stands on the way back."""
 

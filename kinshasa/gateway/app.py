@@ -25,13 +25,13 @@ from kinshasa.gateway import idempotency
 from kinshasa.gateway.alerts import WebhookSender
 from kinshasa.gateway.commands import CommandWriter
 from kinshasa.gateway.context import GatewayContext, Services
+from kinshasa.gateway.domain_metrics import GatewayMetrics
 from kinshasa.gateway.durability import gateway_watcher, install_durability_tables
 from kinshasa.gateway.fairness import fairness_from
 from kinshasa.gateway.hardening import RequestGuard, error_body, schema_extensions
 from kinshasa.gateway.listener import GROUP, Listener, listened_topics
 from kinshasa.gateway.live import AlertFeed
 from kinshasa.gateway.loaders import DatabaseReads, Pacer
-from kinshasa.gateway.metrics import GatewayMetrics
 from kinshasa.gateway.policy import PolicyBook
 from kinshasa.gateway.principals import Principal, PrincipalRegistry, load_registry
 from kinshasa.gateway.reads import Backends
@@ -41,24 +41,24 @@ from kinshasa.gateway.service_book import ServiceBook
 from kinshasa.gateway.settings import GatewayConfig
 from kinshasa.gateway.store import install_gateway_tables
 from kinshasa.kernel import tracing
-from kinshasa.kernel.admin import admin_app, load_or_create_internal_token
+from kinshasa.kernel.admin_api import admin_app, load_or_create_internal_token
 from kinshasa.kernel.component import database_check, drain_outbox, verify_topics
 from kinshasa.kernel.database import create_engine
 from kinshasa.kernel.dlq import DeadLetterQueue, OutboxDeadLetters, SqlDeadLetterStore, guarded_handler
 from kinshasa.kernel.housekeeping import Housekeeper, housekeeping_policy
-from kinshasa.kernel.install import install_kernel_tables
 from kinshasa.kernel.metrics import ComponentMetrics
 from kinshasa.kernel.outbox import OutboxStatus
 from kinshasa.kernel.relay import OutboxRelay
 from kinshasa.kernel.supervisor import GaveUp, RestartPolicy, Supervisor
 from kinshasa.mcp.http import McpEndpoint, McpRoute
 from kinshasa.mcp.settings import McpSettings
+from kinshasa.migrations.install import install_kernel_tables
 from kinshasa.schemas.operations import OperationCatalogue
 from kinshasa.settings import StackSettings
 from kinshasa.topics.catalogue import ALERTS, RUNS, TopicSpec, catalogue_topic_spec, dlq_topic
 from kinshasa.topics.catalogue import catalogue as topic_catalogue
 from kinshasa.topics.consumer import AsyncConsumer
-from kinshasa.topics.declarations import DeclarationFollower
+from kinshasa.topics.declaration_feed import DeclarationFollower
 from kinshasa.topics.producer import AsyncProducer
 
 log = logging.getLogger(__name__)

@@ -43,7 +43,7 @@ class Services:
     # what their batches set off, shared by all requests.
     database: DatabaseReads | None = None
     pacer: Pacer | None = None
-    # Counts a request refused on an agent budget, by the budget's name (gateway/metrics.py).
+    # Counts a request refused on an agent budget, by the budget's name (gateway/domain_metrics.py).
     budget_refused: Callable[[str], None] | None = None
 
     @property

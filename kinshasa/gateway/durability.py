@@ -1,6 +1,6 @@
 """The stack's durability surface: every component's outbox backlog and dead letters, and their alert.
 
-Each component's admin endpoint answers `GET /admin/outbox` (`kinshasa.kernel.admin`): its unpublished
+Each component's admin endpoint answers `GET /admin/outbox` (`kinshasa.kernel.admin_api`): its unpublished
 outbox rows, the age of the oldest, its dead outbox rows and its DLQ size. Here the gateway reads them
 all, its own in-process, for the operator query `outboxStatus`, and `DurabilityWatcher` polls them to
 raise a `dlq_threshold` alert when a component's DLQ count reaches `dlq_alert_threshold` or its oldest

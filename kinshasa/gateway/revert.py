@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from datetime import datetime
-
 from sqlalchemy import select, update
 
 from kinshasa.gateway import store
@@ -14,28 +11,13 @@ from kinshasa.gateway.runs import RunFilter, RunRecord, filter_clause, load_run,
 from kinshasa.gateway.store import runs
 from kinshasa.gateway.uow import Tx
 from kinshasa.schemas.envelope import Actor, RunEventKind, utcnow
+from kinshasa.schemas.run_selection import MAX_SELECTED, RunSelection, SelectionError
+from kinshasa.schemas.run_status import REVERT_COVERED
 from kinshasa.topics.catalogue import RUNS
 
 REASON_MAX = 2_000
-MAX_SELECTED = 10_000
-
-
-@dataclass(frozen=True)
-class Selector:
-    run_ids: tuple[str, ...] | None = None
-    agent_id: str | None = None
-    entry_point: str | None = None
-    started_after: datetime | None = None
-    started_before: datetime | None = None
-
-    def is_empty(self) -> bool:
-        return (
-            not self.run_ids
-            and self.agent_id is None
-            and self.entry_point is None
-            and self.started_after is None
-            and self.started_before is None
-        )
+# The GraphQL resolvers build the selection under this name; the rule itself lives in kinshasa.schemas.
+Selector = RunSelection
 
 
 def check_reason(reason: str) -> str:
@@ -48,31 +30,19 @@ def check_reason(reason: str) -> str:
     return reason
 
 
-async def select_runs(tx: Tx, selector: Selector) -> list[str]:
-    """Validate the selector and return the run ids it names, oldest first; nothing is changed yet."""
-    if selector.is_empty():
-        raise Invalid(
-            "the selector is empty: name runIds, an agentId, an entryPoint or a time range "
-            "(an empty selector would revert every run)",
-            [("selector", "empty")],
-        )
-    if (
-        selector.started_after
-        and selector.started_before
-        and selector.started_after >= selector.started_before
-    ):
-        raise Invalid(
-            "startedAfter must be before startedBefore", [("selector.startedAfter", "after the end")]
-        )
-    if selector.run_ids is not None and len(selector.run_ids) > MAX_SELECTED:
-        raise Invalid(f"at most {MAX_SELECTED} runIds per request", [("selector.runIds", "too many")])
+async def select_runs(tx: Tx, selector: RunSelection) -> list[str]:
+    """Validate the selection and return the run ids it names, oldest first; nothing is changed yet."""
+    try:
+        selection = selector.checked()
+    except SelectionError as exc:
+        raise Invalid(str(exc), [(exc.field, exc.reason)]) from exc
     clause = filter_clause(
         RunFilter(
-            agent_id=selector.agent_id,
-            entry_point=selector.entry_point,
-            started_after=selector.started_after,
-            started_before=selector.started_before,
-            run_ids=tuple(selector.run_ids) if selector.run_ids else None,
+            agent_id=selection.agent_id,
+            entry_point=selection.entry_point,
+            started_after=selection.started_after,
+            started_before=selection.started_before,
+            run_ids=tuple(selection.run_ids) if selection.run_ids else None,
         )
     )
     found = [
@@ -84,22 +54,42 @@ async def select_runs(tx: Tx, selector: Selector) -> list[str]:
             .limit(MAX_SELECTED + 1)
         )
     ]
-    if selector.run_ids:
-        missing = sorted(set(selector.run_ids) - set(found))
-        # Only a complete request is acted on: a typo must not silently revert a subset.
-        if missing and not (
-            selector.agent_id or selector.entry_point or selector.started_after or selector.started_before
-        ):
-            raise RunNotFound(
-                f"runs not found: {', '.join(m[:64] for m in missing[:20])}; nothing was reverted",
-                runIds=missing[:100],
-            )
+    missing = sorted(set(selection.run_ids or ()) - set(found))
+    if missing and selection.names_runs_only():
+        raise RunNotFound(
+            f"runs not found: {', '.join(m[:64] for m in missing[:20])}; nothing was reverted",
+            runIds=missing[:100],
+        )
     if len(found) > MAX_SELECTED:
         raise Invalid(
             f"the selector matches more than {MAX_SELECTED} runs: narrow it (e.g. a time range)",
             [("selector", "too broad")],
         )
     return found
+
+
+async def revert_selection(
+    tx: Tx, selection: RunSelection, reason: str, actor: Actor
+) -> tuple[list[RunRecord], list[RunRecord]]:
+    """The front door of every operator revert: ring the doorbell for each run the selection names.
+
+    Returns (requested, unchanged): the runs rung now, and those a revert already covers.
+    """
+    requested: list[RunRecord] = []
+    unchanged: list[RunRecord] = []
+    for run_id in await select_runs(tx, selection):
+        run, rung = await request_revert(tx, run_id, reason, actor)
+        (requested if rung else unchanged).append(run)
+    return requested, unchanged
+
+
+async def revert_one(tx: Tx, run_id: str, reason: str, actor: Actor) -> tuple[RunRecord, bool]:
+    """`revertRun`: the same door as `revertRuns`, with a selection of that one run id.
+
+    Returns (run, rung) as `request_revert` does.
+    """
+    requested, unchanged = await revert_selection(tx, RunSelection(run_ids=(run_id,)), reason, actor)
+    return (requested[0], True) if requested else (unchanged[0], False)
 
 
 async def request_revert(tx: Tx, run_id: str, reason: str, actor: Actor) -> tuple[RunRecord, bool]:
@@ -115,7 +105,7 @@ async def request_revert(tx: Tx, run_id: str, reason: str, actor: Actor) -> tupl
     it); a REVERT_FAILED one is rung again, which is how a failed revert is retried.
     """
     run = await load_run(tx.conn, run_id, lock=True)
-    if run.status in (store.REVERTING, store.REVERTED):
+    if run.status in REVERT_COVERED:
         return run, False
     discarded = await discard(tx, run_id, UNPUBLISHED, f"run reverted: {reason}", actor.id)
     now = utcnow()

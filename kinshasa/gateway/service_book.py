@@ -30,7 +30,7 @@ from kinshasa.schemas.declaration import (
 )
 from kinshasa.schemas.envelope import deterministic_id, utcnow
 from kinshasa.schemas.operations import OperationCatalogue
-from kinshasa.topics.declarations import PublishedDeclaration
+from kinshasa.topics.declaration_feed import PublishedDeclaration
 
 log = logging.getLogger(__name__)
 

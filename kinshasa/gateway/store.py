@@ -23,6 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from kinshasa.kernel.tables import component_metadata
 from kinshasa.migrations import upgrade_component
+from kinshasa.schemas.run_status import RunStatus
 
 gateway_metadata = component_metadata()
 
@@ -48,15 +49,13 @@ class UtcDateTime(TypeDecorator[datetime]):
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
-# Run status.
-RUNNING, FINISHED, TRIPPED, REVERTING, REVERTED, REVERT_FAILED = (
-    "RUNNING",
-    "FINISHED",
-    "TRIPPED",
-    "REVERTING",
-    "REVERTED",
-    "REVERT_FAILED",
-)
+# Run status: the one vocabulary in kinshasa.schemas.run_status, stored as its plain text.
+RUNNING = RunStatus.RUNNING.value
+FINISHED = RunStatus.FINISHED.value
+TRIPPED = RunStatus.TRIPPED.value
+REVERTING = RunStatus.REVERTING.value
+REVERTED = RunStatus.REVERTED.value
+REVERT_FAILED = RunStatus.REVERT_FAILED.value
 # Breaker state.
 CLOSED, OPEN, HALF_OPEN = "CLOSED", "OPEN", "HALF_OPEN"
 # Command status (CommandReceipt.status): HELD or AWAITING_APPROVAL -> PUBLISHED -> APPLIED or REJECTED (what

@@ -26,7 +26,7 @@ from fastapi import FastAPI
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from kinshasa.kernel.admin import HealthCheck
+from kinshasa.kernel.admin_api import HealthCheck
 from kinshasa.kernel.dlq import (
     DeadLetterPolicy,
     DeadLetterQueue,

@@ -61,6 +61,7 @@ from kinshasa.kernel.logs import log_context
 from kinshasa.kernel.metrics import ComponentMetrics
 from kinshasa.kernel.outbox import OutboxRow, OutboxStore, SqlOutboxStore
 from kinshasa.kernel.tables import kernel_metadata
+from kinshasa.schemas.clock import as_utc
 from kinshasa.topics.catalogue import dlq_topic
 from kinshasa.topics.consumer import Handler, Record, Redeliver
 from kinshasa.topics.producer import Delivered, Headers
@@ -231,22 +232,15 @@ def describe_error(exc: BaseException) -> str:
     return text if len(text) <= _ERROR_MAX else text[: _ERROR_MAX - 15] + " ...[truncated]"
 
 
-def _aware(value: datetime | None) -> datetime | None:
-    # SQLite returns naive datetimes; everything is written in UTC.
-    if value is not None and value.tzinfo is None:
-        return value.replace(tzinfo=UTC)
-    return value
-
-
 def _row_to_letter(row: Any) -> DeadLetter:
-    first, last = _aware(row.first_failed_at), _aware(row.last_failed_at)
+    first, last = as_utc(row.first_failed_at), as_utc(row.last_failed_at)
     assert first is not None and last is not None
     return DeadLetter(
         id=row.id, group=row.consumer_group, message_id=row.message_id, topic=row.source_topic,
         partition=row.source_partition, offset=row.source_offset, key=row.key, value=row.value,
         headers=decode_headers(row.headers), reason=row.reason, error=row.error, attempts=row.attempts,
         first_failed_at=first, last_failed_at=last, status=row.status,
-        resolved_at=_aware(row.resolved_at))
+        resolved_at=as_utc(row.resolved_at))
 
 
 class DeadLetterStore(ABC):

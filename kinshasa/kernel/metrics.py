@@ -179,7 +179,7 @@ class ComponentMetrics:
 
     def add_refresher(self, name: str, refresher: Refresher) -> None:
         """Run `refresher()` before each scrape, after the kernel's own callbacks: a component's domain
-        figures (gateway/metrics.py, coordinator/metrics.py) set their gauges there."""
+        figures (gateway/domain_metrics.py, coordinator/revert_metrics.py) set their gauges there."""
         self._refreshers.append((name, refresher))
 
     async def refresh(self) -> None:

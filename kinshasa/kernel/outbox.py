@@ -25,7 +25,7 @@ import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import (
@@ -58,6 +58,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from kinshasa.kernel.tables import kernel_metadata
+from kinshasa.schemas.clock import as_utc, utcnow
 
 PENDING = "pending"
 PUBLISHED = "published"
@@ -202,21 +203,12 @@ class OutboxBacklog:
     dead: int
 
 
-def utcnow() -> datetime:
-    return datetime.now(UTC)
-
-
 def key_lock_id(key: bytes) -> int:
     """A stable signed 32-bit hash of a Kafka key, the second half of a two-int advisory lock.
 
     Two keys may share a hash; that only makes them wait for each other, never breaks an order.
     """
     return int.from_bytes(hashlib.blake2b(key, digest_size=4).digest(), "big", signed=True)
-
-
-def _aware(value: datetime) -> datetime:
-    # SQLite hands datetimes back naive; every time Kinshasa stores is UTC.
-    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
 def _status_is(status: str, table: Any = outbox) -> ColumnElement[bool]:
@@ -345,9 +337,9 @@ def _row(r: Any) -> OutboxRow:
     return OutboxRow(
         seq=int(r.seq), message_id=r.message_id, topic=r.topic, key=r.key, entity_key=r.entity_key,
         value=bytes(r.value), headers=tuple((str(k), str(v)) for k, v in (r.headers or ())),
-        status=r.status, attempts=int(r.attempts), created_at=_aware(r.created_at),
-        next_attempt_at=_aware(r.next_attempt_at), last_error=r.last_error,
-        published_at=_aware(r.published_at) if r.published_at is not None else None, relay_id=r.relay_id,
+        status=r.status, attempts=int(r.attempts), created_at=as_utc(r.created_at),
+        next_attempt_at=as_utc(r.next_attempt_at), last_error=r.last_error,
+        published_at=as_utc(r.published_at), relay_id=r.relay_id,
     )
 
 
@@ -607,7 +599,7 @@ class SqlOutboxStore(OutboxStore):
             select(func.count(), func.min(outbox.c.created_at)).where(_status_is(PENDING))
         )).one()
         dead = (await conn.execute(select(func.count()).where(_status_is(DEAD)))).scalar_one()
-        age = max(0.0, (now - _aware(oldest)).total_seconds()) if oldest is not None else None
+        age = max(0.0, (now - as_utc(oldest)).total_seconds()) if oldest is not None else None
         return OutboxBacklog(pending=int(pending), oldest_age_s=age, dead=int(dead))
 
     async def dead_rows(self, conn: AsyncConnection, *, limit: int = 100,

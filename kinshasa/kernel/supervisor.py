@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Literal
 
-from kinshasa.kernel.admin import CheckFailed, HealthCheck
+from kinshasa.kernel.admin_api import CheckFailed, HealthCheck
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,12 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, Literal
 
-from kinshasa.schemas.envelope import TRACEPARENT_RE, Envelope
+from kinshasa.schemas.envelope import continued, valid_traceparent
+
+# The contract's rules for a traceparent (well-formed, the Kafka header over the body) live with the
+# envelope; re-exported here beside the spans that use them.
+valid = valid_traceparent
+__all__ = ["continued", "valid"]
 
 if TYPE_CHECKING:
     from opentelemetry.trace import Span, Tracer
@@ -71,17 +76,6 @@ def setup(component: str, environ: Mapping[str, str] | None = None) -> bool:
 
 def enabled() -> bool:
     return _tracer is not None
-
-
-def valid(traceparent: str | bytes | None) -> str | None:
-    """`traceparent` if it is a well-formed W3C traceparent (as text), else None: bad ones are dropped."""
-    if traceparent is None:
-        return None
-    text = traceparent.decode("ascii", "replace") if isinstance(traceparent, bytes) else traceparent
-    match = TRACEPARENT_RE.match(text)
-    if match is None or set(match.group(1)) == {"0"} or set(match.group(2)) == {"0"}:
-        return None
-    return text
 
 
 def current_traceparent() -> str | None:
@@ -135,17 +129,6 @@ def end(spans: Sequence[Span | None], error: BaseException | None = None) -> Non
 
 def traceparent_of(started: Span | None) -> str | None:
     return None if started is None else _format(started)
-
-
-def continued(envelope: Envelope, header: bytes | None) -> Envelope:
-    """The envelope as its consumer should see it: the Kafka header's traceparent (the relay's publish
-    span) over the one in the body (the emitting span), so handling is a child of the publish."""
-    if header is None or (envelope.traceparent is not None and header == envelope.traceparent.encode()):
-        return envelope
-    traceparent = valid(header)
-    if traceparent is None:
-        return envelope
-    return envelope.model_copy(update={"traceparent": traceparent})
 
 
 class Publishing:

@@ -14,7 +14,7 @@ import logging
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 from mcp.server.auth.middleware.bearer_auth import AuthenticatedUser
@@ -26,9 +26,12 @@ from mcp.shared.inbound import MCP_PROTOCOL_VERSION_HEADER
 from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS
 
 from kinshasa.client.client import Kinshasa
-from kinshasa.gateway.principals import Principal
 from kinshasa.mcp.server import Caller, KinshasaMcp, RunBinding
 from kinshasa.mcp.settings import McpSettings
+
+if TYPE_CHECKING:
+    # Only a type: the gateway mounts this endpoint and hands it its authenticator.
+    from kinshasa.gateway.principals import Principal
 
 log = logging.getLogger(__name__)
 

@@ -24,10 +24,10 @@ from mcp.server.context import ServerRequestContext
 from mcp.server.lowlevel import Server
 from mcp.shared.exceptions import MCPError
 
+from kinshasa.client.acknowledgements import Receipt
 from kinshasa.client.client import Kinshasa
 from kinshasa.client.errors import KinshasaError
 from kinshasa.client.operations import RECEIPT_FIELDS, Operation, snake
-from kinshasa.client.receipts import Receipt
 from kinshasa.mcp.refusals import refusal_text
 from kinshasa.mcp.settings import McpSettings
 from kinshasa.mcp.tools import OPERATOR_TOOL_NAMES, Role, ToolSpec, tools_for

@@ -23,6 +23,8 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from kinshasa.schemas.clock import utcnow as utcnow
+
 # Never change this value: every deterministic message id ever emitted derives from it, and a retry
 # after an upgrade must still collide with the original emission so the inbox absorbs it.
 KINSHASA_NAMESPACE = UUID("296c86a6-1483-5b7a-a87e-dd0e1594f7cc")
@@ -173,11 +175,6 @@ def deterministic_id(*parts: str) -> UUID:
 def new_id() -> UUID:
     """A fresh random message id, for messages that no retry will ever re-emit."""
     return uuid.uuid4()
-
-
-def utcnow() -> datetime:
-    """Now, timezone-aware in UTC (the only clock reading an envelope accepts)."""
-    return datetime.now(UTC)
 
 
 def _check_message_type(value: str) -> str:
@@ -404,3 +401,26 @@ def parse_envelope(data: bytes | str | Mapping[str, Any]) -> Envelope:
         return Envelope.model_validate(data)
     except ValidationError as exc:
         raise invalid_message(exc) from exc
+
+
+def valid_traceparent(traceparent: str | bytes | None) -> str | None:
+    """`traceparent` if it is a well-formed W3C traceparent (as text), else None: bad ones are dropped."""
+    if traceparent is None:
+        return None
+    text = traceparent.decode("ascii", "replace") if isinstance(traceparent, bytes) else traceparent
+    match = TRACEPARENT_RE.match(text)
+    if match is None or set(match.group(1)) == {"0"} or set(match.group(2)) == {"0"}:
+        return None
+    return text
+
+
+def continued(envelope: Envelope, header: bytes | None) -> Envelope:
+    """The envelope as its consumer should see it, given the record's Kafka `traceparent` header: the
+    header (the relay's publish span) over the body's (the emitting span), so handling is a child of the
+    publish. A malformed header is ignored."""
+    if header is None or (envelope.traceparent is not None and header == envelope.traceparent.encode()):
+        return envelope
+    traceparent = valid_traceparent(header)
+    if traceparent is None:
+        return envelope
+    return envelope.model_copy(update={"traceparent": traceparent})

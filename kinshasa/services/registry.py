@@ -89,7 +89,7 @@ def publish_example_declarations(bootstrap: str, topic: str = CATALOGUE) -> None
 
     from kinshasa.topics.admin import ensure_topics
     from kinshasa.topics.catalogue import catalogue, catalogue_topic_spec
-    from kinshasa.topics.declarations import publish_declaration
+    from kinshasa.topics.declaration_feed import publish_declaration
     from kinshasa.topics.producer import AsyncProducer
 
     specs = catalogue(service_names())

@@ -80,8 +80,7 @@ class Record:
     def envelope(self) -> Envelope:
         """The value parsed as an Envelope; raises InvalidMessage (a ValueError) naming each bad field."""
         # Imported here so the log layer does not depend on the contracts at import time.
-        from kinshasa.kernel.tracing import continued
-        from kinshasa.schemas.envelope import parse_envelope
+        from kinshasa.schemas.envelope import continued, parse_envelope
 
         # The Kafka header names the relay's publish span: handling continues the trace from there.
         return continued(parse_envelope(self.value), self.header("traceparent"))

@@ -27,7 +27,7 @@ import httpx
 from kinshasa.gateway.principals import write_dev_credentials
 from kinshasa.infra.process import InfraError, ManagedProcess, free_port, port_open
 from kinshasa.infra.stack import LocalInfra
-from kinshasa.kernel.admin import load_or_create_internal_token
+from kinshasa.kernel.admin_api import load_or_create_internal_token
 from kinshasa.launcher import StackPlan, StackPorts, create_databases, ensure_stack_topics
 from kinshasa.settings import SERVICE_NAMES, InfraSettings, StackSettings
 

@@ -10,7 +10,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from kinshasa.infra.kafka import KafkaBroker
 from kinshasa.kernel.database import create_engine
-from kinshasa.kernel.install import install_kernel_tables
+from kinshasa.migrations.install import install_kernel_tables
 from kinshasa.topics.admin import ensure_topics
 from kinshasa.topics.catalogue import catalogue
 from tests.faults.brokers import own_broker

@@ -17,13 +17,14 @@ from sqlalchemy import func, select, text
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.worker import Replayer
 
-from kinshasa.coordinator.store import RunStatus, run_events
+from kinshasa.coordinator.store import run_events
 from kinshasa.coordinator.worker import WORKFLOWS
 from kinshasa.coordinator.workflows import revert_workflow_id
 from kinshasa.infra.kafka import KafkaBroker
 from kinshasa.infra.process import free_port
 from kinshasa.infra.temporal import TemporalServer
 from kinshasa.schemas.envelope import RunEventKind
+from kinshasa.schemas.run_status import RunStatus
 from tests.integration.coordinator.harness import (
     FAST_POLICY,
     ServiceFleet,

@@ -16,7 +16,7 @@ from sqlalchemy import Column, MetaData, String, Table, func, insert, select, te
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from kinshasa.kernel.admin import admin_app, load_or_create_internal_token
+from kinshasa.kernel.admin_api import admin_app, load_or_create_internal_token
 from kinshasa.kernel.database import create_engine
 from kinshasa.kernel.dlq import DeadLetterQueue, SqlDeadLetterStore, dead_letters
 from kinshasa.kernel.metrics import (

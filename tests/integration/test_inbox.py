@@ -12,7 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from kinshasa.kernel.database import create_engine
 from kinshasa.kernel.inbox import Inbox, InboxError, inbox, record
-from kinshasa.kernel.install import install_kernel_tables
+from kinshasa.migrations.install import install_kernel_tables
 
 GROUP = "kinshasa.svc.documents"
 

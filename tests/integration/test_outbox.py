@@ -12,7 +12,6 @@ from sqlalchemy import Column, Integer, MetaData, String, Table, func, insert, s
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from kinshasa.kernel.database import create_engine
-from kinshasa.kernel.install import install_kernel_tables
 from kinshasa.kernel.outbox import (
     DEAD,
     PENDING,
@@ -26,6 +25,7 @@ from kinshasa.kernel.outbox import (
     utcnow,
 )
 from kinshasa.kernel.unit_of_work import UnitOfWork, UnitOfWorkError
+from kinshasa.migrations.install import install_kernel_tables
 from kinshasa.schemas.envelope import Actor, EntityRef, Envelope
 
 TOPIC = "kinshasa.events.documents"

@@ -19,7 +19,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 from typer.testing import CliRunner
 
 from kinshasa.coordinator.runtime import CoordinatorOptions, CoordinatorRuntime
-from kinshasa.coordinator.topics import CoordinatorTopics
+from kinshasa.coordinator.topic_names import CoordinatorTopics
 from kinshasa.gateway.app import Gateway
 from kinshasa.gateway.settings import GatewayConfig
 from kinshasa.infra.kafka import KafkaBroker

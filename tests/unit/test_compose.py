@@ -8,7 +8,8 @@ import typer.main
 import yaml
 
 from kinshasa.cli import app
-from kinshasa.settings import SERVICE_NAMES, StackSettings, env_keys, process_env_keys
+from kinshasa.launcher import process_env_keys
+from kinshasa.settings import SERVICE_NAMES, StackSettings, env_keys
 
 COMPOSE = Path(__file__).resolve().parents[2] / "docker-compose.yml"
 

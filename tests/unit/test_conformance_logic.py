@@ -8,7 +8,10 @@ from typing import Any
 
 import pytest
 
-from kinshasa.conformance.checks import (
+from kinshasa.conformance.errors import CheckFailed, SetupError
+from kinshasa.conformance.report import Check, ConformanceReport, render_table
+from kinshasa.conformance.subject import ServiceUnderTest
+from kinshasa.conformance.verdicts import (
     answer_problems,
     applied_payload_problems,
     compensate_echo_problems,
@@ -24,9 +27,6 @@ from kinshasa.conformance.checks import (
     state_differences,
     versions_problems,
 )
-from kinshasa.conformance.errors import CheckFailed, SetupError
-from kinshasa.conformance.report import Check, ConformanceReport, render_table
-from kinshasa.conformance.subject import ServiceUnderTest
 from kinshasa.schemas.declaration import InverseDeclaration, OperationDeclaration
 from kinshasa.schemas.envelope import Actor, EntityRef, Envelope, new_id, utcnow
 

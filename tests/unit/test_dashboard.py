@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from kinshasa.coordinator.metrics import CoordinatorMetrics
-from kinshasa.gateway.metrics import GatewayMetrics
+from kinshasa.coordinator.revert_metrics import CoordinatorMetrics
+from kinshasa.gateway.domain_metrics import GatewayMetrics
 from kinshasa.kernel.metrics import ComponentMetrics
 from kinshasa.kernel.supervisor import RoleHealth
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from kinshasa.coordinator.topics import CoordinatorTopics
+from kinshasa.coordinator.topic_names import CoordinatorTopics
 from kinshasa.services.kit.runtime import ServiceTopics
 from kinshasa.settings import StackSettings
 from kinshasa.topics.admin import TopicState

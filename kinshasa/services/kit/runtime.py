@@ -30,7 +30,7 @@ from typing import Any
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from kinshasa.kernel import tracing
-from kinshasa.kernel.admin import admin_app, load_or_create_internal_token
+from kinshasa.kernel.admin_api import admin_app, load_or_create_internal_token
 from kinshasa.kernel.component import (
     QuietServer,
     database_check,
@@ -64,7 +64,7 @@ from kinshasa.topics.catalogue import (
     group_id,
 )
 from kinshasa.topics.consumer import AsyncConsumer, BatchHandler, Handler, Record
-from kinshasa.topics.declarations import publish_declaration
+from kinshasa.topics.declaration_feed import publish_declaration
 from kinshasa.topics.producer import AsyncProducer
 
 log = logging.getLogger(__name__)

@@ -30,10 +30,10 @@ from sqlalchemy.ext.asyncio import AsyncConnection, create_async_engine
 from temporalio.client import Client, WorkflowHandle
 from temporalio.service import RPCError
 
-from kinshasa.coordinator.ledger import Ledger
 from kinshasa.coordinator.models import RevertOutcome, RevertPolicy
+from kinshasa.coordinator.run_ledger import Ledger
 from kinshasa.coordinator.runtime import ROLES, CoordinatorOptions, CoordinatorRuntime
-from kinshasa.coordinator.topics import CoordinatorTopics
+from kinshasa.coordinator.topic_names import CoordinatorTopics
 from kinshasa.coordinator.worker import connect
 from kinshasa.coordinator.workflows import revert_workflow_id
 from kinshasa.kernel.database import create_engine

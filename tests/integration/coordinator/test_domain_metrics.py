@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 
 from sqlalchemy import insert
 
-from kinshasa.coordinator.metrics import CoordinatorMetrics, read_figures
+from kinshasa.coordinator.revert_metrics import CoordinatorMetrics, read_figures
 from kinshasa.coordinator.store import RunStatus, StepStatus, install_ledger, runs, steps
 from kinshasa.kernel.database import create_engine
 from kinshasa.kernel.metrics import ComponentMetrics

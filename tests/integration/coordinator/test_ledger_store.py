@@ -11,8 +11,8 @@ import httpx
 import pytest
 
 from kinshasa.coordinator.api import ledger_app
-from kinshasa.coordinator.ledger import Ledger
 from kinshasa.coordinator.projector import LedgerProjector
+from kinshasa.coordinator.run_ledger import Ledger
 from kinshasa.coordinator.store import install_ledger
 from kinshasa.kernel.database import create_engine
 from kinshasa.schemas.envelope import Actor, EntityRef, Envelope, RunEventKind, deterministic_id

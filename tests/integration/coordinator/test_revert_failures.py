@@ -9,10 +9,10 @@ from pathlib import Path
 
 from sqlalchemy import func, select
 
-from kinshasa.coordinator.store import RunStatus
 from kinshasa.coordinator.store import steps as ledger_steps
 from kinshasa.infra.temporal import TemporalServer
 from kinshasa.schemas.envelope import deterministic_id
+from kinshasa.schemas.run_status import RunStatus
 from tests.integration.coordinator.harness import (
     FAST_POLICY,
     ServiceFleet,

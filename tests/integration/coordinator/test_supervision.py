@@ -19,7 +19,7 @@ import pytest
 from confluent_kafka import Message
 
 from kinshasa.infra.temporal import TemporalServer
-from kinshasa.kernel.admin import load_or_create_internal_token
+from kinshasa.kernel.admin_api import load_or_create_internal_token
 from kinshasa.topics.consumer import AsyncConsumer, ConsumerError
 from tests.integration.coordinator.harness import ServiceFleet, coordinator_stack, wait_for
 from tests.integration.prometheus import scrape, scrape_until, value

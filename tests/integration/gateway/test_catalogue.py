@@ -21,7 +21,7 @@ from kinshasa.services.kit import AppliedStep, CommandContext, Service
 from kinshasa.settings import StackSettings
 from kinshasa.topics.admin import ensure_topics
 from kinshasa.topics.catalogue import catalogue_topic_spec
-from kinshasa.topics.declarations import publish_declaration
+from kinshasa.topics.declaration_feed import publish_declaration
 from kinshasa.topics.producer import AsyncProducer
 from tests.integration.gateway.conftest import AGENT_KEY, OPERATOR_KEY, Client, registry
 

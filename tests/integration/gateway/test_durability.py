@@ -34,8 +34,8 @@ from kinshasa.gateway.store import alerts, install_gateway_tables
 from kinshasa.infra.kafka import KafkaBroker
 from kinshasa.infra.process import free_port
 from kinshasa.kernel.database import create_engine
-from kinshasa.kernel.install import install_kernel_tables
 from kinshasa.kernel.outbox import outbox
+from kinshasa.migrations.install import install_kernel_tables
 from kinshasa.schemas.envelope import Envelope
 from kinshasa.services import notifier
 from kinshasa.services.kit.runtime import ServiceTopics

@@ -19,16 +19,16 @@ import pytest
 import uvicorn
 from sqlalchemy import text
 
-from kinshasa.coordinator import operator
 from kinshasa.coordinator.api import ledger_app
-from kinshasa.coordinator.ledger import Ledger
 from kinshasa.coordinator.projector import LedgerProjector
+from kinshasa.coordinator.run_ledger import Ledger
 from kinshasa.coordinator.store import install_ledger
 from kinshasa.gateway.app import Gateway
 from kinshasa.gateway.settings import GatewayConfig
 from kinshasa.infra.process import free_port
 from kinshasa.kernel.component import QuietServer
 from kinshasa.kernel.database import create_engine
+from kinshasa.operator import gateway_client as operator
 from kinshasa.schemas.envelope import Actor, EntityRef, Envelope, deterministic_id
 from kinshasa.services.registry import example_catalogue
 from kinshasa.settings import StackSettings

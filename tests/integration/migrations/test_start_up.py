@@ -16,9 +16,9 @@ from kinshasa import migrations
 from kinshasa.coordinator.store import ledger_metadata
 from kinshasa.gateway.store import gateway_metadata
 from kinshasa.kernel.database import create_engine
-from kinshasa.kernel.install import load_table_modules
 from kinshasa.kernel.tables import kernel_metadata
 from kinshasa.migrations.cli import app as db_app
+from kinshasa.migrations.install import load_table_modules
 from kinshasa.services.registry import load_service
 from tests.integration.migrations.schema import FIXTURES, differences, load_dump, schema_of
 

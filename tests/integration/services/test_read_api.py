@@ -9,7 +9,7 @@ import pytest
 from fastapi import FastAPI
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from kinshasa.kernel.admin import admin_app
+from kinshasa.kernel.admin_api import admin_app
 from kinshasa.kernel.dlq import DeadLetterQueue, SqlDeadLetterStore
 from kinshasa.kernel.metrics import ComponentMetrics
 from kinshasa.services import documents, ledger, links

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from kinshasa.coordinator.metrics import (
+from kinshasa.coordinator.revert_metrics import (
     COMPENSATION_OUTCOMES,
     COMPENSATIONS,
     REVERT_STATUSES,

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from kinshasa.coordinator.activities import compensate_command, compensate_message_id
-from kinshasa.coordinator.ledger import ClaimedStep
 from kinshasa.coordinator.models import RevertPolicy
+from kinshasa.coordinator.run_ledger import ClaimedStep
 from kinshasa.schemas.envelope import deterministic_id, utcnow
 
 

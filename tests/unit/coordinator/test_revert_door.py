@@ -8,8 +8,8 @@ from typing import Any, cast
 from fastapi.routing import APIRoute
 
 from kinshasa.coordinator.api import ledger_router
-from kinshasa.coordinator.ledger import Ledger
 from kinshasa.coordinator.projector import trigger_of
+from kinshasa.coordinator.run_ledger import Ledger
 from kinshasa.coordinator.worker import WORKFLOWS
 from kinshasa.schemas.envelope import Actor, Envelope, RunEventKind, utcnow
 

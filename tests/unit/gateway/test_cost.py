@@ -7,10 +7,10 @@ from typing import Any
 import pytest
 from graphql import GraphQLSchema, parse
 
-from kinshasa.coordinator import operator
 from kinshasa.gateway.cost import CostWeights, calls_backend, estimate, size_variables
 from kinshasa.gateway.schema import build_schema
 from kinshasa.gateway.settings import GatewayConfig
+from kinshasa.operator import gateway_client as operator
 from kinshasa.services.registry import example_catalogue, example_declarations
 from tests.e2e import api as e2e_api
 

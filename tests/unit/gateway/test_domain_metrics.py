@@ -11,8 +11,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 import kinshasa.gateway
 from kinshasa.gateway.budgets import Budget
-from kinshasa.gateway.incidents import IncidentKind
-from kinshasa.gateway.metrics import (
+from kinshasa.gateway.domain_metrics import (
     BUDGET_REFUSALS,
     HELD_COMMANDS,
     INCIDENTS,
@@ -22,6 +21,7 @@ from kinshasa.gateway.metrics import (
     GatewayMetrics,
     render_figures,
 )
+from kinshasa.gateway.incidents import IncidentKind
 from kinshasa.kernel.metrics import OTHER, ComponentMetrics
 
 RUN_ID = "3f2a9c1e-0b7d-4b8e-9c55-2d1f0e6a7b44"

@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from kinshasa.kernel.admin import CheckFailed
+from kinshasa.kernel.admin_api import CheckFailed
 from kinshasa.kernel.supervisor import (
     NEVER_RESTART,
     GaveUp,

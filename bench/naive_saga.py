@@ -3,14 +3,15 @@
 This is how a revert is usually first written with a workflow engine: for each step, newest first over
 the whole run, an activity sends the compensate command and waits for its acknowledgement, then the next
 one starts. It is correct and simple, and it pays one activity round trip plus one service round trip
-per step. `bench/bench_revert.py` runs it beside `RevertRun` on the same stack. Production never uses it.
+per step. `bench/bench_revert.py` runs it beside `RevertRun` on the same stack. It lives with the
+benchmarks, outside the product package: production never uses it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 
 from pydantic import BaseModel, ConfigDict
 from sqlalchemy import select
@@ -20,9 +21,10 @@ from temporalio.exceptions import ApplicationError
 
 with workflow.unsafe.imports_passed_through():
     from kinshasa.coordinator.activities import compensate_command
-    from kinshasa.coordinator.ledger import ClaimedStep, Ledger
+    from kinshasa.coordinator.run_ledger import ClaimedStep, Ledger
     from kinshasa.coordinator.store import StepStatus, steps
-    from kinshasa.coordinator.topics import CoordinatorTopics
+    from kinshasa.coordinator.topic_names import CoordinatorTopics
+    from kinshasa.schemas.clock import utcnow
     from kinshasa.topics.producer import AsyncProducer, envelope_message
 
 NAIVE_REVERT = "NaiveRevert"
@@ -80,7 +82,7 @@ class NaiveActivities:
         attempt = activity.info().attempt + 1000  # never collides with RevertRun's attempt numbers
         step = ClaimedStep(row.step_id, attempt, row.forward_event_id, row.forward_type, row.service,
                            row.entity_type, row.entity_id)
-        envelope = compensate_command(params.run_id, step, None, datetime.now(UTC))
+        envelope = compensate_command(params.run_id, step, None, utcnow())
         await self.producer.send_batch([envelope_message(self.topics.commands(row.service), envelope)])
         deadline = time.monotonic() + self.ack_timeout_s
         while time.monotonic() < deadline:

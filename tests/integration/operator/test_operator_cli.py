@@ -16,13 +16,13 @@ import httpx
 import pytest
 import uvicorn
 
-from kinshasa.coordinator.operator import GatewayClient, GatewayError, timeline
 from kinshasa.gateway.app import Gateway
 from kinshasa.gateway.principals import PrincipalRegistry
 from kinshasa.gateway.settings import GatewayConfig
 from kinshasa.infra.kafka import KafkaBroker
 from kinshasa.infra.process import free_port
 from kinshasa.kernel.component import QuietServer
+from kinshasa.operator.gateway_client import GatewayClient, GatewayError, timeline
 from kinshasa.settings import StackSettings
 
 REPO = Path(__file__).resolve().parents[3]
@@ -99,6 +99,11 @@ async def test_operator_commands_revert_list_and_show_runs_through_the_gateway(g
     assert "already reverting or reverted" in bulk.stdout and "runs 0/1 settled" in bulk.stdout
     assert "still reverting" in bulk.stderr
 
+    # One run by id takes the same door as the bulk form: already reverting, it is left alone too.
+    again = await _cli(gateway_url, "revert", "--run", run_id, "--reason", "once more", "--no-wait")
+    assert again.returncode == 0, again.stderr
+    assert "revert requested for 0 run(s); 1 already reverting or reverted (left alone)" in again.stdout
+
     refused = await _cli(gateway_url, "revert", "--reason", "nothing selected")
     assert refused.returncode == 1 and "say which runs" in refused.stderr
     unknown = await _cli(gateway_url, "run", "no-such-run")
@@ -106,7 +111,7 @@ async def test_operator_commands_revert_list_and_show_runs_through_the_gateway(g
 
     client = GatewayClient(url=gateway_url, key=AGENT_KEY)
     with pytest.raises(GatewayError) as refused_agent:
-        await client.revert_run(run_id, "agents may not")
+        await client.revert_runs({"runIds": [run_id]}, "agents may not")
     assert refused_agent.value.code == "FORBIDDEN"
     operator = GatewayClient(url=gateway_url, key=OPERATOR_KEY)
     detail = await operator.run(run_id)

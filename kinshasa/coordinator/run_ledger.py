@@ -21,7 +21,6 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from kinshasa.coordinator.models import FailingStep
 from kinshasa.coordinator.store import (
     SETTLED,
-    RunStatus,
     StepStatus,
     reader_for,
     rejections,
@@ -30,6 +29,7 @@ from kinshasa.coordinator.store import (
     steps,
     utc,
 )
+from kinshasa.schemas.run_status import RunStatus
 
 # Bound parameters per IN (...) list: far below SQLite's and asyncpg's limits.
 _CHUNK = 500

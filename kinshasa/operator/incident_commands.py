@@ -1,4 +1,4 @@
-"""The operator's `incidents`, `incident`, `policy backtest` and `proposal accept|reject`, via the gateway.
+"""`kinshasa incidents`, `incident`, `policy backtest` and `proposal accept|reject`, via the gateway.
 
 Like `revert` and `runs`, these speak only the gateway's public GraphQL with an operator key.
 """
@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 import typer
 
-from kinshasa.coordinator.cli import GATEWAY_OPT, KEY_OPT, _client, _fail, _utc
-from kinshasa.coordinator.operator import GatewayError
+from kinshasa.operator.gateway_client import GatewayError
+from kinshasa.operator.options import GATEWAY_OPT, KEY_OPT, connect, echo_pages, fail
+from kinshasa.schemas.clock import as_utc
 
 app = typer.Typer(add_completion=False)
 policy_app = typer.Typer(help="The breaker and quarantine policy: try a layer on the recorded runs.",
@@ -112,21 +113,12 @@ def incidents(
 ) -> None:
     """List incidents newest first: trips, reverts, budget breaches, denied egress, dead letters."""
     try:
-        client = _client(gateway, key)
-        shown, after = 0, None
+        client = connect(gateway, key)
         typer.echo(INCIDENTS_HEADER)
-        while shown < limit:
-            variables = {"first": min(100, limit - shown), "after": after,
-                         "kind": kind.upper() if kind else None}
-            page = asyncio.run(client.call(INCIDENTS, variables))["incidents"]
-            for node in page["nodes"]:
-                typer.echo(incident_line(node))
-            shown += len(page["nodes"])
-            if not page["pageInfo"]["hasNextPage"] or not page["nodes"]:
-                break
-            after = page["pageInfo"]["endCursor"]
+        echo_pages(client, INCIDENTS, {"kind": kind.upper() if kind else None}, "incidents", limit,
+                   incident_line)
     except GatewayError as exc:
-        _fail(exc)
+        fail(exc)
 
 
 @app.command("incident")
@@ -137,10 +129,9 @@ def incident(
 ) -> None:
     """One incident with the policy changes it proposes, each with its backtest."""
     try:
-        found = asyncio.run(_client(gateway, key).call(INCIDENT, {"id": incident_id}))["incident"]
+        found = asyncio.run(connect(gateway, key).call(INCIDENT, {"id": incident_id}))["incident"]
     except GatewayError as exc:
-        _fail(exc)
-        return
+        fail(exc)
     for line in incident_detail(found):
         typer.echo(line)
 
@@ -176,11 +167,10 @@ def backtest(
     """Replay the recorded runs under a candidate layer: what it would have caught, whom it would stop."""
     try:
         variables = {"scope": scope.upper(), "subject": subject, "settings": parse_settings(setting),
-                     "since": (_utc(since) or datetime.now(UTC)).isoformat(), "loosen": loosen}
-        b = asyncio.run(_client(gateway, key).call(BACKTEST, variables))["backtestPolicy"]
+                     "since": as_utc(since).isoformat(), "loosen": loosen}
+        b = asyncio.run(connect(gateway, key).call(BACKTEST, variables))["backtestPolicy"]
     except GatewayError as exc:
-        _fail(exc)
-        return
+        fail(exc)
     typer.echo(f"runs replayed:           {b['runsReplayed']}")
     typer.echo(f"incident runs caught:    {b['incidentRunsCaught']} of {b['incidentRunsReplayed']} "
                f"({b['incidentRunsCaughtEarlier']} earlier)")
@@ -191,10 +181,9 @@ def backtest(
 def _decide(verb: str, proposal_id: str, reason: str, gateway: str | None, key: str | None) -> None:
     query = DECIDE.format(verb=verb, fields="id status policyVersion rationale")
     try:
-        p = asyncio.run(_client(gateway, key).call(query, {"id": proposal_id, "reason": reason}))[verb]
+        p = asyncio.run(connect(gateway, key).call(query, {"id": proposal_id, "reason": reason}))[verb]
     except GatewayError as exc:
-        _fail(exc)
-        return
+        fail(exc)
     version = f": policy version {p['policyVersion']}" if p.get("policyVersion") else ""
     typer.echo(f"proposal {p['id']} {p['status']}{version}")
 

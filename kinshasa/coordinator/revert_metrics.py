@@ -23,8 +23,9 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from sqlalchemy import ColumnElement, case, func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from kinshasa.coordinator.store import RunStatus, StepStatus, runs, steps
+from kinshasa.coordinator.store import StepStatus, runs, steps
 from kinshasa.kernel.metrics import CachedReading, ComponentMetrics
+from kinshasa.schemas.run_status import RunStatus
 
 REVERTS = "kinshasa_reverts"
 COMPENSATIONS = "kinshasa_compensations"

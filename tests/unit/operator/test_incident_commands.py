@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from kinshasa.coordinator.incidents_cli import incident_detail, incident_line, parse_settings
-from kinshasa.coordinator.operator import GatewayError
+from kinshasa.operator.gateway_client import GatewayError
+from kinshasa.operator.incident_commands import incident_detail, incident_line, parse_settings
 
 TRIP = {
     "id": "i-1", "kind": "TRIP", "runId": "run-1", "agentId": "agent-7", "entryPoint": "support",

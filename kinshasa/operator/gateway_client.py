@@ -1,11 +1,12 @@
-"""The operator's client: revert, list and inspect runs through the gateway's GraphQL with an operator key."""
+"""The operator's client of the gateway: GraphQL calls with an operator key, run selection, progress and the
+readable run lines. It talks to the gateway's public GraphQL alone, never to a component directly."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -13,14 +14,11 @@ from typing import Any
 
 import httpx
 
-# Run statuses after which a revert has nothing more to do.
-SETTLED = ("REVERTED", "REVERT_FAILED")
+from kinshasa.schemas.run_selection import MAX_SELECTED, RunSelection, SelectionError
+from kinshasa.schemas.run_status import REVERT_SETTLED, RunStatus
 
 RUN_FIELDS = """id agentId entryPoint purpose status startedAt finishedAt revertReason revertRequestedAt
   counts { held awaitingApproval published applied rejected compensated discarded }"""
-REVERT_RUN = f"""mutation($runId: ID!, $reason: String!) {{
-  revertRun(runId: $runId, reason: $reason) {{ {RUN_FIELDS} }}
-}}"""
 REVERT_RUNS = f"""mutation($selector: RunSelector!, $reason: String!) {{
   revertRuns(selector: $selector, reason: $reason) {{
     requested {{ {RUN_FIELDS} }}
@@ -114,15 +112,24 @@ class GatewayClient:
         result: dict[str, Any] = data
         return result
 
-    async def revert_run(self, run_id: str, reason: str) -> dict[str, Any]:
-        data = await self.call(REVERT_RUN, {"runId": run_id, "reason": reason})
-        result: dict[str, Any] = data["revertRun"]
-        return result
-
     async def revert_runs(self, selector: dict[str, Any], reason: str) -> dict[str, Any]:
+        """The operator's one way to revert (`revertRuns`): a single run is a selection of one id."""
         data = await self.call(REVERT_RUNS, {"selector": selector, "reason": reason})
         result: dict[str, Any] = data["revertRuns"]
         return result
+
+    async def pages(self, query: str, variables: dict[str, Any], field: str,
+                    limit: int) -> AsyncIterator[list[dict[str, Any]]]:
+        """The nodes of a paged connection (`first`/`after`), a page at a time, until `limit` nodes."""
+        shown, after = 0, None
+        while shown < limit:
+            paging = {"first": min(100, limit - shown), "after": after}
+            page = (await self.call(query, {**variables, **paging}))[field]
+            yield page["nodes"]
+            shown += len(page["nodes"])
+            if not page["pageInfo"]["hasNextPage"] or not page["nodes"]:
+                return
+            after = page["pageInfo"]["endCursor"]
 
     async def runs(self, filter: dict[str, Any], first: int, after: str | None = None) -> dict[str, Any]:
         data = await self.call(RUNS, {"filter": filter, "first": first, "after": after})
@@ -150,23 +157,25 @@ class GatewayClient:
         return result
 
 
+def selection(run_ids: Sequence[str], agent: str | None, entry_point: str | None, since: datetime | None,
+              until: datetime | None) -> RunSelection:
+    """The runs the CLI's options name, checked by the same rule the gateway applies (times without a
+    zone are UTC); at least one criterion is required."""
+    try:
+        return RunSelection(run_ids=tuple(run_ids) or None, agent_id=agent, entry_point=entry_point,
+                            started_after=since, started_before=until).checked()
+    except SelectionError as exc:
+        # The gateway's rule, in the words of the CLI's options.
+        words = {"empty": "say which runs: --run ID (repeatable), --agent, --entry-point, --since, --until",
+                 "after the end": "--since must be before --until",
+                 "too many": f"at most {MAX_SELECTED} --run ids per revert: revert them in parts"}
+        raise GatewayError(words.get(exc.reason, str(exc))) from exc
+
+
 def selector(run_ids: Sequence[str], agent: str | None, entry_point: str | None, since: datetime | None,
              until: datetime | None) -> dict[str, Any]:
-    """The GraphQL RunSelector for the CLI's options; at least one criterion is required."""
-    out: dict[str, Any] = {}
-    if run_ids:
-        out["runIds"] = list(run_ids)
-    if agent:
-        out["agentId"] = agent
-    if entry_point:
-        out["entryPoint"] = entry_point
-    if since:
-        out["startedAfter"] = since.isoformat()
-    if until:
-        out["startedBefore"] = until.isoformat()
-    if not out:
-        raise GatewayError("say which runs: --run ID (repeatable), --agent, --entry-point, --since, --until")
-    return out
+    """The GraphQL RunSelector for the CLI's options."""
+    return selection(run_ids, agent, entry_point, since, until).to_graphql()
 
 
 @dataclass(frozen=True)
@@ -192,15 +201,18 @@ async def watch(client: GatewayClient, run_ids: Sequence[str], on_progress: Call
         async with gate:
             latest[run_id] = await client.run_progress(run_id)
 
+    def settled(run_id: str) -> bool:
+        return latest.get(run_id, {}).get("status") in REVERT_SETTLED
+
     while True:
-        await asyncio.gather(*(one(r) for r in run_ids if latest.get(r, {}).get("status") not in SETTLED))
+        await asyncio.gather(*(one(r) for r in run_ids if not settled(r)))
         states = [latest[r] for r in run_ids if r in latest]
         on_progress(Progress(
-            runs=len(run_ids), settled=sum(1 for s in states if s["status"] in SETTLED),
-            failed=sum(1 for s in states if s["status"] == "REVERT_FAILED"),
+            runs=len(run_ids), settled=sum(1 for s in states if s["status"] in REVERT_SETTLED),
+            failed=sum(1 for s in states if s["status"] == RunStatus.REVERT_FAILED),
             applied=sum(int(s["counts"]["applied"]) for s in states),
             compensated=sum(int(s["counts"]["compensated"]) for s in states)))
-        if all(latest.get(r, {}).get("status") in SETTLED for r in run_ids) or time.monotonic() > deadline:
+        if all(settled(r) for r in run_ids) or time.monotonic() > deadline:
             return latest
         await asyncio.sleep(interval_s)
 

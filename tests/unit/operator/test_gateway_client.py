@@ -6,9 +6,17 @@ import json
 from datetime import UTC, datetime
 from pathlib import Path
 
+import httpx
 import pytest
 
-from kinshasa.coordinator.operator import GatewayError, operator_key, run_line, selector, timeline
+from kinshasa.operator.gateway_client import (
+    GatewayClient,
+    GatewayError,
+    operator_key,
+    run_line,
+    selector,
+    timeline,
+)
 
 RUN = {"id": "run-1", "agentId": "agent-7", "entryPoint": "chat", "purpose": "tidy docs",
        "status": "REVERTED", "startedAt": "2025-01-01T12:00:00+00:00", "finishedAt": None,
@@ -64,3 +72,28 @@ def test_operator_key_comes_from_the_option_or_the_dev_credentials(tmp_path: Pat
     (tmp_path / "credentials.json").write_text(json.dumps({"principals": [
         {"id": "a", "kind": "agent", "key": "agent-key"}, {"id": "o", "kind": "operator", "key": "op-key"}]}))
     assert operator_key(None, tmp_path) == "op-key"
+
+
+async def test_pages_follow_the_cursor_until_the_limit_or_the_last_page() -> None:
+    asked: list[tuple[object, object, object]] = []
+    total = 230
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        variables = json.loads(request.content)["variables"]
+        asked.append((variables["first"], variables["after"], variables.get("kind")))
+        start = int(variables["after"] or 0)
+        end = min(total, start + int(variables["first"]))
+        page = {"nodes": [{"id": i} for i in range(start, end)],
+                "pageInfo": {"hasNextPage": end < total, "endCursor": str(end)}}
+        return httpx.Response(200, json={"data": {"things": page}})
+
+    client = GatewayClient(url="http://gateway/graphql", key="k", transport=httpx.MockTransport(answer))
+
+    async def sizes(limit: int) -> list[int]:
+        return [len(nodes) async for nodes in client.pages("q", {"kind": "X"}, "things", limit)]
+
+    assert await sizes(1000) == [100, 100, 30]  # the last page says there is no next one
+    assert asked == [(100, None, "X"), (100, "100", "X"), (100, "200", "X")]
+    asked.clear()
+    assert await sizes(150) == [100, 50]  # the limit asks for no more than it shows
+    assert asked == [(100, None, "X"), (50, "100", "X")]
