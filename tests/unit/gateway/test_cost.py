@@ -9,7 +9,7 @@ from graphql import GraphQLSchema, parse
 
 from kinshasa.coordinator import operator
 from kinshasa.gateway.cost import CostWeights, calls_backend, estimate, size_variables
-from kinshasa.gateway.schema import build_schema
+from kinshasa.gateway.graphql import build_schema
 from kinshasa.gateway.settings import GatewayConfig
 from kinshasa.services.registry import example_catalogue, example_declarations
 from tests.e2e import api as e2e_api

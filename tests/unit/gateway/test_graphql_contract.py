@@ -9,7 +9,7 @@ from __future__ import annotations
 import difflib
 from pathlib import Path
 
-from kinshasa.gateway.schema import build_schema
+from kinshasa.gateway.graphql import build_schema
 from kinshasa.services.registry import example_catalogue, example_declarations
 
 GOLDEN = Path(__file__).with_name("schema.graphql")
