@@ -10,6 +10,7 @@ import difflib
 from pathlib import Path
 
 from kinshasa.gateway.graphql import build_schema
+from kinshasa.gateway.graphql.schema import static_type_names
 from kinshasa.services.registry import example_catalogue, example_declarations
 
 GOLDEN = Path(__file__).with_name("schema.graphql")
@@ -39,3 +40,17 @@ def test_dev_mode_does_not_change_the_contract() -> None:
 
 if __name__ == "__main__":
     GOLDEN.write_text(current_sdl())
+
+
+def test_the_names_read_model_types_may_not_take_are_the_schemas_own() -> None:
+    # A type generated from a service's read model is renamed when it would take one of these names.
+    assert static_type_names() == {
+        "Actor", "Alert", "AlertFailingStep", "AlertThreshold", "Approval", "ApprovalConnection",
+        "ApprovalEdge", "Breaker", "BreakerState", "CommandReceipt", "CommandStatus", "DlqComponent",
+        "DlqReprocessResult", "Entity", "EntityRef", "EntityVersion", "Incident", "IncidentConnection",
+        "IncidentKind", "JSON", "Long", "Me", "Mutation", "Operation", "OperationArgument",
+        "OperatorMutations", "PageInfo", "PolicyBacktest", "PolicyInput", "PolicyProposal", "PolicyScope",
+        "PolicySettings", "PolicyVersion", "PolicyView", "Query", "RevertProgress", "RevertRunsResult", "Run",
+        "RunActionResult", "RunConnection", "RunCounts", "RunEdge", "RunFilter", "RunSelector", "RunStatus",
+        "RunStep", "RunStepConnection", "RunStepEdge", "StepStatus", "Subscription",
+    }
