@@ -28,6 +28,7 @@ from kinshasa.gateway.context import GatewayContext, Services
 from kinshasa.gateway.domain_metrics import GatewayMetrics
 from kinshasa.gateway.durability import gateway_watcher, install_durability_tables
 from kinshasa.gateway.fairness import fairness_from
+from kinshasa.gateway.graphql import build_schema, operator_mutation_names
 from kinshasa.gateway.hardening import RequestGuard, error_body, schema_extensions
 from kinshasa.gateway.listener import GROUP, Listener, listened_topics
 from kinshasa.gateway.live import AlertFeed
@@ -36,7 +37,6 @@ from kinshasa.gateway.policy import PolicyBook
 from kinshasa.gateway.principals import Principal, PrincipalRegistry, load_registry
 from kinshasa.gateway.reads import Backends
 from kinshasa.gateway.releaser import Releaser
-from kinshasa.gateway.schema import build_schema, operator_mutation_names
 from kinshasa.gateway.service_book import ServiceBook
 from kinshasa.gateway.settings import GatewayConfig
 from kinshasa.gateway.store import install_gateway_tables

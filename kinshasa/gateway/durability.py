@@ -179,7 +179,7 @@ class OutboxComponent:
 
 
 async def outbox_status(info: strawberry.Info) -> list[OutboxComponent]:
-    """Resolver of `outboxStatus` (operators only: schema.py attaches the permission)."""
+    """Resolver of `outboxStatus` (operators only: gateway/graphql/queries.py attaches the permission)."""
     context: GatewayContext = info.context
     services = context.services
     settings = services.settings

@@ -1,4 +1,4 @@
-"""GraphQL types of incidents, policy backtests and proposals; the resolvers in schema.py stay thin.
+"""GraphQL types of incidents, policy backtests and proposals; the resolvers in gateway/graphql stay thin.
 
 Reached only through operator fields (`incidents`, `incident`, `backtestPolicy`, `acceptProposal`,
 `rejectProposal`), so these types carry no permission of their own.
@@ -22,9 +22,11 @@ from kinshasa.gateway.policy import PolicyScope
 from kinshasa.gateway.uow import transaction
 
 if TYPE_CHECKING:
-    from kinshasa.gateway.schema import PageInfo, PolicySettings
+    from kinshasa.gateway.graphql.operator_types import PolicySettings
+    from kinshasa.gateway.graphql.types import PageInfo
 
-_SCHEMA = "kinshasa.gateway.schema"
+_TYPES = "kinshasa.gateway.graphql.types"
+_OPERATOR_TYPES = "kinshasa.gateway.graphql.operator_types"
 # One proposal draft at a time per event loop (a gateway process has one; tests start several).
 _DRAFTING: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = (
     weakref.WeakKeyDictionary())
@@ -94,7 +96,7 @@ class PolicyProposal:
     id: strawberry.ID
     scope: PolicyScope
     subject: str
-    settings: Annotated["PolicySettings", strawberry.lazy(_SCHEMA)] = strawberry.field(  # noqa: UP037
+    settings: Annotated["PolicySettings", strawberry.lazy(_OPERATOR_TYPES)] = strawberry.field(  # noqa: UP037
         description="the fields it changes; accepting applies them to the layer, each the stricter value"
     )
     rationale: str
@@ -108,7 +110,7 @@ class PolicyProposal:
 
     @classmethod
     def of(cls, p: proposals_mod.Proposal) -> PolicyProposal:
-        from kinshasa.gateway.schema import PolicySettings
+        from kinshasa.gateway.graphql.operator_types import PolicySettings
 
         return cls(
             id=strawberry.ID(p.proposal_id),
@@ -216,11 +218,11 @@ class IncidentEdge:
 class IncidentConnection:
     edges: list[IncidentEdge]
     nodes: list[Incident]
-    page_info: Annotated["PageInfo", strawberry.lazy(_SCHEMA)]  # noqa: UP037
+    page_info: Annotated["PageInfo", strawberry.lazy(_TYPES)]  # noqa: UP037
 
 
 def connection(found: list[incidents_mod.Incident], more: bool) -> IncidentConnection:
-    from kinshasa.gateway.schema import PageInfo
+    from kinshasa.gateway.graphql.types import PageInfo
 
     edges = [IncidentEdge(cursor=incidents_mod.encode_cursor(i), node=Incident.of(i)) for i in found]
     return IncidentConnection(

@@ -10,10 +10,10 @@ from pathlib import Path
 
 from kinshasa.gateway import store
 from kinshasa.gateway.breaker import check_write
+from kinshasa.gateway.graphql import Long, build_schema
 from kinshasa.gateway.policy import BUILTIN, Layer, PolicyDocument, resolve
 from kinshasa.gateway.principals import PrincipalRegistry, hash_key, load_registry
 from kinshasa.gateway.runs import RunRecord
-from kinshasa.gateway.schema import Long, build_schema
 from kinshasa.services.registry import example_catalogue
 
 CATALOGUE = example_catalogue()

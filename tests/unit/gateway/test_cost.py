@@ -8,7 +8,7 @@ import pytest
 from graphql import GraphQLSchema, parse
 
 from kinshasa.gateway.cost import CostWeights, calls_backend, estimate, size_variables
-from kinshasa.gateway.schema import build_schema
+from kinshasa.gateway.graphql import build_schema
 from kinshasa.gateway.settings import GatewayConfig
 from kinshasa.operator import gateway_client as operator
 from kinshasa.services.registry import example_catalogue, example_declarations
