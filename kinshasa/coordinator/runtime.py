@@ -42,6 +42,7 @@ from kinshasa.coordinator.handlers import LedgerHandler
 from kinshasa.coordinator.ledger import Ledger
 from kinshasa.coordinator.models import RevertPolicy, RevertRequest
 from kinshasa.coordinator.projector import RevertTrigger
+from kinshasa.coordinator.receipt_sources import ledger_sources
 from kinshasa.coordinator.starter import start_revert
 from kinshasa.coordinator.store import install_ledger
 from kinshasa.coordinator.sweeper import RevertSweeper
@@ -65,6 +66,7 @@ from kinshasa.kernel.housekeeping import Housekeeper, housekeeping_policy
 from kinshasa.kernel.install import install_kernel_tables
 from kinshasa.kernel.metrics import ComponentMetrics
 from kinshasa.kernel.outbox import OutboxStatus
+from kinshasa.kernel.receipts import ChainVerifier, open_chain
 from kinshasa.kernel.relay import OutboxRelay
 from kinshasa.kernel.supervisor import NEVER_RESTART, RestartPolicy, Supervisor
 from kinshasa.settings import CoordinatorSettings, StackSettings
@@ -140,6 +142,7 @@ class CoordinatorRuntime:
         try:
             await verify_topics(COMPONENT, self.stack, self.topics.specs())
             await install_kernel_tables(engine)
+            await open_chain(engine, COMPONENT)
             await install_ledger(engine)
             await self._run_with(engine, stop)
         finally:
@@ -282,7 +285,8 @@ class CoordinatorRuntime:
         app.include_router(ledger_router(ledger, client=client))
         # The kernel's admin endpoints (/healthz, /admin/dlq, /metrics) answer what the ledger API does not.
         app.mount("/", admin_app(COMPONENT, token=token, dlq_api=dlq, metrics=self.metrics,
-                                 health_checks=checks, outbox=outbox))
+                                 health_checks=checks, outbox=outbox,
+                                 receipts=ChainVerifier(outbox.engine, COMPONENT, ledger_sources)))
         return app
 
     async def _wait_started(self, server: QuietServer, task: asyncio.Task[Any]) -> None:
