@@ -57,6 +57,7 @@ from kinshasa.gateway.incident_types import (
     PolicyProposal,
     connection,
 )
+from kinshasa.gateway.receipts_view import ReceiptChainReport, receipt_chain_query
 from kinshasa.gateway.uow import transaction
 from kinshasa.kernel.logs import log_context
 from kinshasa.schemas.declaration import ServiceDeclaration
@@ -1153,6 +1154,13 @@ class Query:
         resolver=durability.outbox_status,
         permission_classes=OPERATOR,
         description="Each component's outbox backlog and dead letters; one that does not answer says why.",
+        metadata=CALLS_BACKEND,
+    )
+
+    receipts: ReceiptChainReport = strawberry.field(
+        resolver=receipt_chain_query,
+        permission_classes=OPERATOR,
+        description="A component's receipt chain (gateway, coordinator or a service), verified now.",
         metadata=CALLS_BACKEND,
     )
 
