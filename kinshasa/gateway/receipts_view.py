@@ -123,8 +123,9 @@ async def receipt_chain_report(component: str, *, connect: Connect, backends: Ba
 
 
 @strawberry.type(description="One component's receipt chain as verified now: every emission it made leaves "
-                             "a hash-chained receipt; `problems` names each gap, broken link, altered "
-                             "receipt and emission without a receipt or receipt without a source.")
+                             "a hash-chained receipt; `problems` names each missing, unchained or "
+                             "altered receipt, each emission without a receipt and each receipt "
+                             "without a source.")
 class ReceiptChainReport:
     component: str
     length: int = strawberry.field(description="receipts in the chain")
