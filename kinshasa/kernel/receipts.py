@@ -12,7 +12,7 @@ source tuple, the message id and the payload digest, in one canonical encoding (
 longer matches its own hash (bad hash). Removing the newest receipts is not detectable from the
 chain alone; anchor the head hash elsewhere (an alert, a log line) if that matters.
 
-A component that keeps a chain opens it when it starts (`ReceiptChain.open`: a seq-0 genesis row), so
+A component that keeps a chain opens it when it starts (`ReceiptChain.open`: its `receipt_chains` row), so
 "keeps a chain but has emitted nothing yet" (length 0, fine) is told apart from "keeps none" (refused by
 `verify_chain`, never reported as a valid empty chain). `verify_chain` also checks the chain's source
 linkage: every message in the component's outbox has its receipt, with the same payload digest, and
@@ -53,9 +53,6 @@ _VERIFY_BATCH = 1000
 
 SourcePart = str | int
 Source = tuple[SourcePart, ...]
-# The genesis row's seq and stored source: `[]` is a source no append can write (it refuses an empty one).
-GENESIS_SEQ = 0
-_GENESIS_SOURCE = "[]"
 
 receipts = Table(
     "receipts",
@@ -72,6 +69,17 @@ receipts = Table(
     Column("created_at", DateTime(timezone=True), nullable=False),
     PrimaryKeyConstraint("component", "seq", name="pk_receipts"),
     UniqueConstraint("component", "source", name="uq_receipts_component_source"),
+)
+
+
+# Which components keep a chain in this database, from their first start on: what tells "keeps a chain
+# and has emitted nothing yet" from "keeps none". The receipts table holds receipts only.
+receipt_chains = Table(
+    "receipt_chains",
+    kernel_metadata,
+    Column("component", String(64), nullable=False),
+    Column("opened_at", DateTime(timezone=True), nullable=False),
+    PrimaryKeyConstraint("component", name="pk_receipt_chains"),
 )
 
 
@@ -315,33 +323,28 @@ class ReceiptChain:
         return await self._by_source(conn, encode_source(_check_source(source)))
 
     async def head(self, conn: AsyncConnection) -> Receipt | None:
-        row = (await conn.execute(select(receipts).where(receipts.c.component == self.component,
-                                                         receipts.c.seq > GENESIS_SEQ)
+        row = (await conn.execute(select(receipts).where(receipts.c.component == self.component)
                                   .order_by(receipts.c.seq.desc()).limit(1))).first()
         return _row_to_receipt(row) if row is not None else None
 
     async def open(self, conn: AsyncConnection) -> None:
-        """Declare, inside the caller's transaction, that this component keeps a chain; safe to repeat.
-
-        Writes the seq-0 genesis row once. Its hash is the genesis hash the first receipt links to, so
-        appending and verifying are the same with or without it (chains kept before it existed too).
-        """
+        """Declare, inside the caller's transaction, that this component keeps a chain; safe to repeat."""
         await self._lock(conn)
-        if await self.kept(conn):
-            return
-        await conn.execute(insert(receipts).values(
-            component=self.component, seq=GENESIS_SEQ, source=_GENESIS_SOURCE, message_id="",
-            payload_digest=GENESIS_HASH, prev_hash=GENESIS_HASH, hash=GENESIS_HASH,
-            created_at=datetime.now(UTC)))
+        opened = await conn.scalar(select(receipt_chains.c.component).where(
+            receipt_chains.c.component == self.component))
+        if opened is None:
+            await conn.execute(insert(receipt_chains).values(component=self.component,
+                                                             opened_at=datetime.now(UTC)))
 
     async def kept(self, conn: AsyncConnection) -> bool:
-        """True when this database keeps this component's chain: it was opened, or has receipts."""
-        has_table = await conn.run_sync(lambda sync: inspect(sync).has_table(receipts.name))
-        if not has_table:
-            return False
-        found = await conn.scalar(select(receipts.c.seq).where(receipts.c.component == self.component)
-                                  .limit(1))
-        return found is not None
+        """True when this database keeps this component's chain: it was opened, or holds its receipts
+        (a chain kept before chains were opened)."""
+        tables = await conn.run_sync(lambda sync: set(inspect(sync).get_table_names()))
+        if receipt_chains.name in tables and await conn.scalar(select(receipt_chains.c.component).where(
+                receipt_chains.c.component == self.component)) is not None:
+            return True
+        return receipts.name in tables and await conn.scalar(select(receipts.c.seq).where(
+            receipts.c.component == self.component).limit(1)) is not None
 
     async def verify(self, conn: AsyncConnection) -> VerifyReport:
         """Walk the whole chain in seq order, in batches, and report every problem by seq."""
