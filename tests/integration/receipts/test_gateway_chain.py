@@ -195,3 +195,26 @@ async def test_the_query_is_for_operators_and_names_unknown_or_silent_components
                                key=OPERATOR_KEY)
         assert silent["extensions"]["code"] == "BACKEND_UNAVAILABLE"
         assert "coordinator" in silent["message"] and "127.0.0.1" not in str(silent)
+
+
+async def test_a_revert_request_and_its_discards_leave_receipts_too(
+    database_url: str, kafka: Any, tmp_path: Path, examples_catalogue: str
+) -> None:
+    async with running_gateway(database_url, kafka.bootstrap, tmp_path, examples_catalogue) as harness:
+        c = harness.client
+        await c.set_policy({"quarantineWindowS": 300})
+        run_id = await c.start_run()
+        await c.data(CREATE, {"r": run_id, "t": "held", "k": None}, AGENT_KEY)
+        await c.data(f'mutation {{ revertRun(runId: "{run_id}", reason: "rogue") {{ id }} }}',
+                     key=OPERATOR_KEY)
+
+        sent = await _outbox(harness)
+        chain = {r.message_id: decode_source(r.source) for r in await _chain(harness)}
+        # Every message the gateway put in its outbox has its receipt: the run's start, the discard of
+        # its held command and the revert request, each named by its topic and run.
+        assert set(sent) <= set(chain)
+        facts = [s for s in chain.values() if s[0] == "kinshasa.runs" and s[1] == run_id]
+        assert len(facts) >= 3, facts
+        assert await _command_receipts(harness, run_id) == [], "a discarded command never left"
+        result = await kinshasa_cli("receipts", "verify", "-c", "gateway", "--database-url", database_url)
+        assert result.code == 0, result.output
