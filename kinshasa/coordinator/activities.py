@@ -28,10 +28,12 @@ from kinshasa.coordinator.models import (
     RevertOutcome,
 )
 from kinshasa.coordinator.ordering import CompensationPlan, PlannedStep
+from kinshasa.coordinator.receipt_sources import RECEIPTS, compensate_source, emission_source
 from kinshasa.coordinator.run_ledger import ClaimedStep, Ledger
 from kinshasa.coordinator.store import StepStatus
 from kinshasa.coordinator.topic_names import CoordinatorTopics
 from kinshasa.kernel import tracing
+from kinshasa.kernel.receipts import payload_digest
 from kinshasa.kernel.unit_of_work import UnitOfWork
 from kinshasa.schemas.clock import utcnow
 from kinshasa.schemas.envelope import (
@@ -183,9 +185,14 @@ class RevertActivities:
             now = utcnow()
             async with UnitOfWork(self.engine, on_commit=self.on_emit) as uow:
                 claimed = await self.ledger.claim(uow.conn, run_id, chunk, pass_token, now)
+                receipts = []
                 for step in claimed:
-                    uow.emit(self.topics.commands(step.service),
-                             compensate_command(run_id, step, causation, now))
+                    command = compensate_command(run_id, step, causation, now)
+                    wire = uow.emit(self.topics.commands(step.service), command)
+                    receipts.append((compensate_source(run_id, step), str(command.message_id),
+                                     payload_digest(wire)))
+                # Each compensation's receipt commits with its outbox row, in one statement per chunk.
+                await RECEIPTS.append_many(uow.conn, receipts)
                 await uow.commit()
             got = {c.step_id for c in claimed}
             plan.drop(s for s in chunk if s not in got)
@@ -223,6 +230,9 @@ class RevertActivities:
             uow.emit(self.topics.runs, Envelope(
                 message_id=message_id, type=kind.type, run_id=params.run_id, actor=COORDINATOR_ACTOR,
                 correlation_id=params.run_id, occurred_at=now, payload=payload))
+            await RECEIPTS.append_many(uow.conn, [
+                (emission_source(m.topic, params.run_id, m.message_id), str(m.message_id),
+                 payload_digest(m.value)) for m in uow.pending_messages])
             await uow.commit()
         return RevertOutcome(
             run_id=params.run_id, status="REVERTED" if ok else "REVERT_FAILED",

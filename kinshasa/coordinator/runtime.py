@@ -41,6 +41,7 @@ from kinshasa.coordinator.api import install_error_handlers, ledger_router
 from kinshasa.coordinator.handlers import LedgerHandler
 from kinshasa.coordinator.models import RevertPolicy, RevertRequest
 from kinshasa.coordinator.projector import RevertTrigger
+from kinshasa.coordinator.receipt_sources import ledger_sources
 from kinshasa.coordinator.revert_metrics import CoordinatorMetrics
 from kinshasa.coordinator.run_ledger import Ledger
 from kinshasa.coordinator.starter import start_revert
@@ -66,6 +67,7 @@ from kinshasa.kernel.dlq import DeadLetterPolicy, DeadLetterQueue
 from kinshasa.kernel.housekeeping import Housekeeper, housekeeping_policy
 from kinshasa.kernel.metrics import ComponentMetrics
 from kinshasa.kernel.outbox import OutboxStatus
+from kinshasa.kernel.receipts import ChainVerifier, open_chain
 from kinshasa.kernel.relay import OutboxRelay
 from kinshasa.kernel.supervisor import NEVER_RESTART, RestartPolicy, Supervisor
 from kinshasa.migrations.install import install_kernel_tables
@@ -144,6 +146,7 @@ class CoordinatorRuntime:
         try:
             await verify_topics(COMPONENT, self.stack, self.topics.specs())
             await install_kernel_tables(engine)
+            await open_chain(engine, COMPONENT)
             await install_ledger(engine)
             await self._run_with(engine, stop)
         finally:
@@ -286,7 +289,8 @@ class CoordinatorRuntime:
         app.include_router(ledger_router(ledger, client=client))
         # The kernel's admin endpoints (/healthz, /admin/dlq, /metrics) answer what the ledger API does not.
         app.mount("/", admin_app(COMPONENT, token=token, dlq_api=dlq, metrics=self.metrics,
-                                 health_checks=checks, outbox=outbox))
+                                 health_checks=checks, outbox=outbox,
+                                 receipts=ChainVerifier(outbox.engine, COMPONENT, ledger_sources)))
         return app
 
     async def _wait_started(self, server: QuietServer, task: asyncio.Task[Any]) -> None:

@@ -36,6 +36,7 @@ from kinshasa.gateway.loaders import DatabaseReads, Pacer
 from kinshasa.gateway.policy import PolicyBook
 from kinshasa.gateway.principals import Principal, PrincipalRegistry, load_registry
 from kinshasa.gateway.reads import Backends
+from kinshasa.gateway.receipts_view import gateway_sources
 from kinshasa.gateway.releaser import Releaser
 from kinshasa.gateway.service_book import ServiceBook
 from kinshasa.gateway.settings import GatewayConfig
@@ -48,6 +49,7 @@ from kinshasa.kernel.dlq import DeadLetterQueue, OutboxDeadLetters, SqlDeadLette
 from kinshasa.kernel.housekeeping import Housekeeper, housekeeping_policy
 from kinshasa.kernel.metrics import ComponentMetrics
 from kinshasa.kernel.outbox import OutboxStatus
+from kinshasa.kernel.receipts import ChainVerifier, open_chain
 from kinshasa.kernel.relay import OutboxRelay
 from kinshasa.kernel.supervisor import GaveUp, RestartPolicy, Supervisor
 from kinshasa.mcp.http import McpEndpoint, McpRoute
@@ -195,6 +197,7 @@ class Gateway:
 
     async def install(self) -> None:
         await install_kernel_tables(self.engine)
+        await open_chain(self.engine, COMPONENT)
         await install_gateway_tables(self.engine)
         await install_durability_tables(self.engine)
 
@@ -421,7 +424,8 @@ def create_app(gateway: Gateway, manage_lifecycle: bool = True) -> FastAPI:
     )
     checks = {"database": database_check(gateway.engine), **gateway.supervisor.health_checks(gateway.roles())}
     admin = admin_app(COMPONENT, token=gateway.internal_token, dlq_api=gateway.dlq, metrics=gateway.metrics,
-                      outbox=OutboxStatus(gateway.engine), health_checks=checks)
+                      outbox=OutboxStatus(gateway.engine), health_checks=checks,
+                      receipts=ChainVerifier(gateway.engine, COMPONENT, gateway_sources))
     # The operator's console: static files that speak only to /graphql (kinshasa/gateway/console/).
     app.add_api_route("/console", lambda: RedirectResponse("/console/"), include_in_schema=False)
     app.mount("/console", StaticFiles(directory=CONSOLE_DIR, html=True), name="console")

@@ -246,6 +246,12 @@ class Backends:
             timeout_s=timeout_s,
         )
 
+    async def receipts(self, component: str, timeout_s: float | None = None) -> Any:
+        """The component's `GET /admin/receipts/verify`; None when it keeps no receipt chain (404)."""
+        url = self._admin(component)
+        return await self._get(component, f"{url}/admin/receipts/verify",
+                               headers={"Authorization": f"Bearer {self._token}"}, timeout_s=timeout_s)
+
     async def dlq_all(
         self, limit: int, timeout_s: float | None = None, only: str | None = None
     ) -> list[dict[str, Any]]:

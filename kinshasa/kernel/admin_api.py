@@ -9,6 +9,9 @@ Routes:
   outbox rows not yet published, the age of the oldest of them (null when none), the rows whose
   publish attempts ran out, and the DLQ's size. The gateway aggregates it (`outboxStatus`) and alerts
   on it (`dlq_threshold`).
+* `GET /admin/receipts/verify` - same token: `{component, length, verified, problems, ...}`, the
+  component's receipt chain walked and its source linkage checked (`kinshasa.kernel.receipts`); 404
+  NO_RECEIPT_CHAIN when it keeps none. The gateway asks it for the operator query `receipts`.
 * `GET /metrics` - needs the same bearer token. Metrics name topics, groups and DLQ sizes, and the
   admin port may be reachable beyond loopback in a deployment, so they are not served openly.
   Prometheus sends the token with a scrape config like::
@@ -45,7 +48,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from kinshasa.kernel.dlq import INSPECT_MAX, DlqError, ReprocessOutcome
 from kinshasa.kernel.metrics import CONTENT_TYPE, ComponentMetrics
-from kinshasa.kernel.outbox import OutboxBacklog
+from kinshasa.kernel.outbox import OutboxBacklog, OutboxStatus
+from kinshasa.kernel.receipts import ChainReport, ChainVerifier, NoChainError
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +81,12 @@ class OutboxStatusApi(Protocol):
     """The component's outbox numbers (`kinshasa.kernel.outbox.OutboxStatus` implements it)."""
 
     async def backlog(self) -> OutboxBacklog: ...
+
+
+class ReceiptsApi(Protocol):
+    """The component's receipt chain check (`kinshasa.kernel.receipts.ChainVerifier` implements it)."""
+
+    async def verify(self) -> ChainReport: ...
 
 
 class AdminError(Exception):
@@ -139,11 +149,15 @@ async def _run_check(check: HealthCheck) -> str | None:
 
 def admin_app(component: str, *, token: str, dlq_api: DlqApi, metrics: ComponentMetrics,
               health_checks: Mapping[str, HealthCheck] | None = None,
-              outbox: OutboxStatusApi | None = None) -> FastAPI:
+              outbox: OutboxStatusApi | None = None, receipts: ReceiptsApi | None = None) -> FastAPI:
     """The admin FastAPI app of one component; mount or serve it on the component's admin port.
 
     Without `outbox`, `GET /admin/outbox` answers 404 NO_OUTBOX (every Kinshasa component has one).
+    Without `receipts`, the chain is checked in the outbox's database, with no component-specific
+    source check: a component's receipts commit with its outbox rows, so they live side by side.
     """
+    if receipts is None and isinstance(outbox, OutboxStatus):
+        receipts = ChainVerifier(outbox.engine, component)
     if not token or not token.strip():
         raise ValueError("the admin token is empty: pass load_or_create_internal_token(data_dir) or a "
                          "configured internal token")
@@ -197,6 +211,15 @@ def admin_app(component: str, *, token: str, dlq_api: DlqApi, metrics: Component
         return {"component": component, "pending": backlog.pending,
                 "oldest_pending_age_s": backlog.oldest_age_s, "dead": backlog.dead,
                 "dlq_count": await dlq_api.dlq_count()}
+
+    @app.get("/admin/receipts/verify", dependencies=protected)
+    async def receipts_verify() -> dict[str, Any]:
+        try:
+            if receipts is None:
+                raise NoChainError(f"{component} serves no receipt check")
+            return (await receipts.verify()).to_json()
+        except NoChainError as exc:
+            raise AdminError(404, "NO_RECEIPT_CHAIN", str(exc)) from exc
 
     @app.get("/metrics", dependencies=protected)
     async def prometheus() -> Response:

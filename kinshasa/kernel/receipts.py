@@ -11,13 +11,19 @@ source tuple, the message id and the payload digest, in one canonical encoding (
 `prev_hash` does not match its predecessor's hash (broken link) and every receipt whose content no
 longer matches its own hash (bad hash). Removing the newest receipts is not detectable from the
 chain alone; anchor the head hash elsewhere (an alert, a log line) if that matters.
+
+A component that keeps a chain opens it when it starts (`ReceiptChain.open`: its `receipt_chains` row), so
+"keeps a chain but has emitted nothing yet" (length 0, fine) is told apart from "keeps none" (refused by
+`verify_chain`, never reported as a valid empty chain). `verify_chain` also checks the chain's source
+linkage: every message in the component's outbox has its receipt, with the same payload digest, and
+(through the component's own `SourceCheck`) every receipt's source still exists.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -31,12 +37,16 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    func,
     insert,
+    inspect,
     select,
     text,
+    union_all,
 )
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from kinshasa.kernel.outbox import outbox
 from kinshasa.kernel.tables import kernel_metadata
 
 GENESIS_HASH = "0" * 64
@@ -61,6 +71,17 @@ receipts = Table(
     Column("created_at", DateTime(timezone=True), nullable=False),
     PrimaryKeyConstraint("component", "seq", name="pk_receipts"),
     UniqueConstraint("component", "source", name="uq_receipts_component_source"),
+)
+
+
+# Which components keep a chain in this database, from their first start on: what tells "keeps a chain
+# and has emitted nothing yet" from "keeps none". The receipts table holds receipts only.
+receipt_chains = Table(
+    "receipt_chains",
+    kernel_metadata,
+    Column("component", String(64), nullable=False),
+    Column("opened_at", DateTime(timezone=True), nullable=False),
+    PrimaryKeyConstraint("component", name="pk_receipt_chains"),
 )
 
 
@@ -253,16 +274,22 @@ class ReceiptChain:
         await self._lock(conn)
         known: dict[str, Receipt] = {}
         encoded = list(dict.fromkeys(e for _, e, _, _ in checked))
+        wanted = set(encoded)
+        # The first lookup also reads the chain's head (the row with the highest seq): one round trip
+        # fewer for every transaction, most of which append a handful of receipts. A UNION ALL, not an
+        # OR: each half is then an index search (SQLite would scan the component's whole chain for OR).
+        ours = receipts.c.component == self.component
+        head = select(receipts).where(ours, receipts.c.seq == select(func.max(receipts.c.seq))
+                                      .where(ours).scalar_subquery())
+        seq, prev_hash = 0, GENESIS_HASH
         for start in range(0, len(encoded), _LOOKUP_CHUNK):
-            rows = (await conn.execute(select(receipts).where(
-                receipts.c.component == self.component,
-                receipts.c.source.in_(encoded[start:start + _LOOKUP_CHUNK])))).all()
-            known.update((row.source, _row_to_receipt(row)) for row in rows)
-        head = (await conn.execute(
-            select(receipts.c.seq, receipts.c.hash)
-            .where(receipts.c.component == self.component)
-            .order_by(receipts.c.seq.desc()).limit(1))).first()
-        seq, prev_hash = (head.seq, head.hash) if head is not None else (0, GENESIS_HASH)
+            lookup = select(receipts).where(ours, receipts.c.source.in_(encoded[start:start + _LOOKUP_CHUNK]))
+            rows = (await conn.execute(union_all(lookup, head) if start == 0 else lookup)).all()
+            for row in rows:
+                if row.source in wanted:
+                    known[row.source] = _row_to_receipt(row)
+                if row.seq > seq:
+                    seq, prev_hash = row.seq, row.hash
         result, new_rows = [], []
         now = datetime.now(UTC)
         for parts, enc, message_id, digest in checked:
@@ -308,6 +335,25 @@ class ReceiptChain:
                                   .order_by(receipts.c.seq.desc()).limit(1))).first()
         return _row_to_receipt(row) if row is not None else None
 
+    async def open(self, conn: AsyncConnection) -> None:
+        """Declare, inside the caller's transaction, that this component keeps a chain; safe to repeat."""
+        await self._lock(conn)
+        opened = await conn.scalar(select(receipt_chains.c.component).where(
+            receipt_chains.c.component == self.component))
+        if opened is None:
+            await conn.execute(insert(receipt_chains).values(component=self.component,
+                                                             opened_at=datetime.now(UTC)))
+
+    async def kept(self, conn: AsyncConnection) -> bool:
+        """True when this database keeps this component's chain: it was opened, or holds its receipts
+        (a chain kept before chains were opened)."""
+        tables = await conn.run_sync(lambda sync: set(inspect(sync).get_table_names()))
+        if receipt_chains.name in tables and await conn.scalar(select(receipt_chains.c.component).where(
+                receipt_chains.c.component == self.component)) is not None:
+            return True
+        return receipts.name in tables and await conn.scalar(select(receipts.c.seq).where(
+            receipts.c.component == self.component).limit(1)) is not None
+
     async def verify(self, conn: AsyncConnection) -> VerifyReport:
         """Walk the whole chain in seq order, in batches, and report every problem by seq."""
         checker = ChainChecker()
@@ -321,3 +367,117 @@ class ReceiptChain:
             if len(rows) < _VERIFY_BATCH:
                 return checker.report()
             after = rows[-1].seq
+
+
+async def open_chain(engine: AsyncEngine, component: str) -> None:
+    """At a component's start, after the kernel tables exist: it keeps a chain from now on."""
+    async with engine.begin() as conn:
+        await ReceiptChain(component).open(conn)
+
+
+# --- verifying a component's whole chain: the chain itself and its source linkage ---------------------
+
+SourceCheck = Callable[[AsyncConnection, Sequence[Receipt]], Awaitable[list[str]]]
+"""A component's check that the sources its receipts name still exist: one problem line per receipt
+whose source is gone, for a batch of receipts (called once per verify batch, so it can look them up in
+bulk)."""
+
+
+class NoChainError(Exception):
+    """The component keeps no receipt chain in this database: there is nothing to call valid."""
+
+
+@dataclass(frozen=True)
+class ChainReport:
+    """What `kinshasa receipts verify` and the `receipts` operator query say about one component."""
+
+    component: str
+    length: int
+    verified: bool
+    problems: list[str]
+    head_seq: int = 0
+    head_hash: str = GENESIS_HASH
+
+    def to_json(self) -> dict[str, Any]:
+        return {"component": self.component, "length": self.length, "verified": self.verified,
+                "problems": list(self.problems), "head_seq": self.head_seq, "head_hash": self.head_hash}
+
+
+def no_chain_message(component: str) -> str:
+    return (f"{component} keeps no receipt chain in this database (it never opened one): its emissions "
+            "leave no trace to verify; start the component once with this version, or check that this "
+            "is its database")
+
+
+async def _outbox_digests(conn: AsyncConnection) -> dict[str, tuple[str, str]]:
+    """message id -> (topic, digest of the bytes it publishes), for every row still in the outbox."""
+    has_table = await conn.run_sync(lambda sync: inspect(sync).has_table(outbox.name))
+    if not has_table:
+        return {}
+    found: dict[str, tuple[str, str]] = {}
+    after = 0
+    while True:
+        rows = (await conn.execute(
+            select(outbox.c.seq, outbox.c.message_id, outbox.c.topic, outbox.c.value)
+            .where(outbox.c.seq > after).order_by(outbox.c.seq).limit(_VERIFY_BATCH))).all()
+        for row in rows:
+            found[str(row.message_id)] = (row.topic, payload_digest(bytes(row.value)))
+        if len(rows) < _VERIFY_BATCH:
+            return found
+        after = rows[-1].seq
+
+
+async def verify_chain(conn: AsyncConnection, component: str,
+                       sources: SourceCheck | None = None) -> ChainReport:
+    """Walk the component's chain and check its linkage; raises NoChainError when it keeps none.
+
+    Problems, in this order: the chain's own (gap, broken link, bad hash, by seq), then each outbox
+    message without a receipt or whose bytes differ from what its receipt recorded, then each receipt
+    whose source `sources` no longer finds. The outbox is read before the chain: a receipt commits with
+    its outbox row, so every row read already has its receipt by the time the chain is walked. Outbox
+    rows are pruned after publishing, so only the recent emissions are checked that way; `sources`
+    checks every receipt against the component's own lasting records.
+    """
+    chain = ReceiptChain(component)
+    if not await chain.kept(conn):
+        raise NoChainError(no_chain_message(component))
+    emitted = await _outbox_digests(conn)
+    checker = ChainChecker()
+    linkage: list[str] = []
+    source_problems: list[str] = []
+    after = 0
+    while True:
+        rows = (await conn.execute(
+            select(receipts).where(receipts.c.component == component, receipts.c.seq > after)
+            .order_by(receipts.c.seq).limit(_VERIFY_BATCH))).all()
+        batch = [_row_to_receipt(row) for row in rows]
+        for receipt in batch:
+            checker.feed(receipt)
+            sent = emitted.pop(receipt.message_id, None)
+            if sent is not None and sent[1] != receipt.payload_digest:
+                linkage.append(f"altered emission: outbox message {receipt.message_id} ({sent[0]}) "
+                               f"does not match the payload digest of receipt seq {receipt.seq}")
+        if sources is not None and batch:
+            source_problems += await sources(conn, batch)
+        if len(rows) < _VERIFY_BATCH:
+            break
+        after = rows[-1].seq
+    linkage += [f"missing receipt: outbox message {message_id} ({topic}) has no receipt in the "
+                f"{component} chain" for message_id, (topic, _) in emitted.items()]
+    walked = checker.report()
+    problems = walked.problems() + linkage + source_problems
+    return ChainReport(component=component, length=walked.checked, verified=not problems,
+                       problems=problems, head_seq=walked.head_seq, head_hash=walked.head_hash)
+
+
+class ChainVerifier:
+    """A component's chain verification on its own engine, as its admin endpoint serves it."""
+
+    def __init__(self, engine: AsyncEngine, component: str, sources: SourceCheck | None = None) -> None:
+        self.engine = engine
+        self.component = component
+        self.sources = sources
+
+    async def verify(self) -> ChainReport:
+        async with self.engine.connect() as conn:
+            return await verify_chain(conn, self.component, self.sources)

@@ -1,16 +1,16 @@
-"""`kinshasa receipts`: operator commands over a component's receipt chain (verify it, name every break)."""
+"""`kinshasa receipts`: operator commands over the components' receipt chains (verify, name every break)."""
 
 from __future__ import annotations
 
 import asyncio
+import importlib
 from pathlib import Path
 
 import typer
-from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.engine import make_url
 
 from kinshasa.kernel.database import DatabaseUrlError, create_engine, normalise_url
-from kinshasa.kernel.receipts import ReceiptChain, VerifyReport
+from kinshasa.kernel.receipts import ChainReport, NoChainError, SourceCheck, verify_chain
 from kinshasa.settings import (
     SERVICE_NAMES,
     ComponentSettings,
@@ -71,42 +71,82 @@ def check_database_url(component: str, database_url: str) -> str:
     return url
 
 
-async def verify_component(component: str, url: str) -> VerifyReport:
+# Each component's check that its receipts' sources still exist, imported only when that component is
+# verified (the kernel does not depend on the gateway or the coordinator). Services have none yet: their
+# receipts are checked against their outbox.
+SOURCE_CHECKS = {
+    "gateway": "kinshasa.gateway.receipts_view:gateway_sources",
+    "coordinator": "kinshasa.coordinator.receipt_sources:ledger_sources",
+}
+
+
+def source_check(component: str) -> SourceCheck | None:
+    where = SOURCE_CHECKS.get(component)
+    if where is None:
+        return None
+    module, _, name = where.partition(":")
+    check: SourceCheck = getattr(importlib.import_module(module), name)
+    return check
+
+
+async def verify_component(component: str, url: str) -> ChainReport:
+    """The component's chain walked and linked; ReceiptsCliError when its database keeps no chain."""
     engine = create_engine(url)
     try:
         async with engine.connect() as conn:
-            has_table = await conn.run_sync(lambda sync: sa_inspect(sync).has_table("receipts"))
-            if not has_table:
-                raise ReceiptsCliError(
-                    f"the database for {component} has no receipts table: it is not a Kinshasa "
-                    "component store, or the component has never started; check --database-url")
-            return await ReceiptChain(component).verify(conn)
+            return await verify_chain(conn, component, source_check(component))
+    except NoChainError as exc:
+        raise ReceiptsCliError(str(exc)) from exc
     finally:
         await engine.dispose()
 
 
-@app.command("verify")
-def verify(
-    component: str = typer.Option(..., "--component", "-c",
-                                  help=f"Whose chain to check: {', '.join(COMPONENTS)}."),
-    database_url: str | None = typer.Option(
-        None, "--database-url",
-        help="The component's database; default: from its settings (env) or the data dir's SQLite file."),
-) -> None:
-    """Walk the component's receipt chain; exit 1 naming each gap, broken link or altered receipt."""
+def _verify_one(component: str, database_url: str | None) -> int:
+    """Check one component and print what was found; returns 0 (intact), 1 (problems) or 2 (refused)."""
     try:
         url = check_database_url(component, resolve_database_url(component, database_url))
         report = asyncio.run(verify_component(component, url))
     except ReceiptsCliError as exc:
-        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
-        raise typer.Exit(code=2) from exc
-    if report.ok:
-        typer.echo(f"OK: {component} receipt chain intact, {report.checked} receipts verified "
+        typer.secho(f"REFUSED: {component}: {exc}", fg=typer.colors.RED, err=True)
+        return 2
+    if report.verified:
+        typer.echo(f"OK: {component} receipt chain intact, {report.length} receipts verified "
                    f"(head seq {report.head_seq}, hash {report.head_hash[:16]}...)")
-        return
-    for line in report.problems():
-        typer.echo(line)
-    typer.secho(f"FAILED: {component} receipt chain has {len(report.problems())} problem(s) in "
-                f"{report.checked} receipts; restore the named receipts from a backup and "
-                "investigate who wrote to the receipts table", fg=typer.colors.RED, err=True)
-    raise typer.Exit(code=1)
+        return 0
+    for line in report.problems:
+        typer.echo(f"{component}: {line}")
+    typer.secho(f"FAILED: {component} receipt chain has {len(report.problems)} problem(s) in "
+                f"{report.length} receipts; restore the named receipts from a backup and "
+                "investigate who wrote to the receipts table or the outbox", fg=typer.colors.RED, err=True)
+    return 1
+
+
+@app.command("verify")
+def verify(
+    component: str | None = typer.Option(
+        None, "--component", "-c",
+        help=f"Whose chain to check: {', '.join(COMPONENTS)}; default: every one of them."),
+    database_url: str | None = typer.Option(
+        None, "--database-url",
+        help="The component's database (with --component); default: from its settings (env) or the "
+             "data dir's SQLite file."),
+) -> None:
+    """Walk each component's receipt chain and its links to the outbox and to the emissions' sources.
+
+    Exit 0 when every chain is intact; 1 naming each gap, broken link, altered receipt, emission
+    without a receipt or receipt without a source; 2 when a component could not be checked (no
+    database, or it keeps no receipt chain: never reported as a valid empty chain).
+    """
+    if component is None and database_url is not None:
+        typer.secho("error: --database-url names one component's database: pass --component too",
+                    fg=typer.colors.RED, err=True)
+        raise typer.Exit(code=2)
+    if component is not None and component not in COMPONENTS:
+        typer.secho(f"error: unknown component {component!r}: use one of {', '.join(COMPONENTS)}",
+                    fg=typer.colors.RED, err=True)
+        raise typer.Exit(code=2)
+    codes = [_verify_one(name, database_url) for name in ([component] if component else COMPONENTS)]
+    # A broken chain outranks one that could not be read: it is the finding an operator must act on.
+    code = 1 if 1 in codes else max(codes)
+    if code:
+        raise typer.Exit(code=code)

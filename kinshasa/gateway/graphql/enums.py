@@ -6,16 +6,10 @@ import strawberry
 
 from kinshasa.gateway import policy as policy_mod
 from kinshasa.gateway import run_steps
+from kinshasa.schemas.run_status import RunStatus
 
-
-@strawberry.enum
-class RunStatus(enum.Enum):
-    RUNNING = "RUNNING"
-    FINISHED = "FINISHED"
-    TRIPPED = "TRIPPED"
-    REVERTING = "REVERTING"
-    REVERTED = "REVERTED"
-    REVERT_FAILED = "REVERT_FAILED"
+# The run-status words are defined once, in kinshasa.schemas.run_status: the GraphQL enum is that enum.
+strawberry.enum(RunStatus)
 
 
 @strawberry.enum

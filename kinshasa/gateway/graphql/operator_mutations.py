@@ -91,7 +91,7 @@ class OperatorMutations:
         actor = Actor(kind="operator", id=operator.id)
 
         async def work(tx: Any) -> runs_mod.RunRecord:
-            run, _ = await revert_mod.request_revert(tx, str(run_id), why, actor)
+            run, _ = await revert_mod.revert_one(tx, str(run_id), why, actor)
             return run
 
         return Run.of(await in_tx(info, work))
@@ -116,12 +116,9 @@ class OperatorMutations:
         )
 
         async def work(tx: Any) -> RevertRunsResult:
-            requested: list[Run] = []
-            unchanged: list[Run] = []
-            for rid in await revert_mod.select_runs(tx, sel):
-                run, rung = await revert_mod.request_revert(tx, rid, why, actor)
-                (requested if rung else unchanged).append(Run.of(run))
-            return RevertRunsResult(requested=requested, unchanged=unchanged)
+            requested, unchanged = await revert_mod.revert_selection(tx, sel, why, actor)
+            return RevertRunsResult(requested=[Run.of(r) for r in requested],
+                                    unchanged=[Run.of(r) for r in unchanged])
 
         result: RevertRunsResult = await in_tx(info, work)
         return result

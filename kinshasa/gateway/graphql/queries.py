@@ -46,6 +46,7 @@ from kinshasa.gateway.incident_types import (
     PolicyBacktest,
     connection,
 )
+from kinshasa.gateway.receipts_view import ReceiptChainReport, receipt_chain_query
 
 
 def list_operations(info: strawberry.Info) -> list[Operation]:
@@ -191,6 +192,13 @@ class Query:
         resolver=durability.outbox_status,
         permission_classes=OPERATOR,
         description="Each component's outbox backlog and dead letters; one that does not answer says why.",
+        metadata=CALLS_BACKEND,
+    )
+
+    receipts: ReceiptChainReport = strawberry.field(
+        resolver=receipt_chain_query,
+        permission_classes=OPERATOR,
+        description="A component's receipt chain (gateway, coordinator or a service), verified now.",
         metadata=CALLS_BACKEND,
     )
 

@@ -6,6 +6,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from kinshasa.kernel.appendonly import install_append_only
+from kinshasa.kernel.receipts import open_chain
 from kinshasa.migrations import KERNEL, owns_tables_of, upgrade, upgrade_own
 from kinshasa.services.kit.declarations import Service
 
@@ -22,8 +23,13 @@ async def install_service(engine: AsyncEngine, service: Service) -> None:
     directory when it names one (`Service(..., migrations="package:folder")`, version table
     `<service>_schema_version`); otherwise they are created when missing, as before migrations. The
     kit's step tables of such a service are created when missing.
-    Afterwards UPDATE and DELETE on the append-only tables fail.
+    Afterwards UPDATE and DELETE on the append-only tables fail, and the service's receipt chain is open.
     """
+    await _install_tables(engine, service)
+    await open_chain(engine, service.name)
+
+
+async def _install_tables(engine: AsyncEngine, service: Service) -> None:
     if owns_tables_of(service.name, set(service.metadata.tables)):
         await upgrade(engine, (KERNEL, service.name))
         return

@@ -50,7 +50,8 @@ def test_the_names_read_model_types_may_not_take_are_the_schemas_own() -> None:
         "DlqReprocessResult", "Entity", "EntityRef", "EntityVersion", "Incident", "IncidentConnection",
         "IncidentKind", "JSON", "Long", "Me", "Mutation", "Operation", "OperationArgument",
         "OperatorMutations", "PageInfo", "PolicyBacktest", "PolicyInput", "PolicyProposal", "PolicyScope",
-        "PolicySettings", "PolicyVersion", "PolicyView", "Query", "RevertProgress", "RevertRunsResult", "Run",
+        "PolicySettings", "PolicyVersion", "PolicyView", "Query", "ReceiptChainReport", "RevertProgress",
+        "RevertRunsResult", "Run",
         "RunActionResult", "RunConnection", "RunCounts", "RunEdge", "RunFilter", "RunSelector", "RunStatus",
         "RunStep", "RunStepConnection", "RunStepEdge", "StepStatus", "Subscription",
     }
