@@ -27,8 +27,8 @@ from kinshasa.coordinator.store import (
     run_events,
     runs,
     steps,
-    utc,
 )
+from kinshasa.schemas.clock import as_utc as utc
 from kinshasa.schemas.run_status import RunStatus
 
 # Bound parameters per IN (...) list: far below SQLite's and asyncpg's limits.
@@ -367,9 +367,9 @@ class Ledger:
             "command_id": r.command_id, "service": r.service,
             "entity": {"service": r.service, "type": r.entity_type, "id": r.entity_id},
             "entity_key": r.entity_key, "actor": {"kind": r.actor_kind, "id": r.actor_id},
-            "applied_at": utc(r.applied_at).isoformat() if r.applied_at else None,  # type: ignore[union-attr]
+            "applied_at": utc(r.applied_at).isoformat() if r.applied_at else None,
             "status": r.status, "attempts": r.attempt,
-            "resolved_at": utc(r.resolved_at).isoformat() if r.resolved_at else None,  # type: ignore[union-attr]
+            "resolved_at": utc(r.resolved_at).isoformat() if r.resolved_at else None,
             "failure_reason": r.failure_reason, "before": r.before_state, "after": r.after_state,
         } for r in rows]
         return page, (rows[-1].step_id if more and rows else None)
@@ -391,7 +391,7 @@ class Ledger:
                                       .order_by(rejections.c.rejected_at.desc()).limit(limit))
             return [{"event_id": r.event_id, "command_id": r.command_id, "command_type": r.command_type,
                      "entity_key": r.entity_key, "code": r.code, "reason": r.reason,
-                     "rejected_at": utc(r.rejected_at).isoformat()}  # type: ignore[union-attr]
+                     "rejected_at": utc(r.rejected_at).isoformat()}
                     for r in rows]
 
     async def run_facts(self, run_id: str) -> list[dict[str, Any]]:
@@ -401,7 +401,7 @@ class Ledger:
                                       .order_by(run_events.c.occurred_at, run_events.c.message_id))
             return [{"message_id": r.message_id, "type": r.type,
                      "actor": {"kind": r.actor_kind, "id": r.actor_id},
-                     "occurred_at": utc(r.occurred_at).isoformat(),  # type: ignore[union-attr]
+                     "occurred_at": utc(r.occurred_at).isoformat(),
                      "payload": r.payload} for r in rows]
 
     @staticmethod

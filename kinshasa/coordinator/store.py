@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
@@ -157,13 +156,6 @@ run_events = Table(
 _UNHANDLED = and_(run_events.c.type == RunEventKind.REVERT_REQUESTED.type, run_events.c.handled_at.is_(None))
 unhandled_triggers_index = Index("ix_ledger_run_events_unhandled", run_events.c.occurred_at,
                                  sqlite_where=_UNHANDLED, postgresql_where=_UNHANDLED)
-
-
-def utc(value: datetime | None) -> datetime | None:
-    """SQLite hands timestamps back naive; everything the ledger stores is UTC."""
-    if value is None:
-        return None
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
 def reader_for(engine: AsyncEngine) -> AsyncEngine:

@@ -23,13 +23,13 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from kinshasa.coordinator.projector import RevertTrigger, trigger_from_fact
 from kinshasa.coordinator.store import run_events
+from kinshasa.schemas.clock import utcnow
 from kinshasa.schemas.envelope import RunEventKind
 
 log = logging.getLogger(__name__)
@@ -142,7 +142,7 @@ class RevertSweeper:
             log.info("revert of run %s started or joined (%s)", trigger.run_id, trigger.source)
             async with self.engine.begin() as conn:
                 await conn.execute(update(run_events).where(run_events.c.message_id == trigger.message_id)
-                                   .values(handled_at=datetime.now(UTC)))
+                                   .values(handled_at=utcnow()))
             return True
         finally:
             self._inflight.discard(trigger.message_id)

@@ -33,7 +33,7 @@ import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, Literal, Protocol
 
 from sqlalchemy import (
@@ -61,7 +61,7 @@ from kinshasa.kernel.logs import log_context
 from kinshasa.kernel.metrics import ComponentMetrics
 from kinshasa.kernel.outbox import OutboxRow, OutboxStore, SqlOutboxStore
 from kinshasa.kernel.tables import kernel_metadata
-from kinshasa.schemas.clock import as_utc
+from kinshasa.schemas.clock import as_utc, utcnow
 from kinshasa.topics.catalogue import dlq_topic
 from kinshasa.topics.consumer import Handler, Record, Redeliver
 from kinshasa.topics.producer import Delivered, Headers
@@ -293,7 +293,7 @@ class SqlDeadLetterStore(DeadLetterStore):
 
     async def record(self, *, group: str, record: Record, message_id: str, error: str, attempts: int,
                      reason: Reason) -> DeadLetter:
-        now = datetime.now(UTC)
+        now = utcnow()
         source = (dead_letters.c.consumer_group == group, dead_letters.c.source_topic == record.topic,
                   dead_letters.c.source_partition == record.partition,
                   dead_letters.c.source_offset == record.offset)
@@ -352,7 +352,7 @@ class SqlDeadLetterStore(DeadLetterStore):
         async with self.engine.begin() as conn:
             result = await conn.execute(update(dead_letters).where(
                 dead_letters.c.id.in_(list(ids)), dead_letters.c.status == "open").values(
-                status=status, resolved_at=datetime.now(UTC)))
+                status=status, resolved_at=utcnow()))
             return int(result.rowcount or 0)
 
     async def mark_reprocessed(self, ids: Sequence[int]) -> int:
@@ -364,7 +364,7 @@ class SqlDeadLetterStore(DeadLetterStore):
     async def note_failure(self, id: int, error: str) -> None:
         async with self.engine.begin() as conn:
             await conn.execute(update(dead_letters).where(dead_letters.c.id == id).values(
-                attempts=dead_letters.c.attempts + 1, error=error, last_failed_at=datetime.now(UTC)))
+                attempts=dead_letters.c.attempts + 1, error=error, last_failed_at=utcnow()))
 
 
 def is_invalid_message(exc: BaseException) -> bool:

@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterable
-from datetime import UTC, datetime
+from datetime import datetime
 
 from sqlalchemy import Column, DateTime, PrimaryKeyConstraint, String, Table, Uuid, delete, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from kinshasa.kernel.tables import kernel_metadata
+from kinshasa.schemas.clock import utcnow
 
 inbox = Table(
     "inbox",
@@ -68,7 +69,7 @@ class Inbox:
         ids = list(dict.fromkeys(_message_uuid(m) for m in message_ids))
         if not ids:
             return set()
-        now = datetime.now(UTC)
+        now = utcnow()
         insert = postgresql.insert(inbox) if conn.dialect.name == "postgresql" else sqlite.insert(inbox)
         fresh: set[uuid.UUID] = set()
         for start in range(0, len(ids), _CHUNK):

@@ -48,6 +48,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from kinshasa.kernel.outbox import outbox
 from kinshasa.kernel.tables import kernel_metadata
+from kinshasa.schemas.clock import utcnow
 
 GENESIS_HASH = "0" * 64
 # Rows read per round trip during verify: bounded memory for chains of millions of receipts.
@@ -291,7 +292,7 @@ class ReceiptChain:
                 if row.seq > seq:
                     seq, prev_hash = row.seq, row.hash
         result, new_rows = [], []
-        now = datetime.now(UTC)
+        now = utcnow()
         for parts, enc, message_id, digest in checked:
             receipt = known.get(enc)
             if receipt is None:
@@ -342,7 +343,7 @@ class ReceiptChain:
             receipt_chains.c.component == self.component))
         if opened is None:
             await conn.execute(insert(receipt_chains).values(component=self.component,
-                                                             opened_at=datetime.now(UTC)))
+                                                             opened_at=utcnow()))
 
     async def kept(self, conn: AsyncConnection) -> bool:
         """True when this database keeps this component's chain: it was opened, or holds its receipts

@@ -31,10 +31,11 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Literal
 
 from kinshasa.kernel.admin_api import CheckFailed, HealthCheck
+from kinshasa.schemas.clock import utcnow
 
 log = logging.getLogger(__name__)
 
@@ -178,7 +179,7 @@ class Supervisor:
 
     def __init__(self, component: str, *, on_give_up: Callable[[GaveUp], None] | None = None,
                  clock: Callable[[], float] = time.monotonic,
-                 wall: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
+                 wall: Callable[[], datetime] = utcnow) -> None:
         self.component = component
         self.on_give_up = on_give_up
         self.failed = asyncio.Event()

@@ -17,7 +17,6 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from email import message_from_bytes
 from email.message import EmailMessage
 from email.policy import default as default_policy
@@ -26,6 +25,8 @@ from typing import Any
 
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Envelope, Session
+
+from kinshasa.schemas.clock import utcnow
 
 REFUSE_FILE = "refuse.txt"
 
@@ -63,7 +64,7 @@ class MailStore:
         part = message.get_body(preferencelist=("plain", "html"))
         body = part.get_content() if part is not None else ""
         record: dict[str, Any] = {
-            "received_at": datetime.now(UTC).isoformat(),
+            "received_at": utcnow().isoformat(),
             "mail_from": mail_from,
             "rcpt_tos": rcpt_tos,
             "message_id": message.get("Message-ID"),

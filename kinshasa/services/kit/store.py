@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable, Mapping, Sequence
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import (
@@ -32,6 +32,8 @@ from sqlalchemy import (
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.schema import SchemaItem
 
+# The one clock helper; `utc` is its name in the kit's public API (`kinshasa.services.kit.utc`).
+from kinshasa.schemas.clock import as_utc as utc
 from kinshasa.schemas.envelope import EntityRef
 from kinshasa.services.kit.context import AppliedStep, CommandContext
 
@@ -59,11 +61,6 @@ async def serialize_on(conn: AsyncConnection, *parts: str) -> None:
     digest = hashlib.blake2b("\x1f".join(parts).encode(), digest_size=4).digest()
     await conn.execute(text("SELECT pg_advisory_xact_lock(:ns, :k)"),
                        {"ns": _INVARIANT_LOCK_NS, "k": int.from_bytes(digest, "big", signed=True)})
-
-
-def utc(value: datetime) -> datetime:
-    """Timestamps read back from SQLite are naive; everything Kinshasa stores is UTC."""
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
 def _stamp_columns() -> list[Column[Any]]:

@@ -9,9 +9,10 @@ from datetime import UTC, datetime
 from sqlalchemy import insert
 
 from kinshasa.coordinator.revert_metrics import CoordinatorMetrics, read_figures
-from kinshasa.coordinator.store import RunStatus, StepStatus, install_ledger, runs, steps
+from kinshasa.coordinator.store import StepStatus, install_ledger, runs, steps
 from kinshasa.kernel.database import create_engine
 from kinshasa.kernel.metrics import ComponentMetrics
+from kinshasa.schemas.run_status import RunStatus
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 
