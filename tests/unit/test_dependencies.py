@@ -120,7 +120,8 @@ def test_development_tools_stay_out_of_the_runtime_set() -> None:
 
 def test_the_checks_read_pins_and_report_an_undeclared_import(tmp_path: Path) -> None:
     lock = tmp_path / "x.lock"
-    lock.write_text("# header\nfoo-bar==1.2 \\\n    --hash=sha256:00\ncolorama==0.4.6 ; sys_platform == 'win32'\n")
+    lock.write_text("# header\nfoo-bar==1.2 \\\n    --hash=sha256:00\n"
+                    "colorama==0.4.6 ; sys_platform == 'win32'\n")
     assert locked(lock) == {"foo-bar": "1.2", "colorama": "0.4.6"}
     module = tmp_path / "m.py"
     module.write_text("import os\nimport yaml.loader\nfrom confluent_kafka import Producer\n")
@@ -135,8 +136,8 @@ def test_each_lock_pins_every_declared_dependency() -> None:
     wanted = runtime() | extra("dev") | extra("testing") | extra("test", TICKETS)
     assert sorted(wanted - {"kinshasa"} - dev_pins.keys()) == [], "run `make lock`"
     assert runtime_pins.keys() & DEV_ONLY == set()
-    assert {name: runtime_pins[name] for name in runtime_pins if dev_pins.get(name) != runtime_pins[name]} == {}, \
-        "both locks pin each shared package to one version: run `make lock`"
+    differing = {name: pin for name, pin in runtime_pins.items() if dev_pins.get(name) != pin}
+    assert differing == {}, "both locks pin each shared package to one version: run `make lock`"
 
 
 def test_the_setup_installs_from_the_lock() -> None:
