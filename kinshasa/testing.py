@@ -23,6 +23,9 @@ What you get:
   its `host:port`. It needs Java 17 or newer on PATH. The broker jars are downloaded from Maven
   Central on first use and kept in `$KINSHASA_CACHE_DIR` (default `~/.cache/kinshasa`), so later runs
   are offline; set `KAFKA_HOME` to an unpacked Apache Kafka tarball to use its jars instead.
+* Kafka clients a test leaves open are closed when the session's broker stops, with a
+  `KafkaClientLeftOpen` warning naming how many: an open client would otherwise log a "Connection
+  refused" line for every reconnect attempt until the process ends.
 * `running_service(service, bootstrap, tmp_path, suffix=None)`, an async context manager: your
   `Service` run in-process by the same `ServiceRuntime` as `kinshasa service`, on a SQLite database
   under `tmp_path`, its HTTP read API on a free port, yielding the runtime once it is ready (its
@@ -39,10 +42,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
+import warnings
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+from confluent_kafka import Consumer, Producer
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -76,7 +82,42 @@ def kinshasa_kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaBr
     try:
         yield broker
     finally:
-        broker.stop()
+        try:
+            left_open = close_open_clients()
+            if left_open:
+                warnings.warn(KafkaClientLeftOpen(
+                    f"{left_open} Kafka client(s) were still open when the session ended; they are closed "
+                    "now. Close each producer and consumer a test opens (AsyncProducer.close, "
+                    "AsyncConsumer.close, Consumer.close), in a finally block or `async with`."),
+                    stacklevel=1)
+        finally:
+            broker.stop()
+
+
+class KafkaClientLeftOpen(UserWarning):
+    """A test left a Kafka producer or consumer open until the end of the session."""
+
+
+def close_open_clients() -> int:
+    """Close every confluent-kafka Producer and Consumer of this process still open; returns how many.
+
+    Only for the end of a test session, when nothing uses them any more: closing a client another
+    thread is still using would break that thread.
+    """
+    gc.collect()  # clients only garbage holds on to are destroyed now, and so are not counted
+    closed = 0
+    for client in [obj for obj in gc.get_objects() if isinstance(obj, Producer | Consumer)]:
+        try:
+            if isinstance(client, Producer):
+                client.poll(0)  # raises if it is closed
+                client.purge()  # nothing waits for what it still holds: close without flushing it
+            else:
+                client.assignment()  # raises if it is closed
+        except RuntimeError:
+            continue
+        client.close()
+        closed += 1
+    return closed
 
 
 @contextlib.asynccontextmanager

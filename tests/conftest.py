@@ -17,12 +17,14 @@ from kinshasa.infra.kafka import KafkaBroker
 from kinshasa.infra.postgres import PostgresCluster
 from kinshasa.infra.process import free_port
 from kinshasa.infra.temporal import TemporalServer
-from kinshasa.kernel.database import create_engine
 from kinshasa.migrations.install import install_kernel_tables
 from kinshasa.topics.admin import ensure_topics
 from kinshasa.topics.catalogue import catalogue
+from tests.databases import create_database, prepared_engine
 
 REPO = Path(__file__).resolve().parent.parent
+# The name test modules import it by.
+_create_database = create_database
 # The jar cache is shared with `make run`, so the suite downloads Kafka at most once per checkout.
 CACHE = REPO / ".kinshasa" / "cache"
 
@@ -64,18 +66,6 @@ def postgres() -> Iterator[PostgresCluster]:
         shutil.rmtree(root, ignore_errors=True)
 
 
-async def _create_database(cluster: PostgresCluster, name: str) -> str:
-    import asyncpg
-
-    conn = await asyncpg.connect(host="127.0.0.1", port=cluster.port, user="kinshasa",
-                                 database="postgres")
-    try:
-        await conn.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await conn.close()
-    return f"postgresql+asyncpg://kinshasa@127.0.0.1:{cluster.port}/{name}"
-
-
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """A fresh, empty database on each backend: the storage test leg runs once per backend."""
@@ -83,7 +73,7 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
         return f"sqlite+aiosqlite:///{tmp_path / 'store.sqlite3'}"
     cluster: PostgresCluster = request.getfixturevalue("postgres")
     name = f"t_{uuid.uuid4().hex[:12]}"
-    return asyncio.run(_create_database(cluster, name))
+    return asyncio.run(create_database(cluster, name))
 
 
 @pytest.fixture
@@ -92,20 +82,27 @@ def other_database_url(request: pytest.FixtureRequest, database_url: str, tmp_pa
     if database_url.startswith("sqlite"):
         return f"sqlite+aiosqlite:///{tmp_path / 'other.sqlite3'}"
     cluster: PostgresCluster = request.getfixturevalue("postgres")
-    return asyncio.run(_create_database(cluster, f"t_{uuid.uuid4().hex[:12]}"))
+    return asyncio.run(create_database(cluster, f"t_{uuid.uuid4().hex[:12]}"))
 
 
 @pytest.fixture
 def postgres_url(postgres: PostgresCluster) -> str:
     """A fresh, empty PostgreSQL database, for behaviour only PostgreSQL has (row locks, SKIP LOCKED)."""
-    return asyncio.run(_create_database(postgres, f"t_{uuid.uuid4().hex[:12]}"))
+    return asyncio.run(create_database(postgres, f"t_{uuid.uuid4().hex[:12]}"))
 
 
 @pytest.fixture
-async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
-    """An engine on `database_url` with the kernel's tables; a module needing other tables overrides it."""
-    engine = create_engine(database_url)
-    await install_kernel_tables(engine)
+async def engine(request: pytest.FixtureRequest, database_url: str) -> AsyncIterator[AsyncEngine]:
+    """An engine on `database_url` (so once per backend), disposed after the test.
+
+    It holds the kernel's tables, unless the test or its module names its schema with
+    `@pytest.mark.schema(step, ...)` (`pytestmark = pytest.mark.schema(...)` for a module): each step is
+    a MetaData, a Table or an async function given the engine, applied in order (`tests.databases`);
+    `schema()` with no step leaves the database empty, for a component that installs its own tables.
+    """
+    marker = request.node.get_closest_marker("schema")
+    steps = marker.args if marker is not None else (install_kernel_tables,)
+    engine = await prepared_engine(database_url, *steps)
     try:
         yield engine
     finally:
@@ -116,8 +113,6 @@ async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
 def unique() -> str:
     """A short unique suffix for topic names, task queues and group ids within one session."""
     return uuid.uuid4().hex[:10]
-
-
 
 
 EXAMPLES_CATALOGUE = "kinshasa.catalogue.examples"

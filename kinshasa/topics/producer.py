@@ -211,6 +211,11 @@ class _Deliveries:
             self.done.set_result(None)
 
 
+def _close_handles(producers: list[Producer]) -> None:
+    for producer in producers:
+        producer.close()
+
+
 class AsyncProducer:
     """An idempotent, acks=all producer for asyncio code; one per process is plenty."""
 
@@ -370,6 +375,8 @@ class AsyncProducer:
 
     async def flush(self, max_wait: float = 30.0) -> int:
         """Wait until every queued message is acknowledged or failed; returns how many are still queued."""
+        if self._closed and not self._thread.is_alive():
+            return 0  # closed: nothing is queued any more
         remaining = await asyncio.to_thread(self._producer.flush, max_wait)
         for old in list(self._retired):
             remaining += await asyncio.to_thread(old.flush, 0)
@@ -395,6 +402,10 @@ class AsyncProducer:
             await asyncio.sleep(0)  # let the reports just scheduled settle their futures
             for deliveries in list(self._pending):
                 deliveries.fail_unreported("producer closed before the broker acknowledged")
+            # Destroys the librdkafka handles now: one left to the garbage collector keeps reconnecting
+            # (and logging) for as long as anything still refers to this object.
+            handles, self._retired = [self._producer, *self._retired], []
+            await asyncio.to_thread(_close_handles, handles)
 
     async def __aenter__(self) -> AsyncProducer:
         return self

@@ -6,7 +6,6 @@ import asyncio
 import os
 import stat
 import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
@@ -17,7 +16,6 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from kinshasa.kernel.admin_api import admin_app, load_or_create_internal_token
-from kinshasa.kernel.database import create_engine
 from kinshasa.kernel.dlq import DeadLetterQueue, SqlDeadLetterStore, dead_letters
 from kinshasa.kernel.metrics import (
     CONSUMER_LAG,
@@ -28,7 +26,6 @@ from kinshasa.kernel.metrics import (
     PUBLISH_FAILURES,
     ComponentMetrics,
 )
-from kinshasa.kernel.tables import kernel_metadata
 from kinshasa.schemas.envelope import Actor, EntityRef, Envelope, utcnow
 from kinshasa.topics.consumer import Record
 
@@ -61,16 +58,7 @@ class Applier:
             return int(await conn.scalar(select(func.count()).select_from(effects)) or 0)
 
 
-@pytest.fixture
-async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
-    engine = create_engine(database_url)
-    async with engine.begin() as conn:
-        await conn.run_sync(lambda sync: kernel_metadata.create_all(sync, tables=[dead_letters]))
-        await conn.run_sync(test_metadata.create_all)
-    try:
-        yield engine
-    finally:
-        await engine.dispose()
+pytestmark = pytest.mark.schema(dead_letters, test_metadata)
 
 
 def _poison_record(offset: int) -> tuple[Envelope, Record]:

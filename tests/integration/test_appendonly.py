@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 import pytest
 from sqlalchemy import Column, Integer, MetaData, String, Table, delete, insert, select, text, update
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from kinshasa.kernel.appendonly import AppendOnlyViolation, install_append_only, is_append_only_violation
-from kinshasa.kernel.database import create_engine
 
 domain = MetaData()
 versions = Table("document_versions", domain,
@@ -20,21 +17,17 @@ versions = Table("document_versions", domain,
 scratch = Table("scratch", domain, Column("id", Integer, primary_key=True), Column("note", String(50)))
 
 
-@pytest.fixture
-async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
-    engine = create_engine(database_url)
+async def append_only_versions_with_a_row_each(engine: AsyncEngine) -> None:
     async with engine.begin() as conn:
-        await conn.run_sync(domain.create_all)
         await install_append_only(conn, [versions])
         # Idempotent: a component calls it on every start.
         await install_append_only(conn, ["document_versions"])
     async with engine.begin() as conn:
         await conn.execute(insert(versions).values(document_id="d1", version=1, title="draft"))
         await conn.execute(insert(scratch).values(id=1, note="mutable"))
-    try:
-        yield engine
-    finally:
-        await engine.dispose()
+
+
+pytestmark = pytest.mark.schema(domain, append_only_versions_with_a_row_each)
 
 
 async def titles(engine: AsyncEngine) -> list[tuple[str, int, str]]:

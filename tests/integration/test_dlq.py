@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -16,7 +16,6 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from kinshasa.infra.kafka import KafkaBroker
-from kinshasa.kernel.database import create_engine
 from kinshasa.kernel.dlq import (
     DeadLetter,
     DeadLetterPolicy,
@@ -29,12 +28,12 @@ from kinshasa.kernel.dlq import (
 )
 from kinshasa.kernel.metrics import DLQ_RECORDED, HANDLER_LATENCY, ComponentMetrics
 from kinshasa.kernel.outbox import FailedAttempt, SqlOutboxStore, outbox
-from kinshasa.kernel.tables import kernel_metadata
 from kinshasa.schemas.envelope import Actor, EntityRef, Envelope, utcnow
 from kinshasa.topics.admin import ensure_topics
 from kinshasa.topics.catalogue import TopicSpec, dlq_topic, group_id
 from kinshasa.topics.consumer import AsyncConsumer, Record
 from kinshasa.topics.producer import AsyncProducer, Outgoing, envelope_message
+from tests.databases import prepared_engine
 
 # The handler's own effect table: its primary key on message_id is the inbox that makes a second
 # delivery of one message a no-op.
@@ -43,21 +42,8 @@ effects = Table("dlq_test_effects", test_metadata, Column("message_id", String(6
                 Column("type", String(200), nullable=False))
 
 
-async def _engine(url: str) -> AsyncEngine:
-    engine = create_engine(url)
-    async with engine.begin() as conn:
-        await conn.run_sync(lambda sync: kernel_metadata.create_all(sync, tables=[dead_letters, outbox]))
-        await conn.run_sync(test_metadata.create_all)
-    return engine
-
-
-@pytest.fixture
-async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
-    engine = await _engine(database_url)
-    try:
-        yield engine
-    finally:
-        await engine.dispose()
+SCHEMA = (dead_letters, outbox, test_metadata)
+pytestmark = pytest.mark.schema(*SCHEMA)
 
 
 class DocumentsHandler:
@@ -255,7 +241,7 @@ async def test_dead_outbox_rows_are_listed_and_requeued(engine: AsyncEngine) -> 
 async def test_a_locked_sqlite_database_makes_messages_wait_in_order_never_dead_lettered(
         kafka: KafkaBroker, unique: str, tmp_path: Path) -> None:
     path = tmp_path / "locked.sqlite3"
-    engine = await _engine(f"sqlite+aiosqlite:///{path}")
+    engine = await prepared_engine(f"sqlite+aiosqlite:///{path}", *SCHEMA)
 
     @event.listens_for(engine.sync_engine, "connect")
     def _short_busy_timeout(dbapi_connection: Any, _record: Any) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
 
 import pytest
 from sqlalchemy import Column, Integer, MetaData, String, Table, func, insert, select
@@ -21,16 +20,7 @@ effects = Table("effects", domain, Column("id", Integer, primary_key=True, autoi
                 Column("what", String(100), nullable=False))
 
 
-@pytest.fixture
-async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
-    engine = create_engine(database_url)
-    await install_kernel_tables(engine)
-    async with engine.begin() as conn:
-        await conn.run_sync(domain.create_all)
-    try:
-        yield engine
-    finally:
-        await engine.dispose()
+pytestmark = pytest.mark.schema(install_kernel_tables, domain)
 
 
 async def handle(conn: AsyncConnection, message_id: uuid.UUID, what: str) -> bool:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
 from datetime import timedelta
 
 import pytest
@@ -35,16 +34,7 @@ documents = Table("documents", domain, Column("id", Integer, primary_key=True),
                   Column("title", String(200), nullable=False))
 
 
-@pytest.fixture
-async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
-    engine = create_engine(database_url)
-    await install_kernel_tables(engine)
-    async with engine.begin() as conn:
-        await conn.run_sync(domain.create_all)
-    try:
-        yield engine
-    finally:
-        await engine.dispose()
+pytestmark = pytest.mark.schema(install_kernel_tables, domain)
 
 
 def envelope(entity_id: str = "d1", *, message_id: uuid.UUID | None = None) -> Envelope:

@@ -19,7 +19,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -29,7 +29,6 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from kinshasa.infra.kafka import KafkaBroker
 from kinshasa.infra.process import free_port
-from kinshasa.kernel.database import create_engine
 from kinshasa.kernel.inbox import inbox
 from kinshasa.kernel.outbox import SqlOutboxStore, outbox
 from kinshasa.kernel.receipts import ReceiptChain
@@ -109,11 +108,8 @@ class ServiceProcess:
         return self.proc is not None and self.proc.poll() is None
 
 
-@pytest.fixture
-async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
-    engine = create_engine(database_url)
-    yield engine
-    await engine.dispose()
+# An empty database: the service under test installs its own tables.
+pytestmark = pytest.mark.schema()
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ then dead-lettered). The good emails behind them are delivered. Once the mailbox
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
@@ -20,7 +19,6 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from kinshasa.infra.kafka import KafkaBroker
 from kinshasa.infra.process import free_port
-from kinshasa.kernel.database import create_engine
 from kinshasa.schemas.envelope import Envelope
 from kinshasa.services import notifier
 from kinshasa.services.kit.runtime import ServiceTopics
@@ -47,11 +45,8 @@ def send_to_first_partition(bootstrap: str, messages: list[Outgoing]) -> None:
     assert producer.flush(30) == 0, "messages left unsent"
 
 
-@pytest.fixture
-async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
-    engine = create_engine(database_url)
-    yield engine
-    await engine.dispose()
+# An empty database: the service under test installs its own tables.
+pytestmark = pytest.mark.schema()
 
 
 def email(to: str, subject: str) -> tuple[str, Envelope]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,6 @@ from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from kinshasa.infra.kafka import KafkaBroker
-from kinshasa.kernel.database import create_engine
 from kinshasa.kernel.inbox import inbox
 from kinshasa.kernel.outbox import SqlOutboxStore, outbox
 from kinshasa.kernel.receipts import ReceiptChain
@@ -71,11 +69,8 @@ async def _pending(engine: AsyncEngine) -> int:
         return (await SqlOutboxStore().backlog(conn)).pending
 
 
-@pytest.fixture
-async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
-    engine = create_engine(database_url)
-    yield engine
-    await engine.dispose()
+# An empty database: the service under test installs its own tables.
+pytestmark = pytest.mark.schema()
 
 
 async def test_duplicates_and_replay_from_zero_change_nothing(

@@ -1,0 +1,50 @@
+"""The catalogue follower reads the records there at start with short waits, then follows with longer ones."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+from confluent_kafka import Consumer, Message
+
+from kinshasa.infra.kafka import KafkaBroker
+from kinshasa.topics import declarations
+from kinshasa.topics.declaration_feed import DeclarationFollower, PublishedDeclaration
+
+
+async def test_a_catalogue_is_read_to_its_end_with_short_waits_then_followed_with_steady_ones(
+        kafka: KafkaBroker, examples_catalogue: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    heard: list[PublishedDeclaration] = []
+    waits: list[tuple[float, bool]] = []  # each consume()'s timeout, and whether caught up before it
+    follower: DeclarationFollower | None = None
+    following = threading.Event()  # a consume() began after the follower was caught up
+
+    class RecordingConsumer(Consumer):
+        def consume(self, num_messages: int = 1, timeout: float = -1) -> list[Message]:
+            assert follower is not None
+            waits.append((timeout, follower.caught_up.is_set()))
+            if follower.caught_up.is_set():
+                following.set()
+            return super().consume(num_messages, timeout)
+
+    # A consume() waits out its whole timeout unless its batch fills, which a handful of records never
+    # does: with the steady wait while catching up, every gateway start took three of them (1.5 s).
+    monkeypatch.setattr(declarations, "Consumer", RecordingConsumer)
+
+    async def hear(record: PublishedDeclaration) -> None:
+        heard.append(record)
+
+    follower = DeclarationFollower(kafka.bootstrap, hear, examples_catalogue)
+    stop = asyncio.Event()
+    run = asyncio.create_task(follower.run(stop))
+    try:
+        await asyncio.wait_for(follower.caught_up.wait(), 30)
+        assert await asyncio.to_thread(following.wait, 30), "the follower stopped polling once caught up"
+    finally:
+        stop.set()
+        await asyncio.wait_for(run, 30)
+    assert heard, "the example services' declarations were not read"
+    assert {wait for wait, caught_up in waits if not caught_up} == {declarations.CATCH_UP_POLL_S}
+    assert {wait for wait, caught_up in waits if caught_up} == {declarations.POLL_S}
+    assert declarations.CATCH_UP_POLL_S < declarations.POLL_S
