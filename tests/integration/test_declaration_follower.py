@@ -9,7 +9,7 @@ import pytest
 from confluent_kafka import Consumer, Message
 
 from kinshasa.infra.kafka import KafkaBroker
-from kinshasa.topics import declarations
+from kinshasa.topics import declaration_feed
 from kinshasa.topics.declaration_feed import DeclarationFollower, PublishedDeclaration
 
 
@@ -30,7 +30,7 @@ async def test_a_catalogue_is_read_to_its_end_with_short_waits_then_followed_wit
 
     # A consume() waits out its whole timeout unless its batch fills, which a handful of records never
     # does: with the steady wait while catching up, every gateway start took three of them (1.5 s).
-    monkeypatch.setattr(declarations, "Consumer", RecordingConsumer)
+    monkeypatch.setattr(declaration_feed, "Consumer", RecordingConsumer)
 
     async def hear(record: PublishedDeclaration) -> None:
         heard.append(record)
@@ -45,6 +45,6 @@ async def test_a_catalogue_is_read_to_its_end_with_short_waits_then_followed_wit
         stop.set()
         await asyncio.wait_for(run, 30)
     assert heard, "the example services' declarations were not read"
-    assert {wait for wait, caught_up in waits if not caught_up} == {declarations.CATCH_UP_POLL_S}
-    assert {wait for wait, caught_up in waits if caught_up} == {declarations.POLL_S}
-    assert declarations.CATCH_UP_POLL_S < declarations.POLL_S
+    assert {wait for wait, caught_up in waits if not caught_up} == {declaration_feed.CATCH_UP_POLL_S}
+    assert {wait for wait, caught_up in waits if caught_up} == {declaration_feed.POLL_S}
+    assert declaration_feed.CATCH_UP_POLL_S < declaration_feed.POLL_S
