@@ -1,6 +1,8 @@
 """Process settings: one BaseSettings per process, each with its own env prefix, built in bootstrap.
 
-No other module reads the environment. `kinshasa.launcher.process_env_keys()` is the registry of which
+No other module reads the environment, with one exception: OpenTelemetry's own variables
+(`OTEL_EXPORTER_OTLP_ENDPOINT` and its companions), read by kinshasa/kernel/tracing.py and the exporter
+itself. `kinshasa.launcher.process_env_keys()` is the registry of which
 environment keys each process understands (this module imports nothing of Kinshasa's: every layer reads it).
 """
 

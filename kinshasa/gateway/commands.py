@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import json
 import logging
 import uuid
 from collections import deque
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
@@ -244,7 +246,10 @@ class CommandWriter:
         )
         self._queue.append(write)
         if self._drainer is None or self._drainer.done():
-            self._drainer = asyncio.create_task(self._drain(), name="gateway-command-writer")
+            # A context of its own: the drainer outlives the request that started it, and what a batch
+            # emits (a trip's facts, an alert) must not join that one request's trace.
+            self._drainer = asyncio.create_task(self._drain(), name="gateway-command-writer",
+                                                context=contextvars.Context())
         return await write.future
 
     async def drain(self) -> None:
@@ -351,7 +356,9 @@ class CommandWriter:
                 now = now if now > last else last + _TICK
                 last = now
                 try:
-                    receipt = await self._admit(tx, batch, write, found, policies, recent, now)
+                    # What admitting this write emits (its command, a trip it causes) is in its trace.
+                    with tracing.continued_from(write.traceparent) if write.traceparent else nullcontext():
+                        receipt = await self._admit(tx, batch, write, found, policies, recent, now)
                 except GatewayError as refused:
                     batch.answers.append((write, refused))
                 else:

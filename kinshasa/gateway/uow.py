@@ -41,6 +41,8 @@ class Tx(Protocol):
 
     async def emit(self, topic: str, envelope: Envelope) -> None: ...
 
+    async def emit_serialised(self, topic: str, envelope: Envelope, wire: bytes) -> None: ...
+
 
 @dataclass(frozen=True)
 class Serialised:

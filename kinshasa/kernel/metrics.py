@@ -107,25 +107,41 @@ class _RoleCollector:
 
 class CachedReading(Generic[T]):
     """An async database reading kept for `ttl_s`: scrapes within the TTL reuse it, and scrapes that
-    come together while it is being read wait for that one read instead of starting their own."""
+    come together while it is being read wait for that one read instead of starting their own.
+
+    A read is bounded by `timeout_s` (a scrape must answer even when the database is locked or the pool
+    busy), and a failed read is not tried again before the TTL has passed either: in between, `get`
+    answers the last good value, or raises the failure when there is none yet.
+    """
 
     def __init__(self, read: Callable[[], Awaitable[T]], ttl_s: float,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, timeout_s: float = 5.0) -> None:
         if ttl_s < 0:
             raise ValueError(f"a reading's TTL is {ttl_s}s: give zero or more seconds")
         self._read = read
         self.ttl_s = ttl_s
+        self.timeout_s = timeout_s
         self._clock = clock
         self._value: T | None = None
+        self._failure: Exception | None = None
         self._read_at: float | None = None
         self._lock = asyncio.Lock()
 
     async def get(self) -> T:
         async with self._lock:
             now = self._clock()
-            if self._read_at is None or now - self._read_at >= self.ttl_s or self._value is None:
-                self._value = await self._read()
+            if self._read_at is None or now - self._read_at >= self.ttl_s:
+                try:
+                    self._value = await asyncio.wait_for(self._read(), self.timeout_s)
+                    self._failure = None
+                except Exception as exc:
+                    self._failure = exc
+                    self._read_at = self._clock()
+                    raise
                 self._read_at = self._clock()
+            if self._value is None:
+                assert self._failure is not None
+                raise self._failure
             return self._value
 
 

@@ -125,7 +125,8 @@ def _verify_one(component: str, database_url: str | None) -> int:
 def verify(
     component: str | None = typer.Option(
         None, "--component", "-c",
-        help=f"Whose chain to check: {', '.join(COMPONENTS)}; default: every one of them."),
+        help=f"Whose chain to check: {', '.join(COMPONENTS)}; default: every one of them (a component "
+             "this stack does not run is REFUSED: name the ones it runs with -c)."),
     database_url: str | None = typer.Option(
         None, "--database-url",
         help="The component's database (with --component); default: from its settings (env) or the "

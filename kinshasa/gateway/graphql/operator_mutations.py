@@ -20,7 +20,7 @@ from kinshasa.gateway.arguments import (
     policy_reason,
 )
 from kinshasa.gateway.commands import Receipt
-from kinshasa.gateway.errors import NotFound, camel
+from kinshasa.gateway.errors import AgentBudgetExceeded, NotFound, camel
 from kinshasa.gateway.graphql.enums import BreakerState, PolicyScope
 from kinshasa.gateway.graphql.inputs import PolicyInput, RunSelector, policy_layer
 from kinshasa.gateway.graphql.operator_types import DlqReprocessResult, PolicyVersion
@@ -72,6 +72,8 @@ class OperatorMutations:
         for alert in started.alerts:
             services.webhook.send_later(alert)
         if started.refusal is not None:
+            if isinstance(started.refusal, AgentBudgetExceeded) and services.budget_refused is not None:
+                services.budget_refused(str(started.refusal.details.get("budget")))
             raise started.refusal
         assert started.run is not None
         idempotency.kill_after_commit_if_marked(kill_marker(info), key)

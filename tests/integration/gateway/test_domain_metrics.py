@@ -91,3 +91,20 @@ async def test_a_write_refused_on_the_agents_budget_is_counted_by_budget(harness
     assert value(after, name, budget="maxAgentWritesPerHour", **GATEWAY) == \
         value(before, name, budget="maxAgentWritesPerHour", **GATEWAY) + 1
     assert value(after, name, budget="maxConcurrentRuns", **GATEWAY) == 0
+
+
+async def test_a_run_start_refused_on_the_agents_budget_is_counted_by_budget(harness: Harness) -> None:
+    c, http, token = harness.client, harness.client.http, harness.gateway.internal_token
+    await _set_policy(c, {"maxConcurrentRuns": 1}, "AGENT", "agent-1")
+    name = "kinshasa_agent_budget_refusals_total"
+    before = await scrape(http, token)
+    await c.start_run(entry_point="metrics")
+    refused = await c.gql('mutation { startRun(entryPoint: "metrics") { id } }')
+    assert refused["errors"][0]["extensions"]["code"] == "AGENT_BUDGET_EXCEEDED"
+    assert refused["errors"][0]["extensions"]["budget"] == "maxConcurrentRuns"
+    # Counted in memory as the resolver answers, so the next scrape has it.
+    after = await scrape(http, token)
+    assert value(after, name, budget="maxConcurrentRuns", **GATEWAY) == \
+        value(before, name, budget="maxConcurrentRuns", **GATEWAY) + 1
+    assert value(after, name, budget="maxAgentWritesPerHour", **GATEWAY) == \
+        value(before, name, budget="maxAgentWritesPerHour", **GATEWAY)

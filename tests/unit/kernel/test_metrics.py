@@ -144,6 +144,45 @@ async def test_scrapes_that_come_together_share_one_read() -> None:
     assert reads == 1
 
 
+async def test_a_failed_reading_waits_out_its_ttl_and_answers_the_last_good_value() -> None:
+    now = [100.0]
+    outcomes: list[object] = [3, RuntimeError("database is locked"), 4]
+    reads = 0
+
+    async def read() -> int:
+        nonlocal reads
+        reads += 1
+        outcome = outcomes.pop(0)
+        if isinstance(outcome, Exception):
+            raise outcome
+        assert isinstance(outcome, int)
+        return outcome
+
+    reading = CachedReading(read, ttl_s=5, clock=lambda: now[0])
+    assert await reading.get() == 3
+    now[0] += 5
+    with pytest.raises(RuntimeError, match="locked"):
+        await reading.get()  # the failed read itself is reported once
+    now[0] += 1
+    assert await reading.get() == 3  # within the TTL of the failure: the last good value, no new read
+    assert reads == 2
+    now[0] += 5
+    assert await reading.get() == 4
+    assert reads == 3
+
+
+async def test_a_reading_that_hangs_is_cut_off_at_its_timeout() -> None:
+    never = asyncio.Event()
+
+    async def hung() -> int:
+        await never.wait()
+        return 0
+
+    reading = CachedReading(hung, ttl_s=5, timeout_s=0.05)
+    with pytest.raises(TimeoutError):
+        await reading.get()
+
+
 def test_a_negative_ttl_is_refused() -> None:
     async def read() -> int:
         return 0
