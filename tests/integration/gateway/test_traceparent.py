@@ -38,3 +38,19 @@ async def test_the_agents_traceparent_reaches_the_command_and_a_revert_request_w
     assert sorted(str(c.traceparent) for c in commands) == sorted([AGENT, "None"])
     [requested] = await reader.wait_for([RUNS], run_id, 1, type_prefix="run.revert_requested")
     assert requested.traceparent == OPERATOR
+
+
+async def test_a_released_command_goes_out_as_the_agent_sent_it_not_in_the_operators_trace(
+        harness: Harness, reader: TopicReader) -> None:
+    h = harness
+    await h.client.set_policy({"quarantineWindowS": 3600.0})
+    run_id = await h.client.start_run()
+    await call(h, CREATE, {"r": run_id}, AGENT)
+    untraced = await h.client.gql(CREATE, {"r": run_id})
+    assert untraced["data"]["createDocument"]["status"] == "HELD"
+    await call(h, 'mutation($r: ID!) { releaseRun(runId: $r) { count } }', {"r": run_id}, OPERATOR,
+               key=OPERATOR_KEY)
+
+    commands = await reader.wait_for([commands_topic("documents")], run_id, 2)
+    # Each keeps the trace it was written in: the agent's, or none; the releasing operator's joins neither.
+    assert sorted(str(c.traceparent) for c in commands) == sorted([AGENT, "None"])
