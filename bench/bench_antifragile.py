@@ -28,7 +28,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import os
 import random
 import shutil
 import sys
@@ -46,10 +45,10 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # run as a script: `python bench/bench_antifragile.py`
     sys.path.insert(0, str(REPO))
 
+from bench import gateway_process  # noqa: E402
 from bench.machine import write_result  # noqa: E402
 
 NAME = "antifragile"
-CACHE = REPO / ".kinshasa" / "cache"
 OPERATOR_KEY = "bench-operator-" + "o" * 40
 ENTRY_POINTS = ("support", "billing", "research")
 AGENTS = 6
@@ -129,51 +128,18 @@ def population(seed: int, good: int, rogue_per_kind: int) -> list[Shape]:
 
 def start_gateway(root: Path, cleanup: contextlib.ExitStack) -> tuple[str, str]:
     """Kafka and one gateway process with the bench's agents; returns the gateway's URL and Kafka's."""
-    from kinshasa.infra.kafka import KafkaBroker, kafka_libs
-    from kinshasa.infra.process import ManagedProcess, free_port, wait_until
-    from kinshasa.services.registry import publish_example_declarations
-    from kinshasa.settings import InfraSettings
-
-    infra = InfraSettings()
-    kafka = KafkaBroker(root=root / "kafka", libs=kafka_libs(CACHE, infra.kafka_version, infra.kafka_home),
-                        port=free_port(), controller_port=free_port())
-    cleanup.callback(kafka.stop)
-    kafka.start(attached=True)
-    publish_example_declarations(kafka.bootstrap)
     principals = [{"id": f"bench-agent-{n}", "kind": "agent", "scopes": ["*"], "key": agent_key(n)}
                   for n in range(AGENTS)]
     principals.append({"id": "bench-operator", "kind": "operator", "scopes": ["*"], "key": OPERATOR_KEY})
-    credentials = root / "credentials.json"
-    credentials.write_text(json.dumps({"principals": principals}))
-    port = free_port()
-    env = os.environ | {
-        "KINSHASA_DATA_DIR": str(root / "data"),
-        "KINSHASA_KAFKA_BOOTSTRAP": kafka.bootstrap,
-        "KINSHASA_LOG_LEVEL": "WARNING",
-        "KINSHASA_GATEWAY_CREDENTIALS_FILE": str(credentials),
-        "KINSHASA_GATEWAY_HOST": "127.0.0.1",
-        "KINSHASA_GATEWAY_PORT": str(port),
+    env = {
         "KINSHASA_GATEWAY_RELEASER_INTERVAL_S": "0.05",
         # The breaker is what is measured, not the gateway's per-principal rate limits.
         "KINSHASA_GATEWAY_PRINCIPAL_LIMITS": json.dumps(
             {f"bench-agent-{n}": {"rate_per_s": 1e9, "rate_burst": 1e9, "max_in_flight": 10_000}
              for n in range(AGENTS)}),
     }
-    process = ManagedProcess(name="gateway", argv=[sys.executable, "-m", "kinshasa.gateway", "serve"],
-                             env=env, cwd=REPO, log_path=root / "logs" / "gateway.log",
-                             pid_path=root / "gateway.pid")
-    cleanup.callback(process.stop)
-    process.start(attached=True)
-    url = f"http://127.0.0.1:{port}/graphql"
-
-    def healthy() -> bool:
-        try:
-            return httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    wait_until(healthy, process, 120, "gateway")
-    return url, kafka.bootstrap
+    url, bootstrap = gateway_process.start_gateway(root, cleanup, principals, env)
+    return f"{url}/graphql", bootstrap
 
 
 class Gateway:

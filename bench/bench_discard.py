@@ -34,10 +34,10 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # run as a script: `python bench/bench_discard.py`
     sys.path.insert(0, str(REPO))
 
+from bench import gateway_process  # noqa: E402
 from bench.machine import write_result  # noqa: E402
 
 NAME = "discard"
-CACHE = REPO / ".kinshasa" / "cache"
 AGENT_KEY = "bench-agent-" + "a" * 40
 OPERATOR_KEY = "bench-operator-" + "o" * 40
 WRITES = (
@@ -51,52 +51,14 @@ QUARANTINE_S = 3600
 
 def start_gateway(root: Path, cleanup: contextlib.ExitStack, database_url: str | None) -> tuple[str, str]:
     """Kafka and one gateway process; returns the gateway's base URL and the Kafka bootstrap."""
-    from kinshasa.infra.kafka import KafkaBroker, kafka_libs
-    from kinshasa.infra.process import ManagedProcess, free_port, wait_until
-    from kinshasa.settings import InfraSettings
-
-    infra = InfraSettings()
-    kafka = KafkaBroker(root=root / "kafka", libs=kafka_libs(CACHE, infra.kafka_version, infra.kafka_home),
-                        port=free_port(), controller_port=free_port())
-    cleanup.callback(kafka.stop)
-    kafka.start(attached=True)
-    # The gateway learns the example services from their declarations, as when they start beside it.
-    from kinshasa.services.registry import publish_example_declarations
-
-    publish_example_declarations(kafka.bootstrap)
-    credentials = root / "credentials.json"
-    credentials.write_text(json.dumps({"principals": [
-        {"id": "bench-agent", "kind": "agent", "scopes": ["*"], "key": AGENT_KEY},
-        {"id": "bench-operator", "kind": "operator", "scopes": ["*"], "key": OPERATOR_KEY}]}))
-    port = free_port()
-    env = os.environ | {
-        "KINSHASA_DATA_DIR": str(root / "data"),
-        "KINSHASA_KAFKA_BOOTSTRAP": kafka.bootstrap,
-        "KINSHASA_LOG_LEVEL": "WARNING",
-        "KINSHASA_GATEWAY_CREDENTIALS_FILE": str(credentials),
-        "KINSHASA_GATEWAY_HOST": "127.0.0.1",
-        "KINSHASA_GATEWAY_PORT": str(port),
-        # One agent submitting as fast as it can is what this measures: not the gateway's fairness limits.
-        "KINSHASA_GATEWAY_PRINCIPAL_LIMITS": json.dumps(
-            {"bench-agent": {"rate_per_s": 1e9, "rate_burst": 1e9, "max_in_flight": 10_000}}),
-    }
+    principals = [{"id": "bench-agent", "kind": "agent", "scopes": ["*"], "key": AGENT_KEY},
+                  {"id": "bench-operator", "kind": "operator", "scopes": ["*"], "key": OPERATOR_KEY}]
+    # One agent submitting as fast as it can is what this measures: not the gateway's fairness limits.
+    env = {"KINSHASA_GATEWAY_PRINCIPAL_LIMITS": json.dumps(
+        {"bench-agent": {"rate_per_s": 1e9, "rate_burst": 1e9, "max_in_flight": 10_000}})}
     if database_url:
         env["KINSHASA_GATEWAY_DATABASE_URL"] = database_url
-    process = ManagedProcess(name="gateway", argv=[sys.executable, "-m", "kinshasa.gateway", "serve"],
-                             env=env, cwd=REPO, log_path=root / "logs" / "gateway.log",
-                             pid_path=root / "gateway.pid")
-    cleanup.callback(process.stop)
-    process.start(attached=True)
-    url = f"http://127.0.0.1:{port}"
-
-    def healthy() -> bool:
-        try:
-            return httpx.get(f"{url}/healthz", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    wait_until(healthy, process, 120, "gateway")
-    return url, kafka.bootstrap
+    return gateway_process.start_gateway(root, cleanup, principals, env)
 
 
 def run_messages(bootstrap: str, topics: list[str], run_id: str) -> list[tuple[str, str]]:
