@@ -90,6 +90,8 @@ class CoordinatorSettings(ComponentSettings):
 
     admin_port: int = 8010
     task_queue: str = "kinshasa-revert"
+    # How long /metrics keeps its revert and compensation figures (one scan of the ledger per period).
+    metrics_cache_s: float = Field(default=15.0, ge=0)
 
 
 class ServiceSettings(ComponentSettings):

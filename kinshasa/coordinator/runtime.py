@@ -126,7 +126,7 @@ class CoordinatorRuntime:
         self.token = token
         self.metrics = ComponentMetrics(COMPONENT)
         # Reverts by status and compensations by outcome, read from the ledger.
-        self.domain_metrics = CoordinatorMetrics(self.metrics)
+        self.domain_metrics = CoordinatorMetrics(self.metrics, ttl_s=settings.metrics_cache_s)
         self.api_url: str | None = None
         self.ready = asyncio.Event()
         self.relay: OutboxRelay | None = None

@@ -99,7 +99,7 @@ class Gateway:
         )
         self.metrics = ComponentMetrics(COMPONENT)
         # Trips, incidents, held and awaiting-approval commands (read from the database), budget refusals.
-        self.domain_metrics = GatewayMetrics(self.metrics, self.engine)
+        self.domain_metrics = GatewayMetrics(self.metrics, self.engine, ttl_s=settings.metrics_cache_s)
         self.policies = PolicyBook()
         self.webhook = WebhookSender(
             self.engine,

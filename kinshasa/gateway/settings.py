@@ -66,6 +66,10 @@ class GatewayConfig(GatewaySettings):
     # size (5 + 10 overflow on SQLite), so reads never take every connection the writes need.
     database_reads: int = 6
 
+    # How long /metrics keeps the figures it reads from the database (trips, incidents, held and
+    # awaiting-approval commands): however often it is scraped, one read per this many seconds.
+    metrics_cache_s: float = Field(default=5.0, ge=0)
+
     # How often the releaser looks for commands whose quarantine window has elapsed.
     releaser_interval_s: float = 0.25
     releaser_batch: int = 500

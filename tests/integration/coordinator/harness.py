@@ -358,7 +358,8 @@ class Stack:
                                      policy=self.policy, consumer_group=self.consumer_group)
         return CoordinatorRuntime(stack=self.stack_settings,
                                   settings=CoordinatorSettings(database_url=self.coordinator_url,
-                                                               admin_port=0, task_queue=self.task_queue),
+                                                               admin_port=0, task_queue=self.task_queue,
+                                                               metrics_cache_s=0.1),
                                   options=options)
 
     async def start_coordinator(self, roles: Sequence[str] | None = None) -> CoordinatorRuntime:

@@ -127,7 +127,8 @@ async def harness(
     database_url: str, kafka: Any, tmp_path: Path, examples_catalogue: str
 ) -> AsyncIterator[Harness]:
     settings = GatewayConfig(
-        database_url=database_url, dev_mode=False, releaser_interval_s=0.1, catalogue_topic=examples_catalogue
+        database_url=database_url, dev_mode=False, releaser_interval_s=0.1,
+        catalogue_topic=examples_catalogue, metrics_cache_s=0.1,
     )
     stack = StackSettings(data_dir=tmp_path / "data", kafka_bootstrap=kafka.bootstrap)
     gateway = Gateway(settings, stack, registry=registry())
