@@ -7,7 +7,7 @@ from sqlalchemy import select, update
 from kinshasa.gateway import store
 from kinshasa.gateway.errors import Invalid, RunNotFound
 from kinshasa.gateway.quarantine import UNPUBLISHED, discard
-from kinshasa.gateway.runs import RunFilter, RunRecord, check_run_id, filter_clause, load_run, run_envelope
+from kinshasa.gateway.runs import RunFilter, RunRecord, filter_clause, load_run, run_envelope
 from kinshasa.gateway.store import runs
 from kinshasa.gateway.uow import Tx
 from kinshasa.schemas.envelope import Actor, RunEventKind, utcnow
@@ -88,8 +88,6 @@ async def revert_one(tx: Tx, run_id: str, reason: str, actor: Actor) -> tuple[Ru
 
     Returns (run, rung) as `request_revert` does.
     """
-    # An unknown run is refused as every one-run call refuses it (RUN_NOT_FOUND, "start one with startRun").
-    await load_run(tx.conn, check_run_id(run_id))
     requested, unchanged = await revert_selection(tx, RunSelection(run_ids=(run_id,)), reason, actor)
     return (requested[0], True) if requested else (unchanged[0], False)
 
