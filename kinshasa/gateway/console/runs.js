@@ -76,12 +76,20 @@ export function render(main) {
     return { run, box, tr, statusCell, progressCell };
   }
 
+  // Each new listing (the first, or a Filter) outdates any still on its way: a slow answer to an earlier
+  // one must not replace the rows the operator is already selecting in.
+  let listing = 0;
+
   async function load(next = null) {
+    const mine = next ? listing : ++listing;
     try {
       const page = (await gql(QUERY, { f: filter(), after: next })).runs;
+      if (mine !== listing) return;
+      const keep = new Set(selected());
       if (!next) { rows.clear(); body.replaceChildren(); }
       for (const run of page.nodes) {
         const r = row(run);
+        r.box.checked = keep.has(run.id);  // a run still listed stays selected
         rows.set(run.id, r);
         body.append(r.tr);
       }
