@@ -435,7 +435,10 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(tempfile.mkdtemp(prefix="kinshasa-bench-latency-"))
     try:
         with contextlib.ExitStack() as cleanup:
-            urls = start_stack(root, cleanup)
+            # What is measured is the stack's latency, not one agent's fairness budget (about 100 writes/s).
+            limits = {"bench-agent": {"rate_per_s": 1e9, "rate_burst": 1e9, "max_in_flight": 10_000}}
+            urls = start_stack(root, cleanup,
+                               gateway_env={"KINSHASA_GATEWAY_PRINCIPAL_LIMITS": json.dumps(limits)})
             figures = asyncio.run(measure_all(urls, rates, seconds, warmup, args.poll_ms / 1000,
                                               sweep, sweep_seconds))
     except Exception as exc:
