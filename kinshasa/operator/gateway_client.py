@@ -48,6 +48,26 @@ STEPS_PAGE = 200
 RUN_PROGRESS = f"""query($id: ID!) {{ run(id: $id) {{ {RUN_FIELDS} }} }}"""
 
 
+# A RATE_LIMITED answer (the operator's bucket is shared with its console pages and scripts) is refused
+# before anything ran, so it is waited out and sent again, up to this many tries, each wait at most
+# RATE_LIMITED_MAX_WAIT_S; past either the refusal is raised.
+RATE_LIMITED_ATTEMPTS = 8
+RATE_LIMITED_MAX_WAIT_S = 30.0
+
+
+def _rate_limited_wait(body: dict[str, Any]) -> float | None:
+    """Seconds the gateway asked to wait when it refused the request on the principal's rate, else None."""
+    if body.get("data") is not None:
+        return None
+    for error in body.get("errors") or []:
+        extensions = error.get("extensions") or {}
+        if extensions.get("code") == "RATE_LIMITED":
+            retry = extensions.get("retryAfterS")
+            wait = float(retry) if isinstance(retry, int | float) else 1.0
+            return wait if 0 <= wait <= RATE_LIMITED_MAX_WAIT_S else None
+    return None
+
+
 class GatewayError(RuntimeError):
     """The gateway refused or failed a request; `code` is its `extensions.code` when it gave one."""
 
@@ -88,18 +108,12 @@ class GatewayClient:
 
     async def call(self, query: str, variables: dict[str, Any]) -> dict[str, Any]:
         async with httpx.AsyncClient(timeout=self.timeout_s, transport=self.transport) as http:
-            try:
-                response = await http.post(self.url, json={"query": query, "variables": variables},
-                                           headers={"Authorization": f"Bearer {self.key}"})
-            except httpx.HTTPError as exc:
-                raise GatewayError(f"the gateway at {self.url} did not answer ({type(exc).__name__}): is the "
-                                   "stack running (`kinshasa up`)? is --gateway right?") from exc
-        try:
-            body = response.json()
-        except ValueError as exc:
-            raise GatewayError(f"the gateway answered {response.status_code} without JSON") from exc
-        if not isinstance(body, dict):
-            raise GatewayError(f"the gateway answered {response.status_code}: {str(body)[:300]}")
+            for attempt in range(1, RATE_LIMITED_ATTEMPTS + 1):
+                response, body = await self._post(http, query, variables)
+                wait = _rate_limited_wait(body)
+                if wait is None or attempt == RATE_LIMITED_ATTEMPTS:
+                    break
+                await asyncio.sleep(wait)
         errors = body.get("errors") or []
         data = body.get("data")
         if errors and (data is None or not all(e.get("path") for e in errors)):
@@ -111,6 +125,22 @@ class GatewayClient:
         self.warnings.extend(f"{'.'.join(map(str, e.get('path', [])))}: {e.get('message')}" for e in errors)
         result: dict[str, Any] = data
         return result
+
+    async def _post(self, http: httpx.AsyncClient, query: str,
+                    variables: dict[str, Any]) -> tuple[httpx.Response, dict[str, Any]]:
+        try:
+            response = await http.post(self.url, json={"query": query, "variables": variables},
+                                       headers={"Authorization": f"Bearer {self.key}"})
+        except httpx.HTTPError as exc:
+            raise GatewayError(f"the gateway at {self.url} did not answer ({type(exc).__name__}): is the "
+                               "stack running (`kinshasa up`)? is --gateway right?") from exc
+        try:
+            body = response.json()
+        except ValueError as exc:
+            raise GatewayError(f"the gateway answered {response.status_code} without JSON") from exc
+        if not isinstance(body, dict):
+            raise GatewayError(f"the gateway answered {response.status_code}: {str(body)[:300]}")
+        return response, body
 
     async def revert_runs(self, selector: dict[str, Any], reason: str) -> dict[str, Any]:
         """The operator's one way to revert (`revertRuns`): a single run is a selection of one id."""

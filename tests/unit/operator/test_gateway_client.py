@@ -97,3 +97,42 @@ async def test_pages_follow_the_cursor_until_the_limit_or_the_last_page() -> Non
     asked.clear()
     assert await sizes(150) == [100, 50]  # the limit asks for no more than it shows
     assert asked == [(100, None, "X"), (50, "100", "X")]
+
+
+def _limited(retry_after: float) -> dict[str, object]:
+    return {"data": None, "errors": [{"message": "over its rate", "extensions": {
+        "code": "RATE_LIMITED", "retryAfterS": retry_after}}]}
+
+
+async def test_a_rate_limited_request_is_waited_out_and_sent_again() -> None:
+    answers = [_limited(0.01), _limited(0.02), {"data": {"me": {"id": "op"}}}]
+    sent: list[object] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        sent.append(json.loads(request.content)["query"])
+        return httpx.Response(200, json=answers.pop(0))
+
+    client = GatewayClient(url="http://gateway/graphql", key="k", transport=httpx.MockTransport(answer))
+    assert await client.call("{ me { id } }", {}) == {"me": {"id": "op"}}
+    assert sent == ["{ me { id } }"] * 3
+
+
+async def test_a_rate_limit_that_does_not_clear_or_asks_too_long_a_wait_is_raised() -> None:
+    def always(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, json=_limited(0.0))
+
+    client = GatewayClient(url="http://gateway/graphql", key="k", transport=httpx.MockTransport(always))
+    with pytest.raises(GatewayError, match="RATE_LIMITED") as refused:
+        await client.call("{ me { id } }", {})
+    assert refused.value.code == "RATE_LIMITED"
+
+    sent: list[object] = []
+
+    def too_long(request: httpx.Request) -> httpx.Response:
+        sent.append(request)
+        return httpx.Response(200, json=_limited(3600.0))
+
+    client = GatewayClient(url="http://gateway/graphql", key="k", transport=httpx.MockTransport(too_long))
+    with pytest.raises(GatewayError, match="RATE_LIMITED"):
+        await client.call("{ me { id } }", {})
+    assert len(sent) == 1  # an hour's wait is the operator's call, not the CLI's
