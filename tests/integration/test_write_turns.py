@@ -1,0 +1,118 @@
+"""SQLite write transactions of one process take the write lock in arrival order (kernel/database.py
+WriteTurns), each woken when the one before it ends, and a turn is always given back."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Column, Integer, MetaData, Table, insert, select
+from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.util import greenlet_spawn
+
+from kinshasa.kernel.database import READ_ONLY, WriteTurns, create_engine
+
+metadata = MetaData()
+marks = Table("marks", metadata, Column("id", Integer, primary_key=True))
+
+
+@pytest.fixture
+async def engine(tmp_path: Path) -> AsyncIterator[AsyncEngine]:
+    engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'turns.sqlite3'}", pool_size=8)
+    async with engine.begin() as conn:
+        await conn.run_sync(metadata.create_all)
+    yield engine
+    await engine.dispose()
+
+
+async def test_writers_begin_in_the_order_they_asked_and_each_waits_for_the_one_before(
+        engine: AsyncEngine) -> None:
+    order: list[int] = []
+    first_may_commit = asyncio.Event()
+    first_began = asyncio.Event()
+
+    async def first() -> None:
+        async with engine.begin() as conn:
+            await conn.execute(insert(marks).values(id=0))
+            order.append(0)
+            first_began.set()
+            await first_may_commit.wait()
+
+    async def writer(n: int) -> None:
+        async with engine.begin() as conn:
+            await conn.execute(insert(marks).values(id=n))
+            order.append(n)
+
+    holder = asyncio.create_task(first())
+    await first_began.wait()
+    waiting = []
+    for n in range(1, 6):
+        waiting.append(asyncio.create_task(writer(n)))
+        await asyncio.sleep(0.01)  # asks after the one before it has asked
+    # A read does not wait for a turn: it answers while the first writer still holds the lock.
+    async with engine.connect() as conn:
+        await conn.execution_options(**{READ_ONLY: True})
+        assert (await conn.execute(select(marks.c.id))).all() == []
+    assert order == [0]  # nobody wrote past the holder
+    first_may_commit.set()
+    await asyncio.gather(holder, *waiting)
+    assert order == [0, 1, 2, 3, 4, 5]
+    async with engine.connect() as conn:
+        assert sorted(r[0] for r in await conn.execute(select(marks.c.id))) == [0, 1, 2, 3, 4, 5]
+
+
+async def test_a_rolled_back_failed_or_cancelled_writer_gives_its_turn_back(engine: AsyncEngine) -> None:
+    with pytest.raises(RuntimeError, match="refused"):
+        async with engine.begin() as conn:
+            await conn.execute(insert(marks).values(id=1))
+            raise RuntimeError("refused")
+
+    holding = asyncio.Event()
+
+    async def cancelled() -> None:
+        async with engine.begin() as conn:
+            await conn.execute(insert(marks).values(id=2))
+            holding.set()
+            await asyncio.Event().wait()
+
+    task = asyncio.create_task(cancelled())
+    await holding.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    # A duplicate key fails the statement; the transaction rolls back and the turn comes back too.
+    async with engine.begin() as conn:
+        await conn.execute(insert(marks).values(id=3))
+    with pytest.raises(Exception, match="UNIQUE"):
+        async with engine.begin() as conn:
+            await conn.execute(insert(marks).values(id=3))
+    # Each writer after these got its turn at once (patience is 30 s): nothing is left holding one.
+    async with asyncio.timeout(5):
+        async with engine.begin() as conn:
+            await conn.execute(insert(marks).values(id=4))
+    async with engine.connect() as conn:
+        assert sorted(r[0] for r in await conn.execute(select(marks.c.id))) == [3, 4]
+
+
+async def test_a_turn_whose_holder_was_lost_costs_patience_once_then_the_queue_starts_afresh(
+        caplog: pytest.LogCaptureFixture) -> None:
+    turns = WriteTurns(patience_s=0.2)
+    loop = asyncio.get_running_loop()
+    lost = asyncio.Lock()
+    await lost.acquire()  # a holder that never gives back (the bug this guards against)
+    turns._locks[loop] = lost
+
+    class Connection:
+        pass
+
+    held = Connection()
+    await greenlet_spawn(turns.take, held)
+    assert "no write turn within 0.2 s" in caplog.text
+    assert turns._locks[loop] is not lost and not turns._locks[loop].locked()
+    caplog.clear()
+    await greenlet_spawn(turns.take, held)  # the fresh queue: taken at once, no warning
+    assert caplog.text == "" and turns._locks[loop].locked()
+    turns.give_back(held)
+    assert not turns._locks[loop].locked()
