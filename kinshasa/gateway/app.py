@@ -26,7 +26,7 @@ from kinshasa.gateway.alerts import WebhookSender
 from kinshasa.gateway.commands import CommandWriter
 from kinshasa.gateway.context import GatewayContext, Services
 from kinshasa.gateway.domain_metrics import GatewayMetrics
-from kinshasa.gateway.durability import gateway_watcher, install_durability_tables
+from kinshasa.gateway.durability import gateway_watcher
 from kinshasa.gateway.fairness import fairness_from
 from kinshasa.gateway.graphql import build_schema, operator_mutation_names
 from kinshasa.gateway.hardening import RequestGuard, error_body, schema_extensions
@@ -54,7 +54,6 @@ from kinshasa.kernel.relay import OutboxRelay
 from kinshasa.kernel.supervisor import GaveUp, RestartPolicy, Supervisor
 from kinshasa.mcp.http import McpEndpoint, McpRoute
 from kinshasa.mcp.settings import McpSettings
-from kinshasa.migrations.install import install_kernel_tables
 from kinshasa.schemas.operations import OperationCatalogue
 from kinshasa.settings import StackSettings
 from kinshasa.topics.catalogue import ALERTS, RUNS, TopicSpec, catalogue_topic_spec, dlq_topic
@@ -196,10 +195,9 @@ class Gateway:
             self.relay.wake()
 
     async def install(self) -> None:
-        await install_kernel_tables(self.engine)
-        await open_chain(self.engine, COMPONENT)
+        # One migration of the whole database (kernel and gateway branches); then the receipt chain opens.
         await install_gateway_tables(self.engine)
-        await install_durability_tables(self.engine)
+        await open_chain(self.engine, COMPONENT)
 
     async def start(self) -> None:
         """Check the gateway's topics (no start on a missing or under-replicated one), create tables, load
