@@ -6,6 +6,7 @@ import importlib
 import pkgutil
 import sys
 import time
+import traceback
 from pathlib import Path
 
 
@@ -20,8 +21,12 @@ def main(argv: list[str]) -> int:
     for name in names:
         print(f"\n=== {name}{' (small)' if small else ''} ===", flush=True)
         started = time.monotonic()
-        module = importlib.import_module(f"bench.{name}")
-        code = module.main(["--small"] if small else [])
+        try:
+            module = importlib.import_module(f"bench.{name}")
+            code = module.main(["--small"] if small else [])
+        except Exception:  # one benchmark's failure does not cost the others' figures
+            traceback.print_exc()
+            code = 1
         print(f"=== {name}: exit {code} in {time.monotonic() - started:.1f}s ===", flush=True)
         if code:
             failed.append(name)
