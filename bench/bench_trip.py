@@ -161,8 +161,8 @@ async def trial(urls: list[str], database_url: str, index: int, threshold: int,
                     continue
                 code = body["errors"][0].get("extensions", {}).get("code", "UNKNOWN")
                 refused[code] += 1
-                if code == "BREAKER_OPEN":
-                    return
+                if code in ("BREAKER_OPEN", "RUN_CLOSED"):
+                    return  # tripped; with auto-revert the run is then closed to every write
 
         tasks = [asyncio.create_task(writer(n)) for n in range(writers)]
         await asyncio.sleep(0.2)  # every writer is parked on the gate
