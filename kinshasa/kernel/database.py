@@ -51,7 +51,8 @@ def is_postgres(engine: AsyncEngine) -> bool:
 # last commits. Not a setting: only the relay and gateway benchmarks set NORMAL, in their own processes, to
 # state what FULL costs (`bench/bench_relay.py`, `bench/bench_gateway.py`).
 SQLITE_SYNCHRONOUS = "FULL"
-# How long a transaction waits for SQLite's write lock (or its turn for it, WriteTurns) before failing.
+# How long a transaction waits for SQLite's write lock before failing. A writer of this process first waits
+# up to as long for its turn (WriteTurns), so one behind a stuck holder fails after at most twice this.
 SQLITE_BUSY_TIMEOUT_S = 30.0
 
 
@@ -127,8 +128,9 @@ class WriteTurns:
         self._locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = (
             weakref.WeakKeyDictionary()
         )
-        # The turn each DBAPI connection holds, by the connection's id (the driver's objects have slots).
-        self._held: dict[int, asyncio.Lock] = {}
+        # The turn each DBAPI connection holds (and its loop), by the connection's id (the driver's objects
+        # have slots).
+        self._held: dict[int, tuple[asyncio.Lock, asyncio.AbstractEventLoop]] = {}
 
     def take(self, dbapi_connection: Any) -> None:
         """Wait for this connection's turn to write (called in SQLAlchemy's greenlet, on the loop)."""
@@ -142,7 +144,7 @@ class WriteTurns:
         if lock is None:
             lock = self._locks[loop] = asyncio.Lock()
         if await_only(self._acquire(lock)):
-            self._held[_raw_id(dbapi_connection)] = lock
+            self._held[_raw_id(dbapi_connection)] = (lock, loop)
         elif self._locks.get(loop) is lock:
             self._locks[loop] = asyncio.Lock()  # its holder was lost: later writers queue afresh
 
@@ -151,15 +153,26 @@ class WriteTurns:
             async with asyncio.timeout(self.patience_s):
                 await lock.acquire()
         except TimeoutError:
-            log.warning("no write turn within %g s: a holder was lost track of; taking SQLite's lock "
-                        "directly", self.patience_s)
+            log.warning("no write turn within %g s (the writer before is stuck, or its turn was lost): "
+                        "starting a fresh queue and waiting for SQLite's lock directly", self.patience_s)
             return False
         return True
 
     def give_back(self, dbapi_connection: Any) -> None:
-        lock = self._held.pop(_raw_id(dbapi_connection), None)
-        if lock is not None and lock.locked():
-            lock.release()
+        held = self._held.pop(_raw_id(dbapi_connection), None)
+        if held is None:
+            return
+        lock, loop = held
+        try:
+            on_loop = asyncio.get_running_loop() is loop
+        except RuntimeError:
+            on_loop = False
+        if on_loop:
+            _release(lock)
+        elif not loop.is_closed():
+            # A connection collected off the loop's thread (the garbage collector runs where it runs):
+            # an asyncio lock is released on its own loop.
+            loop.call_soon_threadsafe(_release, lock)
 
     def wrap(self, dialect: Any) -> None:
         """Give the turn back once the transaction has ended: after its COMMIT or ROLLBACK has run, or
@@ -174,6 +187,11 @@ class WriteTurns:
                     self.give_back(dbapi_connection)
 
             setattr(dialect, name, ended)
+
+
+def _release(lock: asyncio.Lock) -> None:
+    if lock.locked():
+        lock.release()
 
 
 def _raw_id(connection: Any) -> int:

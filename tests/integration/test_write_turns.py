@@ -116,3 +116,28 @@ async def test_a_turn_whose_holder_was_lost_costs_patience_once_then_the_queue_s
     assert caplog.text == "" and turns._locks[loop].locked()
     turns.give_back(held)
     assert not turns._locks[loop].locked()
+
+
+async def test_a_turn_given_back_off_the_loops_thread_is_released_on_its_loop() -> None:
+    # The garbage collector may close a forgotten connection in another thread: the asyncio lock must
+    # still be released, on its own loop, so the next writer gets its turn.
+    turns = WriteTurns()
+
+    class Connection:
+        pass
+
+    held = Connection()
+    await greenlet_spawn(turns.take, held)
+    loop = asyncio.get_running_loop()
+    lock = turns._locks[loop]
+    waiter = asyncio.create_task(lock.acquire())  # the next writer, already waiting
+    await asyncio.sleep(0)
+    # Debug mode makes the loop refuse a callback scheduled from another thread without call_soon_threadsafe.
+    loop.set_debug(True)
+    try:
+        await asyncio.to_thread(turns.give_back, held)
+        async with asyncio.timeout(5):  # the next writer's turn comes: the release reached the loop
+            assert await waiter
+    finally:
+        loop.set_debug(False)
+    lock.release()
