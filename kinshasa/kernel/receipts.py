@@ -46,6 +46,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from kinshasa.kernel.database import READ_ONLY
 from kinshasa.kernel.outbox import outbox
 from kinshasa.kernel.tables import kernel_metadata
 from kinshasa.schemas.clock import utcnow
@@ -480,5 +481,8 @@ class ChainVerifier:
         self.sources = sources
 
     async def verify(self) -> ChainReport:
+        # A read: on SQLite it walks a WAL snapshot without the write lock, so a long chain neither waits
+        # behind the component's writers nor holds them up.
         async with self.engine.connect() as conn:
+            await conn.execution_options(**{READ_ONLY: True})
             return await verify_chain(conn, self.component, self.sources)

@@ -9,7 +9,7 @@ from pathlib import Path
 import typer
 from sqlalchemy.engine import make_url
 
-from kinshasa.kernel.database import DatabaseUrlError, create_engine, normalise_url
+from kinshasa.kernel.database import READ_ONLY, DatabaseUrlError, create_engine, normalise_url
 from kinshasa.kernel.receipts import ChainReport, NoChainError, SourceCheck, verify_chain
 from kinshasa.settings import (
     SERVICE_NAMES,
@@ -94,6 +94,7 @@ async def verify_component(component: str, url: str) -> ChainReport:
     engine = create_engine(url)
     try:
         async with engine.connect() as conn:
+            await conn.execution_options(**{READ_ONLY: True})  # a read: no write lock on SQLite
             return await verify_chain(conn, component, source_check(component))
     except NoChainError as exc:
         raise ReceiptsCliError(str(exc)) from exc

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import httpx
 
@@ -32,7 +32,7 @@ class Api:
 
     url: str
     key: str
-    rate_limited_retries: int = 20
+    rate_limited_retries: ClassVar[int] = 20
 
     def call(self, query: str, **variables: Any) -> dict[str, Any]:
         return self._answer(self._post(query, variables))
