@@ -29,12 +29,13 @@ from kinshasa.gateway.domain_metrics import GatewayMetrics
 from kinshasa.gateway.durability import gateway_watcher
 from kinshasa.gateway.fairness import fairness_from
 from kinshasa.gateway.graphql import build_schema, operator_mutation_names
-from kinshasa.gateway.hardening import RequestGuard, error_body, schema_extensions
+from kinshasa.gateway.hardening import RequestGuard, document_cache, error_body, schema_extensions
 from kinshasa.gateway.listener import GROUP, Listener, listened_topics
 from kinshasa.gateway.live import AlertFeed
 from kinshasa.gateway.loaders import DatabaseReads, Pacer
 from kinshasa.gateway.policy import PolicyBook
 from kinshasa.gateway.principals import Principal, PrincipalRegistry, load_registry
+from kinshasa.gateway.readers import InternalOnly, ReadPool, serve_graphql, trusted_principal
 from kinshasa.gateway.reads import Backends
 from kinshasa.gateway.receipts_view import gateway_sources
 from kinshasa.gateway.releaser import Releaser
@@ -81,8 +82,13 @@ class Gateway:
         stack: StackSettings,
         registry: PrincipalRegistry | None = None,
         restart_policy: RestartPolicy | None = None,
+        reader_token: str | None = None,
     ) -> None:
-        self.settings = settings
+        """`reader_token`: this process is a reader of the gateway holding that internal token, which
+        runs costly reads for it (kinshasa/gateway/readers.py), not a gateway agents call."""
+        # A reader never has readers of its own.
+        self.settings = settings if reader_token is None else settings.model_copy(update={"readers": 0})
+        self.reader_token = reader_token
         # How every background task is restarted when it dies (the kernel's default unless a test
         # wants a supervisor that gives up sooner).
         self.restart_policy = restart_policy or RestartPolicy()
@@ -93,7 +99,7 @@ class Gateway:
             if registry is not None
             else load_registry(settings.credentials_file, stack.data_dir, settings.dev_mode)
         )
-        self.internal_token = load_or_create_internal_token(
+        self.internal_token = reader_token or load_or_create_internal_token(
             stack.data_dir, settings.internal_token, stack.internal_token_file
         )
         self.metrics = ComponentMetrics(COMPONENT)
@@ -150,8 +156,10 @@ class Gateway:
         self.durability = gateway_watcher(settings, self.engine, self.backends,
                                           DatabaseReads(self.engine, 1).connect, self.dlq, self.webhook,
                                           self._wake)
-        # Rate and in-flight counts per principal, kept across schema rebuilds.
+        # Rate and in-flight counts per principal, and the parse, validation and cost caches, kept across
+        # schema rebuilds. A reader charges nothing: its gateway admitted each request it is sent.
         self.fairness = fairness_from(settings)
+        self.query_cache = document_cache(settings)
         self.schema: Any = None
         self.graphql_app: Any = None
         # Every background task runs as a role of this supervisor; /healthz asks it about each.
@@ -160,7 +168,16 @@ class Gateway:
         # Called when a role is not restarted any more; the process must then exit non-zero.
         self.on_give_up: Callable[[GaveUp], None] | None = None
         self._catalogue_changed(self.book.catalogue)
+        # Where costly reads run: in readers (started at the first one), unless this is a reader.
+        self.reads = ReadPool(self, on_offload=self.domain_metrics.offloaded)
         self.app = create_app(self)
+
+    @property
+    def is_reader(self) -> bool:
+        return self.reader_token is not None
+
+    def authenticate(self, key: str) -> Principal | None:
+        return self.registry.authenticate(key)
 
     @property
     def catalogue(self) -> OperationCatalogue:
@@ -174,7 +191,9 @@ class Gateway:
         """
         self.schema = build_schema(
             catalogue, dev_mode=self.settings.dev_mode,
-            extensions=schema_extensions(self.settings, self.fairness), declarations=self.book.declarations,
+            extensions=schema_extensions(self.settings, None if self.is_reader else self.fairness,
+                                         self.query_cache),
+            declarations=self.book.declarations,
         )
         self.graphql_app = graphql_app(self, self.schema)
         log.info("GraphQL schema built: %d agent operation(s) from %d service(s)", len(catalogue),
@@ -208,6 +227,11 @@ class Gateway:
         names it until it runs again; one that keeps dying makes the supervisor give up, and
         `on_give_up` (the CLI stops uvicorn and exits non-zero) hands the process to its orchestrator.
         """
+        if self.is_reader:
+            # Its gateway checked the topics and migrated the database; a reader reads the catalogue only.
+            await self.book.load()
+            await self._follow_catalogue()
+            return
         await verify_topics(COMPONENT, self.stack, self.own_topics())
         await self.install()
         await self.book.load()
@@ -272,6 +296,8 @@ class Gateway:
 
     def roles(self) -> list[str]:
         """The names of the roles `start` runs, each a check of /healthz."""
+        if self.is_reader:
+            return ["catalogue"]
         names = ["catalogue", "releaser"]
         if self.settings.background:
             names += ["relay", "housekeeping", "durability", "listener"]
@@ -297,10 +323,15 @@ class Gateway:
         if self.producer is not None:
             await self.producer.close()
             self.producer = None
+        await self.reads.close()
         await self.backends.close()
         await self.engine.dispose()
 
     def context(self, request: HTTPConnection) -> GatewayContext:
+        if self.reader_token is not None:
+            # A reader: its gateway authenticated the caller (InternalOnly checked the token already).
+            principal = trusted_principal(request.headers, self.reader_token)
+            return GatewayContext(self.services, principal, presented_key=principal is not None)
         header = request.headers.get("authorization")
         principal = None
         if header:
@@ -391,7 +422,7 @@ class GraphQLSwitch:
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] in ("http", "websocket") and scope.get("path", "").rstrip("/") == "/graphql":
             current = self.gateway.graphql_app
-            await current(scope, receive, send)
+            await serve_graphql(self.gateway.reads, current, scope, receive, send)
             return
         await self.app(scope, receive, send)
 
@@ -433,6 +464,9 @@ def create_app(gateway: Gateway, manage_lifecycle: bool = True) -> FastAPI:
     app.add_middleware(RequestGuard, limit=settings.max_request_bytes)
     # Outermost, so every request (and the command it writes) continues the caller's traceparent.
     app.add_middleware(tracing.TraceRequests)
+    if gateway.reader_token is not None:
+        # A reader answers its gateway alone.
+        app.add_middleware(InternalOnly, token=gateway.reader_token)
     return app
 
 
@@ -440,7 +474,7 @@ def mcp_endpoint(gateway: Gateway) -> McpEndpoint:
     """/mcp: MCP tools whose calls go to the gateway's current GraphQL app in process."""
 
     async def graphql(scope: Any, receive: Any, send: Any) -> None:
-        await gateway.graphql_app(scope, receive, send)
+        await serve_graphql(gateway.reads, gateway.graphql_app, scope, receive, send)
 
     return McpEndpoint(graphql, lambda key: gateway.registry.authenticate(key), McpSettings())
 

@@ -74,6 +74,32 @@ def serve() -> None:
         raise typer.Exit(code=3)  # uvicorn's own code when startup fails
 
 
+@app.command("reader", hidden=True)
+def reader() -> None:
+    """A reader of a gateway, started by it (kinshasa/gateway/readers.py): settings on stdin, its port on
+    stdout; it serves costly reads for that gateway alone until stdin closes."""
+    import sys
+
+    from kinshasa.gateway.app import Gateway
+    from kinshasa.gateway.principals import PrincipalRegistry
+    from kinshasa.gateway.readers import ReaderStart
+
+    start = ReaderStart.read(sys.stdin)
+    configure_gateway_logging(start.stack, stream=sys.stderr)
+    gateway = Gateway(start.settings, start.stack, registry=PrincipalRegistry(), reader_token=start.token)
+    server = uvicorn.Server(uvicorn.Config(gateway.app, lifespan="on", **UVICORN_LOGGING))
+
+    def stop() -> None:
+        server.should_exit = True
+
+    start.on_close(sys.stdin, stop)
+    start.announce(sys.stdout)
+    with contextlib.suppress(KeyboardInterrupt):
+        server.run(sockets=[start.socket])
+    if not server.started:
+        raise typer.Exit(code=3)
+
+
 @app.command("new-key")
 def new_key_command(
     principal_id: str = typer.Argument(..., help="the principal's id, e.g. agent-7"),

@@ -35,6 +35,7 @@ from kinshasa.kernel.metrics import CachedReading, ComponentMetrics, bounded_lab
 TRIPS = "kinshasa_trips"  # counters: exposed with a _total suffix
 INCIDENTS = "kinshasa_incidents"
 BUDGET_REFUSALS = "kinshasa_agent_budget_refusals"
+OFFLOADED_READS = "kinshasa_offloaded_reads"
 HELD_COMMANDS = "kinshasa_held_commands"
 AWAITING_APPROVAL_COMMANDS = "kinshasa_awaiting_approval_commands"
 
@@ -103,11 +104,19 @@ class GatewayMetrics:
                                        ["component", "budget"], registry=metrics.registry)
         for budget in BUDGETS:
             self.budget_refusals.labels(component=self.component, budget=budget)
+        self.offloaded_reads = Counter(OFFLOADED_READS, "Costly reads this replica had one of its readers "
+                                       "run (kinshasa/gateway/readers.py).", ["component"],
+                                       registry=metrics.registry)
+        self.offloaded_reads.labels(component=self.component)
         metrics.registry.register(_FiguresCollector(self))
         metrics.add_refresher("gateway domain", self.refresh)
 
     async def refresh(self) -> None:
         self.figures = await self._reading.get()
+
+    def offloaded(self) -> None:
+        """Count one read answered by a reader."""
+        self.offloaded_reads.labels(component=self.component).inc()
 
     def refused(self, budget: object) -> None:
         """Count one request refused on `budget` (a `Budget`)."""

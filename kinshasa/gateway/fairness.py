@@ -106,6 +106,12 @@ class Fairness:
             )
         self._in_flight[principal_id] = running + 1
 
+    def refund(self, principal_id: str, cost: float) -> None:
+        """Give back what `admit` charged for a request that did not run (a bucket stays at most full)."""
+        bucket = self._buckets.get(principal_id)
+        if bucket is not None:
+            bucket.tokens = min(bucket.burst, bucket.tokens + cost)
+
     def release(self, principal_id: str) -> None:
         running = self._in_flight.get(principal_id, 0) - 1
         if running > 0:

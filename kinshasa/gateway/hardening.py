@@ -35,25 +35,33 @@ log = logging.getLogger(__name__)
 ExtensionFactory = Callable[[], SchemaExtension]
 
 
-def schema_extensions(settings: GatewayConfig, fairness: Fairness | None = None) -> list[ExtensionFactory]:
-    """Factories, so each request gets a fresh extension instance (Strawberry's supported form).
-
-    `fairness` outlives the schema (it is rebuilt when the catalogue changes), so the gateway passes its
-    own; without one, cost is still limited but no principal is rate limited.
-
-    One extension does what MaxTokensLimiter, AddValidationRules, ParserCache and ValidationCache
-    would do as four: Strawberry sets up every extension's hooks anew on each request, and four of them
-    cost the hot path more than the parsing they save. The limiters' rules are built once, here.
-    """
+def document_cache(settings: GatewayConfig) -> DocumentCache:
+    """The gateway's parse, validation and cost caches, with its limiters' rules (built once, here)."""
     rules = [
         *QueryDepthLimiter(max_depth=settings.max_depth).validation_rules,
         *MaxAliasesLimiter(max_alias_count=settings.max_aliases).validation_rules,
     ]
     if not settings.dev_mode:
         rules.append(NoSchemaIntrospectionCustomRule)
-    documents = DocumentCache(
+    return DocumentCache(
         max_tokens=settings.max_tokens, rules=tuple(rules), maxsize=1024, max_cost=settings.max_query_cost
     )
+
+
+def schema_extensions(
+    settings: GatewayConfig, fairness: Fairness | None = None, cache: DocumentCache | None = None
+) -> list[ExtensionFactory]:
+    """Factories, so each request gets a fresh extension instance (Strawberry's supported form).
+
+    `fairness` outlives the schema (it is rebuilt when the catalogue changes), so the gateway passes its
+    own; without one, cost is still limited but no principal is rate limited. So does `cache`, which the
+    gateway also reads to send costly reads to its readers (kinshasa/gateway/readers.py).
+
+    One extension does what MaxTokensLimiter, AddValidationRules, ParserCache and ValidationCache
+    would do as four: Strawberry sets up every extension's hooks anew on each request, and four of them
+    cost the hot path more than the parsing they save.
+    """
+    documents = cache if cache is not None else document_cache(settings)
     return [lambda: HardenedDocuments(documents, fairness)]
 
 

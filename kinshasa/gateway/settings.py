@@ -66,6 +66,15 @@ class GatewayConfig(GatewaySettings):
     # size (5 + 10 overflow on SQLite), so reads never take every connection the writes need.
     database_reads: int = 6
 
+    # Costly reads in processes of their own (kinshasa/gateway/readers.py): a query estimated at
+    # `read_offload_cost` or more runs in one of `readers` child processes, at CPU priority `reader_nice`
+    # (added to this process's), so one principal's big reads cannot take the CPU everyone's writes need
+    # here. Readers start at the first such read; 0 runs every read in this process. The operator CLI's
+    # page of 100 runs (~500) and every write stay here.
+    readers: int = Field(default=1, ge=0, le=16)
+    read_offload_cost: int = Field(default=2_500, ge=1)
+    reader_nice: int = Field(default=10, ge=0, le=19)
+
     # How long /metrics keeps the figures it reads from the database (trips, incidents, held and
     # awaiting-approval commands): however often it is scraped, one read per this many seconds.
     metrics_cache_s: float = Field(default=5.0, ge=0)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -220,3 +221,33 @@ async def publish(bootstrap: str, topic: str, envelope: Envelope) -> None:
     """Publish as a service would (contract shape), through the project's own producer."""
     async with AsyncProducer(bootstrap, client_id="test-service") as producer:
         await producer.send_envelope(topic, envelope)
+
+
+@asynccontextmanager
+async def configured_gateway(
+    database_url: str, kafka: Any, tmp_path: Path, catalogue: str, **settings: Any
+) -> AsyncIterator[Harness]:
+    """A gateway with these settings (no relay or listener: nothing here needs Kafka after the catalogue)."""
+    config = GatewayConfig(
+        database_url=database_url, dev_mode=False, background=False, catalogue_topic=catalogue, **settings
+    )
+    stack = StackSettings(data_dir=tmp_path / "data", kafka_bootstrap=kafka.bootstrap)
+    served = Gateway(config, stack, registry=registry())
+    await served.start()
+    try:
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=served.app), base_url="http://gateway", timeout=60
+        ) as http:
+            yield Harness(served, Client(http), kafka.bootstrap)
+    finally:
+        await served.stop()
+
+
+@pytest.fixture
+def serve(database_url: str, kafka: Any, tmp_path: Path, examples_catalogue: str) -> Callable[..., Any]:
+    """`async with serve(**settings) as harness`: a gateway of its own, with these settings."""
+
+    def start(**settings: Any) -> Any:
+        return configured_gateway(database_url, kafka, tmp_path, examples_catalogue, **settings)
+
+    return start

@@ -10,23 +10,17 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 from sqlalchemy import event
 
 from kinshasa.gateway import runs as runs_mod
-from kinshasa.gateway.app import Gateway
 from kinshasa.gateway.cost import CostWeights
-from kinshasa.gateway.settings import GatewayConfig, PrincipalLimits
+from kinshasa.gateway.settings import PrincipalLimits
 from kinshasa.infra.process import free_port
-from kinshasa.settings import StackSettings
-from tests.integration.gateway.conftest import OTHER_AGENT_KEY, Client, Harness, registry
+from tests.integration.gateway.conftest import OTHER_AGENT_KEY, Harness
 
 ISSUE_QUERY = (
     "{ "
@@ -40,34 +34,6 @@ ISSUE_QUERY = (
 RUNS_PAGE = "{ runs(first: 20) { nodes { id } } }"
 # What no message to an agent may contain: a URL, an address, a host name.
 WHERE = re.compile(r"[a-z][a-z0-9+.-]*://|\b\d{1,3}(\.\d{1,3}){3}\b|localhost", re.IGNORECASE)
-
-
-@asynccontextmanager
-async def gateway(
-    database_url: str, kafka: Any, tmp_path: Path, catalogue: str, **settings: Any
-) -> AsyncIterator[Harness]:
-    """A gateway with these settings (no relay or listener: nothing here needs Kafka after the catalogue)."""
-    config = GatewayConfig(
-        database_url=database_url, dev_mode=False, background=False, catalogue_topic=catalogue, **settings
-    )
-    stack = StackSettings(data_dir=tmp_path / "data", kafka_bootstrap=kafka.bootstrap)
-    served = Gateway(config, stack, registry=registry())
-    await served.start()
-    try:
-        async with httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=served.app), base_url="http://gateway", timeout=30
-        ) as http:
-            yield Harness(served, Client(http), kafka.bootstrap)
-    finally:
-        await served.stop()
-
-
-@pytest.fixture
-def serve(database_url: str, kafka: Any, tmp_path: Path, examples_catalogue: str) -> Callable[..., Any]:
-    def start(**settings: Any) -> Any:
-        return gateway(database_url, kafka, tmp_path, examples_catalogue, **settings)
-
-    return start
 
 
 @dataclass

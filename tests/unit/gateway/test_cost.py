@@ -8,22 +8,12 @@ import pytest
 from graphql import GraphQLSchema, parse
 
 from kinshasa.gateway.cost import CostWeights, calls_backend, estimate, size_variables
-from kinshasa.gateway.graphql import build_schema
 from kinshasa.gateway.settings import GatewayConfig
 from kinshasa.operator import gateway_client as operator
-from kinshasa.services.registry import example_catalogue, example_declarations
 from tests.e2e import api as e2e_api
 
 W = CostWeights()
 LIMIT = GatewayConfig().max_query_cost
-
-
-@pytest.fixture(scope="module")
-def schema() -> GraphQLSchema:
-    declarations = {d.service: d for d in example_declarations()}
-    built = build_schema(example_catalogue(), dev_mode=False, extensions=[], declarations=declarations)
-    graphql_schema: GraphQLSchema = built._schema
-    return graphql_schema
 
 
 def cost(schema: GraphQLSchema, query: str, variables: dict[str, Any] | None = None) -> float:

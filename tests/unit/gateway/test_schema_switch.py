@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+from types import SimpleNamespace
 from typing import Any
 
 from kinshasa.gateway.app import GraphQLSwitch
 
 
 class _Holder:
-    """Stands in for the gateway: only the attribute the switch reads."""
+    """Stands in for the gateway: only the attributes the switch reads (no readers: every read is local)."""
 
     graphql_app: Any = None
+    reads: Any = SimpleNamespace(readers=[])
 
 
 def _app(name: str, started: asyncio.Event, release: asyncio.Event, served: list[str]) -> Any:
