@@ -127,20 +127,10 @@ def registry() -> PrincipalRegistry:
 async def harness(
     database_url: str, kafka: Any, tmp_path: Path, examples_catalogue: str
 ) -> AsyncIterator[Harness]:
-    settings = GatewayConfig(
-        database_url=database_url, dev_mode=False, releaser_interval_s=0.1,
-        catalogue_topic=examples_catalogue, metrics_cache_s=0.1,
-    )
-    stack = StackSettings(data_dir=tmp_path / "data", kafka_bootstrap=kafka.bootstrap)
-    gateway = Gateway(settings, stack, registry=registry())
-    await gateway.start()
-    try:
-        async with httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=gateway.app), base_url="http://gateway", timeout=30
-        ) as http:
-            yield Harness(gateway, Client(http), kafka.bootstrap)
-    finally:
-        await gateway.stop()
+    """The gateway most tests share: its relay and listener on, a fast releaser and metrics cache."""
+    async with configured_gateway(database_url, kafka, tmp_path, examples_catalogue, background=True,
+                                  releaser_interval_s=0.1, metrics_cache_s=0.1) as served:
+        yield served
 
 
 class TopicReader:
@@ -227,10 +217,9 @@ async def publish(bootstrap: str, topic: str, envelope: Envelope) -> None:
 async def configured_gateway(
     database_url: str, kafka: Any, tmp_path: Path, catalogue: str, **settings: Any
 ) -> AsyncIterator[Harness]:
-    """A gateway with these settings (no relay or listener: nothing here needs Kafka after the catalogue)."""
-    config = GatewayConfig(
-        database_url=database_url, dev_mode=False, background=False, catalogue_topic=catalogue, **settings
-    )
+    """A gateway with these settings; by default no relay or listener (`background=True` for them)."""
+    config = GatewayConfig(**{"database_url": database_url, "dev_mode": False, "background": False,
+                              "catalogue_topic": catalogue, **settings})
     stack = StackSettings(data_dir=tmp_path / "data", kafka_bootstrap=kafka.bootstrap)
     served = Gateway(config, stack, registry=registry())
     await served.start()
