@@ -47,6 +47,7 @@ if str(REPO) not in sys.path:  # run as a script: `python bench/bench_antifragil
 
 from bench import gateway_process  # noqa: E402
 from bench.machine import write_result  # noqa: E402
+from kinshasa.schemas.rate_limits import rate_limited_wait  # noqa: E402
 
 NAME = "antifragile"
 OPERATOR_KEY = "bench-operator-" + "o" * 40
@@ -163,11 +164,10 @@ class Gateway:
         bench's operator reads the stack as fast as it can, and its rate is the gateway's default."""
         body = await self.call(key, query, variables)
         for _ in range(20):
-            limited = [e for e in body.get("errors") or []
-                       if (e.get("extensions") or {}).get("code") == "RATE_LIMITED"]
-            if not limited:
+            wait = rate_limited_wait(body, min_wait_s=0.05)
+            if wait is None:
                 break
-            await asyncio.sleep(max(0.05, float(limited[0]["extensions"].get("retryAfterS") or 1.0)))
+            await asyncio.sleep(wait)
             body = await self.call(key, query, variables)
         if body.get("errors"):
             raise RuntimeError(f"gateway refused a call: {body['errors']}")

@@ -45,6 +45,7 @@ if str(REPO) not in sys.path:  # run as a script: `python bench/bench_isolation.
 
 from bench.bench_latency import percentiles, start_stack  # noqa: E402
 from bench.machine import write_result  # noqa: E402
+from kinshasa.schemas.rate_limits import rate_limited_wait  # noqa: E402
 
 NAME = "isolation"
 ATTACKER_KEY = "bench-attacker-" + "a" * 40
@@ -74,9 +75,9 @@ async def data(http: httpx.AsyncClient, url: str, key: str, query: str,
     while True:
         body = await gql(http, url, key, query, variables)
         errors = body.get("errors") or []
-        limited = [e for e in errors if e.get("extensions", {}).get("code") == "RATE_LIMITED"]
-        if limited:
-            await asyncio.sleep(float(limited[0]["extensions"]["retryAfterS"]))
+        wait = rate_limited_wait(body)
+        if wait is not None:
+            await asyncio.sleep(wait)
             continue
         if errors:
             raise RuntimeError(f"bench setup refused: {errors}")

@@ -14,6 +14,7 @@ from typing import Any
 
 import httpx
 
+from kinshasa.schemas.rate_limits import rate_limited_wait
 from kinshasa.schemas.run_selection import MAX_SELECTED, RunSelection, SelectionError
 from kinshasa.schemas.run_status import REVERT_SETTLED, RunStatus
 
@@ -53,19 +54,6 @@ RUN_PROGRESS = f"""query($id: ID!) {{ run(id: $id) {{ {RUN_FIELDS} }} }}"""
 # RATE_LIMITED_MAX_WAIT_S; past either the refusal is raised.
 RATE_LIMITED_ATTEMPTS = 8
 RATE_LIMITED_MAX_WAIT_S = 30.0
-
-
-def _rate_limited_wait(body: dict[str, Any]) -> float | None:
-    """Seconds the gateway asked to wait when it refused the request on the principal's rate, else None."""
-    if body.get("data") is not None:
-        return None
-    for error in body.get("errors") or []:
-        extensions = error.get("extensions") or {}
-        if extensions.get("code") == "RATE_LIMITED":
-            retry = extensions.get("retryAfterS")
-            wait = float(retry) if isinstance(retry, int | float) else 1.0
-            return wait if 0 <= wait <= RATE_LIMITED_MAX_WAIT_S else None
-    return None
 
 
 class GatewayError(RuntimeError):
@@ -110,7 +98,7 @@ class GatewayClient:
         async with httpx.AsyncClient(timeout=self.timeout_s, transport=self.transport) as http:
             for attempt in range(1, RATE_LIMITED_ATTEMPTS + 1):
                 response, body = await self._post(http, query, variables)
-                wait = _rate_limited_wait(body)
+                wait = rate_limited_wait(body, RATE_LIMITED_MAX_WAIT_S)
                 if wait is None or attempt == RATE_LIMITED_ATTEMPTS:
                     break
                 await asyncio.sleep(wait)

@@ -8,6 +8,8 @@ from typing import Any, ClassVar
 
 import httpx
 
+from kinshasa.schemas.rate_limits import rate_limited_wait
+
 RUN_FIELDS = """id status finishedAt
   breaker { state writes errors servicesTouched trippedReason }
   counts { held awaitingApproval published applied compensated discarded rejected }"""
@@ -42,11 +44,10 @@ class Api:
             response = httpx.post(self.url, json={"query": query, "variables": variables},
                                   headers={"Authorization": f"Bearer {self.key}"}, timeout=30.0)
             body: dict[str, Any] = response.json()
-            limited = [e for e in body.get("errors") or []
-                       if (e.get("extensions") or {}).get("code") == "RATE_LIMITED"]
-            if not limited or attempt == self.rate_limited_retries:
+            wait = rate_limited_wait(body, min_wait_s=0.05)
+            if wait is None or attempt == self.rate_limited_retries:
                 break
-            time.sleep(max(0.05, float(limited[0]["extensions"].get("retryAfterS") or 1.0)))
+            time.sleep(wait)
         return body
 
     @staticmethod
