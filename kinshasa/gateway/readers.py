@@ -277,8 +277,9 @@ class ReadPool:
                 return url
         return None
 
-    def route(self, headers: list[tuple[bytes, bytes]], body: bytes) -> Offload | None:
-        """Offload this request? Admitted and in flight if so (`finish` when it has answered)."""
+    def route(self, headers: list[tuple[bytes, bytes]], body: bytes) -> Offload | RateLimited | None:
+        """Offload this request? Admitted and in flight if so (`finish` when it has answered); refused
+        if its principal is over its rate (answered here, in the shape a refusal has everywhere)."""
         if self._next is None:
             return None
         key = _bearer(headers)
@@ -298,8 +299,10 @@ class ReadPool:
             return None
         try:
             self.host.fairness.admit(principal.id, cost)
-        except RateLimited:
-            return None  # refused in this process, which answers RATE_LIMITED in GraphQL's own shape
+        except RateLimited as refusal:
+            # A principal at its rate retries as often as it is told to, so its refusals cost this
+            # process as little as can be: no trip through the GraphQL machinery.
+            return refusal
         return Offload(principal, cost)
 
     def finish(self, offload: Offload, refund: bool = False) -> None:
@@ -352,6 +355,9 @@ async def serve_graphql(pool: ReadPool, local: ASGIApp, scope: Scope, receive: R
     body, more = await _read_body(receive)
     replay = _replaying(body, more, receive)
     offload = pool.route(scope.get("headers", []), body) if not more else None
+    if isinstance(offload, RateLimited):
+        await _send(send, 200, refusal_body(offload), "application/json")
+        return
     if offload is None:
         await local(scope, replay, send)
         return
@@ -371,6 +377,12 @@ async def serve_graphql(pool: ReadPool, local: ASGIApp, scope: Scope, receive: R
     pool.finish(offload)
     await _send(send, answer.status_code, answer.content,
                 answer.headers.get("content-type", "application/json"))
+
+
+def refusal_body(refusal: RateLimited) -> bytes:
+    """A refusal before execution, as GraphQL answers it: no data, one error with its extensions."""
+    return json.dumps({"data": None, "errors": [{"message": refusal.message,
+                                                 "extensions": refusal.extensions}]}).encode()
 
 
 async def _read_body(receive: Receive) -> tuple[bytes, bool]:

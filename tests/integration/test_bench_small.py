@@ -36,7 +36,8 @@ CASES = [
         "commands", "discarded", "discard_s", "commands_on_kafka", "events_on_kafka", "run_facts_on_kafka",
     ], id="discard"),
     pytest.param(bench_isolation, "isolation", [
-        "offered_per_s", "ratio_p99", "attack.served", "attack.query_cost", "limits.max_query_cost",
+        "offered_per_s", "ratio_p99", "attack.served", "attack.offloaded", "attack.query_cost",
+        "limits.max_query_cost", "limits.readers",
         *(f"{phase}_ms.{p}" for phase in ("quiet", "attacked") for p in PERCENTILES),
     ], id="isolation"),
     pytest.param(bench_relay, "relay", [

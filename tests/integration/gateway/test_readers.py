@@ -123,6 +123,18 @@ async def test_an_offloaded_read_is_still_charged_to_its_principal(serve: Callab
         assert refused is not None, "the limited agent's costly reads were never refused"
         assert refused["extensions"]["code"] == "RATE_LIMITED"
         assert refused["extensions"]["retryAfterS"] > 0
+        # The gateway refused it without running GraphQL, in the very shape GraphQL itself refuses it.
+        routed = await harness.client.raw({"query": COSTLY})
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=harness.gateway.graphql_app),
+                                     base_url="http://gateway") as graphql_only:
+            direct = await graphql_only.post("/graphql", json={"query": COSTLY},
+                                             headers={"Authorization": f"Bearer {AGENT_KEY}"})
+        assert routed.status_code == direct.status_code
+        a, b = routed.json(), direct.json()
+        assert a.keys() == b.keys() and a["data"] is None is b["data"]
+        assert [e.keys() for e in a["errors"]] == [e.keys() for e in b["errors"]]
+        assert a["errors"][0]["extensions"].keys() == b["errors"][0]["extensions"].keys()
+        assert a["errors"][0]["extensions"]["code"] == b["errors"][0]["extensions"]["code"] == "RATE_LIMITED"
         # Nothing charged stays in flight: the principal's count is back to zero.
         assert harness.gateway.fairness.in_flight("agent-1") == 0
 
