@@ -384,12 +384,14 @@ async def measure(url: str, bootstrap: str, args: argparse.Namespace) -> dict[st
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--small", action="store_true")
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=None, help="learning rounds (5; 3 with --small)")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--good", type=int, default=None)
     parser.add_argument("--rogue-per-kind", type=int, default=None)
     parser.add_argument("--concurrency", type=int, default=16)
     args = parser.parse_args(argv)
+    if args.rounds is None:
+        args.rounds = 3 if args.small else 5
     if args.good is None:
         args.good = 36 if args.small else 240
     if args.rogue_per_kind is None:

@@ -82,7 +82,7 @@ def test_small_run_writes_its_figures(module: ModuleType, name: str, figure_keys
         assert [lookup(t, "excess") for t in figures["trials"]] == [0] * len(figures["trials"])
     if name == "antifragile":
         rounds = figures["rounds"]
-        assert [r["round"] for r in rounds] == [1, 2, 3, 4, 5]
+        assert [r["round"] for r in rounds] == [1, 2, 3]
         for r in rounds:
             assert r["good_runs"] > 0 and r["rogue_runs"] > 0 and r["escaped_per_rogue_run"] >= 0
         # Round 1 learns from rogue runs the starting policy let through.
