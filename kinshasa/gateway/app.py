@@ -35,7 +35,7 @@ from kinshasa.gateway.live import AlertFeed
 from kinshasa.gateway.loaders import DatabaseReads, Pacer
 from kinshasa.gateway.policy import PolicyBook
 from kinshasa.gateway.principals import Principal, PrincipalRegistry, load_registry
-from kinshasa.gateway.readers import InternalOnly, ReadPool, serve_graphql, trusted_principal
+from kinshasa.gateway.readers import ReaderDoor, ReadPool, serve_graphql, trusted_principal
 from kinshasa.gateway.reads import Backends
 from kinshasa.gateway.receipts_view import gateway_sources
 from kinshasa.gateway.releaser import Releaser
@@ -82,13 +82,13 @@ class Gateway:
         stack: StackSettings,
         registry: PrincipalRegistry | None = None,
         restart_policy: RestartPolicy | None = None,
-        reader_token: str | None = None,
+        reader_secret: str | None = None,
     ) -> None:
-        """`reader_token`: this process is a reader of the gateway holding that internal token, which
-        runs costly reads for it (kinshasa/gateway/readers.py), not a gateway agents call."""
+        """`reader_secret`: this process is a reader, running costly reads for the gateway that started it
+        and gave it that secret (kinshasa/gateway/readers.py), not a gateway agents call."""
         # A reader never has readers of its own.
-        self.settings = settings if reader_token is None else settings.model_copy(update={"readers": 0})
-        self.reader_token = reader_token
+        self.settings = settings if reader_secret is None else settings.model_copy(update={"readers": 0})
+        self.reader_secret = reader_secret
         # How every background task is restarted when it dies (the kernel's default unless a test
         # wants a supervisor that gives up sooner).
         self.restart_policy = restart_policy or RestartPolicy()
@@ -99,7 +99,7 @@ class Gateway:
             if registry is not None
             else load_registry(settings.credentials_file, stack.data_dir, settings.dev_mode)
         )
-        self.internal_token = reader_token or load_or_create_internal_token(
+        self.internal_token = load_or_create_internal_token(
             stack.data_dir, settings.internal_token, stack.internal_token_file
         )
         self.metrics = ComponentMetrics(COMPONENT)
@@ -125,7 +125,7 @@ class Gateway:
         )
         self.book = ServiceBook(self.engine, reserved_mutations=operator_mutation_names(),
                                 on_change=self._catalogue_changed, on_alert=self._alerted,
-                                webhook=settings.alert_webhook_url is not None)
+                                webhook=settings.alert_webhook_url is not None, records=reader_secret is None)
         self.follower: DeclarationFollower | None = None
         self.backends = Backends(
             self.book,
@@ -174,7 +174,7 @@ class Gateway:
 
     @property
     def is_reader(self) -> bool:
-        return self.reader_token is not None
+        return self.reader_secret is not None
 
     def authenticate(self, key: str) -> Principal | None:
         return self.registry.authenticate(key)
@@ -328,9 +328,9 @@ class Gateway:
         await self.engine.dispose()
 
     def context(self, request: HTTPConnection) -> GatewayContext:
-        if self.reader_token is not None:
-            # A reader: its gateway authenticated the caller (InternalOnly checked the token already).
-            principal = trusted_principal(request.headers, self.reader_token)
+        if self.reader_secret is not None:
+            # A reader: its gateway authenticated the caller (ReaderDoor checked the secret already).
+            principal = trusted_principal(request.headers, self.reader_secret)
             return GatewayContext(self.services, principal, presented_key=principal is not None)
         header = request.headers.get("authorization")
         principal = None
@@ -464,9 +464,10 @@ def create_app(gateway: Gateway, manage_lifecycle: bool = True) -> FastAPI:
     app.add_middleware(RequestGuard, limit=settings.max_request_bytes)
     # Outermost, so every request (and the command it writes) continues the caller's traceparent.
     app.add_middleware(tracing.TraceRequests)
-    if gateway.reader_token is not None:
-        # A reader answers its gateway alone.
-        app.add_middleware(InternalOnly, token=gateway.reader_token)
+    if gateway.reader_secret is not None:
+        # A reader answers its gateway alone, and only reads.
+        app.add_middleware(ReaderDoor, secret=gateway.reader_secret, cache=gateway.query_cache,
+                           schema=lambda: gateway.schema._schema)
     return app
 
 

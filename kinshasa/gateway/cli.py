@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import signal
 from typing import Any, TextIO
 
 import typer
@@ -86,18 +87,29 @@ def reader() -> None:
 
     start = ReaderStart.read(sys.stdin)
     configure_gateway_logging(start.stack, stream=sys.stderr)
-    gateway = Gateway(start.settings, start.stack, registry=PrincipalRegistry(), reader_token=start.token)
-    server = uvicorn.Server(uvicorn.Config(gateway.app, lifespan="on", **UVICORN_LOGGING))
+    gateway = Gateway(start.settings, start.stack, registry=PrincipalRegistry(), reader_secret=start.secret)
+    server = _ReaderServer(uvicorn.Config(gateway.app, lifespan="on", **UVICORN_LOGGING))
 
-    def stop() -> None:
+    def stop(_failure: object = None) -> None:
         server.should_exit = True
 
+    # A follower that fails for good leaves a stale schema: exit, and the gateway starts a fresh reader.
+    gateway.on_give_up = stop
     start.on_close(sys.stdin, stop)
     start.announce(sys.stdout)
-    with contextlib.suppress(KeyboardInterrupt):
-        server.run(sockets=[start.socket])
+    server.run(sockets=[start.socket])
     if not server.started:
         raise typer.Exit(code=3)
+
+
+class _ReaderServer(uvicorn.Server):
+    """A reader ignores Ctrl-C (sent to the whole process group): its gateway stops it, by closing its
+    stdin, once the gateway's own requests are done."""
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        if sig == signal.SIGINT:
+            return
+        super().handle_exit(sig, frame)
 
 
 @app.command("new-key")

@@ -9,9 +9,12 @@ still authenticates the request, estimates its cost and charges the principal's 
 flight here until answered); the reader only executes it and hands back the answer, byte for byte.
 
 * A reader is a gateway of its own on the same database and catalogue topic, serving /graphql to this
-  process alone: it listens on 127.0.0.1, takes no request without the stack's internal token, and
-  takes the principal this process authenticated from a header (`PRINCIPAL_HEADER`). It runs no
-  background role but the catalogue follower, has no rate limits of its own, and never offloads.
+  process alone: it listens on 127.0.0.1, answers nothing but /healthz without the secret its gateway
+  gave it (one per pool, on stdin; not the stack's internal token, which other components hold),
+  runs queries only, and takes the principal this process authenticated from a header
+  (`PRINCIPAL_HEADER`). It runs no background role but the catalogue follower, which decides in
+  memory only (the gateway records what it accepts), has no rate limits of its own, never offloads,
+  and exits if its follower fails for good, to be started afresh.
 * Readers start at the first costly read (a gateway that never sees one never starts them) and run as
   supervisor roles (`reader-1`, ...): one that dies is restarted with backoff. Until one is ready, or
   if it fails a request before answering, the read runs here as it would without readers.
@@ -24,10 +27,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import itertools
 import json
 import logging
 import os
+import secrets
 import socket
 import sys
 import threading
@@ -49,8 +54,8 @@ from kinshasa.settings import StackSettings
 
 log = logging.getLogger(__name__)
 
-# Headers from the gateway to its reader: the internal token, and the principal it authenticated.
-INTERNAL_HEADER = "x-kinshasa-internal-token"
+# Headers from the gateway to its reader: the pool's secret, and the principal it authenticated.
+INTERNAL_HEADER = "x-kinshasa-reader-secret"
 PRINCIPAL_HEADER = "x-kinshasa-principal"
 # Request headers passed on to a reader as they came (the caller's trace goes on in the reader).
 PASSED_ON = (b"content-type", b"traceparent", b"tracestate")
@@ -76,20 +81,41 @@ def principal_from_header(value: str) -> Principal:
     )
 
 
-def trusted_principal(headers: Any, token: str) -> Principal | None:
-    """In a reader: the principal its gateway sent, if the request carries the internal token."""
+def trusted_principal(headers: Any, secret: str) -> Principal | None:
+    """In a reader: the principal its gateway sent, if the request carries the pool's secret."""
     value = headers.get(PRINCIPAL_HEADER)
-    if value is None or headers.get(INTERNAL_HEADER) != token:
+    if value is None or not _same(headers.get(INTERNAL_HEADER), secret):
         return None
     return principal_from_header(value)
 
 
+def _same(given: str | bytes | None, secret: str) -> bool:
+    if given is None:
+        return False
+    return hmac.compare_digest(given if isinstance(given, bytes) else given.encode(), secret.encode())
+
+
 @dataclass(frozen=True)
 class Offload:
-    """A read to run in a reader: who asked, and what its estimated cost charged them."""
+    """A read to run in a reader: who asked, what its estimated cost charged them, and which reader."""
 
     principal: Principal
     cost: float
+    url: str
+
+
+def is_one_query(cache: DocumentCache, body: Any) -> bool:
+    """Is `body` a request for one query (not a mutation or subscription), whether valid or not?"""
+    if not isinstance(body, dict) or not isinstance(body.get("query"), str):
+        return False
+    name = body.get("operationName")
+    if name is not None and not isinstance(name, str):
+        return False
+    try:
+        operation = get_operation_ast(cache.parse(body["query"]), name)
+    except Exception:  # a document that does not parse is no query
+        return False
+    return operation is not None and operation.operation is OperationType.QUERY
 
 
 def costly_read(
@@ -99,19 +125,13 @@ def costly_read(
     `threshold` and at most the cost limit; None for anything else, which runs in this process (a
     document that does not parse or cost is refused there, as it is without readers). Validation is
     the reader's: an invalid query it is sent answers the same errors from there."""
-    if not isinstance(body, dict) or not isinstance(body.get("query"), str):
+    if not is_one_query(cache, body):
         return None
-    name = body.get("operationName")
     variables = body.get("variables")
-    if (name is not None and not isinstance(name, str)) or (
-            variables is not None and not isinstance(variables, dict)):
+    if variables is not None and not isinstance(variables, dict):
         return None
     try:
-        document = cache.parse(body["query"])
-        operation = get_operation_ast(document, name)
-        if operation is None or operation.operation is not OperationType.QUERY:
-            return None
-        cost = cache.cost(schema, body["query"], name, variables)
+        cost = cache.cost(schema, body["query"], body.get("operationName"), variables)
     except Exception:  # any failure is answered by the local path, which says why
         return None
     return cost if threshold <= cost <= cache.max_cost else None
@@ -120,12 +140,12 @@ def costly_read(
 class ReaderProcess:
     """One reader child: started, watched and stopped by `run`, a supervisor role."""
 
-    def __init__(self, name: str, settings: GatewayConfig, stack: StackSettings, token: str,
+    def __init__(self, name: str, settings: GatewayConfig, stack: StackSettings, secret: str,
                  nice: int) -> None:
         self.name = name
         self.settings = settings
         self.stack = stack
-        self.token = token
+        self.secret = secret
         self.nice = nice
         self.url: str | None = None  # set while the reader answers /healthz
         self.pid: int | None = None
@@ -135,7 +155,7 @@ class ReaderProcess:
         return json.dumps({
             "gateway": self.settings.model_dump(mode="json"),
             "stack": self.stack.model_dump(mode="json"),
-            "token": self.token,
+            "secret": self.secret,
             "nice": self.nice,
         }).encode() + b"\n"
 
@@ -191,7 +211,7 @@ class ReaderProcess:
         """Wait for /healthz to answer 200: True, or False when asked to stop first."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + READY_WITHIN_S
-        async with httpx.AsyncClient(timeout=2.0) as http:
+        async with httpx.AsyncClient(timeout=2.0, trust_env=False) as http:
             while not stop.is_set():
                 if process.returncode is not None:
                     raise RuntimeError(f"{self.name} exited with code {process.returncode} at start")
@@ -230,7 +250,7 @@ class ReaderHost(Protocol):
 
     settings: GatewayConfig
     stack: StackSettings
-    internal_token: str
+    internal_token: str  # the stack's, which a reader needs to read other components
     supervisor: Supervisor
     restart_policy: RestartPolicy
     query_cache: DocumentCache
@@ -246,10 +266,14 @@ class ReadPool:
     def __init__(self, host: ReaderHost, on_offload: Callable[[], None] | None = None) -> None:
         self.host = host
         settings = host.settings
-        # A reader's own settings: no readers of its own, no background roles.
-        own = settings.model_copy(update={"readers": 0, "background": False})
+        # A reader's own settings: no readers of its own, no background roles, the stack's internal token.
+        own = settings.model_copy(update={"readers": 0, "background": False,
+                                          "internal_token": host.internal_token})
+        # What a reader takes requests with: this pool's alone, so no other holder of the stack's internal
+        # token can act as a principal through a reader.
+        self.secret = secrets.token_urlsafe(32)
         self.readers = [
-            ReaderProcess(f"reader-{index}", own, host.stack, host.internal_token, settings.reader_nice)
+            ReaderProcess(f"reader-{index}", own, host.stack, self.secret, settings.reader_nice)
             for index in range(1, settings.readers + 1)
         ]
         self.threshold = settings.read_offload_cost
@@ -303,7 +327,7 @@ class ReadPool:
             # A principal at its rate retries as often as it is told to, so its refusals cost this
             # process as little as can be: no trip through the GraphQL machinery.
             return refusal
-        return Offload(principal, cost)
+        return Offload(principal, cost, url)
 
     def finish(self, offload: Offload, refund: bool = False) -> None:
         self.host.fairness.release(offload.principal.id)
@@ -312,21 +336,21 @@ class ReadPool:
 
     async def forward(self, headers: list[tuple[bytes, bytes]], body: bytes,
                       offload: Offload) -> httpx.Response | None:
-        """The reader's answer, or None when no reader could take the request (it runs here then)."""
-        url = self.ready()
-        if url is None:
-            return None
+        """The reader's answer; None when the reader did not take the request (it runs here then).
+        Raises httpx.ReadTimeout when the reader took it but did not answer in time."""
         if self._http is None:
-            self._http = httpx.AsyncClient(timeout=self._timeout, limits=httpx.Limits(
+            self._http = httpx.AsyncClient(timeout=self._timeout, trust_env=False, limits=httpx.Limits(
                 max_connections=None, max_keepalive_connections=64))
         sent = {name.decode(): value.decode("latin-1") for name, value in headers if name in PASSED_ON}
-        sent[INTERNAL_HEADER] = self.host.internal_token
+        sent[INTERNAL_HEADER] = self.secret
         sent[PRINCIPAL_HEADER] = principal_header(offload.principal)
         try:
-            answer = await self._http.post(f"{url}/graphql", content=body, headers=sent)
-        except (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError) as exc:
-            # Nothing was answered: the reader went away. The read runs here instead.
-            log.warning("a reader failed a read before answering (%s): running it in the gateway", exc)
+            answer = await self._http.post(f"{offload.url}/graphql", content=body, headers=sent)
+        except httpx.ReadTimeout:
+            raise
+        except httpx.TransportError as exc:
+            # Not answered: the reader went away, or the request never reached it. A read may run again.
+            log.warning("a reader did not answer a read (%s): running it in the gateway", type(exc).__name__)
             return None
         if self._on_offload is not None:
             self._on_offload()
@@ -361,20 +385,24 @@ async def serve_graphql(pool: ReadPool, local: ASGIApp, scope: Scope, receive: R
     if offload is None:
         await local(scope, replay, send)
         return
+    answer: httpx.Response | None = None
+    refund = False  # a read the reader may have run stays charged (a cancelled one too)
     try:
         answer = await pool.forward(scope.get("headers", []), body, offload)
-    except httpx.TimeoutException:
-        pool.finish(offload)
+        refund = answer is None
+    except httpx.ReadTimeout:
         await _send(send, 504, error_body(
             "the read took longer than the gateway waits for one: ask for less (a smaller `first`, fewer "
             "nested lists) or split it into several requests", code="BACKEND_UNAVAILABLE",
             component="gateway"), "application/json")
         return
+    finally:
+        # Exactly once, whatever happened (a cancelled request too): it is in flight no more, and a read
+        # no reader took is given back its charge, to be charged again as it runs here.
+        pool.finish(offload, refund=refund)
     if answer is None:
-        pool.finish(offload, refund=True)
         await local(scope, replay, send)
         return
-    pool.finish(offload)
     await _send(send, answer.status_code, answer.content,
                 answer.headers.get("content-type", "application/json"))
 
@@ -420,25 +448,41 @@ async def _send(send: Send, status: int, body: bytes, content_type: str) -> None
     await send({"type": "http.response.body", "body": body})
 
 
-class InternalOnly:
-    """A reader's front door: every request but /healthz carries the stack's internal token, or is 403."""
+class ReaderDoor:
+    """A reader's front door: /healthz for anyone; a POST to /graphql of one query, carrying the pool's
+    secret; nothing else (403)."""
 
-    def __init__(self, app: ASGIApp, token: str) -> None:
+    def __init__(self, app: ASGIApp, secret: str, cache: DocumentCache,
+                 schema: Callable[[], GraphQLSchema]) -> None:
         self.app = app
-        self.token = token.encode()
+        self.secret = secret
+        self.cache = cache
+        self.schema = schema
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] in ("http", "websocket") and scope.get("path") != "/healthz":
-            given = dict(scope.get("headers", [])).get(INTERNAL_HEADER.encode())
-            if given != self.token:
-                if scope["type"] == "websocket":
-                    await send({"type": "websocket.close", "code": 4403})
-                    return
-                await _send(send, 403, error_body(
-                    "this is a gateway's reader: send requests to the gateway", code="FORBIDDEN"),
-                    "application/json")
-                return
-        await self.app(scope, receive, send)
+        if scope["type"] == "lifespan" or (scope["type"] == "http" and scope.get("path") == "/healthz"):
+            await self.app(scope, receive, send)
+            return
+        if scope["type"] == "websocket":
+            await send({"type": "websocket.close", "code": 4403})
+            return
+        given = dict(scope.get("headers", [])).get(INTERNAL_HEADER.encode())
+        if scope.get("path") != "/graphql" or scope.get("method") != "POST" or not _same(given, self.secret):
+            await _forbidden(send, "this is a gateway's reader: send requests to the gateway")
+            return
+        body, more = await _read_body(receive)
+        try:
+            parsed = json.loads(body)
+        except ValueError:
+            parsed = None
+        if more or not is_one_query(self.cache, parsed):
+            await _forbidden(send, "a gateway's reader runs queries only")
+            return
+        await self.app(scope, _replaying(body, more, receive), send)
+
+
+async def _forbidden(send: Send, message: str) -> None:
+    await _send(send, 403, error_body(message, code="FORBIDDEN"), "application/json")
 
 
 @dataclass
@@ -447,7 +491,7 @@ class ReaderStart:
 
     settings: GatewayConfig
     stack: StackSettings
-    token: str
+    secret: str
     socket: socket.socket
 
     @classmethod
@@ -459,7 +503,7 @@ class ReaderStart:
         listening = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         listening.bind(("127.0.0.1", 0))
         listening.listen(512)
-        return cls(GatewayConfig(**given["gateway"]), StackSettings(**given["stack"]), given["token"],
+        return cls(GatewayConfig(**given["gateway"]), StackSettings(**given["stack"]), given["secret"],
                    listening)
 
     def announce(self, stdout: IO[str]) -> None:

@@ -50,8 +50,12 @@ class ServiceBook:
 
     def __init__(self, engine: AsyncEngine, *, reserved_mutations: frozenset[str] = frozenset(),
                  on_change: Callable[[OperationCatalogue], None] | None = None,
-                 on_alert: Callable[[Alert], None] | None = None, webhook: bool = False) -> None:
+                 on_alert: Callable[[Alert], None] | None = None, webhook: bool = False,
+                 records: bool = True) -> None:
+        """`records=False` (a gateway's reader): decide in memory only, as the gateway that records each
+        accepted version and each refusal's alert decides the same from the same topic."""
         self._engine = engine
+        self._records = records
         # The gateway's own mutations (startRun, revertRun, ...): no service may take their names.
         self._reserved = reserved_mutations
         self._on_change = on_change
@@ -138,7 +142,8 @@ class ServiceBook:
             return await self._refuse(declaration.service, declaration.version, digest,
                                       "the gateway could not build its schema from it "
                                       f"({type(exc).__name__})")
-        await self._store(declaration, digest)
+        if self._records:
+            await self._store(declaration, digest)
         log.info("accepted %s version %d (%s): %d operation(s)", declaration.service, declaration.version,
                  digest, len(declaration.operations))
         return Decision(declaration.service, "accepted", digest)
@@ -169,6 +174,8 @@ class ServiceBook:
                    else "the service stays unavailable to agents")
         summary = (f"refused {what}: {why}. {serving}; publish a compatible version (add operations or "
                    "optional fields only) or the change under a new service name")
+        if not self._records:
+            return Decision(service, "refused", why)
         log.warning("%s", summary)
         alert = Alert(
             alert_id=str(deterministic_id(INCOMPATIBLE, service, digest)), run_id="", kind=INCOMPATIBLE,

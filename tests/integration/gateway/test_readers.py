@@ -140,25 +140,38 @@ async def test_an_offloaded_read_is_still_charged_to_its_principal(serve: Callab
 
 
 @SQLITE
-async def test_a_reader_answers_its_gateway_alone(serve: Callable[..., Any]) -> None:
+async def test_a_reader_answers_its_gateway_alone_and_only_reads(serve: Callable[..., Any]) -> None:
     async with serve(read_offload_cost=THRESHOLD) as harness:
         await until_offloaded(harness, COSTLY)
         url = harness.gateway.reads.readers[0].url
         assert url is not None and url.startswith("http://127.0.0.1:")
-        async with httpx.AsyncClient(timeout=10) as http:
+        secret = harness.gateway.reads.secret
+        operator = '{"id": "op-1", "kind": "operator", "scopes": ["*"], "entryPoints": null}'
+
+        async def post(headers: dict[str, str], query: str = CHEAP, path: str = "/graphql") -> httpx.Response:
+            return await http.post(f"{url}{path}", json={"query": query}, headers=headers)
+
+        async with httpx.AsyncClient(timeout=10, trust_env=False) as http:
             # An agent's own key is not enough: a reader takes requests from its gateway only.
-            direct = await http.post(f"{url}/graphql", json={"query": CHEAP},
-                                     headers={"Authorization": f"Bearer {AGENT_KEY}"})
+            direct = await post({"Authorization": f"Bearer {AGENT_KEY}"})
             assert direct.status_code == 403
             assert direct.json()["errors"][0]["extensions"]["code"] == "FORBIDDEN"
-            forged = await http.post(f"{url}/graphql", json={"query": CHEAP}, headers={
-                INTERNAL_HEADER: "not-the-token", PRINCIPAL_HEADER: '{"id": "op-1", "kind": "operator", '
-                '"scopes": ["*"], "entryPoints": null}'})
-            assert forged.status_code == 403
-            # With the token but no principal, nothing is read.
-            nobody = await http.post(f"{url}/graphql", json={"query": CHEAP},
-                                     headers={INTERNAL_HEADER: harness.gateway.internal_token})
+            # Nor is the stack's internal token, which every component holds: only the pool's own secret.
+            for wrong in ("not-the-secret", harness.gateway.internal_token):
+                forged = await post({INTERNAL_HEADER: wrong, PRINCIPAL_HEADER: operator})
+                assert forged.status_code == 403
+            # With the secret, still only queries: no write, no operator mutation, no other path.
+            write = await post({INTERNAL_HEADER: secret, PRINCIPAL_HEADER: operator},
+                               'mutation { startRun(entryPoint: "x") { id } }')
+            assert write.status_code == 403
+            assert write.json()["errors"][0]["message"] == "a gateway's reader runs queries only"
+            for path in ("/metrics", "/admin/dlq", "/mcp"):
+                assert (await post({INTERNAL_HEADER: secret}, path=path)).status_code == 403
+            # With the secret but no principal, nothing is read.
+            nobody = await post({INTERNAL_HEADER: secret})
             assert nobody.json()["errors"][0]["extensions"]["code"] == "UNAUTHENTICATED"
+            read = await post({INTERNAL_HEADER: secret, PRINCIPAL_HEADER: operator})
+            assert read.status_code == 200 and read.json()["data"]["runs"] is not None
             assert (await http.get(f"{url}/healthz")).status_code == 200
 
 
