@@ -306,17 +306,17 @@ class ReadPool:
         if its principal is over its rate (answered here, in the shape a refusal has everywhere)."""
         if self._next is None:
             return None
-        key = _bearer(headers)
-        principal = self.host.authenticate(key) if key else None
-        if principal is None:
-            return None
         try:
             parsed = json.loads(body)
         except ValueError:
             return None
-        schema = self.host.schema
-        cost = costly_read(self.host.query_cache, schema._schema, parsed, self.threshold)
+        # The cost first (cached per document): a write or a cheap read, most requests, ends here.
+        cost = costly_read(self.host.query_cache, self.host.schema._schema, parsed, self.threshold)
         if cost is None:
+            return None
+        key = _bearer(headers)
+        principal = self.host.authenticate(key) if key else None
+        if principal is None:
             return None
         url = self.ready()
         if url is None:
