@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -34,10 +35,43 @@ def _die_with_parent(sig: int) -> Callable[[], None]:
     return preexec
 
 
+# Ports free_port chooses from: below the kernel's ephemeral range, which it hands to outgoing connections
+# (every Kafka client's). A port of that range can be taken by a connection between the moment it was
+# found free and the moment its server binds it: a stack once failed to start on "address already in use".
+_LOWEST_PORT = 20_000
+_handed_out: set[int] = set()
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32_768  # Linux's default
+
+
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A port free on 127.0.0.1 now, never one this process handed out before, and outside the range
+    outgoing connections take theirs from (when that range leaves room below it)."""
+    low = _ephemeral_low()
+    if low - _LOWEST_PORT >= 1_000:
+        for _ in range(200):
+            port = random.randrange(_LOWEST_PORT, low)
+            if port in _handed_out:
+                continue
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+            _handed_out.add(port)
+            return port
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
 
 
 def port_open(port: int, host: str = "127.0.0.1") -> bool:

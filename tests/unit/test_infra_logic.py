@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import pytest
@@ -76,3 +77,15 @@ def test_gateway_replicas_on_the_embedded_default_are_refused(tmp_path: Path) ->
     plan = StackPlan(StackSettings(data_dir=tmp_path), StackPorts(gateway_replicas=[9001]))
     with pytest.raises(ValueError, match="PostgreSQL"):
         plan.processes()
+
+
+def test_free_ports_are_distinct_and_below_the_range_outgoing_connections_take_theirs_from() -> None:
+    from kinshasa.infra.process import _ephemeral_low
+
+    ports = [free_port() for _ in range(300)]
+    assert len(set(ports)) == len(ports)
+    assert all(20_000 <= port < _ephemeral_low() for port in ports)
+    for port in ports[:20]:  # each was free when handed out, and still is: nothing here bound it
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", port))
+
