@@ -466,8 +466,7 @@ def create_app(gateway: Gateway, manage_lifecycle: bool = True) -> FastAPI:
     app.add_middleware(tracing.TraceRequests)
     if gateway.reader_secret is not None:
         # A reader answers its gateway alone, and only reads.
-        app.add_middleware(ReaderDoor, secret=gateway.reader_secret, cache=gateway.query_cache,
-                           schema=lambda: gateway.schema._schema)
+        app.add_middleware(ReaderDoor, secret=gateway.reader_secret, cache=gateway.query_cache)
     return app
 
 

@@ -452,12 +452,10 @@ class ReaderDoor:
     """A reader's front door: /healthz for anyone; a POST to /graphql of one query, carrying the pool's
     secret; nothing else (403)."""
 
-    def __init__(self, app: ASGIApp, secret: str, cache: DocumentCache,
-                 schema: Callable[[], GraphQLSchema]) -> None:
+    def __init__(self, app: ASGIApp, secret: str, cache: DocumentCache) -> None:
         self.app = app
         self.secret = secret
         self.cache = cache
-        self.schema = schema
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan" or (scope["type"] == "http" and scope.get("path") == "/healthz"):
