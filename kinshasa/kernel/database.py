@@ -14,6 +14,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async
 from sqlalchemy.util import await_only
 from sqlalchemy.util.concurrency import in_greenlet
 
+from kinshasa.kernel import sqlite_driver
+
 log = logging.getLogger(__name__)
 
 SUPPORTED = ("sqlite+aiosqlite", "postgresql+asyncpg")
@@ -70,6 +72,8 @@ def create_engine(url: str, **kwargs: Any) -> AsyncEngine:
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        # One trip to the connection's thread per statement, not four (`kinshasa.kernel.sqlite_driver`).
+        kwargs.setdefault("module", sqlite_driver.dbapi())
         engine = create_async_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S}, **kwargs)
 
         @event.listens_for(engine.sync_engine, "connect")

@@ -1,0 +1,143 @@
+"""The SQLite driver under every SQLite engine (kernel/sqlite_driver.py): one trip to the connection's thread
+per statement, with sqlite3's rows, counts and errors, and the event loop free while SQLite works."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import threading
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Column, Integer, MetaData, String, Table, insert, select, text, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from kinshasa.kernel import sqlite_driver
+from kinshasa.kernel.database import READ_ONLY, create_engine
+
+metadata = MetaData()
+items = Table("items", metadata, Column("id", Integer, primary_key=True), Column("name", String, unique=True))
+
+# A statement that keeps SQLite busy for a while (a recursive count), to observe what happens meanwhile.
+SLOW = text("WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < :upto) "
+            "SELECT count(*) FROM n")
+
+
+@pytest.fixture
+async def engine(tmp_path: Path) -> AsyncIterator[AsyncEngine]:
+    engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'driver.sqlite3'}")
+    async with engine.begin() as conn:
+        await conn.run_sync(metadata.create_all)
+    yield engine
+    await engine.dispose()
+
+
+def _driver_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "kinshasa-sqlite"]
+
+
+async def test_a_statement_is_one_trip_to_the_connections_thread(engine: AsyncEngine,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    trips = 0
+    run = sqlite_driver._Thread.run
+
+    async def counted(self: sqlite_driver._Thread, call: object) -> object:
+        nonlocal trips
+        trips += 1
+        return await run(self, call)  # type: ignore[arg-type]
+
+    async with engine.begin() as conn:
+        await conn.execute(insert(items), [{"id": i, "name": f"n{i}"} for i in range(50)])
+        monkeypatch.setattr(sqlite_driver._Thread, "run", counted)
+        rows = (await conn.execute(select(items.c.id).order_by(items.c.id))).all()
+        monkeypatch.undo()
+    assert [r.id for r in rows] == list(range(50))
+    # aiosqlite's adapter makes four: open a cursor, execute, fetch, close.
+    assert trips == 1
+
+
+async def test_rows_counts_returning_and_many_parameter_sets_are_sqlite3s(engine: AsyncEngine) -> None:
+    async with engine.begin() as conn:
+        await conn.execute(insert(items), [{"id": i, "name": f"n{i}"} for i in range(1, 6)])
+        returned = (await conn.execute(insert(items).values(id=10, name="ten").returning(items.c.id))).all()
+        changed = await conn.execute(update(items).where(items.c.id < 4).values(name=items.c.name + "!"))
+        result = await conn.execute(text("INSERT INTO items (id, name) VALUES (20, 'twenty')"))
+    assert returned == [(10,)]
+    assert changed.rowcount == 3
+    assert result.lastrowid == 20
+    async with engine.connect() as conn:
+        names = (await conn.execute(select(items.c.name).order_by(items.c.id))).scalars().all()
+        first = (await conn.execute(select(items.c.name).order_by(items.c.id))).first()
+        none = (await conn.execute(select(items.c.name).where(items.c.id == 99))).first()
+    assert names == ["n1!", "n2!", "n3!", "n4", "n5", "ten", "twenty"]
+    assert first == ("n1!",)
+    assert none is None
+
+
+async def test_an_error_is_sqlite3s_and_leaves_nothing_written(engine: AsyncEngine) -> None:
+    async with engine.begin() as conn:
+        await conn.execute(insert(items).values(id=1, name="one"))
+    with pytest.raises(IntegrityError) as raised:
+        async with engine.begin() as conn:
+            await conn.execute(insert(items).values(id=2, name="two"))
+            await conn.execute(insert(items).values(id=3, name="one"))  # the name is taken
+    assert isinstance(raised.value.orig, sqlite3.IntegrityError)
+    async with engine.connect() as conn:
+        assert (await conn.execute(select(items.c.id))).scalars().all() == [1]
+
+
+async def test_the_loop_runs_while_sqlite_works(engine: AsyncEngine) -> None:
+    ticks = 0
+    done = asyncio.Event()
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while not done.is_set():
+            ticks += 1
+            await asyncio.sleep(0.001)
+
+    task = asyncio.create_task(ticker())
+    started = time.perf_counter()
+    async with engine.connect() as conn:
+        count = (await conn.execute(SLOW, {"upto": 3_000_000})).scalar_one()
+    elapsed = time.perf_counter() - started
+    done.set()
+    await task
+    assert count == 3_000_000
+    # The ticker got the loop for the statement's whole length, not once it ended.
+    assert ticks >= max(5, int(elapsed / 0.001 * 0.2)), (ticks, elapsed)
+
+
+async def test_a_cancelled_statement_leaves_the_engine_usable(engine: AsyncEngine) -> None:
+    async def slow() -> None:
+        async with engine.connect() as conn:
+            await conn.execute(SLOW, {"upto": 20_000_000})
+
+    task = asyncio.create_task(slow())
+    await asyncio.sleep(0.05)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    async with engine.begin() as conn:
+        await conn.execute(insert(items).values(id=7, name="seven"))
+    async with engine.connect() as conn:
+        assert (await conn.execute(select(items.c.name))).scalars().all() == ["seven"]
+
+
+async def test_each_connection_has_a_thread_that_ends_with_it(tmp_path: Path) -> None:
+    before = set(_driver_threads())
+    engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'threads.sqlite3'}")
+    async with engine.connect() as one, engine.connect() as two:
+        for conn in (one, two):  # readers: two writers would wait for each other's turn
+            await conn.execution_options(**{READ_ONLY: True})
+        await one.execute(text("SELECT 1"))
+        await two.execute(text("SELECT 1"))
+        ours = set(_driver_threads()) - before
+        assert len(ours) == 2
+    await engine.dispose()
+    for thread in ours:
+        thread.join(timeout=10)
+    assert not any(t.is_alive() for t in ours)
