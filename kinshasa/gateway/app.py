@@ -12,12 +12,12 @@ from typing import Any
 
 from cross_web import HTTPException
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, RedirectResponse, Response
+from fastapi.responses import RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
-from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import HTTPConnection
+from starlette.websockets import WebSocket
+from strawberry.asgi import GraphQL
 from strawberry.exceptions import ConnectionRejectionError
-from strawberry.fastapi import GraphQLRouter
 from strawberry.subscriptions import GRAPHQL_TRANSPORT_WS_PROTOCOL
 from strawberry.types.unset import UNSET, UnsetType
 
@@ -29,7 +29,7 @@ from kinshasa.gateway.domain_metrics import GatewayMetrics
 from kinshasa.gateway.durability import gateway_watcher
 from kinshasa.gateway.fairness import fairness_from
 from kinshasa.gateway.graphql import build_schema, operator_mutation_names
-from kinshasa.gateway.hardening import RequestGuard, document_cache, error_body, schema_extensions
+from kinshasa.gateway.hardening import RequestGuard, document_cache, schema_extensions
 from kinshasa.gateway.listener import GROUP, Listener, listened_topics
 from kinshasa.gateway.live import AlertFeed
 from kinshasa.gateway.loaders import DatabaseReads, Pacer
@@ -341,13 +341,27 @@ class Gateway:
         return GatewayContext(self.services, principal, presented_key=bool(header))
 
 
-class GatewayRouter(GraphQLRouter[GatewayContext, None]):
-    """Strawberry's router, refusing JSON bodies that are not one object (a batch) or not objects at all,
-    and WebSockets (graphql-transport-ws, the subscriptions) of anyone but an operator."""
+class GatewayGraphQL(GraphQL[GatewayContext, None]):
+    """Strawberry's ASGI app on one schema, refusing JSON bodies that are not one object (a batch) or not
+    objects at all, and WebSockets (graphql-transport-ws, the subscriptions) of anyone but an operator.
 
-    def __init__(self, *args: Any, authenticate: Callable[[str], Principal | None], **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.authenticate = authenticate
+    Plain ASGI, not a FastAPI app with Strawberry's router: routing and dependency solving cost ~0.3 ms of
+    CPU per request (measured in process: 490 µs against 170 µs for the same echo), and /graphql needs
+    neither. Its plain-text refusals (malformed JSON, a batch, a wrong method) get GraphQL's shape from
+    `RequestGuard`, in front of every /graphql request.
+    """
+
+    def __init__(self, schema: Any, *, gateway: Gateway, **kwargs: Any) -> None:
+        super().__init__(schema, **kwargs)
+        self.gateway = gateway
+
+    async def get_context(self, request: Request | WebSocket,
+                          response: Response | WebSocket) -> GatewayContext:
+        # A WebSocket (the subscriptions) gets its context here too; its key comes in connection_init.
+        context = self.gateway.context(request)
+        context.request = request
+        context.response = response if isinstance(response, Response) else None
+        return context
 
     async def on_ws_connect(self, context: GatewayContext) -> UnsetType | dict[str, object] | None:
         """A browser cannot set headers on a WebSocket: the key comes in connection_init's payload,
@@ -358,7 +372,8 @@ class GatewayRouter(GraphQLRouter[GatewayContext, None]):
         if isinstance(given, str):
             scheme, _, key = given.partition(" ")
             context.principal = (
-                self.authenticate(key.strip()) if scheme.lower() == "bearer" and key.strip() else None
+                self.gateway.registry.authenticate(key.strip()) if scheme.lower() == "bearer" and key.strip()
+                else None
             )
             context.presented_key = True
         if context.principal is None or not context.principal.is_operator:
@@ -377,18 +392,11 @@ class GatewayRouter(GraphQLRouter[GatewayContext, None]):
         return parsed
 
 
-def graphql_app(gateway: Gateway, schema: Any) -> FastAPI:
+def graphql_app(gateway: Gateway, schema: Any) -> GatewayGraphQL:
     """An app serving /graphql on one schema; the gateway builds a new one when the catalogue changes."""
-    app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
-
-    async def get_context(request: HTTPConnection) -> GatewayContext:
-        # HTTPConnection, not Request: a WebSocket (the subscriptions) gets its context here too.
-        return gateway.context(request)
-
-    router = GatewayRouter(
+    return GatewayGraphQL(
         schema,
-        authenticate=gateway.registry.authenticate,
-        context_getter=get_context,
+        gateway=gateway,
         graphql_ide="graphiql" if gateway.settings.dev_mode else None,
         allow_queries_via_get=False,
         multipart_uploads_enabled=False,
@@ -397,18 +405,6 @@ def graphql_app(gateway: Gateway, schema: Any) -> FastAPI:
         # 24 open runs unasked (inbox.js FOLLOW_MAX) beside alertRaised; a connection holds no more than this.
         max_subscriptions_per_connection=MAX_SUBSCRIPTIONS_PER_CONNECTION,
     )
-    app.include_router(router, prefix="/graphql")
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
-        # Strawberry refuses malformed JSON and batches with an HTTPException; answer in GraphQL's shape.
-        if exc.status_code < 500:
-            return Response(
-                error_body(str(exc.detail)), status_code=exc.status_code, media_type="application/json"
-            )
-        return JSONResponse({"detail": exc.detail}, status_code=exc.status_code)
-
-    return app
 
 
 class GraphQLSwitch:
