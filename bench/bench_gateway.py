@@ -313,7 +313,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     from kinshasa.infra.process import free_port
 
     seconds, warmup, connections, rounds = (
-        (3.0, 1.0, 16, 2) if args.small else (args.seconds, 2.0, args.connections, args.rounds)
+        (3.0, 1.0, 16, 1) if args.small else (args.seconds, 2.0, args.connections, args.rounds)
     )
     root = Path(tempfile.mkdtemp(prefix="kinshasa-bench-"))
     broker = None
@@ -497,7 +497,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     """Entry point for `python -m bench` (which passes ["--small"] or []) and for direct runs."""
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--small", action="store_true", help="a quick run (3 s per side, 16 connections)")
+    parser.add_argument("--small", action="store_true", help="a quick run (one round of 3 s per side, 16 connections)")
     parser.add_argument("--seconds", type=float, default=8.0, help="seconds per round and side")
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument(
