@@ -68,7 +68,7 @@ from kinshasa.kernel.housekeeping import Housekeeper, housekeeping_policy
 from kinshasa.kernel.metrics import ComponentMetrics
 from kinshasa.kernel.outbox import OutboxStatus
 from kinshasa.kernel.receipts import ChainVerifier, open_chain
-from kinshasa.kernel.relay import RELAY_BATCH, OutboxRelay
+from kinshasa.kernel.relay import OutboxRelay
 from kinshasa.kernel.supervisor import NEVER_RESTART, RestartPolicy, Supervisor
 from kinshasa.migrations.install import install_kernel_tables
 from kinshasa.settings import CoordinatorSettings, StackSettings
@@ -94,7 +94,8 @@ class CoordinatorOptions:
     dlq_policy: DeadLetterPolicy = field(default_factory=DeadLetterPolicy)
     max_concurrent_activities: int = 100
     consumer_batch_size: int = 500
-    relay_batch_size: int = RELAY_BATCH
+    # Rows per relay claim; None: the relay's default for the database (`kinshasa.kernel.relay.RELAY_BATCH`).
+    relay_batch_size: int | None = None
     # Consumer group of the projector; None is the catalogue's (a test gives each ledger its own).
     consumer_group: str | None = None
     # Seconds the worker waits for running activities on shutdown before cancelling them.

@@ -122,11 +122,14 @@ def _is_size_error(error: str) -> bool:
     return kafka_error_name(error) in _SIZE_ERRORS
 
 
-# Rows per claim. Each batch waits for every acknowledgement before its rows are marked, and a wait costs
-# the producer's linger and the broker's acks=all round trip whatever the batch holds: `bench_relay` (20,000
-# messages) measured 0.2 of a bare producer's rate at 500 rows and 0.3 at 2,000. A lone write still goes
-# out at once: a claim takes what is pending, up to this.
-RELAY_BATCH = 2000
+# Rows per claim, by database. Each batch waits for every acknowledgement before its rows are marked, and a
+# wait costs the producer's linger and the broker's acks=all round trip whatever the batch holds:
+# `bench_relay` (20,000 messages) measured SQLite at 0.2 of a bare producer's rate with 500 rows a claim
+# and 0.3 with 2,000. PostgreSQL stays at 500: its claim holds an advisory lock per key until commit, two
+# batches in flight per relay, and the server's lock table is shared by every relay on it (by default
+# 64 x max_connections entries), so 2,000 keys a batch would leave a few relays catching up after an outage
+# failing with "out of shared memory". A lone write still goes out at once: a claim takes what is pending.
+RELAY_BATCH = {"sqlite": 2000, "postgresql": 500}
 
 # How AsyncProducer.send_batch marks items it never produced because an earlier item could not be queued.
 NOT_SENT_PREFIX = "not sent"
@@ -290,7 +293,7 @@ class OutboxRelay:
         engine: AsyncEngine,
         publisher: BatchPublisher,
         *,
-        batch_size: int = RELAY_BATCH,
+        batch_size: int | None = None,
         max_attempts: int = 10,
         base_backoff_s: float = 0.2,
         max_backoff_s: float = 30.0,
@@ -301,6 +304,8 @@ class OutboxRelay:
         clock: Callable[[], datetime] = utcnow,
         on_publish_failure: Callable[[str, int], None] | None = None,
     ) -> None:
+        if batch_size is None:
+            batch_size = RELAY_BATCH.get(engine.dialect.name, min(RELAY_BATCH.values()))
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         if max_attempts < 1:

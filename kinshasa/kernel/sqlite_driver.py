@@ -21,13 +21,15 @@ import collections
 import queue
 import sqlite3
 import threading
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 from typing import Any, TypeVar
 
 from sqlalchemy.dialects.sqlite.aiosqlite import AsyncAdapt_aiosqlite_dbapi
 from sqlalchemy.engine.interfaces import AdaptedConnection
-from sqlalchemy.util.concurrency import await_, in_greenlet
+from sqlalchemy.util import await_only
+from sqlalchemy.util.concurrency import in_greenlet
 
 __all__ = ["OneHopConnection", "OneHopCursor", "dbapi"]
 
@@ -50,6 +52,7 @@ class _Thread:
 
     def __init__(self) -> None:
         self._calls: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._stopped = False
         self._thread = threading.Thread(target=self._serve, name="kinshasa-sqlite", daemon=True)
         self._thread.start()
 
@@ -71,6 +74,9 @@ class _Thread:
                 pass  # the loop is closed: nobody is waiting any more
 
     async def run(self, call: Callable[[], T]) -> T:
+        if self._stopped:
+            # What sqlite3 says of a closed connection, which the dialect takes for a disconnect.
+            raise sqlite3.ProgrammingError("Cannot operate on a closed database.")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
         self._calls.put((call, loop, future))
@@ -81,7 +87,9 @@ class _Thread:
         self._calls.put((call, None, None))
 
     def stop(self) -> None:
-        self._calls.put(_STOP)
+        if not self._stopped:
+            self._stopped = True
+            self._calls.put(_STOP)
 
 
 class OneHopCursor:
@@ -168,7 +176,7 @@ def _execute_many(driver: sqlite3.Connection, operation: str,
 class OneHopConnection(AdaptedConnection):
     """A DBAPI connection over sqlite3 whose every call runs on the connection's own thread."""
 
-    __slots__ = ("_closed", "_driver", "_thread", "dbapi")
+    __slots__ = ("__weakref__", "_closed", "_driver", "_thread", "dbapi")
 
     def __init__(self, module: Any, driver: sqlite3.Connection, thread: _Thread) -> None:
         self.dbapi = module
@@ -176,6 +184,9 @@ class OneHopConnection(AdaptedConnection):
         self._connection = driver  # type: ignore[assignment]  # what SQLAlchemy hands out as the driver's
         self._thread = thread
         self._closed = False
+        # A connection dropped without being closed (its pool collected) still ends its thread; the
+        # thread holds no reference back to the connection, so it can be collected.
+        weakref.finalize(self, thread.stop)
 
     @property
     def driver(self) -> sqlite3.Connection:
@@ -183,7 +194,7 @@ class OneHopConnection(AdaptedConnection):
 
     def call(self, work: Callable[[], T]) -> T:
         """Run `work` on the connection's thread and wait for it (in SQLAlchemy's greenlet)."""
-        return await_(self._thread.run(work))
+        return await_only(self._thread.run(work))
 
     @property
     def isolation_level(self) -> str | None:
@@ -224,7 +235,8 @@ class OneHopConnection(AdaptedConnection):
             self._thread.stop()
 
     def terminate(self) -> None:
-        """Close at once: a statement still running (its caller was cancelled) is interrupted first."""
+        """Close at once (the pool giving a connection up): whatever statement its thread is still running
+        is interrupted, then the connection is closed."""
         if not self._closed:
             self._driver.interrupt()  # sqlite3 allows this from any thread
         self.close()
@@ -238,7 +250,7 @@ class _OneHopModule(AsyncAdapt_aiosqlite_dbapi):
         kwargs["check_same_thread"] = False
         thread = _Thread()
         try:
-            driver = await_(thread.run(partial(sqlite3.connect, *args, **kwargs)))
+            driver = await_only(thread.run(partial(sqlite3.connect, *args, **kwargs)))
         except BaseException:
             thread.stop()
             raise

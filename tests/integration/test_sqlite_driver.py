@@ -4,6 +4,7 @@ per statement, with sqlite3's rows, counts and errors, and the event loop free w
 from __future__ import annotations
 
 import asyncio
+import gc
 import sqlite3
 import threading
 import time
@@ -90,34 +91,43 @@ async def test_an_error_is_sqlite3s_and_leaves_nothing_written(engine: AsyncEngi
 
 
 async def test_the_loop_runs_while_sqlite_works(engine: AsyncEngine) -> None:
-    ticks = 0
+    ticks: list[float] = []
     done = asyncio.Event()
 
     async def ticker() -> None:
-        nonlocal ticks
         while not done.is_set():
-            ticks += 1
+            ticks.append(time.perf_counter())
             await asyncio.sleep(0.001)
 
     task = asyncio.create_task(ticker())
+    await asyncio.sleep(0)
     started = time.perf_counter()
     async with engine.connect() as conn:
         count = (await conn.execute(SLOW, {"upto": 3_000_000})).scalar_one()
-    elapsed = time.perf_counter() - started
+    ended = time.perf_counter()
     done.set()
     await task
     assert count == 3_000_000
-    # The ticker got the loop for the statement's whole length, not once it ended.
-    assert ticks >= max(5, int(elapsed / 0.001 * 0.2)), (ticks, elapsed)
+    # The ticker kept the loop all along: no gap between its ticks is anywhere near the statement's length
+    # (a statement run on the loop's thread would leave one gap as long as itself).
+    during = [t for t in ticks if started <= t <= ended]
+    gaps = [b - a for a, b in zip([started, *during], [*during, ended], strict=True)]
+    assert len(during) >= 3 and max(gaps) < (ended - started) / 2, (len(during), max(gaps), ended - started)
 
 
 async def test_a_cancelled_statement_leaves_the_engine_usable(engine: AsyncEngine) -> None:
+    running = asyncio.Event()
+
     async def slow() -> None:
         async with engine.connect() as conn:
-            await conn.execute(SLOW, {"upto": 20_000_000})
+            await conn.execute(text("SELECT 1"))
+            running.set()
+            await conn.execute(SLOW, {"upto": 3_000_000})
 
     task = asyncio.create_task(slow())
+    await running.wait()
     await asyncio.sleep(0.05)
+    assert not task.done()  # cancelled while its statement runs
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
@@ -125,6 +135,37 @@ async def test_a_cancelled_statement_leaves_the_engine_usable(engine: AsyncEngin
         await conn.execute(insert(items).values(id=7, name="seven"))
     async with engine.connect() as conn:
         assert (await conn.execute(select(items.c.name))).scalars().all() == ["seven"]
+
+
+async def test_a_savepoint_rolled_back_keeps_the_writes_around_it(engine: AsyncEngine) -> None:
+    async with engine.begin() as conn:
+        await conn.execute(insert(items).values(id=1, name="kept"))
+        with pytest.raises(IntegrityError):
+            async with conn.begin_nested():
+                await conn.execute(insert(items).values(id=2, name="undone"))
+                await conn.execute(insert(items).values(id=3, name="kept"))  # taken: the savepoint rolls back
+        await conn.execute(insert(items).values(id=4, name="after"))
+    async with engine.connect() as conn:
+        assert (await conn.execute(select(items.c.id).order_by(items.c.id))).scalars().all() == [1, 4]
+
+
+async def test_a_closed_connection_refuses_calls_instead_of_hanging(tmp_path: Path) -> None:
+    engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'closed.sqlite3'}")
+    try:
+        async with engine.connect() as conn:
+            raw = await conn.get_raw_connection()
+            dbapi_connection = raw.dbapi_connection
+            assert isinstance(dbapi_connection, sqlite_driver.OneHopConnection)
+
+            def after_close() -> None:
+                dbapi_connection.close()
+                with pytest.raises(sqlite3.ProgrammingError, match="closed"):
+                    dbapi_connection.cursor().execute("SELECT 1")
+
+            await conn.run_sync(lambda _sync: after_close())
+            await conn.invalidate()
+    finally:
+        await engine.dispose()
 
 
 async def test_each_connection_has_a_thread_that_ends_with_it(tmp_path: Path) -> None:
@@ -138,6 +179,20 @@ async def test_each_connection_has_a_thread_that_ends_with_it(tmp_path: Path) ->
         ours = set(_driver_threads()) - before
         assert len(ours) == 2
     await engine.dispose()
+    for thread in ours:
+        thread.join(timeout=10)
+    assert not any(t.is_alive() for t in ours)
+
+
+async def test_a_connection_dropped_without_closing_still_ends_its_thread(tmp_path: Path) -> None:
+    before = set(_driver_threads())
+    engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'dropped.sqlite3'}")
+    async with engine.connect() as conn:
+        await conn.execute(text("SELECT 1"))
+    ours = set(_driver_threads()) - before
+    assert ours
+    del engine, conn  # never disposed: the pool and its connection are garbage
+    gc.collect()
     for thread in ours:
         thread.join(timeout=10)
     assert not any(t.is_alive() for t in ours)

@@ -47,7 +47,7 @@ from kinshasa.kernel.dlq import DeadLetterPolicy
 from kinshasa.kernel.housekeeping import Housekeeper, housekeeping_policy
 from kinshasa.kernel.metrics import ComponentMetrics
 from kinshasa.kernel.outbox import OutboxStatus
-from kinshasa.kernel.relay import RELAY_BATCH, OutboxRelay
+from kinshasa.kernel.relay import OutboxRelay
 from kinshasa.kernel.supervisor import NEVER_RESTART, RestartPolicy, Supervisor
 from kinshasa.services.kit.declarations import Service
 from kinshasa.services.kit.dispatcher import CommandDispatcher
@@ -119,7 +119,8 @@ class RuntimeOptions:
     # at once instead of waiting for the old member's session to expire. One id per running replica.
     instance_id: str | None = None
     dlq_policy: DeadLetterPolicy = field(default_factory=DeadLetterPolicy)
-    relay_batch_size: int = RELAY_BATCH
+    # Rows per relay claim; None: the relay's default for the database (`kinshasa.kernel.relay.RELAY_BATCH`).
+    relay_batch_size: int | None = None
     relay_max_attempts: int = 10
     # Records per fetch; each fetched batch is one transaction (see batch_record_handler).
     consumer_batch_size: int = 100
