@@ -53,7 +53,7 @@ from kinshasa.kernel.outbox import OutboxStatus
 from kinshasa.kernel.receipts import ChainVerifier, open_chain
 from kinshasa.kernel.relay import OutboxRelay
 from kinshasa.kernel.supervisor import GaveUp, RestartPolicy, Supervisor
-from kinshasa.mcp.http import McpEndpoint, McpRoute
+from kinshasa.mcp.http import McpEndpoint, McpRoute, bearer_key
 from kinshasa.mcp.settings import McpSettings
 from kinshasa.schemas.operations import OperationCatalogue
 from kinshasa.settings import StackSettings
@@ -333,11 +333,8 @@ class Gateway:
             principal = trusted_principal(request.headers, self.reader_secret)
             return GatewayContext(self.services, principal, presented_key=principal is not None)
         header = request.headers.get("authorization")
-        principal = None
-        if header:
-            scheme, _, key = header.partition(" ")
-            if scheme.lower() == "bearer" and key.strip():
-                principal = self.registry.authenticate(key.strip())
+        key = bearer_key(header)
+        principal = self.registry.authenticate(key) if key else None
         return GatewayContext(self.services, principal, presented_key=bool(header))
 
 
@@ -370,11 +367,8 @@ class GatewayGraphQL(GraphQL[GatewayContext, None]):
         params = context.connection_params if isinstance(context.connection_params, dict) else {}
         given = params.get("authorization", params.get("Authorization"))
         if isinstance(given, str):
-            scheme, _, key = given.partition(" ")
-            context.principal = (
-                self.gateway.registry.authenticate(key.strip()) if scheme.lower() == "bearer" and key.strip()
-                else None
-            )
+            key = bearer_key(given)
+            context.principal = self.gateway.registry.authenticate(key) if key else None
             context.presented_key = True
         if context.principal is None or not context.principal.is_operator:
             raise ConnectionRejectionError(

@@ -50,12 +50,13 @@ from kinshasa.gateway.hardening import DocumentCache, error_body
 from kinshasa.gateway.principals import Principal
 from kinshasa.gateway.settings import GatewayConfig
 from kinshasa.kernel.supervisor import RestartPolicy, Supervisor
+from kinshasa.mcp.http import bearer_key
 from kinshasa.settings import StackSettings
 
 log = logging.getLogger(__name__)
 
 # Headers from the gateway to its reader: the pool's secret, and the principal it authenticated.
-INTERNAL_HEADER = "x-kinshasa-reader-secret"
+SECRET_HEADER = "x-kinshasa-reader-secret"
 PRINCIPAL_HEADER = "x-kinshasa-principal"
 # Request headers passed on to a reader as they came (the caller's trace goes on in the reader).
 PASSED_ON = (b"content-type", b"traceparent", b"tracestate")
@@ -84,7 +85,7 @@ def principal_from_header(value: str) -> Principal:
 def trusted_principal(headers: Any, secret: str) -> Principal | None:
     """In a reader: the principal its gateway sent, if the request carries the pool's secret."""
     value = headers.get(PRINCIPAL_HEADER)
-    if value is None or not _same(headers.get(INTERNAL_HEADER), secret):
+    if value is None or not _same(headers.get(SECRET_HEADER), secret):
         return None
     return principal_from_header(value)
 
@@ -342,7 +343,7 @@ class ReadPool:
             self._http = httpx.AsyncClient(timeout=self._timeout, trust_env=False, limits=httpx.Limits(
                 max_connections=None, max_keepalive_connections=64))
         sent = {name.decode(): value.decode("latin-1") for name, value in headers if name in PASSED_ON}
-        sent[INTERNAL_HEADER] = self.secret
+        sent[SECRET_HEADER] = self.secret
         sent[PRINCIPAL_HEADER] = principal_header(offload.principal)
         try:
             answer = await self._http.post(f"{offload.url}/graphql", content=body, headers=sent)
@@ -365,8 +366,7 @@ class ReadPool:
 def _bearer(headers: list[tuple[bytes, bytes]]) -> str | None:
     for name, value in headers:
         if name == b"authorization":
-            scheme, _, key = value.decode("latin-1").partition(" ")
-            return key.strip() if scheme.lower() == "bearer" and key.strip() else None
+            return bearer_key(value.decode("latin-1"))
     return None
 
 
@@ -464,7 +464,7 @@ class ReaderDoor:
         if scope["type"] == "websocket":
             await send({"type": "websocket.close", "code": 4403})
             return
-        given = dict(scope.get("headers", [])).get(INTERNAL_HEADER.encode())
+        given = dict(scope.get("headers", [])).get(SECRET_HEADER.encode())
         if scope.get("path") != "/graphql" or scope.get("method") != "POST" or not _same(given, self.secret):
             await _forbidden(send, "this is a gateway's reader: send requests to the gateway")
             return

@@ -23,7 +23,7 @@ import httpx
 import pytest
 
 from kinshasa.gateway.app import Gateway
-from kinshasa.gateway.readers import INTERNAL_HEADER, PRINCIPAL_HEADER
+from kinshasa.gateway.readers import PRINCIPAL_HEADER, SECRET_HEADER
 from kinshasa.gateway.settings import GatewayConfig, PrincipalLimits
 from kinshasa.settings import StackSettings
 from tests.integration.gateway.conftest import AGENT_KEY, OPERATOR_KEY, Client, Harness, registry
@@ -158,19 +158,19 @@ async def test_a_reader_answers_its_gateway_alone_and_only_reads(serve: Callable
             assert direct.json()["errors"][0]["extensions"]["code"] == "FORBIDDEN"
             # Nor is the stack's internal token, which every component holds: only the pool's own secret.
             for wrong in ("not-the-secret", harness.gateway.internal_token):
-                forged = await post({INTERNAL_HEADER: wrong, PRINCIPAL_HEADER: operator})
+                forged = await post({SECRET_HEADER: wrong, PRINCIPAL_HEADER: operator})
                 assert forged.status_code == 403
             # With the secret, still only queries: no write, no operator mutation, no other path.
-            write = await post({INTERNAL_HEADER: secret, PRINCIPAL_HEADER: operator},
+            write = await post({SECRET_HEADER: secret, PRINCIPAL_HEADER: operator},
                                'mutation { startRun(entryPoint: "x") { id } }')
             assert write.status_code == 403
             assert write.json()["errors"][0]["message"] == "a gateway's reader runs queries only"
             for path in ("/metrics", "/admin/dlq", "/mcp"):
-                assert (await post({INTERNAL_HEADER: secret}, path=path)).status_code == 403
+                assert (await post({SECRET_HEADER: secret}, path=path)).status_code == 403
             # With the secret but no principal, nothing is read.
-            nobody = await post({INTERNAL_HEADER: secret})
+            nobody = await post({SECRET_HEADER: secret})
             assert nobody.json()["errors"][0]["extensions"]["code"] == "UNAUTHENTICATED"
-            read = await post({INTERNAL_HEADER: secret, PRINCIPAL_HEADER: operator})
+            read = await post({SECRET_HEADER: secret, PRINCIPAL_HEADER: operator})
             assert read.status_code == 200 and read.json()["data"]["runs"] is not None
             assert (await http.get(f"{url}/healthz")).status_code == 200
 

@@ -16,8 +16,8 @@ from kinshasa.gateway.fairness import Fairness, Limits
 from kinshasa.gateway.hardening import DocumentCache, document_cache
 from kinshasa.gateway.principals import Principal
 from kinshasa.gateway.readers import (
-    INTERNAL_HEADER,
     PRINCIPAL_HEADER,
+    SECRET_HEADER,
     Offload,
     ReadPool,
     costly_read,
@@ -90,11 +90,11 @@ def test_the_principal_crosses_to_the_reader_whole_and_only_with_the_token() -> 
     agent = Principal("agent-3", "agent", frozenset({"documents.*", "documents:read"}), frozenset({"bot"}))
     for principal in (operator, agent):
         assert principal_from_header(principal_header(principal)) == principal
-    headers = {PRINCIPAL_HEADER: principal_header(agent), INTERNAL_HEADER: "token"}
+    headers = {PRINCIPAL_HEADER: principal_header(agent), SECRET_HEADER: "token"}
     assert trusted_principal(headers, "token") == agent
     assert trusted_principal(headers, "another") is None
     assert trusted_principal({PRINCIPAL_HEADER: principal_header(agent)}, "token") is None
-    assert trusted_principal({INTERNAL_HEADER: "token"}, "token") is None
+    assert trusted_principal({SECRET_HEADER: "token"}, "token") is None
 
 
 def test_a_refund_gives_back_a_charge_up_to_a_full_bucket() -> None:
