@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -237,6 +238,38 @@ async def test_lag_reports_the_backlog(kafka: KafkaBroker, unique: str, producer
     assert c.assignment() == []
     with pytest.raises(RuntimeError, match="closed"):
         await c.lag()
+
+
+async def test_lag_is_answered_while_the_consumer_thread_is_busy(
+    kafka: KafkaBroker, unique: str, producer: AsyncProducer
+) -> None:
+    """`lag` asks through a client of its own: a consumer thread stuck in a long poll or a slow request
+    does not hold the answer up, and the answer does not hold up consuming (it used to queue there)."""
+    topic = f"test.lag.busy.{unique}"
+    ensure_topics(kafka.bootstrap, [TopicSpec(topic, 3)])
+    await producer.send_batch([Outgoing(topic, f"k{i}".encode(), str(i).encode()) for i in range(12)])
+    c = consumer(kafka, f"test.group.{unique}", topic)
+    answers: list[tuple[dict[tuple[str, int], int], bool]] = []
+
+    async def handle(record: Record, stop: asyncio.Event) -> None:
+        release = threading.Event()
+        busy = c._executor.submit(release.wait, 60)  # the consumer's own thread, taken until released
+        try:
+            lag = await asyncio.wait_for(c.lag(), 30)
+            answers.append((lag, busy.done()))
+        finally:
+            release.set()
+        stop.set()
+
+    await run_until(c, handle)
+    [(lag, consumer_thread_was_free)] = answers
+    assert not consumer_thread_was_free
+    # Nothing committed yet on any of the three partitions: all twelve messages are backlog.
+    assert set(lag) == {(topic, p) for p in range(3)}
+    assert sum(lag.values()) == 12
+    assert c._probe is not None
+    with pytest.raises(RuntimeError, match="closed"):
+        c._probe._client.assignment()  # closed with the consumer
 
 
 async def test_envelope_round_trip(
