@@ -39,6 +39,9 @@ What it asks of handlers:
   (when another command of its batch is refused, the batch is rolled back and run again), so a
   forward handler must not act outside the database; an operation that must (send an email) is
   `egress=True`, and a service with egress operations commits each command alone.
+* Write versions of a versioned table through `Versions.append`. In a batch, `Versions.current` reads
+  each entity once (the batch's entities in one query per table) and learns of new versions from
+  `append`; a version inserted another way would not be seen by a later read in the same batch.
 * Refuse with a `DomainError` subclass (the command becomes `*.rejected` with its code and message);
   never catch database errors, which belong to the kit's retry and dead-letter handling.
 * An inverse refuses (`StateChangedError`) when its entity changed since the forward step. The

@@ -47,7 +47,7 @@ from kinshasa.schemas.envelope import (
 from kinshasa.services.kit.context import AppliedStep, CommandContext
 from kinshasa.services.kit.declarations import Operation, Service
 from kinshasa.services.kit.errors import DomainError, PoisonMessageError
-from kinshasa.services.kit.store import StepStore
+from kinshasa.services.kit.store import StepStore, batch_reads, expect_entities
 from kinshasa.settings import ServiceSettings
 
 log = logging.getLogger(__name__)
@@ -158,23 +158,25 @@ class CommandDispatcher:
 
     async def process(self, uow: UnitOfWork, envelope: Envelope) -> Outcome:
         """Everything `handle` does but the commit: the caller commits (or, by not committing, undoes it)."""
-        batch = await self._open(uow, [envelope], savepoints=True)
-        outcome = await self._process(batch, envelope)
-        await self._close(batch)
+        with batch_reads(uow.conn):
+            batch = await self._open(uow, [envelope], savepoints=True)
+            outcome = await self._process(batch, envelope)
+            await self._close(batch)
         return outcome
 
     async def _run(self, envelopes: Sequence[Envelope], *, savepoints: bool) -> list[Outcome]:
         async with UnitOfWork(self.engine, on_commit=self.on_commit) as uow:
-            batch = await self._open(uow, envelopes, savepoints=savepoints)
-            outcomes = []
-            for envelope in envelopes:
-                # Each command's log lines carry its own run id, actor and message id.
-                with log_context(run_id=envelope.run_id, actor=envelope.actor,
-                                 message_id=envelope.message_id), \
-                        tracing.span(f"handle {envelope.type}", parent=envelope.traceparent, kind="consumer",
-                                     attributes={"kinshasa.service": self.service.name}):
-                    outcomes.append(await self._process(batch, envelope))
-            await self._close(batch)
+            with batch_reads(uow.conn):
+                batch = await self._open(uow, envelopes, savepoints=savepoints)
+                outcomes = []
+                for envelope in envelopes:
+                    # Each command's log lines carry its own run id, actor and message id.
+                    with log_context(run_id=envelope.run_id, actor=envelope.actor,
+                                     message_id=envelope.message_id), \
+                            tracing.span(f"handle {envelope.type}", parent=envelope.traceparent,
+                                         kind="consumer", attributes={"kinshasa.service": self.service.name}):
+                        outcomes.append(await self._process(batch, envelope))
+                await self._close(batch)
             await uow.commit()
         return outcomes
 
@@ -186,6 +188,9 @@ class CommandDispatcher:
                                                           [e.message_id for e in envelopes]))
         await self._look_up(batch, [forward_id for e in envelopes
                                      if (forward_id := _named_forward_id(e)) is not None])
+        # The entities the handlers will read: one query per table fetches them all (`batch_reads`).
+        expect_entities(conn, [e.entity.id for e in envelopes if e.entity is not None])
+        expect_entities(conn, [step.entity.id for step in batch.steps.values()])
         return batch
 
     async def _look_up(self, batch: _Batch, forward_ids: list[str]) -> None:

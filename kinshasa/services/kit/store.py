@@ -8,7 +8,8 @@ current state of an entity is the newest version.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
 
@@ -24,11 +25,13 @@ from sqlalchemy import (
     Table,
     and_,
     bindparam,
+    event,
     func,
     insert,
     select,
     text,
 )
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.schema import SchemaItem
 
@@ -105,8 +108,74 @@ def _row(mapping: Mapping[Any, Any]) -> dict[str, Any]:
     return row
 
 
+# Where a command batch's reads of current versions live: in the info of its transaction's connection.
+_BATCH_READS = "kinshasa.kit.batch_reads"
+
+
+class _BatchReads:
+    """The current versions read so far in one command batch's transaction, by (table, entity id).
+
+    Every entry is what the database returned inside the transaction, None meaning no version; an
+    append keeps the row its INSERT returned, so the version written is what the database stored, never
+    a guess. The first read of a table fetches every entity the batch names in one query.
+    """
+
+    def __init__(self) -> None:
+        self.entity_ids: set[str] = set()
+        self.rows: dict[tuple[str, str], dict[str, Any] | None] = {}
+        self.fetched: set[str] = set()  # tables whose rows for `entity_ids` are in `rows`
+
+    def forget(self) -> None:
+        self.rows.clear()
+        self.fetched.clear()
+
+
+@contextmanager
+def batch_reads(conn: AsyncConnection, entity_ids: Iterable[str] = ()) -> Iterator[None]:
+    """Within the block, `Versions.current` on `conn` reads each entity once: the first read of a table
+    fetches the current version of every id in `entity_ids` (and of those `expect_entities` adds).
+
+    Safe for exactly one transaction's reads: the kit opens it around a command batch. A rolled-back
+    savepoint or transaction forgets everything read, since what was read inside it may be gone.
+    """
+    info = conn.info
+    reads = _BatchReads()
+    reads.entity_ids.update(entity_ids)
+    info[_BATCH_READS] = reads
+    try:
+        yield
+    finally:
+        if info.get(_BATCH_READS) is reads:
+            del info[_BATCH_READS]
+
+
+def expect_entities(conn: AsyncConnection, entity_ids: Iterable[str]) -> None:
+    """Add ids to what the open `batch_reads` fetches with a table's first read (no-op outside one)."""
+    reads = conn.info.get(_BATCH_READS)
+    if reads is not None:
+        reads.entity_ids.update(entity_ids)
+
+
+def _forget_batch_reads(conn: Connection, *_: Any) -> None:
+    if conn.closed or conn.invalidated:
+        return  # nothing to ask it (asking would reconnect); `batch_reads` ends with the transaction anyway
+    reads = conn.info.get(_BATCH_READS)
+    if reads is not None:
+        reads.forget()
+
+
+event.listen(Engine, "rollback_savepoint", _forget_batch_reads)
+event.listen(Engine, "rollback", _forget_batch_reads)
+
+
 class Versions:
-    """Reads and appends the versions of one versioned table; the newest version is the current state."""
+    """Reads and appends the versions of one versioned table; the newest version is the current state.
+
+    Inside a command batch (the kit runs handlers in `batch_reads`), `current` reads each entity at
+    most once per transaction, and the batch's entities in one query per table. So write versions
+    through `append`, which tells that cache: a row inserted into a versioned table any other way
+    would not be seen by a later `current` of the same batch.
+    """
 
     def __init__(self, table: Table, key: str) -> None:
         self.table = table
@@ -116,10 +185,43 @@ class Versions:
         # executing its cached compiled form.
         self._current = (select(table).where(self._key_col == bindparam("entity_id"))
                          .order_by(table.c.version.desc()).limit(1))
+        newest = (select(self._key_col.label("k"), func.max(table.c.version).label("v"))
+                  .where(self._key_col.in_(bindparam("entity_ids", expanding=True)))
+                  .group_by(self._key_col).subquery())
+        self._current_many = select(table).join(
+            newest, and_(self._key_col == newest.c.k, table.c.version == newest.c.v))
         self._insert = insert(table)
+        self._insert_returning = insert(table).returning(*table.c)
 
     async def current(self, conn: AsyncConnection, entity_id: str) -> dict[str, Any] | None:
         """The newest version of `entity_id`, tombstones included, or None if it never existed."""
+        reads: _BatchReads | None = conn.info.get(_BATCH_READS)
+        if reads is None:
+            return await self._read(conn, entity_id)
+        name = self.table.fullname
+        if name not in reads.fetched:
+            reads.fetched.add(name)
+            found = await self.current_many(conn, reads.entity_ids)
+            for wanted in reads.entity_ids:
+                reads.rows[name, wanted] = found.get(wanted)
+        if (name, entity_id) not in reads.rows:
+            reads.rows[name, entity_id] = await self._read(conn, entity_id)
+        row = reads.rows[name, entity_id]
+        return None if row is None else dict(row)
+
+    async def current_many(self, conn: AsyncConnection,
+                           entity_ids: Iterable[str]) -> dict[str, dict[str, Any]]:
+        """The newest version of each of `entity_ids` that exists, by id, in one query per 500 ids."""
+        wanted = sorted(set(entity_ids))
+        found: dict[str, dict[str, Any]] = {}
+        for start in range(0, len(wanted), _IN_CHUNK):
+            rows = (await conn.execute(self._current_many,
+                                       {"entity_ids": wanted[start:start + _IN_CHUNK]})).mappings()
+            for row in rows:
+                found[row[self.key]] = _row(row)
+        return found
+
+    async def _read(self, conn: AsyncConnection, entity_id: str) -> dict[str, Any] | None:
         row = (await conn.execute(self._current, {"entity_id": entity_id})).mappings().first()
         return None if row is None else _row(row)
 
@@ -161,7 +263,13 @@ class Versions:
             raise ValueError(f"`after` is a version of {current[self.key]!r}, not of {entity_id!r}")
         row = {self.key: entity_id, "version": 1 if current is None else current["version"] + 1,
                **values, **ctx.stamp()}
-        await conn.execute(self._insert, row)
+        reads: _BatchReads | None = conn.info.get(_BATCH_READS)
+        if reads is None:
+            await conn.execute(self._insert, row)
+        else:
+            # The version as the database stored it (its column types), for the batch's next read.
+            written = (await conn.execute(self._insert_returning, row)).mappings().one()
+            reads.rows[self.table.fullname, entity_id] = _row(written)
         return row
 
 

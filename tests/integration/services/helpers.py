@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import random
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -75,6 +76,25 @@ def compensate(applied: Envelope, attempt: int = 0) -> Envelope:
         occurred_at=utcnow(),
         payload={"forward_event_id": str(applied.message_id), "forward_type": applied.type},
     )
+
+
+def document_work(rng: random.Random, docs: list[str]) -> list[Envelope]:
+    """Creates, renames, edits, archives and commands the service refuses (renaming an archived or
+    missing document), in an order that keeps each document's own commands in sequence."""
+    work = [command("documents", "create", {"title": f"t-{d[:4]}", "body": "b0"}, d) for d in docs]
+    for i in range(120):
+        doc = rng.choice(docs)
+        kind = rng.random()
+        if kind < 0.5:
+            work.append(command("documents", "rename", {"document_id": doc, "title": f"r{i}"}, doc))
+        elif kind < 0.8:
+            work.append(command("documents", "edit", {"document_id": doc, "body": f"b{i}"}, doc))
+        elif kind < 0.9:
+            work.append(command("documents", "archive", {"document_id": doc}, doc))
+        else:
+            missing = new_entity_id()
+            work.append(command("documents", "rename", {"document_id": missing, "title": "x"}, missing))
+    return work
 
 
 async def service_engine(url: str, service: Service) -> AsyncEngine:

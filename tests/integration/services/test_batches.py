@@ -35,6 +35,7 @@ from tests.integration.services.helpers import (
     command,
     compensate,
     dispatchers,
+    document_work,
     new_entity_id,
     service_engine,
 )
@@ -64,25 +65,6 @@ def _summary(outcomes: list[Outcome]) -> list[tuple[str, str | None, str | None,
              _untimed(o.event.payload) if o.event else None) for o in outcomes]
 
 
-def _document_work(rng: random.Random, docs: list[str]) -> list[Envelope]:
-    """Creates, renames, edits, archives and commands the service refuses (renaming an archived or
-    missing document), in an order that keeps each document's own commands in sequence."""
-    work = [command("documents", "create", {"title": f"t-{d[:4]}", "body": "b0"}, d) for d in docs]
-    for i in range(120):
-        doc = rng.choice(docs)
-        kind = rng.random()
-        if kind < 0.5:
-            work.append(command("documents", "rename", {"document_id": doc, "title": f"r{i}"}, doc))
-        elif kind < 0.8:
-            work.append(command("documents", "edit", {"document_id": doc, "body": f"b{i}"}, doc))
-        elif kind < 0.9:
-            work.append(command("documents", "archive", {"document_id": doc}, doc))
-        else:
-            missing = new_entity_id()
-            work.append(command("documents", "rename", {"document_id": missing, "title": "x"}, missing))
-    return work
-
-
 async def _title(d: CommandDispatcher, doc: str) -> str:
     async with d.engine.connect() as conn:
         current = await documents.versions.current(conn, doc)
@@ -99,7 +81,7 @@ async def test_a_batch_does_what_one_command_at_a_time_does(dispatcher_for: Fact
     one, many = await dispatcher_for(documents.documents), await dispatcher_for(documents.documents)
     rng = random.Random(7)
     docs = [new_entity_id() for _ in range(12)]
-    work = _document_work(rng, docs)
+    work = document_work(rng, docs)
     singly = [await one.handle(c) for c in work]
     batched: list[Outcome] = []
     for start in range(0, len(work), 25):
