@@ -127,7 +127,8 @@ class StageTail:
         from confluent_kafka import OFFSET_BEGINNING, TIMESTAMP_CREATE_TIME, Consumer, TopicPartition
 
         consumer = Consumer({"bootstrap.servers": self.bootstrap, "group.id": f"bench-latency-{os.getpid()}",
-                             "enable.auto.commit": False, "fetch.wait.max.ms": 100})
+                             "enable.auto.commit": False, "fetch.min.bytes": 1,
+                             "fetch.wait.max.ms": 100})
         try:
             assignment = []
             for topic in (self.commands_topic, self.events_topic):

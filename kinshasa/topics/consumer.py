@@ -145,7 +145,9 @@ class _LagProbe:
     """
 
     def __init__(self, config: Mapping[str, Any], group_id: str, request_timeout: float) -> None:
-        self._client = Consumer({**config, "enable.auto.commit": False})
+        # Never a member: no static membership id to share with the member it measures, nothing to commit.
+        settings = {k: v for k, v in config.items() if k != "group.instance.id"}
+        self._client = Consumer({**settings, "enable.auto.commit": False})
         self._timeout = request_timeout
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"kafka-lag-{group_id}")
 
@@ -153,8 +155,11 @@ class _LagProbe:
         return await asyncio.get_running_loop().run_in_executor(self._executor, self._lag_blocking, owned)
 
     def _lag_blocking(self, owned: list[TopicPartition]) -> dict[tuple[str, int], int]:
-        committed = {(tp.topic, tp.partition): tp.offset
-                     for tp in self._client.committed(owned, timeout=self._timeout)}
+        committed = {}
+        for tp in self._client.committed(owned, timeout=self._timeout):
+            if tp.error is not None:
+                raise KafkaException(tp.error)
+            committed[(tp.topic, tp.partition)] = tp.offset
         ends = self._offsets(owned, OFFSET_END)
         # Nothing committed yet: auto.offset.reset=earliest means the whole retained log is backlog.
         unstarted = [tp for tp in owned if committed.get((tp.topic, tp.partition), -1) < 0]
@@ -176,11 +181,11 @@ class _LagProbe:
         return {(tp.topic, tp.partition): tp.offset for tp in answered}
 
     async def close(self) -> None:
-        try:
-            # Queued behind a lag request still running, so the client is never closed under it.
-            await asyncio.get_running_loop().run_in_executor(self._executor, self._client.close)
-        finally:
-            self._executor.shutdown(wait=False)
+        # Queued behind a lag request still running, so the client is never closed under it; and it
+        # runs even if this wait is cancelled (a stop that timed out), so the client is never left open.
+        closing = self._executor.submit(self._client.close)
+        self._executor.shutdown(wait=False)
+        await asyncio.shield(asyncio.wrap_future(closing))
 
 
 def _is_no_offset(exc: KafkaException) -> bool:

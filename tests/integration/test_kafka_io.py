@@ -272,6 +272,26 @@ async def test_lag_is_answered_while_the_consumer_thread_is_busy(
         c._probe._client.assignment()  # closed with the consumer
 
 
+async def test_lag_without_a_commit_counts_from_the_log_start(
+    kafka: KafkaBroker, unique: str, producer: AsyncProducer
+) -> None:
+    topic = f"test.lag.start.{unique}"
+    ensure_topics(kafka.bootstrap, [TopicSpec(topic, 1)])
+    await producer.send_batch([Outgoing(topic, b"k", str(i).encode()) for i in range(10)])
+    admin = AdminClient({"bootstrap.servers": kafka.bootstrap})
+    for deleted in admin.delete_records([TopicPartition(topic, 0, 4)]).values():
+        deleted.result(30)  # the log now starts at offset 4
+    c = consumer(kafka, f"test.group.{unique}", topic)
+    seen: list[tuple[int, dict[tuple[str, int], int]]] = []
+
+    async def handle(record: Record, stop: asyncio.Event) -> None:
+        seen.append((record.offset, await c.lag()))
+        stop.set()
+
+    await run_until(c, handle)
+    assert seen == [(4, {(topic, 0): 6})]
+
+
 async def test_envelope_round_trip(
     kafka: KafkaBroker, topic: str, producer: AsyncProducer, unique: str
 ) -> None:

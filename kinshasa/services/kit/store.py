@@ -7,6 +7,7 @@ current state of an entity is the newest version.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -31,7 +32,6 @@ from sqlalchemy import (
     select,
     text,
 )
-from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.schema import SchemaItem
 
@@ -64,6 +64,10 @@ async def serialize_on(conn: AsyncConnection, *parts: str) -> None:
     digest = hashlib.blake2b("\x1f".join(parts).encode(), digest_size=4).digest()
     await conn.execute(text("SELECT pg_advisory_xact_lock(:ns, :k)"),
                        {"ns": _INVARIANT_LOCK_NS, "k": int.from_bytes(digest, "big", signed=True)})
+    # Reads from before the lock may predate a commit it waited for: read again after it.
+    reads = conn.info.get(_BATCH_READS)
+    if reads is not None:
+        reads.forget()
 
 
 def _stamp_columns() -> list[Column[Any]]:
@@ -136,15 +140,25 @@ def batch_reads(conn: AsyncConnection, entity_ids: Iterable[str] = ()) -> Iterat
     fetches the current version of every id in `entity_ids` (and of those `expect_entities` adds).
 
     Safe for exactly one transaction's reads: the kit opens it around a command batch. A rolled-back
-    savepoint or transaction forgets everything read, since what was read inside it may be gone.
+    savepoint forgets everything read, since what was read inside it may be gone, and so does
+    `serialize_on`, since what was read before its lock may be older than what the lock waited for.
+    Rows are copied out, nested values too, so a caller that changes one changes nothing cached.
     """
     info = conn.info
     reads = _BatchReads()
     reads.entity_ids.update(entity_ids)
     info[_BATCH_READS] = reads
+    sync = conn.sync_connection
+    assert sync is not None  # `info` above has already refused a connection that is not open
+
+    def forget(*_: Any) -> None:
+        reads.forget()
+
+    event.listen(sync, "rollback_savepoint", forget)
     try:
         yield
     finally:
+        event.remove(sync, "rollback_savepoint", forget)
         if info.get(_BATCH_READS) is reads:
             del info[_BATCH_READS]
 
@@ -154,18 +168,6 @@ def expect_entities(conn: AsyncConnection, entity_ids: Iterable[str]) -> None:
     reads = conn.info.get(_BATCH_READS)
     if reads is not None:
         reads.entity_ids.update(entity_ids)
-
-
-def _forget_batch_reads(conn: Connection, *_: Any) -> None:
-    if conn.closed or conn.invalidated:
-        return  # nothing to ask it (asking would reconnect); `batch_reads` ends with the transaction anyway
-    reads = conn.info.get(_BATCH_READS)
-    if reads is not None:
-        reads.forget()
-
-
-event.listen(Engine, "rollback_savepoint", _forget_batch_reads)
-event.listen(Engine, "rollback", _forget_batch_reads)
 
 
 class Versions:
@@ -207,7 +209,8 @@ class Versions:
         if (name, entity_id) not in reads.rows:
             reads.rows[name, entity_id] = await self._read(conn, entity_id)
         row = reads.rows[name, entity_id]
-        return None if row is None else dict(row)
+        return None if row is None else {k: copy.deepcopy(v) if isinstance(v, dict | list) else v
+                                         for k, v in row.items()}
 
     async def current_many(self, conn: AsyncConnection,
                            entity_ids: Iterable[str]) -> dict[str, dict[str, Any]]:

@@ -9,21 +9,24 @@ savepoint rolled back after a read inside it.
 from __future__ import annotations
 
 import random
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import pytest
+from pydantic import BaseModel, ConfigDict
 from pydantic_core import to_jsonable_python
-from sqlalchemy import event
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy import Column, Integer, MetaData, event
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from kinshasa.kernel.unit_of_work import UnitOfWork
-from kinshasa.schemas.envelope import utcnow
+from kinshasa.schemas.envelope import EntityRef, Envelope, utcnow
 from kinshasa.services import documents
-from kinshasa.services.kit.context import CommandContext
-from kinshasa.services.kit.store import batch_reads
+from kinshasa.services.kit import AppliedStep, CommandContext, DomainError, Service, Versions, versioned_table
+from kinshasa.services.kit.store import batch_reads, serialize_on
 from tests.integration.services.helpers import (
+    AGENT,
     Factory,
     command,
     compensate,
@@ -141,3 +144,93 @@ async def test_a_rolled_back_savepoint_forgets_what_was_read_inside_it(dispatche
         await uow.commit()
     async with d.engine.connect() as conn:
         assert [row["version"] for row in await versions.history(conn, doc)] == [1]
+
+
+# A service whose handler writes, then refuses: the savepoint around it undoes the write, and the next
+# command of the batch must read the entity as the database has it, not as the undone write left it.
+counters_metadata = MetaData()
+counter_versions = versioned_table("counter_versions", counters_metadata, "counter_id",
+                                   Column("value", Integer, nullable=False))
+counter_rows = Versions(counter_versions, "counter_id")
+counters = Service("counters", metadata=counters_metadata, domain_tables=[counter_versions])
+
+
+class Bump(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"counter_id": "c1"}]})
+    counter_id: str
+    refuse_after_writing: bool = False
+
+
+class Overdrawn(DomainError):
+    code = "OVERDRAWN"
+
+
+async def unbump(conn: AsyncConnection, step: AppliedStep, ctx: CommandContext) -> None:
+    row = await counter_rows.current(conn, step.entity.id)
+    assert row is not None
+    await counter_rows.append(conn, step.entity.id, ctx, after=row, value=row["value"] - 1)
+
+
+@counters.operation("bump", payload=Bump, mutation="bumpCounter", entity="counter",
+                    entity_id_field="counter_id", inverse=unbump)
+async def bump(conn: AsyncConnection, cmd: Bump, ctx: CommandContext) -> dict[str, Any]:
+    row = await counter_rows.current(conn, cmd.counter_id)
+    value = 1 if row is None else row["value"] + 1
+    await counter_rows.append(conn, cmd.counter_id, ctx, after=row, value=value)
+    if cmd.refuse_after_writing:
+        raise Overdrawn("refused after writing: the savepoint takes the write back")
+    return {"value": value}
+
+
+async def read_counter(conn: AsyncConnection, counter_id: str) -> dict[str, Any] | None:
+    return await counter_rows.current(conn, counter_id)
+
+
+async def counter_history(conn: AsyncConnection, counter_id: str) -> list[dict[str, Any]]:
+    return await counter_rows.history(conn, counter_id)
+
+
+counters.read_model("counter", current=read_counter, versions=counter_history)
+
+
+def bump_command(counter_id: str, *, refuse: bool = False) -> Envelope:
+    entity = EntityRef(service="counters", type="counter", id=counter_id)
+    return Envelope(message_id=uuid.uuid4(), type="counters.bump", run_id="run-1", actor=AGENT,
+                    correlation_id="run-1", entity=entity, occurred_at=utcnow(),
+                    payload={"counter_id": counter_id, "refuse_after_writing": refuse})
+
+
+async def test_a_write_its_handler_refused_is_not_read_by_the_next_command(dispatcher_for: Factory) -> None:
+    d = await dispatcher_for(counters)
+    counter = new_entity_id()
+    batch = [bump_command(counter), bump_command(counter, refuse=True), bump_command(counter)]
+    outcomes = await d.handle_batch(batch)
+    assert [o.kind for o in outcomes] == ["applied", "rejected", "applied"]
+    assert outcomes[2].event is not None and outcomes[2].event.payload["value"] == 2
+    async with d.engine.connect() as conn:
+        history = await counter_rows.history(conn, counter)
+    assert [(row["version"], row["value"]) for row in history] == [(1, 1), (2, 2)]
+
+
+async def test_serialize_on_reads_again_what_was_read_before_its_lock(postgres_url: str) -> None:
+    """On PostgreSQL a transaction sees every commit made before each statement: what a batch read
+    before `serialize_on` may predate a commit the lock waited for, so the lock forgets it."""
+    async with dispatchers(postgres_url) as make:
+        d = await make(documents.documents)
+        doc = new_entity_id()
+        first = command("documents", "create", {"title": "t", "body": "b"}, doc)
+        assert first.entity is not None
+        ctx = CommandContext(envelope=first, entity=first.entity, received_at=utcnow())
+        versions = documents.versions
+        async with d.engine.begin() as conn:
+            await versions.append(conn, doc, ctx, after=None, title="t", body="b", status=documents.ACTIVE)
+        async with UnitOfWork(d.engine) as uow:
+            with batch_reads(uow.conn, [doc]):
+                before = await versions.current(uow.conn, doc)
+                assert before is not None and before["version"] == 1
+                async with d.engine.begin() as other:  # another writer commits meanwhile
+                    await versions.append(other, doc, ctx, title="t2", body="b", status=documents.ACTIVE)
+                assert (await versions.current(uow.conn, doc) or {})["version"] == 1  # still the batch's read
+                await serialize_on(uow.conn, "documents", doc)
+                after = await versions.current(uow.conn, doc)
+                assert after is not None and (after["version"], after["title"]) == (2, "t2")
