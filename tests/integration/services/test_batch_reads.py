@@ -122,13 +122,17 @@ async def test_events_and_inverses_see_what_the_database_holds(dispatcher_for: F
                                                                         "b0")
 
 
+def creating(doc: str) -> CommandContext:
+    """The context of a command creating document `doc`, for writing its versions by hand."""
+    envelope = command("documents", "create", {"title": "t", "body": "b"}, doc)
+    assert envelope.entity is not None
+    return CommandContext(envelope=envelope, entity=envelope.entity, received_at=utcnow())
+
+
 async def test_a_rolled_back_savepoint_forgets_what_was_read_inside_it(dispatcher_for: Factory) -> None:
     d = await dispatcher_for(documents.documents)
     doc = new_entity_id()
-    envelope = command("documents", "create", {"title": "t", "body": "b"}, doc)
-    assert envelope.entity is not None
-    ctx = CommandContext(envelope=envelope, entity=envelope.entity, received_at=utcnow())
-    versions = documents.versions
+    ctx, versions = creating(doc), documents.versions
     async with UnitOfWork(d.engine) as uow:
         conn = uow.conn
         with batch_reads(conn, [doc]):
@@ -218,10 +222,7 @@ async def test_serialize_on_reads_again_what_was_read_before_its_lock(postgres_u
     async with dispatchers(postgres_url) as make:
         d = await make(documents.documents)
         doc = new_entity_id()
-        first = command("documents", "create", {"title": "t", "body": "b"}, doc)
-        assert first.entity is not None
-        ctx = CommandContext(envelope=first, entity=first.entity, received_at=utcnow())
-        versions = documents.versions
+        ctx, versions = creating(doc), documents.versions
         async with d.engine.begin() as conn:
             await versions.append(conn, doc, ctx, after=None, title="t", body="b", status=documents.ACTIVE)
         async with UnitOfWork(d.engine) as uow:
