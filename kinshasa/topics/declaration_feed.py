@@ -15,15 +15,17 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 from kinshasa.schemas.declaration import ServiceDeclaration
 from kinshasa.topics.catalogue import CATALOGUE
 from kinshasa.topics.producer import AsyncProducer
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 # A consume() waits out its whole timeout unless it fills its batch, so the wait sets how late a follower
 # hears a new record and how long a stop takes: 0.2 s, against about 5 wake-ups a second when idle.
@@ -63,6 +65,24 @@ def _consumer(bootstrap: str) -> Consumer:
     })
 
 
+def _close(consumer: Consumer) -> None:
+    with contextlib.suppress(Exception):
+        consumer.close()
+
+
+async def _finished(opening: Awaitable[T], on_cancel: Callable[[T], None]) -> T:
+    """Await work running in a thread; if cancelled meanwhile, let it finish, hand what it made to
+    `on_cancel` (in a thread), then cancel: a client opened for a task that was stopped is closed."""
+    started = asyncio.ensure_future(opening)
+    try:
+        return await asyncio.shield(started)
+    except asyncio.CancelledError:
+        with contextlib.suppress(Exception):
+            made = await started
+            await asyncio.to_thread(on_cancel, made)
+        raise
+
+
 class DeclarationFollower:
     """Reads the catalogue topic from the beginning, then follows it; each record goes to `on_record`."""
 
@@ -76,13 +96,15 @@ class DeclarationFollower:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Until `stop`: `caught_up` is set once every record present at start was handled."""
-        consumer = await asyncio.to_thread(self._open)
+        consumer = await _finished(asyncio.to_thread(self._open), on_cancel=_close)
         catch_up_until = time.monotonic() + CATCH_UP_S
+        polling: asyncio.Future[list[Message]] | None = None
         try:
             while not stop.is_set():
                 catching_up = not self.caught_up.is_set() and time.monotonic() < catch_up_until
                 wait_s = CATCH_UP_POLL_S if catching_up else POLL_S
-                batch = await asyncio.to_thread(consumer.consume, 100, wait_s)
+                polling = asyncio.ensure_future(asyncio.to_thread(consumer.consume, 100, wait_s))
+                batch = await asyncio.shield(polling)
                 for msg in batch:
                     error = msg.error()
                     if error is not None:
@@ -101,6 +123,11 @@ class DeclarationFollower:
                         log.exception("catalogue record %s at offset %d could not be handled; skipped",
                                       record.key, record.offset)
         finally:
+            # A consume() still running in its thread (this task was cancelled) ends within its wait;
+            # closing the client under it would pull it from under librdkafka.
+            if polling is not None:
+                with contextlib.suppress(BaseException):
+                    await asyncio.wait([polling])
             with contextlib.suppress(Exception):
                 await asyncio.to_thread(consumer.close)
 

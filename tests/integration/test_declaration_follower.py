@@ -48,3 +48,66 @@ async def test_a_catalogue_is_read_to_its_end_with_short_waits_then_followed_wit
     assert {wait for wait, caught_up in waits if not caught_up} == {declaration_feed.CATCH_UP_POLL_S}
     assert {wait for wait, caught_up in waits if caught_up} == {declaration_feed.POLL_S}
     assert declaration_feed.CATCH_UP_POLL_S < declaration_feed.POLL_S
+
+
+async def test_a_follower_stopped_while_it_opens_or_polls_closes_its_client(
+        kafka: KafkaBroker, examples_catalogue: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A gateway stopped during its start cancels the follower while its client is being opened in a
+    thread, or while a consume() runs there: the client it opened is closed all the same, after the
+    consume() ended (it used to stay open for the life of the process)."""
+    opened: list[Consumer] = []
+    opening = threading.Event()  # the thread is inside _open; it may finish once `go` is set
+    go = threading.Event()
+
+    class SlowToOpen(DeclarationFollower):
+        def _open(self) -> Consumer:
+            opening.set()
+            go.wait(30)
+            consumer = super()._open()
+            opened.append(consumer)
+            return consumer
+
+    async def hear(record: PublishedDeclaration) -> None:
+        pass
+
+    follower = SlowToOpen(kafka.bootstrap, hear, examples_catalogue)
+    run = asyncio.create_task(follower.run(asyncio.Event()))
+    assert await asyncio.to_thread(opening.wait, 30)
+    run.cancel()
+    go.set()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(run, 30)
+    [consumer] = opened
+    with pytest.raises(RuntimeError, match="closed"):
+        consumer.assignment()
+
+    # Cancelled in the middle of a consume(): closed once that consume() returned.
+    polled: list[Consumer] = []
+    polling = threading.Event()
+    in_consume = threading.Event()
+    closed_during_consume: list[bool] = []
+
+    class PollingConsumer(Consumer):
+        def consume(self, num_messages: int = 1, timeout: float = -1) -> list[Message]:
+            polled.append(self)
+            in_consume.set()
+            polling.set()
+            try:
+                return super().consume(num_messages, 1.0)  # long enough for the cancel to land inside it
+            finally:
+                in_consume.clear()
+
+        def close(self) -> None:
+            closed_during_consume.append(in_consume.is_set())
+            super().close()
+
+    monkeypatch.setattr(declaration_feed, "Consumer", PollingConsumer)
+    follower = DeclarationFollower(kafka.bootstrap, hear, examples_catalogue)
+    run = asyncio.create_task(follower.run(asyncio.Event()))
+    assert await asyncio.to_thread(polling.wait, 30)
+    run.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(run, 30)
+    with pytest.raises(RuntimeError, match="closed"):
+        polled[0].assignment()
+    assert closed_during_consume == [False]
