@@ -15,7 +15,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Message, TopicPartition
 
@@ -24,8 +24,6 @@ from kinshasa.topics.catalogue import CATALOGUE
 from kinshasa.topics.producer import AsyncProducer
 
 log = logging.getLogger(__name__)
-
-T = TypeVar("T")
 
 # A consume() waits out its whole timeout unless it fills its batch, so the wait sets how late a follower
 # hears a new record and how long a stop takes: 0.2 s, against about 5 wake-ups a second when idle.
@@ -65,24 +63,6 @@ def _consumer(bootstrap: str) -> Consumer:
     })
 
 
-def _close(consumer: Consumer) -> None:
-    with contextlib.suppress(Exception):
-        consumer.close()
-
-
-async def _finished(opening: Awaitable[T], on_cancel: Callable[[T], None]) -> T:
-    """Await work running in a thread; if cancelled meanwhile, let it finish, hand what it made to
-    `on_cancel` (in a thread), then cancel: a client opened for a task that was stopped is closed."""
-    started = asyncio.ensure_future(opening)
-    try:
-        return await asyncio.shield(started)
-    except asyncio.CancelledError:
-        with contextlib.suppress(Exception):
-            made = await started
-            await asyncio.to_thread(on_cancel, made)
-        raise
-
-
 class DeclarationFollower:
     """Reads the catalogue topic from the beginning, then follows it; each record goes to `on_record`."""
 
@@ -96,7 +76,14 @@ class DeclarationFollower:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Until `stop`: `caught_up` is set once every record present at start was handled."""
-        consumer = await _finished(asyncio.to_thread(self._open), on_cancel=_close)
+        opening = asyncio.ensure_future(asyncio.to_thread(self._open))
+        try:
+            consumer = await asyncio.shield(opening)
+        except asyncio.CancelledError:
+            # Stopped while the thread opens the client: it opens it all the same, so close it.
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread((await opening).close)
+            raise
         catch_up_until = time.monotonic() + CATCH_UP_S
         polling: asyncio.Future[list[Message]] | None = None
         try:

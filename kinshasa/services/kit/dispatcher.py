@@ -189,8 +189,8 @@ class CommandDispatcher:
         await self._look_up(batch, [forward_id for e in envelopes
                                      if (forward_id := _named_forward_id(e)) is not None])
         # The entities the handlers will read: one query per table fetches them all (`batch_reads`).
-        expect_entities(conn, [e.entity.id for e in envelopes if e.entity is not None])
-        expect_entities(conn, [step.entity.id for step in batch.steps.values()])
+        expect_entities(conn, [*(e.entity.id for e in envelopes if e.entity is not None),
+                               *(step.entity.id for step in batch.steps.values())])
         return batch
 
     async def _look_up(self, batch: _Batch, forward_ids: list[str]) -> None:
