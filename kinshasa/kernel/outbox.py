@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Collection, Iterable, Mapping, Sequence
@@ -42,6 +43,7 @@ from sqlalchemy import (
     Table,
     Text,
     Uuid,
+    all_,
     any_,
     bindparam,
     delete,
@@ -256,28 +258,49 @@ def outbox_message(topic: str, key: bytes | str | None, value: bytes | str, mess
     return OutboxMessage(topic, key_bytes, value_bytes, mid, normalise_headers(headers), entity_key)
 
 
+def _json_values(name: str) -> Any:
+    """SQLite: the values of the JSON array bound as `name`, as a subquery (`json_each`)."""
+    return select(func.json_each(bindparam(name, type_=Text)).table_valued("value").c.value).scalar_subquery()
+
+
 def _seq_in(dialect: str) -> ColumnElement[bool]:
-    """`seq` is one of the list bound as "seqs"."""
+    """`seq` is one of the list bound as "seqs" (`_seqs_param`)."""
     if dialect == "postgresql":
-        # One array parameter: the statement text (and so its prepared plan) is the same for every batch.
         return outbox.c.seq == any_(bindparam("seqs", type_=postgresql.ARRAY(BigInteger)))
-    return outbox.c.seq.in_(bindparam("seqs", expanding=True))
+    return outbox.c.seq.in_(_json_values("seqs"))
+
+
+def _seqs_param(dialect: str, seqs: Iterable[int]) -> Any:
+    """Seqs bound as one parameter, so a statement's text is the same for every batch (it is prepared and
+    cached once, where a list of thousands of parameters was a new statement to build every time): an
+    array on PostgreSQL, a JSON array on SQLite."""
+    if dialect == "postgresql":
+        return list(seqs)
+    return json.dumps(list(seqs))
+
+
+def _keys_param(keys: Iterable[bytes]) -> str:
+    """SQLite: keys bound as one JSON array of their hex (upper case, as SQLite's `hex()` writes it)."""
+    return json.dumps([key.hex().upper() for key in keys])
 
 
 # The relay's statements, built once and run with parameters: building and cache-keying a statement
 # cost more than executing it on a small backlog, and the relay runs them after every commit.
 _NOW = bindparam("c_now", type_=outbox.c.next_attempt_at.type)
+_KEYS = postgresql.ARRAY(LargeBinary)
+_SEQS = postgresql.ARRAY(BigInteger)
 _NARROW_COLUMNS = [outbox.c.seq, outbox.c.key, outbox.c.topic,
                    (outbox.c.next_attempt_at <= _NOW).label("due")]
 
 
 @functools.cache
-def _candidates(narrow: bool, *, after: bool, busy: bool, skip: bool, lock: bool) -> Any:
+def _candidates(narrow: bool, *, after: bool, lock: bool) -> Any:
     """Pending, due rows, oldest first, leaving out every row behind a row of its key in backoff or dead.
 
-    Parameters: c_now, c_limit; c_after (seq greater than) if `after`; c_busy (keys to leave out) if
-    `busy`; c_skip (seqs to leave out) if `skip`. `narrow` selects seq, key, topic and due; otherwise
-    the ClaimedRow columns. `lock` adds FOR UPDATE SKIP LOCKED (PostgreSQL).
+    Parameters: c_now, c_limit, c_busy (keys to leave out), c_skip (seqs to leave out); c_after (seq
+    greater than) if `after`. `narrow` selects seq, key, topic and due; otherwise the ClaimedRow columns.
+    `lock` means PostgreSQL: FOR UPDATE SKIP LOCKED, and c_busy and c_skip are arrays; otherwise
+    (SQLite) they are JSON arrays.
     """
     # The keys in backoff and where their wait starts, computed once (few rows, through the partial
     # index on next_attempt_at) rather than probed per candidate: a per-row probe walks every earlier
@@ -299,24 +322,30 @@ def _candidates(narrow: bool, *, after: bool, busy: bool, skip: bool, lock: bool
             .limit(bindparam("c_limit", type_=Integer)))
     if after:
         stmt = stmt.where(outbox.c.seq > bindparam("c_after", type_=BigInteger))
-    if busy:
-        stmt = stmt.where(outbox.c.key.is_(None) | outbox.c.key.not_in(bindparam("c_busy", expanding=True)))
-    if skip:
-        stmt = stmt.where(outbox.c.seq.not_in(bindparam("c_skip", expanding=True)))
+    # The keys and seqs to leave out are one parameter each, always present (empty when there are none),
+    # so the statement text never changes: it is prepared once per connection, where a list of thousands
+    # of parameters was a new statement to build, parse and prepare every claim.
     if lock:
-        stmt = stmt.with_for_update(skip_locked=True, of=outbox)
-    return stmt
+        # PostgreSQL: arrays. The claim plans each execution for its arrays (force_custom_plan), so NOT
+        # IN is a hash lookup.
+        stmt = stmt.where(
+            outbox.c.key.is_(None) | (outbox.c.key != all_(bindparam("c_busy", type_=_KEYS))),
+            outbox.c.seq != all_(bindparam("c_skip", type_=_SEQS)))
+        return stmt.with_for_update(skip_locked=True, of=outbox)
+    # SQLite: the same, each a JSON array (`_keys_param`, `_seqs_param`).
+    return stmt.where(outbox.c.key.is_(None) | func.hex(outbox.c.key).not_in(_json_values("c_busy")),
+                      outbox.c.seq.not_in(_json_values("c_skip")))
 
 
 # The owned keys' pending rows up to a seq (the PostgreSQL claim's fresh read), and their dead rows as
-# never due, so a row another relay just made dead still stops its key; params c_now, c_keys, c_max.
+# never due, so a row another relay just made dead still stops its key; params c_now, c_keys (an
+# array), c_max.
+_OWNED_KEY = outbox.c.key == any_(bindparam("c_keys", type_=_KEYS))
 _FRESH_HEADS = union_all(
     select(*_NARROW_COLUMNS).where(
-        _status_is(PENDING), outbox.c.key.in_(bindparam("c_keys", expanding=True)),
-        outbox.c.seq <= bindparam("c_max", type_=BigInteger)),
+        _status_is(PENDING), _OWNED_KEY, outbox.c.seq <= bindparam("c_max", type_=BigInteger)),
     select(outbox.c.seq, outbox.c.key, outbox.c.topic, false().label("due")).where(
-        _status_is(DEAD), outbox.c.key.in_(bindparam("c_keys", expanding=True)),
-        outbox.c.seq <= bindparam("c_max", type_=BigInteger)))
+        _status_is(DEAD), _OWNED_KEY, outbox.c.seq <= bindparam("c_max", type_=BigInteger)))
 
 
 @functools.cache
@@ -477,10 +506,9 @@ class SqlOutboxStore(OutboxStore):
             return []
         if conn.dialect.name != "postgresql":
             # SQLite: one relay per database (one writer at a time), so no one else can be claiming.
-            stmt = _candidates(False, after=False, busy=bool(exclude_keys), skip=bool(exclude_seqs),
-                               lock=False)
-            params = {"c_now": now, "c_limit": limit, "c_busy": list(exclude_keys),
-                      "c_skip": list(exclude_seqs)}
+            stmt = _candidates(False, after=False, lock=False)
+            params = {"c_now": now, "c_limit": limit, "c_busy": _keys_param(exclude_keys),
+                      "c_skip": _seqs_param("sqlite", exclude_seqs)}
             rows = [_claimed(r) for r in await conn.execute(stmt, params)]
             # Candidates are due and hold each key's pending rows from its head; only cut at topic changes.
             allowed = publishable_prefixes([(r.seq, r.key, r.topic, True) for r in rows],
@@ -503,8 +531,11 @@ class SqlOutboxStore(OutboxStore):
         # backlog look tiny, and it then bitmap-scans every pending row and sorts them, a cost that
         # grows with the backlog on every claim. The claim wants the ordered walk of the partial index
         # on seq that stops after `limit` rows, so say so for this transaction.
+        # Each statement is also planned for its own parameters (the arrays of keys and seqs to leave
+        # out), never from a generic plan that cannot hash them.
         await conn.execute(text("SELECT set_config('enable_sort', 'off', true), "
-                                "set_config('enable_bitmapscan', 'off', true)"))
+                                "set_config('enable_bitmapscan', 'off', true), "
+                                "set_config('plan_cache_mode', 'force_custom_plan', true)"))
         owned_ids: set[int] = set()
         busy_ids: set[int] = set()
         # Keys in flight in this relay's other batches are skipped up front; their advisory locks are
@@ -517,8 +548,7 @@ class SqlOutboxStore(OutboxStore):
             want = limit - len(claimed)
             if want <= 0:
                 break
-            stmt = _candidates(True, after=after_seq is not None, busy=bool(busy_keys),
-                               skip=bool(exclude_seqs), lock=True)
+            stmt = _candidates(True, after=after_seq is not None, lock=True)
             params = {"c_now": now, "c_limit": want, "c_after": after_seq, "c_busy": list(busy_keys),
                       "c_skip": list(exclude_seqs)}
             rows = [(int(seq), key, topic, bool(due)) for seq, key, topic, due in
@@ -564,7 +594,8 @@ class SqlOutboxStore(OutboxStore):
         allowed = publishable_prefixes(candidates, {seq for seq, _, _, _ in claimed})
         if not allowed:
             return []
-        full = await conn.execute(_rows_by_seq(conn.dialect.name), {"seqs": sorted(allowed)})
+        full = await conn.execute(_rows_by_seq(conn.dialect.name),
+                                  {"seqs": _seqs_param(conn.dialect.name, sorted(allowed))})
         return sorted((_claimed(r) for r in full), key=lambda r: r.seq)
 
     # --- recording outcomes -------------------------------------------------------------------------
@@ -575,7 +606,7 @@ class SqlOutboxStore(OutboxStore):
             return
         # One UPDATE per batch: this statement is most of the relay's database cost per message.
         await conn.execute(_mark_published(conn.dialect.name),
-                           {"seqs": list(seqs), "b_now": now, "b_relay": relay_id})
+                           {"seqs": _seqs_param(conn.dialect.name, seqs), "b_now": now, "b_relay": relay_id})
 
     async def record_failures(self, conn: AsyncConnection, failures: Sequence[FailedAttempt], *,
                               relay_id: str) -> None:

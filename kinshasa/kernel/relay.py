@@ -131,6 +131,10 @@ def _is_size_error(error: str) -> bool:
 # failing with "out of shared memory". A lone write still goes out at once: a claim takes what is pending.
 RELAY_BATCH = {"sqlite": 2000, "postgresql": 500}
 
+# How many times the relay waits for a batch's outcome instead of claiming beside it, once a claim beside
+# a publishing batch found nothing, before it tries such a claim again (`OutboxRelay.run`).
+_BESIDE_RETRY = 8
+
 # How AsyncProducer.send_batch marks items it never produced because an earlier item could not be queued.
 NOT_SENT_PREFIX = "not sent"
 
@@ -270,9 +274,15 @@ class _Batch:
     rows: list[ClaimedRow]
     conn: AsyncConnection | None = None
     tx: AsyncTransaction | None = None
+    # SQLite: the keys whose rows the broker has not all acknowledged, set once every row's fate is known
+    # (None until then: every key is held). The outcome is recorded after that, and meanwhile the next
+    # claim may take the later rows of the keys that were delivered, but not of a key that failed.
+    unsettled: set[bytes] | None = None
 
     @property
     def keys(self) -> set[bytes]:
+        if self.unsettled is not None:
+            return self.unsettled
         return {r.key for r in self.rows if r.key is not None}
 
     @property
@@ -330,6 +340,8 @@ class OutboxRelay:
         self.on_publish_failure = on_publish_failure
         self.totals = RelayStats()
         self._wake = asyncio.Event()
+        # Set when a batch's publish outcome is known, before it is recorded (SQLite): `run` claims again.
+        self._settled = asyncio.Event()
         # Batches claimed and not yet recorded, by any caller (run, run_once, a drain on shutdown): each
         # claim excludes their keys, and claims are serialised so two cannot read the same rows.
         self._inflight: list[_Batch] = []
@@ -422,6 +434,14 @@ class OutboxRelay:
         outcomes = publish_outcomes(len(rows), error)
         if len(rows) > 1 and any(not o.delivered and o.error and _is_size_error(o.error) for o in outcomes):
             outcomes = await self._isolate(rows, outcomes)
+        if batch.conn is None:
+            # SQLite: while this batch is recorded, the next claim may take the later rows of every key
+            # delivered here. Its rows stay excluded by seq until recorded, and a key with a row that was
+            # not delivered stays held: that row goes into backoff, or stays the key's head, when recorded.
+            # (On PostgreSQL this batch's key locks last until its commit, so there is nothing to free.)
+            batch.unsettled = {r.key for r, o in zip(rows, outcomes, strict=True)
+                               if r.key is not None and not o.delivered}
+            self._settled.set()
         now = self.clock()
         published = [r.seq for r, o in zip(rows, outcomes, strict=True) if o.delivered]
         failures = plan_failures(rows, outcomes, now=now, max_attempts=self.max_attempts,
@@ -512,10 +532,27 @@ class OutboxRelay:
         # Not on PostgreSQL: there a claim also skips keys other relays hold, which this one cannot see
         # being released, so it claims again after every batch as before.
         may_have_more = True
+        # Whether a claim beside a publishing batch finds rows. It does not when every batch takes a row of
+        # every pending key (few keys, a long backlog): such a claim only delays the claim that follows the
+        # batch's outcome. Then the relay claims only when a batch settles, and tries beside one again
+        # after `_BESIDE_RETRY` such waits.
+        beside_pays = True
+        beside_skipped = 0
         try:
             while True:
                 claimed_full = False
-                if not stop.is_set() and len(inflight) < self.pipeline_depth and may_have_more:
+                # A batch that settles from here on wakes the wait below at once.
+                self._settled.clear()
+                # A batch whose outcome is only being recorded does not count toward the depth (its keys
+                # are free, SQLite), but at most as many more may be recording.
+                publishing = sum(1 for b in inflight.values() if b.unsettled is None)
+                room = publishing < self.pipeline_depth and len(inflight) < 2 * self.pipeline_depth
+                beside = publishing > 0
+                if beside and not beside_pays and room and may_have_more:
+                    beside_skipped += 1
+                    if beside_skipped > _BESIDE_RETRY:
+                        beside_pays, beside_skipped = True, 0
+                if not stop.is_set() and room and may_have_more and (beside_pays or not beside):
                     # A claim beside batches in flight leaves their keys' rows for later.
                     excluding = bool(self._inflight)
                     try:
@@ -529,13 +566,23 @@ class OutboxRelay:
                     errors = 0
                     claimed_full = len(batch.rows) >= self.batch_size
                     may_have_more = claimed_full or excluding or self._postgres
+                    if beside:
+                        beside_pays = bool(batch.rows)
                     if batch.rows:
                         inflight[asyncio.create_task(self._finish(batch))] = batch
-                if claimed_full and len(inflight) < self.pipeline_depth:
+                if claimed_full and publishing + 1 < self.pipeline_depth:
                     continue  # more work is waiting: claim the next batch while this one publishes
                 if inflight:
-                    done, _ = await asyncio.wait(set(inflight), return_when=asyncio.FIRST_COMPLETED)
-                    for task in done:
+                    settled = asyncio.ensure_future(self._settled.wait())
+                    try:
+                        done, _ = await asyncio.wait({*inflight, settled},
+                                                     return_when=asyncio.FIRST_COMPLETED)
+                    finally:
+                        settled.cancel()
+                    if settled in done:
+                        # A batch's keys were freed while it records: rows behind them may be claimable.
+                        may_have_more = True
+                    for task in [t for t in inflight if t in done]:
                         inflight.pop(task)
                         if task.exception() is not None:
                             errors += 1

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
 import uuid
 from collections import defaultdict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
@@ -19,7 +21,16 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from kinshasa.infra.kafka import KafkaBroker
 from kinshasa.infra.process import free_port
 from kinshasa.kernel.dlq import DeadLetterQueue, OutboxDeadLetters, SqlDeadLetterStore
-from kinshasa.kernel.outbox import DEAD, PENDING, PUBLISHED, SqlOutboxStore, append, dead_rows, outbox
+from kinshasa.kernel.outbox import (
+    DEAD,
+    PENDING,
+    PUBLISHED,
+    ClaimedRow,
+    SqlOutboxStore,
+    append,
+    dead_rows,
+    outbox,
+)
 from kinshasa.kernel.relay import OutboxRelay, RelayStats
 from kinshasa.kernel.unit_of_work import UnitOfWork
 from kinshasa.schemas.envelope import Actor, EntityRef, Envelope, utcnow
@@ -359,6 +370,72 @@ async def test_run_publishes_without_its_poll_what_commits_and_exclusions_left_b
     totals = await asyncio.wait_for(running, 30)
     assert totals.published == 300 and totals.retrying == totals.dead == 0
     check_per_key_order(read_topic(kafka.bootstrap, topic), expected)
+
+
+class RecordingWaitsForAClaim(SqlOutboxStore):
+    """The outbox, except that the first recording of failed publishes waits (up to 10 s) until a claim
+    that started after the failures were known has returned: the window in which the SQLite relay claims
+    beside a batch whose outcome is not recorded yet, held open on purpose."""
+
+    def __init__(self) -> None:
+        self.held = False
+        self.recording = False
+        self.claims_while_recording = 0
+        self._claimed = asyncio.Event()
+
+    async def claim(self, conn: Any, **kwargs: Any) -> list[ClaimedRow]:
+        during = self.recording
+        rows = await super().claim(conn, **kwargs)
+        if during:
+            self.claims_while_recording += 1
+            self._claimed.set()
+        return rows
+
+    async def record_failures(self, conn: Any, failures: Any, *, relay_id: str) -> None:
+        if failures and not self.held:
+            self.held = self.recording = True
+            self._claimed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._claimed.wait(), 10)
+            self.recording = False
+        await super().record_failures(conn, failures, relay_id=relay_id)
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_run_claims_while_a_batch_records_but_never_past_a_key_that_failed_in_it(
+        kafka: KafkaBroker, unique: str, engine: AsyncEngine) -> None:
+    """On SQLite, once the broker has answered for a batch, the next claim runs while the outcome is
+    recorded and may take the later rows of every key that was delivered; a key whose row failed stays
+    held, so its later rows wait behind it (here until it is dead), never overtaking it."""
+    good = create_topic(kafka.bootstrap, f"relay.settle.{unique}", partitions=1)
+    missing = f"relay.settle.missing.{unique}"  # never created: every publish to it fails
+    producer = AsyncProducer(kafka.bootstrap, client_id=f"relay-settle-{unique}",
+                             extra_config={"message.timeout.ms": 3000,
+                                           "topic.metadata.propagation.max.ms": 100})
+    async with engine.begin() as conn:
+        await append(conn, missing, b"documents:K", b"poison", uuid.uuid4())
+        await append(conn, good, b"documents:K", b"behind-poison", uuid.uuid4())
+    expected = await append_interleaved(engine, good, keys=4, per_key=12)
+    store = RecordingWaitsForAClaim()
+    relay = OutboxRelay(engine, producer, batch_size=6, pipeline_depth=2, max_attempts=2,
+                        base_backoff_s=0.05, max_backoff_s=0.1, jitter=0, store=store)
+    stop = asyncio.Event()
+    running = asyncio.create_task(relay.run(stop, idle_sleep_s=0.02))
+    try:
+        deadline = time.monotonic() + 60
+        while (await statuses(engine)) != {DEAD: 1, PENDING: 1, PUBLISHED: 48}:
+            assert time.monotonic() < deadline, await statuses(engine)
+            await asyncio.sleep(0.05)
+    finally:
+        stop.set()
+        await asyncio.wait_for(running, 30)
+        await producer.close(5)
+    # The window was open: a claim ran while the poison's failure waited to be recorded, and would have
+    # taken the row behind it had its key not been held.
+    assert store.claims_while_recording == 1
+    got = read_topic(kafka.bootstrap, good)
+    assert b"behind-poison" not in [m.value for m in got]
+    check_per_key_order(got, expected)
 
 
 @pytest.mark.postgres
