@@ -57,7 +57,11 @@ How the claim keeps them:
 Pipelining. `run` keeps up to `pipeline_depth` batches in flight so that claiming and recording
 overlap the broker's acknowledgements. A new claim excludes every key (and row) of the batches still in
 flight, so two batches of one relay never hold the same key either; on PostgreSQL each in-flight batch
-also keeps its own transaction, whose row and key locks make the other batches skip its keys.
+also keeps its own transaction, whose row and key locks make the other batches skip its keys. On SQLite a
+batch lets go of its keys once the broker has answered for every row, before its outcome is recorded: the
+next claim then overlaps that record. It still leaves out the batch's rows (by seq) and every key with a
+row that was not delivered, which goes into backoff (or stays the key's head) when the record commits, so
+no later row of such a key is claimed before it.
 
 Dead rows. A dead row keeps blocking its key (the claim's CTE, and on PostgreSQL the fresh read, which
 sees dead rows as never due): per-key order is never broken silently. The key's later rows wait until an
