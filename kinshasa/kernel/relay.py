@@ -82,7 +82,7 @@ import socket
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Protocol
 
@@ -273,25 +273,35 @@ def default_relay_id() -> str:
 
 @dataclass(eq=False)
 class _Batch:
-    """A claimed batch; on PostgreSQL it keeps its connection and transaction (and so its locks) open."""
+    """A claimed batch; on PostgreSQL it keeps its connection and transaction (and so its locks) open.
+
+    On SQLite a batch may be claimed while earlier ones are still publishing (`after`): it then publishes
+    only once they are settled, without the rows of any key they did not deliver, and records its outcome
+    only after theirs.
+    """
 
     rows: list[ClaimedRow]
     conn: AsyncConnection | None = None
     tx: AsyncTransaction | None = None
-    # SQLite: the keys whose rows the broker has not all acknowledged, set once every row's fate is known
-    # (None until then: every key is held). The outcome is recorded after that, and meanwhile the next
-    # claim may take the later rows of the keys that were delivered, but not of a key that failed.
+    after: list[_Batch] = field(default_factory=list)
+    # The keys with a row the broker did not acknowledge, once every row's fate is known (None until then).
     unsettled: set[bytes] | None = None
+    settled: asyncio.Event = field(default_factory=asyncio.Event)
+    recorded: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
     def keys(self) -> set[bytes]:
-        if self.unsettled is not None:
-            return self.unsettled
         return {r.key for r in self.rows if r.key is not None}
 
     @property
     def seqs(self) -> set[int]:
         return {r.seq for r in self.rows}
+
+    def settle(self, unsettled: set[bytes] | None = None) -> None:
+        """Every row's fate is known: `unsettled` are the keys not delivered (all of them if not given)."""
+        if self.unsettled is None:
+            self.unsettled = self.keys if unsettled is None else unsettled
+        self.settled.set()
 
 
 class OutboxRelay:
@@ -366,10 +376,19 @@ class OutboxRelay:
 
     async def _claim(self) -> _Batch:
         async with self._claim_lock:
-            exclude_keys: set[bytes] = set().union(*(b.keys for b in self._inflight))
             exclude_seqs: set[int] = set().union(*(b.seqs for b in self._inflight))
+            if self._postgres:
+                exclude_keys: set[bytes] = set().union(*(b.keys for b in self._inflight))
+            else:
+                # SQLite: the keys of batches still publishing are not left out. The new batch publishes
+                # after them and drops the rows of any key they failed to deliver (`_publish_and_record`),
+                # so per-key order holds while this read overlaps their wait for the broker. The keys a
+                # settled batch failed to deliver are left out until its outcome is recorded.
+                exclude_keys = set().union(*(b.unsettled for b in self._inflight if b.unsettled is not None))
             batch = await self._claim_excluding(exclude_keys, exclude_seqs)
             if batch.rows:
+                if not self._postgres:
+                    batch.after = list(self._inflight)
                 self._inflight.append(batch)
             return batch
 
@@ -408,6 +427,10 @@ class OutboxRelay:
             if batch.tx is not None:
                 await batch.tx.commit()
         finally:
+            # Failed or cancelled before its outcome was known: a later batch drops all of its keys.
+            batch.settle()
+            batch.recorded.set()
+            batch.after = []  # or every batch would keep the whole chain of earlier ones alive
             await self._release(batch)
         self.totals.add(stats)
         return stats
@@ -421,8 +444,18 @@ class OutboxRelay:
                 self._inflight.remove(batch)
 
     async def _publish_and_record(self, batch: _Batch) -> RelayStats:
+        stats = RelayStats(claimed=len(batch.rows))
+        if batch.after:
+            # SQLite, claimed while earlier batches published: go after them, without the rows of any key
+            # they did not deliver (those rows stay pending and due, with their attempts, behind that key).
+            failed: set[bytes] = set()
+            for earlier in batch.after:
+                await earlier.settled.wait()
+                failed |= earlier.unsettled or set()
+            if failed:
+                batch.rows = [r for r in batch.rows if r.key is None or r.key not in failed]
+                stats.not_sent = stats.claimed - len(batch.rows)
         rows = batch.rows
-        stats = RelayStats(claimed=len(rows))
         if not rows:
             return stats
         # Each row's traceparent header becomes its publish span's, so the consumer is that span's child.
@@ -439,12 +472,11 @@ class OutboxRelay:
         if len(rows) > 1 and any(not o.delivered and o.error and _is_size_error(o.error) for o in outcomes):
             outcomes = await self._isolate(rows, outcomes)
         if batch.conn is None:
-            # SQLite: while this batch is recorded, the next claim may take the later rows of every key
-            # delivered here. Its rows stay excluded by seq until recorded, and a key with a row that was
-            # not delivered stays held: that row goes into backoff, or stays the key's head, when recorded.
-            # (On PostgreSQL this batch's key locks last until its commit, so there is nothing to free.)
-            batch.unsettled = {r.key for r, o in zip(rows, outcomes, strict=True)
-                               if r.key is not None and not o.delivered}
+            # SQLite: a later batch may now publish the later rows of every key delivered here, and a new
+            # claim leaves out only the keys that were not (their rows go into backoff, or stay the key's
+            # head, when this outcome is recorded). On PostgreSQL this batch's locks last until its commit.
+            batch.settle({r.key for r, o in zip(rows, outcomes, strict=True)
+                          if r.key is not None and not o.delivered})
             self._settled.set()
         now = self.clock()
         published = [r.seq for r, o in zip(rows, outcomes, strict=True) if o.delivered]
@@ -454,12 +486,16 @@ class OutboxRelay:
         if batch.conn is not None:
             await self._record(batch.conn, published, failures, now)
         else:
+            # Outcomes are committed in claim order, so a relay that dies leaves a suffix of its batches
+            # pending, republished in order.
+            for earlier in batch.after:
+                await earlier.recorded.wait()
             async with self.engine.begin() as conn:
                 await self._record(conn, published, failures, now)
         stats.published = len(published)
         stats.dead = sum(1 for f in failures if f.dead)
         stats.retrying = len(failures) - stats.dead
-        stats.not_sent = sum(1 for o in outcomes if not o.delivered and not o.attempted)
+        stats.not_sent += sum(1 for o in outcomes if not o.delivered and not o.attempted)
         self._report(rows, outcomes, failures)
         return stats
 

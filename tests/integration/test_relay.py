@@ -373,11 +373,12 @@ async def test_run_publishes_without_its_poll_what_commits_and_exclusions_left_b
 
 
 class RecordingWaitsForAClaim(SqlOutboxStore):
-    """The outbox, except that the first recording of failed publishes waits (up to 10 s) until a claim
-    that started after the failures were known has returned: the window in which the SQLite relay claims
-    beside a batch whose outcome is not recorded yet, held open on purpose."""
+    """The outbox, noting what every claim returned, except that the first recording of failed publishes
+    waits (up to 10 s) until a claim that started after the failures were known has returned: the window
+    in which the SQLite relay claims beside a batch whose outcome is not recorded yet, held open."""
 
     def __init__(self) -> None:
+        self.claimed: list[list[bytes]] = []
         self.held = False
         self.recording = False
         self.claims_while_recording = 0
@@ -386,6 +387,7 @@ class RecordingWaitsForAClaim(SqlOutboxStore):
     async def claim(self, conn: Any, **kwargs: Any) -> list[ClaimedRow]:
         during = self.recording
         rows = await super().claim(conn, **kwargs)
+        self.claimed.append([r.value for r in rows])
         if during:
             self.claims_while_recording += 1
             self._claimed.set()
@@ -402,11 +404,12 @@ class RecordingWaitsForAClaim(SqlOutboxStore):
 
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
-async def test_run_claims_while_a_batch_records_but_never_past_a_key_that_failed_in_it(
+async def test_run_claims_beside_publishing_and_recording_batches_but_never_past_a_key_that_failed(
         kafka: KafkaBroker, unique: str, engine: AsyncEngine) -> None:
-    """On SQLite, once the broker has answered for a batch, the next claim runs while the outcome is
-    recorded and may take the later rows of every key that was delivered; a key whose row failed stays
-    held, so its later rows wait behind it (here until it is dead), never overtaking it."""
+    """On SQLite the relay claims the next batch while one waits for the broker, keys and all: that batch
+    publishes after it, without the rows of a key it failed to deliver. Once the broker has answered, the
+    next claim runs while the outcome is recorded and leaves out only the keys that failed. Either way a
+    failed key's later rows wait behind it (here until it is dead), never overtaking it."""
     good = create_topic(kafka.bootstrap, f"relay.settle.{unique}", partitions=1)
     missing = f"relay.settle.missing.{unique}"  # never created: every publish to it fails
     producer = AsyncProducer(kafka.bootstrap, client_id=f"relay-settle-{unique}",
@@ -414,8 +417,13 @@ async def test_run_claims_while_a_batch_records_but_never_past_a_key_that_failed
                                            "topic.metadata.propagation.max.ms": 100})
     async with engine.begin() as conn:
         await append(conn, missing, b"documents:K", b"poison", uuid.uuid4())
+    # Batches of 6: the first is the poison and 5 rows of other keys (full, so the next is claimed while
+    # it publishes); the second holds the row behind the poison.
+    expected = await append_interleaved(engine, good, keys=4, per_key=2)
+    async with engine.begin() as conn:
         await append(conn, good, b"documents:K", b"behind-poison", uuid.uuid4())
-    expected = await append_interleaved(engine, good, keys=4, per_key=12)
+    for key, values in (await append_interleaved(engine, good, keys=4, per_key=10, start=2)).items():
+        expected[key] = expected[key] + values
     store = RecordingWaitsForAClaim()
     relay = OutboxRelay(engine, producer, batch_size=6, pipeline_depth=2, max_attempts=2,
                         base_backoff_s=0.05, max_backoff_s=0.1, jitter=0, store=store)
@@ -430,8 +438,11 @@ async def test_run_claims_while_a_batch_records_but_never_past_a_key_that_failed
         stop.set()
         await asyncio.wait_for(running, 30)
         await producer.close(5)
-    # The window was open: a claim ran while the poison's failure waited to be recorded, and would have
-    # taken the row behind it had its key not been held.
+    # Both windows were open: the second batch held the row behind the poison (claimed while the poison
+    # was publishing, then dropped from it), and a claim ran while the poison's failure waited to be
+    # recorded, when the row behind it was pending and due.
+    assert store.claimed[0][0] == b"poison" and len(store.claimed[0]) == 6
+    assert b"behind-poison" in store.claimed[1]
     assert store.claims_while_recording == 1
     got = read_topic(kafka.bootstrap, good)
     assert b"behind-poison" not in [m.value for m in got]
