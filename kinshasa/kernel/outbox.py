@@ -27,7 +27,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import (
     JSON,
@@ -53,6 +53,7 @@ from sqlalchemy import (
     literal_column,
     select,
     text,
+    type_coerce,
     union_all,
     update,
 )
@@ -160,9 +161,11 @@ class OutboxRow:
     relay_id: str | None
 
 
-@dataclass(frozen=True)
-class ClaimedRow:
-    """What the relay needs of a row it is about to publish (no timestamps: parsing them costs per row)."""
+class ClaimedRow(NamedTuple):
+    """What the relay needs of a row it is about to publish (no timestamps: parsing them costs per row).
+
+    A named tuple rather than a dataclass: the relay makes thousands a second, and a tuple is built in a
+    third of the time."""
 
     seq: int
     message_id: uuid.UUID
@@ -177,12 +180,24 @@ class ClaimedRow:
 # The columns of a ClaimedRow, in its field order.
 _CLAIM_COLUMNS = [outbox.c.seq, outbox.c.message_id, outbox.c.topic, outbox.c.key, outbox.c.entity_key,
                   outbox.c.value, outbox.c.headers, outbox.c.attempts]
+# The same on SQLite, every column as stored (the message id as hex text, the headers as JSON text):
+# `_claimed_sqlite` converts them in one step each, where the column types' per-value processing cost
+# 3.5 us a row, as much as the query.
+_SQLITE_CLAIM_COLUMNS = [type_coerce(c, Text) if c.name in ("message_id", "headers") else c
+                         for c in _CLAIM_COLUMNS]
 
 
 def _claimed(r: Any) -> ClaimedRow:
     seq, message_id, topic, key, entity_key, value, headers, attempts = r
     return ClaimedRow(int(seq), message_id, topic, key, entity_key, bytes(value),
                       tuple((str(k), str(v)) for k, v in (headers or ())), int(attempts))
+
+
+def _claimed_sqlite(r: Any) -> ClaimedRow:
+    seq, message_id, topic, key, entity_key, value, headers, attempts = r
+    # `append_many` stores headers as a JSON list of [name, value] text pairs, or JSON null.
+    return ClaimedRow(seq, uuid.UUID(hex=message_id), topic, key, entity_key, value,
+                      tuple(map(tuple, json.loads(headers) or ())) if headers else (), attempts)
 
 
 @dataclass(frozen=True)
@@ -316,7 +331,10 @@ def _candidates(narrow: bool, *, after: bool, lock: bool) -> Any:
                .cte("blocked")
                .prefix_with("MATERIALIZED"))
     behind_backoff = exists().where(blocked.c.key == outbox.c.key, blocked.c.seq < outbox.c.seq)
-    stmt = (select(*(_NARROW_COLUMNS if narrow else _CLAIM_COLUMNS))
+    # SQLite reads the whole rows only for the seqs the filter chose: filtering while reading them made
+    # a claim of 2,000 rows take 9.5 ms of the database's time instead of 4.2 (measured on 20,000).
+    wide_after = not narrow and not lock
+    stmt = (select(*(_NARROW_COLUMNS if narrow else [outbox.c.seq] if wide_after else _CLAIM_COLUMNS))
             .where(_status_is(PENDING), outbox.c.next_attempt_at <= _NOW, ~behind_backoff)
             .order_by(outbox.c.seq)
             .limit(bindparam("c_limit", type_=Integer)))
@@ -333,8 +351,12 @@ def _candidates(narrow: bool, *, after: bool, lock: bool) -> Any:
             outbox.c.seq != all_(bindparam("c_skip", type_=_SEQS)))
         return stmt.with_for_update(skip_locked=True, of=outbox)
     # SQLite: the same, each a JSON array (`_keys_param`, `_seqs_param`).
-    return stmt.where(outbox.c.key.is_(None) | func.hex(outbox.c.key).not_in(_json_values("c_busy")),
+    stmt = stmt.where(outbox.c.key.is_(None) | func.hex(outbox.c.key).not_in(_json_values("c_busy")),
                       outbox.c.seq.not_in(_json_values("c_skip")))
+    if wide_after:
+        return (select(*_SQLITE_CLAIM_COLUMNS).where(outbox.c.seq.in_(stmt.scalar_subquery()))
+                .order_by(outbox.c.seq))
+    return stmt
 
 
 # The owned keys' pending rows up to a seq (the PostgreSQL claim's fresh read), and their dead rows as
@@ -509,7 +531,7 @@ class SqlOutboxStore(OutboxStore):
             stmt = _candidates(False, after=False, lock=False)
             params = {"c_now": now, "c_limit": limit, "c_busy": _keys_param(exclude_keys),
                       "c_skip": _seqs_param("sqlite", exclude_seqs)}
-            rows = [_claimed(r) for r in await conn.execute(stmt, params)]
+            rows = [_claimed_sqlite(r) for r in (await conn.execute(stmt, params)).all()]
             # Candidates are due and hold each key's pending rows from its head; only cut at topic changes.
             allowed = publishable_prefixes([(r.seq, r.key, r.topic, True) for r in rows],
                                            {r.seq for r in rows})

@@ -178,6 +178,9 @@ class PublishOutcome:
     error: str | None = None
 
 
+_DELIVERED = PublishOutcome(delivered=True)
+
+
 def backoff_delay(attempts: int, *, base_s: float, max_s: float, jitter: float = 0.0,
                   rand: Callable[[], float] = random.random) -> float:
     """Seconds to wait after the `attempts`-th failed attempt: base * 2^(attempts-1), capped at max_s.
@@ -197,7 +200,7 @@ def backoff_delay(attempts: int, *, base_s: float, max_s: float, jitter: float =
 def publish_outcomes(count: int, error: BaseException | None) -> list[PublishOutcome]:
     """Per-item outcomes of a `send_batch` of `count` items that returned (error None) or raised `error`."""
     if error is None:
-        return [PublishOutcome(delivered=True) for _ in range(count)]
+        return [_DELIVERED] * count
     if not isinstance(error, PublishError):
         # The publisher failed as a whole (closed, bug, cancelled deliveries): count it against every row.
         text = f"{type(error).__name__}: {error}"
