@@ -287,6 +287,8 @@ class _Batch:
     conn: AsyncConnection | None = None
     tx: AsyncTransaction | None = None
     after: list[_Batch] = field(default_factory=list)
+    # Whether its claim left out the keys of other batches, so rows it did not take may be pending.
+    left_keys_out: bool = False
     # The keys with a row the broker did not acknowledge, once every row's fate is known (None until then).
     unsettled: set[bytes] | None = None
     settled: asyncio.Event = field(default_factory=asyncio.Event)
@@ -389,6 +391,7 @@ class OutboxRelay:
                 # settled batch failed to deliver are left out until its outcome is recorded.
                 exclude_keys = set().union(*(b.unsettled for b in self._inflight if b.unsettled is not None))
             batch = await self._claim_excluding(exclude_keys, exclude_seqs)
+            batch.left_keys_out = bool(exclude_keys)
             if batch.rows:
                 if not self._postgres:
                     batch.after = list(self._inflight)
@@ -570,7 +573,7 @@ class OutboxRelay:
         inflight: dict[asyncio.Task[RelayStats], _Batch] = {}
         errors = 0
         # Whether rows may be waiting that no claim has taken: false after a claim that was not full and
-        # left nothing out, until the next wake or poll. Rows committed after that claim read the outbox
+        # left no key out, until the next wake or poll. Rows committed after that claim read the outbox
         # wake the relay (or the poll finds them), so claiming again before waiting would find nothing.
         # Not on PostgreSQL: there a claim also skips keys other relays hold, which this one cannot see
         # being released, so it claims again after every batch as before.
@@ -596,8 +599,6 @@ class OutboxRelay:
                     if beside_skipped > _BESIDE_RETRY:
                         beside_pays, beside_skipped = True, 0
                 if not stop.is_set() and room and may_have_more and (beside_pays or not beside):
-                    # A claim beside batches in flight leaves their keys' rows for later.
-                    excluding = bool(self._inflight)
                     try:
                         batch = await self._claim()
                     except Exception:
@@ -608,7 +609,9 @@ class OutboxRelay:
                         continue
                     errors = 0
                     claimed_full = len(batch.rows) >= self.batch_size
-                    may_have_more = claimed_full or excluding or self._postgres
+                    # A claim that left keys out (on SQLite those of rows not delivered) may have left
+                    # rows behind that a later claim takes.
+                    may_have_more = claimed_full or batch.left_keys_out or self._postgres
                     if beside:
                         beside_pays = bool(batch.rows)
                     if batch.rows:
@@ -622,9 +625,8 @@ class OutboxRelay:
                                                      return_when=asyncio.FIRST_COMPLETED)
                     finally:
                         settled.cancel()
-                    if settled in done:
-                        # A batch's keys were freed while it records: rows behind them may be claimable.
-                        may_have_more = True
+                    # A batch that settled makes room for the next claim, if `may_have_more` still says
+                    # one may find something: claims no longer leave its keys out.
                     for task in [t for t in inflight if t in done]:
                         inflight.pop(task)
                         if task.exception() is not None:

@@ -449,6 +449,45 @@ async def test_run_claims_beside_publishing_and_recording_batches_but_never_past
     check_per_key_order(got, expected)
 
 
+class CountingClaims(SqlOutboxStore):
+    def __init__(self) -> None:
+        self.claims: list[int] = []
+
+    async def claim(self, conn: Any, **kwargs: Any) -> list[ClaimedRow]:
+        rows = await super().claim(conn, **kwargs)
+        self.claims.append(len(rows))
+        return rows
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_run_claims_once_per_lone_write(
+        kafka: KafkaBroker, unique: str, engine: AsyncEngine, producer: AsyncProducer) -> None:
+    """At a trickle each committed write costs the SQLite relay one claim: a batch that settles or ends
+    starts no claim of its own unless the claim before it was full or left keys out."""
+    topic = create_topic(kafka.bootstrap, f"relay.trickle.{unique}")
+    store = CountingClaims()
+    relay = OutboxRelay(engine, producer, store=store)
+    stop = asyncio.Event()
+    running = asyncio.create_task(relay.run(stop, idle_sleep_s=3600))
+    try:
+        for i in range(10):
+            async with engine.begin() as conn:
+                await append(conn, topic, f"documents:{i % 3}".encode(), f"w{i}".encode(), uuid.uuid4())
+            relay.wake()
+            await wait_until_nothing_pending(engine, seconds=20)
+            # Published means marked, not yet counted: wait for the batch to end.
+            for _ in range(2000):
+                if relay.totals.published > i:
+                    break
+                await asyncio.sleep(0.01)
+    finally:
+        stop.set()
+        await asyncio.wait_for(running, 30)
+    # One claim took each write; at most the start and a wake that came while a batch was in flight
+    # (the relay's first claim may race the first write) found nothing. It was 30 claims for 10 writes.
+    assert store.claims.count(1) == 10 and store.claims.count(0) <= 2, store.claims
+
+
 @pytest.mark.postgres
 @pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
 async def test_two_relays_on_one_postgres_database_publish_each_row_once_in_order(
