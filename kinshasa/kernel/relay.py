@@ -55,13 +55,15 @@ How the claim keeps them:
   keep their attempt count and stay due, so one poison message costs no other row an attempt.
 
 Pipelining. `run` keeps up to `pipeline_depth` batches in flight so that claiming and recording
-overlap the broker's acknowledgements. A new claim excludes every key (and row) of the batches still in
-flight, so two batches of one relay never hold the same key either; on PostgreSQL each in-flight batch
-also keeps its own transaction, whose row and key locks make the other batches skip its keys. On SQLite a
-batch lets go of its keys once the broker has answered for every row, before its outcome is recorded: the
-next claim then overlaps that record. It still leaves out the batch's rows (by seq) and every key with a
-row that was not delivered, which goes into backoff (or stays the key's head) when the record commits, so
-no later row of such a key is claimed before it.
+overlap the broker's acknowledgements. On PostgreSQL a new claim excludes every key (and row) of the
+batches still in flight, so two batches of one relay never hold the same key either, and each in-flight
+batch keeps its own transaction, whose row and key locks make the other batches skip its keys. On SQLite
+a new claim excludes only the rows of the batches in flight (and the keys of rows they did not deliver,
+once known), so its read overlaps their wait for the broker; the batch then publishes only after every
+batch that was in flight when its read began has settled, without the rows of any key those did not
+deliver (they stay pending, behind that key), and records its outcome only after theirs were recorded:
+if one of theirs was not, its own is not either, and its rows go out again after theirs. A relay that
+dies therefore leaves a suffix of its batches pending, republished in order.
 
 Dead rows. A dead row keeps blocking its key (the claim's CTE, and on PostgreSQL the fresh read, which
 sees dead rows as never due): per-key order is never broken silently. The key's later rows wait until an
@@ -293,6 +295,8 @@ class _Batch:
     unsettled: set[bytes] | None = None
     settled: asyncio.Event = field(default_factory=asyncio.Event)
     recorded: asyncio.Event = field(default_factory=asyncio.Event)
+    # Whether its outcome was committed; a later batch records its own only after every earlier one did.
+    recorded_ok: bool = False
 
     @property
     def keys(self) -> set[bytes]:
@@ -390,11 +394,13 @@ class OutboxRelay:
                 # so per-key order holds while this read overlaps their wait for the broker. The keys a
                 # settled batch failed to deliver are left out until its outcome is recorded.
                 exclude_keys = set().union(*(b.unsettled for b in self._inflight if b.unsettled is not None))
+            # Taken before the read: a batch that ends while the claim runs is still one to go after (its
+            # outcome may postdate the read's snapshot).
+            earlier = [] if self._postgres else list(self._inflight)
             batch = await self._claim_excluding(exclude_keys, exclude_seqs)
             batch.left_keys_out = bool(exclude_keys)
             if batch.rows:
-                if not self._postgres:
-                    batch.after = list(self._inflight)
+                batch.after = earlier
                 self._inflight.append(batch)
             return batch
 
@@ -432,6 +438,7 @@ class OutboxRelay:
             stats = await self._publish_and_record(batch)
             if batch.tx is not None:
                 await batch.tx.commit()
+            batch.recorded_ok = True
         finally:
             # Failed or cancelled before its outcome was known: a later batch drops all of its keys.
             batch.settle()
@@ -442,6 +449,8 @@ class OutboxRelay:
         return stats
 
     async def _release(self, batch: _Batch) -> None:
+        batch.settle()
+        batch.recorded.set()
         try:
             if batch.conn is not None and not batch.conn.closed:
                 await batch.conn.close()  # rolls back if the commit was not reached
@@ -496,6 +505,10 @@ class OutboxRelay:
             # pending, republished in order.
             for earlier in batch.after:
                 await earlier.recorded.wait()
+            if not all(earlier.recorded_ok for earlier in batch.after):
+                # Its rows stay pending and are published again after the earlier batch's, in order.
+                raise RuntimeError("an earlier batch's outcome was not recorded, so this batch's is not "
+                                   "either: its rows stay pending and go out again after that batch's")
             async with self.engine.begin() as conn:
                 await self._record(conn, published, failures, now)
         stats.published = len(published)
@@ -593,7 +606,9 @@ class OutboxRelay:
                 # are free, SQLite), but at most as many more may be recording.
                 publishing = sum(1 for b in inflight.values() if b.unsettled is None)
                 room = publishing < self.pipeline_depth and len(inflight) < 2 * self.pipeline_depth
-                beside = publishing > 0
+                # PostgreSQL: a claim beside one that found nothing (keys held elsewhere) says nothing of
+                # the next, so it always claims beside as before.
+                beside = publishing > 0 and not self._postgres
                 if beside and not beside_pays and room and may_have_more:
                     beside_skipped += 1
                     if beside_skipped > _BESIDE_RETRY:
@@ -637,6 +652,8 @@ class OutboxRelay:
                             await self._after_error(stop, errors)
                         else:
                             errors = 0
+                            if task.result().not_sent:
+                                may_have_more = True  # its untouched rows are still due
                     continue
                 if stop.is_set():
                     return self.totals

@@ -449,6 +449,111 @@ async def test_run_claims_beside_publishing_and_recording_batches_but_never_past
     check_per_key_order(got, expected)
 
 
+class ClaimReturnsAfterTheFailureIsRecorded(SqlOutboxStore):
+    """The outbox, except that a claim that read the row behind the poison returns only once the poison's
+    failed attempt is committed (and its batch, moments later, gone from the relay): the claim read while
+    the poison's batch still published, and returns after it was recorded and released."""
+
+    def __init__(self, engine: AsyncEngine, poison: uuid.UUID) -> None:
+        self.engine, self.poison = engine, poison
+        self.held = False
+
+    async def claim(self, conn: Any, **kwargs: Any) -> list[ClaimedRow]:
+        rows = await super().claim(conn, **kwargs)
+        if not self.held and any(r.value == b"behind-poison" for r in rows):
+            self.held = True
+            for _ in range(400):
+                async with self.engine.connect() as other:
+                    row = await self.get(other, self.poison)
+                if row is not None and row.attempts >= 1:
+                    break
+                await asyncio.sleep(0.025)
+            await asyncio.sleep(0.1)  # the batch's release follows its record's commit in the same task
+        return rows
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_a_batch_claimed_while_an_earlier_one_published_goes_after_it_even_if_it_ended_meanwhile(
+        kafka: KafkaBroker, unique: str, engine: AsyncEngine) -> None:
+    """The batches a SQLite claim must go after are those in flight when its read began: one that failed a
+    key and was recorded and released while the claim was still returning is still gone after, and its
+    failed key's rows dropped."""
+    good = create_topic(kafka.bootstrap, f"relay.ended.{unique}", partitions=1)
+    missing = f"relay.ended.missing.{unique}"
+    producer = AsyncProducer(kafka.bootstrap, client_id=f"relay-ended-{unique}",
+                             extra_config={"message.timeout.ms": 3000,
+                                           "topic.metadata.propagation.max.ms": 100})
+    poison = uuid.uuid4()
+    async with engine.begin() as conn:
+        await append(conn, missing, b"documents:K", b"poison", poison)
+    expected = await append_interleaved(engine, good, keys=4, per_key=2)
+    async with engine.begin() as conn:
+        await append(conn, good, b"documents:K", b"behind-poison", uuid.uuid4())
+    for key, values in (await append_interleaved(engine, good, keys=4, per_key=4, start=2)).items():
+        expected[key] = expected[key] + values
+    store = ClaimReturnsAfterTheFailureIsRecorded(engine, poison)
+    relay = OutboxRelay(engine, producer, batch_size=6, pipeline_depth=2, max_attempts=2,
+                        base_backoff_s=0.05, max_backoff_s=0.1, jitter=0, store=store)
+    stop = asyncio.Event()
+    running = asyncio.create_task(relay.run(stop, idle_sleep_s=0.02))
+    try:
+        deadline = time.monotonic() + 60
+        while (await statuses(engine)) != {DEAD: 1, PENDING: 1, PUBLISHED: 24}:
+            assert time.monotonic() < deadline, await statuses(engine)
+            await asyncio.sleep(0.05)
+    finally:
+        stop.set()
+        await asyncio.wait_for(running, 30)
+        await producer.close(5)
+    assert store.held
+    got = read_topic(kafka.bootstrap, good)
+    assert b"behind-poison" not in [m.value for m in got]
+    check_per_key_order(got, expected)
+
+
+class FirstMarkFails(SqlOutboxStore):
+    """The outbox, except that the first attempt to mark rows published fails as a lost database would."""
+
+    def __init__(self) -> None:
+        self.failed = False
+        self.marked: list[list[int]] = []
+
+    async def mark_published(self, conn: Any, seqs: Any, *, now: Any, relay_id: str) -> None:
+        if not self.failed:
+            self.failed = True
+            raise RuntimeError("the database went away")
+        await super().mark_published(conn, seqs, now=now, relay_id=relay_id)
+        self.marked.append(sorted(seqs))
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_outcomes_are_recorded_in_claim_order_or_not_at_all(
+        kafka: KafkaBroker, unique: str, engine: AsyncEngine, producer: AsyncProducer) -> None:
+    """A SQLite batch published after an earlier one records its outcome only if the earlier one's was
+    recorded: when that failed, the later rows stay pending too and go out again after the earlier ones,
+    so the outbox never holds a published row of a key behind a pending one."""
+    topic = create_topic(kafka.bootstrap, f"relay.order.rec.{unique}", partitions=1)
+    expected = await append_interleaved(engine, topic, keys=3, per_key=8)
+    store = FirstMarkFails()
+    relay = OutboxRelay(engine, producer, batch_size=6, pipeline_depth=2, store=store)
+    stop = asyncio.Event()
+    running = asyncio.create_task(relay.run(stop, idle_sleep_s=0.02))
+    try:
+        await wait_until_nothing_pending(engine, seconds=30)
+    finally:
+        stop.set()
+        await asyncio.wait_for(running, 30)
+    assert store.failed and store.marked[0][0] == 1, store.marked
+    assert sorted(seq for batch in store.marked for seq in batch) == list(range(1, 25))
+    # Delivered at least once: the first batch (and any batch after it) went out again, in order.
+    firsts: dict[bytes, list[bytes]] = defaultdict(list)
+    for m in read_topic(kafka.bootstrap, topic):
+        assert m.key is not None
+        if m.value not in firsts[m.key]:
+            firsts[m.key].append(m.value)
+    assert dict(firsts) == expected
+
+
 class CountingClaims(SqlOutboxStore):
     def __init__(self) -> None:
         self.claims: list[int] = []
