@@ -317,8 +317,10 @@ class OutboxRelay:
     """Publishes a component's outbox to Kafka; run one per SQLite database, any number per PostgreSQL one.
 
     `run` pipelines up to `pipeline_depth` batches: while one batch waits for the broker, the next is
-    claimed, so the database work hides behind the publish. A batch never holds a key another of its
-    in-flight batches holds (see `OutboxStore.claim`'s exclusions), so pipelining keeps per-key order.
+    claimed, so the database work hides behind the publish. Pipelining keeps per-key order: on PostgreSQL
+    a batch never holds a key another of its in-flight batches holds (see `OutboxStore.claim`'s
+    exclusions); on SQLite a batch publishes after the ones in flight when it was claimed, without the
+    rows of keys they failed (see the module's "Pipelining").
     """
 
     def __init__(
