@@ -365,10 +365,11 @@ class OutboxRelay:
         self.on_publish_failure = on_publish_failure
         self.totals = RelayStats()
         self._wake = asyncio.Event()
-        # Set when a batch's publish outcome is known, before it is recorded (SQLite): `run` claims again.
+        # Set when a batch's publish outcome is known, before it is recorded (SQLite): `run` may claim again.
         self._settled = asyncio.Event()
         # Batches claimed and not yet recorded, by any caller (run, run_once, a drain on shutdown): each
-        # claim excludes their keys, and claims are serialised so two cannot read the same rows.
+        # claim excludes their rows (and on PostgreSQL their keys; see `_claim`), and claims are serialised
+        # so two cannot read the same rows.
         self._inflight: list[_Batch] = []
         self._claim_lock = asyncio.Lock()
         self._postgres = engine.dialect.name == "postgresql"
