@@ -159,7 +159,8 @@ class RelayStats:
     published: int = 0
     retrying: int = 0  # failed, scheduled for another attempt
     dead: int = 0  # failed for the last allowed time
-    not_sent: int = 0  # left untouched because an earlier item of the batch could not be queued
+    not_sent: int = 0  # left untouched: an earlier item of the batch could not be queued, or (SQLite) an
+    # earlier batch failed a row of its key
     seconds: float = 0.0
 
     def add(self, other: RelayStats) -> None:
