@@ -137,10 +137,6 @@ def _is_size_error(error: str) -> bool:
 # failing with "out of shared memory". A lone write still goes out at once: a claim takes what is pending.
 RELAY_BATCH = {"sqlite": 2000, "postgresql": 500}
 
-# How many times the relay waits for a batch's outcome instead of claiming beside it, once a claim beside
-# a publishing batch found nothing, before it tries such a claim again (`OutboxRelay.run`).
-_BESIDE_RETRY = 8
-
 # How AsyncProducer.send_batch marks items it never produced because an earlier item could not be queued.
 NOT_SENT_PREFIX = "not sent"
 
@@ -595,12 +591,6 @@ class OutboxRelay:
         # Not on PostgreSQL: there a claim also skips keys other relays hold, which this one cannot see
         # being released, so it claims again after every batch as before.
         may_have_more = True
-        # Whether a claim beside a publishing batch finds rows. It does not when every batch takes a row of
-        # every pending key (few keys, a long backlog): such a claim only delays the claim that follows the
-        # batch's outcome. Then the relay claims only when a batch settles, and tries beside one again
-        # after `_BESIDE_RETRY` such waits.
-        beside_pays = True
-        beside_skipped = 0
         try:
             while True:
                 claimed_full = False
@@ -610,14 +600,7 @@ class OutboxRelay:
                 # are free, SQLite), but at most as many more may be recording.
                 publishing = sum(1 for b in inflight.values() if b.unsettled is None)
                 room = publishing < self.pipeline_depth and len(inflight) < 2 * self.pipeline_depth
-                # PostgreSQL: a claim beside one that found nothing (keys held elsewhere) says nothing of
-                # the next, so it always claims beside as before.
-                beside = publishing > 0 and not self._postgres
-                if beside and not beside_pays and room and may_have_more:
-                    beside_skipped += 1
-                    if beside_skipped > _BESIDE_RETRY:
-                        beside_pays, beside_skipped = True, 0
-                if not stop.is_set() and room and may_have_more and (beside_pays or not beside):
+                if not stop.is_set() and room and may_have_more:
                     try:
                         batch = await self._claim()
                     except Exception:
@@ -631,8 +614,6 @@ class OutboxRelay:
                     # A claim that left keys out (on SQLite those of rows not delivered) may have left
                     # rows behind that a later claim takes.
                     may_have_more = claimed_full or batch.left_keys_out or self._postgres
-                    if beside:
-                        beside_pays = bool(batch.rows)
                     if batch.rows:
                         inflight[asyncio.create_task(self._finish(batch))] = batch
                 if claimed_full and publishing + 1 < self.pipeline_depth:

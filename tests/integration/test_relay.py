@@ -189,9 +189,7 @@ async def test_missing_topic_backs_off_then_dies_and_holds_its_key_until_requeue
         kafka: KafkaBroker, unique: str, engine: AsyncEngine) -> None:
     good = create_topic(kafka.bootstrap, f"relay.good.{unique}", partitions=1)
     missing = f"relay.missing.{unique}"  # not created yet; the broker does not auto-create topics
-    producer = AsyncProducer(kafka.bootstrap, client_id=f"relay-missing-{unique}",
-                             extra_config={"message.timeout.ms": 3000,
-                                           "topic.metadata.propagation.max.ms": 100})
+    producer = missing_topic_producer(kafka.bootstrap, f"relay-missing-{unique}")
     poison, behind, other = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
     async with engine.begin() as conn:
         await append(conn, missing, b"documents:K", b"poison", poison)
@@ -372,6 +370,42 @@ async def test_run_publishes_without_its_poll_what_commits_and_exclusions_left_b
     check_per_key_order(read_topic(kafka.bootstrap, topic), expected)
 
 
+def missing_topic_producer(bootstrap: str, client_id: str) -> AsyncProducer:
+    """A producer that learns quickly that a topic does not exist, so a publish to it fails fast."""
+    return AsyncProducer(bootstrap, client_id=client_id,
+                         extra_config={"message.timeout.ms": 3000, "topic.metadata.propagation.max.ms": 100})
+
+
+async def append_behind_a_poison(engine: AsyncEngine, good: str, missing: str,
+                                 per_key_after: int) -> tuple[uuid.UUID, dict[bytes, list[bytes]]]:
+    """Key K's head for the `missing` topic, then rows of 4 other keys for `good`, with K's next row among
+    them: in batches of 6 the first is the poison and 5 other rows (full, so the next is claimed while it
+    publishes), and the second holds the row behind the poison. Returns the poison's id and what the
+    other keys should deliver."""
+    poison = uuid.uuid4()
+    async with engine.begin() as conn:
+        await append(conn, missing, b"documents:K", b"poison", poison)
+    expected = await append_interleaved(engine, good, keys=4, per_key=2)
+    async with engine.begin() as conn:
+        await append(conn, good, b"documents:K", b"behind-poison", uuid.uuid4())
+    later = await append_interleaved(engine, good, keys=4, per_key=per_key_after, start=2)
+    return poison, {key: values + later[key] for key, values in expected.items()}
+
+
+async def run_until(relay: OutboxRelay, engine: AsyncEngine, wanted: dict[str, int]) -> None:
+    """Run the relay until the outbox's row counts by status are `wanted` (within 60 s), then stop it."""
+    stop = asyncio.Event()
+    running = asyncio.create_task(relay.run(stop, idle_sleep_s=0.02))
+    try:
+        deadline = time.monotonic() + 60
+        while (await statuses(engine)) != wanted:
+            assert time.monotonic() < deadline, await statuses(engine)
+            await asyncio.sleep(0.05)
+    finally:
+        stop.set()
+        await asyncio.wait_for(running, 30)
+
+
 class RecordingWaitsForAClaim(SqlOutboxStore):
     """The outbox, noting what every claim returned, except that the first recording of failed publishes
     waits (up to 10 s) until a claim that started after the failures were known has returned: the window
@@ -412,31 +446,14 @@ async def test_run_claims_beside_publishing_and_recording_batches_but_never_past
     failed key's later rows wait behind it (here until it is dead), never overtaking it."""
     good = create_topic(kafka.bootstrap, f"relay.settle.{unique}", partitions=1)
     missing = f"relay.settle.missing.{unique}"  # never created: every publish to it fails
-    producer = AsyncProducer(kafka.bootstrap, client_id=f"relay-settle-{unique}",
-                             extra_config={"message.timeout.ms": 3000,
-                                           "topic.metadata.propagation.max.ms": 100})
-    async with engine.begin() as conn:
-        await append(conn, missing, b"documents:K", b"poison", uuid.uuid4())
-    # Batches of 6: the first is the poison and 5 rows of other keys (full, so the next is claimed while
-    # it publishes); the second holds the row behind the poison.
-    expected = await append_interleaved(engine, good, keys=4, per_key=2)
-    async with engine.begin() as conn:
-        await append(conn, good, b"documents:K", b"behind-poison", uuid.uuid4())
-    for key, values in (await append_interleaved(engine, good, keys=4, per_key=10, start=2)).items():
-        expected[key] = expected[key] + values
+    producer = missing_topic_producer(kafka.bootstrap, f"relay-settle-{unique}")
+    _, expected = await append_behind_a_poison(engine, good, missing, per_key_after=10)
     store = RecordingWaitsForAClaim()
     relay = OutboxRelay(engine, producer, batch_size=6, pipeline_depth=2, max_attempts=2,
                         base_backoff_s=0.05, max_backoff_s=0.1, jitter=0, store=store)
-    stop = asyncio.Event()
-    running = asyncio.create_task(relay.run(stop, idle_sleep_s=0.02))
     try:
-        deadline = time.monotonic() + 60
-        while (await statuses(engine)) != {DEAD: 1, PENDING: 1, PUBLISHED: 48}:
-            assert time.monotonic() < deadline, await statuses(engine)
-            await asyncio.sleep(0.05)
+        await run_until(relay, engine, {DEAD: 1, PENDING: 1, PUBLISHED: 48})
     finally:
-        stop.set()
-        await asyncio.wait_for(running, 30)
         await producer.close(5)
     # Both windows were open: the second batch held the row behind the poison (claimed while the poison
     # was publishing, then dropped from it), and a claim ran while the poison's failure waited to be
@@ -480,30 +497,14 @@ async def test_a_batch_claimed_while_an_earlier_one_published_goes_after_it_even
     failed key's rows dropped."""
     good = create_topic(kafka.bootstrap, f"relay.ended.{unique}", partitions=1)
     missing = f"relay.ended.missing.{unique}"
-    producer = AsyncProducer(kafka.bootstrap, client_id=f"relay-ended-{unique}",
-                             extra_config={"message.timeout.ms": 3000,
-                                           "topic.metadata.propagation.max.ms": 100})
-    poison = uuid.uuid4()
-    async with engine.begin() as conn:
-        await append(conn, missing, b"documents:K", b"poison", poison)
-    expected = await append_interleaved(engine, good, keys=4, per_key=2)
-    async with engine.begin() as conn:
-        await append(conn, good, b"documents:K", b"behind-poison", uuid.uuid4())
-    for key, values in (await append_interleaved(engine, good, keys=4, per_key=4, start=2)).items():
-        expected[key] = expected[key] + values
+    producer = missing_topic_producer(kafka.bootstrap, f"relay-ended-{unique}")
+    poison, expected = await append_behind_a_poison(engine, good, missing, per_key_after=4)
     store = ClaimReturnsAfterTheFailureIsRecorded(engine, poison)
     relay = OutboxRelay(engine, producer, batch_size=6, pipeline_depth=2, max_attempts=2,
                         base_backoff_s=0.05, max_backoff_s=0.1, jitter=0, store=store)
-    stop = asyncio.Event()
-    running = asyncio.create_task(relay.run(stop, idle_sleep_s=0.02))
     try:
-        deadline = time.monotonic() + 60
-        while (await statuses(engine)) != {DEAD: 1, PENDING: 1, PUBLISHED: 24}:
-            assert time.monotonic() < deadline, await statuses(engine)
-            await asyncio.sleep(0.05)
+        await run_until(relay, engine, {DEAD: 1, PENDING: 1, PUBLISHED: 24})
     finally:
-        stop.set()
-        await asyncio.wait_for(running, 30)
         await producer.close(5)
     assert store.held
     got = read_topic(kafka.bootstrap, good)
