@@ -91,13 +91,21 @@ def create_engine(url: str, **kwargs: Any) -> AsyncEngine:
 
         @event.listens_for(engine.sync_engine, "begin")
         def _sqlite_begin(conn: Any) -> None:
-            if conn.get_execution_options().get(READ_ONLY):
-                conn.exec_driver_sql("BEGIN")
-                return
             dbapi_connection = conn.connection.dbapi_connection
+
+            def begin(statement: str) -> None:
+                if isinstance(dbapi_connection, sqlite_driver.OneHopConnection):
+                    # Run with the transaction's first statement, on its trip to the connection's thread.
+                    dbapi_connection.begin_with_next(statement)
+                else:
+                    conn.exec_driver_sql(statement)
+
+            if conn.get_execution_options().get(READ_ONLY):
+                begin("BEGIN")
+                return
             turns.take(dbapi_connection)
             try:
-                conn.exec_driver_sql("BEGIN IMMEDIATE")
+                begin("BEGIN IMMEDIATE")
             except BaseException:
                 turns.give_back(dbapi_connection)
                 raise

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import Column, Integer, MetaData, String, Table, insert, select, text, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from kinshasa.kernel import sqlite_driver
+from kinshasa.kernel import database, sqlite_driver
 from kinshasa.kernel.database import READ_ONLY, create_engine
 
 metadata = MetaData()
@@ -40,24 +40,90 @@ def _driver_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name == "kinshasa-sqlite"]
 
 
-async def test_a_statement_is_one_trip_to_the_connections_thread(engine: AsyncEngine,
-                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    trips = 0
+@pytest.fixture
+def trips(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The number of trips to a connection's thread so far, counted from here (one-element list)."""
+    count = [0]
     run = sqlite_driver._Thread.run
 
     async def counted(self: sqlite_driver._Thread, call: object) -> object:
-        nonlocal trips
-        trips += 1
+        count[0] += 1
         return await run(self, call)  # type: ignore[arg-type]
 
+    monkeypatch.setattr(sqlite_driver._Thread, "run", counted)
+    return count
+
+
+async def test_a_statement_is_one_trip_to_the_connections_thread(engine: AsyncEngine,
+                                                                  trips: list[int]) -> None:
     async with engine.begin() as conn:
         await conn.execute(insert(items), [{"id": i, "name": f"n{i}"} for i in range(50)])
-        monkeypatch.setattr(sqlite_driver._Thread, "run", counted)
+        before = trips[0]
         rows = (await conn.execute(select(items.c.id).order_by(items.c.id))).all()
-        monkeypatch.undo()
+        during = trips[0] - before
     assert [r.id for r in rows] == list(range(50))
     # aiosqlite's adapter makes four: open a cursor, execute, fetch, close.
-    assert trips == 1
+    assert during == 1
+
+
+async def test_a_transaction_begins_on_its_first_statements_trip_and_the_pool_reset_makes_none(
+        engine: AsyncEngine, trips: list[int]) -> None:
+    async with engine.connect() as conn:  # the pool's connection is open: what follows is the transaction
+        await conn.commit()
+    for options in ({}, {READ_ONLY: True}):
+        trips[0] = 0
+        async with engine.connect() as conn:
+            await conn.execution_options(**options)
+            async with conn.begin():
+                await conn.execute(select(items.c.id))
+        # BEGIN with the SELECT, then COMMIT; the pool's rollback of the returned connection is skipped:
+        # no transaction is open any more. Separately, BEGIN and the reset were two trips more.
+        assert trips[0] == 2, options
+    trips[0] = 0
+    async with engine.begin():
+        pass
+    assert trips[0] == 0  # a transaction that ran no statement never began: nothing to commit
+
+
+async def test_a_write_transaction_still_takes_the_write_lock_before_its_first_statement_runs(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    url = f"sqlite+aiosqlite:///{tmp_path / 'locked.sqlite3'}"
+    engine = create_engine(url)
+    async with engine.begin() as conn:
+        await conn.run_sync(metadata.create_all)
+    await engine.dispose()
+    # Another writer holds the lock; a second engine waits 0.2 s at most for it.
+    holder = sqlite3.connect(tmp_path / "locked.sqlite3", isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    monkeypatch.setattr(database, "SQLITE_BUSY_TIMEOUT_S", 0.2)
+    impatient = create_engine(url)
+    try:
+        with pytest.raises(OperationalError, match="database is locked"):
+            async with impatient.begin() as conn:
+                # A read alone would not need the lock: it fails because BEGIN IMMEDIATE ran first.
+                await conn.execute(select(items.c.id))
+        holder.execute("INSERT INTO items (id, name) VALUES (1, 'holder')")
+        holder.execute("COMMIT")
+        # The failed transaction gave its write turn back: the next one writes.
+        async with impatient.begin() as conn:
+            await conn.execute(insert(items).values(id=2, name="after"))
+        async with impatient.connect() as conn:
+            names = (await conn.execute(select(items.c.name).order_by(items.c.id))).scalars().all()
+        assert names == ["holder", "after"]
+    finally:
+        holder.close()
+        await impatient.dispose()
+
+
+async def test_a_transaction_rolled_back_after_a_statement_still_undoes_it(engine: AsyncEngine) -> None:
+    async with engine.connect() as conn:
+        async with conn.begin() as tx:
+            await conn.execute(insert(items).values(id=1, name="undone"))
+            await tx.rollback()
+        async with conn.begin():
+            await conn.execute(insert(items).values(id=2, name="kept"))
+    async with engine.connect() as conn:
+        assert (await conn.execute(select(items.c.name))).scalars().all() == ["kept"]
 
 
 async def test_rows_counts_returning_and_many_parameter_sets_are_sqlite3s(engine: AsyncEngine) -> None:
