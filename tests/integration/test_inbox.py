@@ -6,7 +6,7 @@ import asyncio
 import uuid
 
 import pytest
-from sqlalchemy import Column, Integer, MetaData, String, Table, func, insert, select
+from sqlalchemy import Column, Integer, MetaData, String, Table, event, func, insert, select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from kinshasa.kernel.database import create_engine
@@ -119,3 +119,33 @@ async def test_record_many_claims_only_the_new_ids_once_each(engine: AsyncEngine
     with pytest.raises(InboxError, match="not a UUID"):
         async with engine.begin() as conn:
             await Inbox().record_many(conn, GROUP, [uuid.uuid4(), "nope"])
+
+
+async def test_a_large_batch_half_seen_returns_the_new_half_and_the_statement_is_compiled_once(
+        engine: AsyncEngine) -> None:
+    seen = [uuid.uuid4() for _ in range(700)]
+    new = [uuid.uuid4() for _ in range(700)]
+    async with engine.begin() as conn:
+        assert await Inbox().record_many(conn, GROUP, seen) == set(seen)  # more than one chunk of 500
+        assert await Inbox().record(conn, GROUP, uuid.uuid4()) is True  # a lone row: a form of its own
+    caching: list[object] = []
+
+    def note(conn: object, cursor: object, statement: str, parameters: object, context: object,
+             executemany: bool) -> None:
+        if statement.lstrip().upper().startswith("INSERT INTO INBOX"):
+            caching.append(getattr(context, "cache_hit", None))
+
+    event.listen(engine.sync_engine, "before_cursor_execute", note)
+    try:
+        mixed = [id_ for pair in zip(seen, new, strict=True) for id_ in pair]
+        async with engine.begin() as conn:
+            assert await Inbox().record_many(conn, GROUP, mixed) == set(new)
+        async with engine.begin() as conn:
+            assert await Inbox().record(conn, GROUP, uuid.uuid4()) is True
+    finally:
+        event.remove(engine.sync_engine, "before_cursor_execute", note)
+    async with engine.connect() as conn:
+        count = (await conn.execute(select(func.count()).select_from(inbox))).scalar_one()
+    assert count == 1402
+    # A statement that holds its rows as values has no cache key and is compiled for every message.
+    assert caching and all(hit == engine.dialect.CACHE_HIT for hit in caching), caching
