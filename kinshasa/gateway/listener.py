@@ -177,7 +177,7 @@ class Listener:
                 await tx.conn.execute(
                     update(runs).where(runs.c.run_id == run.run_id).values(applied=runs.c.applied + 1)
                 )
-                run = await load_run(tx.conn, run.run_id)
+                # The run as loaded (and locked) above: the count just raised is all that changed in it.
                 if await probes_settled(tx, run):
                     # Every probe went through: the run has shown it behaves, so it may write again.
                     status = (

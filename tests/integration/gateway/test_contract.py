@@ -185,6 +185,34 @@ async def test_breaker_trip_alert_and_operator_states(harness: Harness, reader: 
     assert opened["status"] == "TRIPPED"
 
 
+async def test_a_half_open_breaker_closes_once_every_probe_is_applied(harness: Harness) -> None:
+    c = harness.client
+    await c.set_policy({"maxWrites": 1, "quarantineWindowS": 0, "probeWrites": 1, "autoRevert": False})
+    run_id = await c.start_run(entry_point="probes")
+    assert "data" in await c.create_document(run_id)
+    assert (await c.create_document(run_id))["errors"][0]["extensions"]["code"] == "BREAKER_OPEN"
+    await c.data(f'mutation {{ setBreaker(runId: "{run_id}", state: HALF_OPEN) {{ status }} }}',
+                 key=OPERATOR_KEY)
+    probe = (await c.create_document(run_id))["data"]["createDocument"]
+    assert probe["status"] == "PUBLISHED"
+    run = (await c.data(f'{{ run(id: "{run_id}") {{ status breaker {{ state }} }} }}'))["run"]
+    assert run == {"status": "TRIPPED", "breaker": {"state": "HALF_OPEN"}}  # until the probe is applied
+    command = Envelope(
+        message_id=uuid.UUID(probe["commandId"]), type="documents.create", run_id=run_id,
+        actor=Actor(kind="agent", id="agent-1"), correlation_id=run_id, occurred_at=utcnow(),
+        entity={"service": "documents", "type": "document", "id": probe["entityId"]},
+    )
+    applied = command.derive(type="documents.create.applied", actor=Actor(kind="service", id="documents"),
+                             message_id=deterministic_id("applied", probe["commandId"]), payload={})
+    await publish(harness.bootstrap, events_topic("documents"), applied)
+    for _ in range(100):
+        run = (await c.data(f'{{ run(id: "{run_id}") {{ status breaker {{ state }} }} }}'))["run"]
+        if run["breaker"]["state"] != "HALF_OPEN":
+            break
+        await asyncio.sleep(0.2)
+    assert run == {"status": "RUNNING", "breaker": {"state": "CLOSED"}}
+
+
 async def test_rejections_feed_the_breaker(harness: Harness, reader: TopicReader) -> None:
     c = harness.client
     await c.set_policy({"maxErrors": 1, "quarantineWindowS": 0})
