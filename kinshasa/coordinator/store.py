@@ -19,8 +19,9 @@ from sqlalchemy import (
     and_,
     event,
 )
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine
 
+from kinshasa.kernel.database import READ_ONLY, create_engine
 from kinshasa.kernel.tables import component_metadata
 from kinshasa.migrations import upgrade_component
 from kinshasa.schemas.envelope import RunEventKind
@@ -163,17 +164,18 @@ def reader_for(engine: AsyncEngine) -> AsyncEngine:
 
     The kernel's SQLite engines begin every transaction with BEGIN IMMEDIATE (the write lock), which is
     right for writers but makes every ledger read queue behind the projector and the relay. Reads here
-    use plain deferred transactions on the same WAL database, so they never take the write lock.
-    PostgreSQL needs nothing special: the engine is returned as it is.
+    use plain deferred transactions on the same WAL database (the kernel's `READ_ONLY` option, on its
+    driver: one trip per statement), so they never take the write lock, and the statements of one read
+    see one snapshot. PostgreSQL needs nothing special: the engine is returned as it is.
     """
     if engine.dialect.name != "sqlite":
         return engine
-    reader = create_async_engine(engine.url, connect_args={"timeout": 30})
+    reader = create_engine(engine.url.render_as_string(hide_password=False),
+                           execution_options={READ_ONLY: True})
 
     @event.listens_for(reader.sync_engine, "connect")
-    def _pragmas(dbapi_connection: Any, _record: Any) -> None:
+    def _query_only(dbapi_connection: Any, _record: Any) -> None:
         cursor = dbapi_connection.cursor()
-        cursor.execute("PRAGMA busy_timeout=30000")
         cursor.execute("PRAGMA query_only=ON")
         cursor.close()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -9,6 +10,8 @@ from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy import text
+from sqlalchemy.exc import OperationalError
 
 from kinshasa.coordinator.api import ledger_app
 from kinshasa.coordinator.projector import LedgerProjector
@@ -234,3 +237,18 @@ async def test_http_api_serves_summaries_steps_and_search(ledger: Ledger) -> Non
         body = {"selector": {"agent_id": "a"}, "reason": "side door"}
         assert (await http.post("/reverts", json=body)).status_code == 404
         assert (await http.post("/runs/h1/revert", json=body)).status_code == 405
+
+
+async def test_reads_answer_from_committed_rows_while_a_write_holds_the_lock(ledger: Ledger) -> None:
+    run_id = f"run-{uuid.uuid4().hex[:8]}"
+    await project(ledger, applied(run_id, "documents", "create", "doc-1"))
+    async with ledger.engine.begin() as conn:
+        # A projection in progress: on SQLite it holds the database's only write lock until it commits.
+        await LedgerProjector().project_batch(conn, [applied(run_id, "documents", "create", "doc-2")])
+        counts = await asyncio.wait_for(ledger.counts(run_id), 10)
+        assert counts.steps == 1  # the committed step only, without waiting for the write
+    assert (await ledger.counts(run_id)).steps == 2
+    if ledger.reader is not ledger.engine:  # SQLite: a reader of its own that cannot write
+        with pytest.raises(OperationalError, match="readonly"):
+            async with ledger.reader.begin() as conn:
+                await conn.execute(text("DELETE FROM ledger_steps"))
