@@ -43,6 +43,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench.keepalive import Connection, request_bytes  # noqa: E402
+
 AGENT_KEY = "bench-agent-" + "k" * 40
 OPERATOR_KEY = "bench-operator-" + "k" * 40
 UVICORN = {"log_level": "warning", "access_log": False, "lifespan": "on", "loop": "asyncio", "http": "h11"}
@@ -122,37 +124,7 @@ def serve_gateway(port: int, synchronous: str = "FULL") -> None:
     uvicorn.run(gateway.app, host="127.0.0.1", port=port, **UVICORN)  # type: ignore[arg-type]
 
 
-# --- a minimal keep-alive HTTP/1.1 client ------------------------------------------------------------
-
-
-class Connection:
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader, self.writer = reader, writer
-
-    @classmethod
-    async def open(cls, port: int) -> "Connection":
-        return cls(*await asyncio.open_connection("127.0.0.1", port))
-
-    async def post(self, request: bytes) -> bytes:
-        self.writer.write(request)
-        head = await self.reader.readuntil(b"\r\n\r\n")
-        length = 0
-        for line in head.split(b"\r\n"):
-            if line.lower().startswith(b"content-length:"):
-                length = int(line.split(b":", 1)[1])
-        return await self.reader.readexactly(length)
-
-    def close(self) -> None:
-        self.writer.close()
-
-
-def request_bytes(port: int, body: dict[str, Any], key: str | None) -> bytes:
-    payload = json.dumps(body).encode()
-    auth = f"Authorization: Bearer {key}\r\n" if key else ""
-    return (
-        f"POST /graphql HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n{auth}"
-        f"Content-Length: {len(payload)}\r\n\r\n"
-    ).encode() + payload
+# --- load ---------------------------------------------------------------------------------------------
 
 
 def process_cpu_s(pid: int) -> float | None:

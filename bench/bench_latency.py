@@ -51,6 +51,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # run as a script: `python bench/bench_latency.py`
     sys.path.insert(0, str(REPO))
 
+from bench.keepalive import Pool  # noqa: E402
 from bench.machine import write_result  # noqa: E402
 
 NAME = "latency"
@@ -158,7 +159,7 @@ class StageTail:
             consumer.close()
 
 
-async def poll_ledger(http: httpx.AsyncClient, url: str, run_id: str, seen: dict[str, float],
+async def poll_ledger(coordinator: Pool, run_id: str, seen: dict[str, float],
                       interval_s: float, stop: asyncio.Event) -> None:
     """Note when the coordinator's ledger first lists a step for each command (newest-first pages)."""
     while not stop.is_set():
@@ -167,15 +168,15 @@ async def poll_ledger(http: httpx.AsyncClient, url: str, run_id: str, seen: dict
         while True:
             # A short page: at the offered rates a poll finds a step or two, and each poll costs the
             # coordinator CPU that the measured path shares.
-            params: dict[str, Any] = {"limit": 10} | ({"before": before} if before else {})
+            query = "limit=10" + (f"&before={before}" if before else "")
             try:
-                response = await http.get(f"{url}/runs/{run_id}/steps", params=params)
-            except httpx.TransportError:
+                status, page = await coordinator.get(f"/runs/{run_id}/steps?{query}")
+            except (OSError, asyncio.IncompleteReadError):
                 break  # a busy coordinator: the next poll notes the step, a little late
-            if response.status_code == 404:  # the run's first event is not projected yet
+            if status == 404:  # the run's first event is not projected yet
                 break
-            response.raise_for_status()
-            page = response.json()
+            if status != 200:
+                raise RuntimeError(f"the coordinator answered {status} to a ledger poll: {page}")
             now = time.time()
             fresh = [s["command_id"] for s in page["steps"] if s["command_id"] not in seen]
             for command_id in fresh:
@@ -188,25 +189,25 @@ async def poll_ledger(http: httpx.AsyncClient, url: str, run_id: str, seen: dict
             await asyncio.wait_for(stop.wait(), max(0.0, interval_s - (time.perf_counter() - started)))
 
 
-async def gql(http: httpx.AsyncClient, url: str, key: str, query: str,
-              variables: dict[str, Any] | None = None) -> dict[str, Any]:
-    response = await http.post(f"{url}/graphql", json={"query": query, "variables": variables or {}},
-                               headers={"Authorization": f"Bearer {key}"})
-    body: dict[str, Any] = response.json()
+def port_of(url: str) -> int:
+    return int(url.rsplit(":", 1)[1])
+
+
+async def gql(gateway: Pool, key: str, query: str, variables: dict[str, Any] | None = None) -> dict[str, Any]:
+    _status, body = await gateway.post({"query": query, "variables": variables or {}}, key)
     if body.get("errors"):
         raise RuntimeError(f"gateway refused {query.split('{')[1].split('(')[0].strip()}: {body['errors']}")
     return dict(body["data"])
 
 
-async def offer_load(http: httpx.AsyncClient, url: str, run_id: str, rate: float,
-                     seconds: float) -> list[Command]:
+async def offer_load(gateway: Pool, run_id: str, rate: float, seconds: float) -> list[Command]:
     """Open loop: command i is sent at t0 + i/rate whatever the earlier ones are doing."""
     commands: list[Command] = []
     tasks: list[asyncio.Task[None]] = []
 
     async def one(command: Command, index: int) -> None:
         try:
-            data = await gql(http, url, AGENT_KEY, CREATE, {"r": run_id, "t": f"doc {index}"})
+            data = await gql(gateway, AGENT_KEY, CREATE, {"r": run_id, "t": f"doc {index}"})
             command.accepted = time.time()
             command.command_id = data["createDocument"]["commandId"]
         except Exception as exc:  # a refused or failed write is counted, not fatal
@@ -313,23 +314,22 @@ def moments(command: Command, tail: StageTail, in_ledger: dict[str, float]) -> d
     }
 
 
-async def measure(http: httpx.AsyncClient, urls: dict[str, str], rate: float, seconds: float, warmup_s: float,
-                  poll_s: float, drain_s: float) -> dict[str, Any]:
+async def measure(gateway: Pool, coordinator: Pool, bootstrap: str, rate: float, seconds: float,
+                  warmup_s: float, poll_s: float, drain_s: float) -> dict[str, Any]:
     """Offers `rate` writes per second for `seconds` in a run of its own and times each command's hops."""
-    gateway = urls["gateway"]
-    started = await gql(http, gateway, AGENT_KEY,
+    started = await gql(gateway, AGENT_KEY,
                         f'mutation {{ startRun(entryPoint: "bench-latency-{rate:g}") {{ id }} }}')
     run_id = started["startRun"]["id"]
-    tail = StageTail(urls["bootstrap"], "documents")
+    tail = StageTail(bootstrap, "documents")
     tail.run_id = run_id
     tail.start()
     in_ledger: dict[str, float] = {}
     stop = asyncio.Event()
-    poller = asyncio.create_task(poll_ledger(http, urls["coordinator"], run_id, in_ledger, poll_s, stop))
+    poller = asyncio.create_task(poll_ledger(coordinator, run_id, in_ledger, poll_s, stop))
     try:
         # The warm-up takes the same path (connections, caches, consumer groups) but is not counted.
-        await offer_load(http, gateway, run_id, rate, warmup_s)
-        commands = await offer_load(http, gateway, run_id, rate, seconds)
+        await offer_load(gateway, run_id, rate, warmup_s)
+        commands = await offer_load(gateway, run_id, rate, seconds)
         accepted = [c for c in commands if c.command_id is not None]
         deadline = time.monotonic() + drain_s
         # Polling: the stages are noted by a thread and a task, there is no event to wait on.
@@ -366,17 +366,19 @@ async def measure_all(urls: dict[str, str], rates: list[float], seconds: float, 
                       poll_s: float, sweep: list[float], sweep_seconds: float) -> dict[str, Any]:
     """The stated rates, then the saturation sweep: rising rates until accepted -> in the ledger p99 > 1 s
     (or a command is lost or refused); the saturation rate is the last rate that kept it."""
-    # uvicorn drops connections idle 5 s; keeping them as long races it (a request lost as ReadError).
-    limits = httpx.Limits(max_connections=512, max_keepalive_connections=512, keepalive_expiry=2.0)
-    async with httpx.AsyncClient(timeout=60, limits=limits) as http:
-        await gql(http, urls["gateway"], OPERATOR_KEY,
+    # The load generator shares the two cores with the stack: its client is the cheapest there is.
+    gateway, coordinator = Pool(port_of(urls["gateway"])), Pool(port_of(urls["coordinator"]))
+    try:
+        await gql(gateway, OPERATOR_KEY,
                   'mutation { setPolicy(scope: DEFAULT, reason: "latency bench", settings: {maxWrites: '
                   "10000000, maxVelocity: 10000000, velocityWindowS: 1, quarantineWindowS: 0}) { version } }")
-        by_rate = [await measure(http, urls, rate, seconds, warmup_s, poll_s, drain_s=60) for rate in rates]
+        by_rate = [await measure(gateway, coordinator, urls["bootstrap"], rate, seconds, warmup_s, poll_s,
+                                 drain_s=60) for rate in rates]
         saturation: float | None = None
         steps = []
         for rate in sweep:
-            step = await measure(http, urls, rate, sweep_seconds, warmup_s, poll_s, drain_s=30)
+            step = await measure(gateway, coordinator, urls["bootstrap"], rate, sweep_seconds, warmup_s,
+                                 poll_s, drain_s=30)
             p99 = step["accepted_to_ledger_ms"]["p99"]
             kept = (step["in_ledger"] == step["commands"] and p99 is not None and p99 <= 1000)
             steps.append({"offered_per_s": rate, "accepted_to_ledger_p99_ms": p99, "kept": kept,
@@ -384,6 +386,9 @@ async def measure_all(urls: dict[str, str], rates: list[float], seconds: float, 
             if not kept:
                 break
             saturation = rate
+    finally:
+        gateway.close()
+        coordinator.close()
     return {"database": "sqlite", "warmup_s": warmup_s, "ledger_poll_ms": round(poll_s * 1000),
             "rates": by_rate, "saturation": {"rate_per_s": saturation, "steps": steps,
                                              "seconds_per_step": sweep_seconds}}
