@@ -109,15 +109,11 @@ class OneHopCursor:
         self.arraysize = 1
 
     def execute(self, operation: str, parameters: Sequence[Any] | None = None) -> OneHopCursor:
-        connection = self._connection
-        self._take(connection.call(partial(_execute, connection.driver, connection.take_begin(), operation,
-                                           parameters)))
+        self._take(self._connection.run_statement(_execute, operation, parameters))
         return self
 
     def executemany(self, operation: str, seq_of_parameters: Sequence[Sequence[Any]]) -> OneHopCursor:
-        connection = self._connection
-        self._take(connection.call(partial(_execute_many, connection.driver, connection.take_begin(),
-                                           operation, seq_of_parameters)))
+        self._take(self._connection.run_statement(_execute_many, operation, seq_of_parameters))
         return self
 
     def _take(self, outcome: tuple[Any, list[Any], int, int | None]) -> None:
@@ -154,10 +150,19 @@ class OneHopCursor:
         pass
 
 
+def _begin(driver: sqlite3.Connection, begin: str | None) -> None:
+    if begin is None:
+        return
+    try:
+        driver.execute(begin)
+    except sqlite3.Error as exc:
+        exc.add_note(f"raised by {begin}, which began the transaction before this statement")
+        raise
+
+
 def _execute(driver: sqlite3.Connection, begin: str | None, operation: str,
              parameters: Sequence[Any] | None) -> tuple[Any, list[Any], int, int | None]:
-    if begin is not None:
-        driver.execute(begin)
+    _begin(driver, begin)
     cursor = driver.cursor()
     try:
         if parameters is None:
@@ -173,8 +178,7 @@ def _execute(driver: sqlite3.Connection, begin: str | None, operation: str,
 
 def _execute_many(driver: sqlite3.Connection, begin: str | None, operation: str,
                   seq_of_parameters: Sequence[Sequence[Any]]) -> tuple[Any, list[Any], int, int | None]:
-    if begin is not None:
-        driver.execute(begin)
+    _begin(driver, begin)
     cursor = driver.cursor()
     try:
         cursor.executemany(operation, seq_of_parameters)
@@ -228,23 +232,37 @@ class OneHopConnection(AdaptedConnection):
         """Begin a transaction with `statement` (BEGIN, BEGIN IMMEDIATE) on the trip of the next statement.
 
         Nothing can tell the two apart: the BEGIN runs first on the connection's thread, and if it fails
-        (the write lock not free within the busy timeout) the next statement fails with its error, unrun.
-        A transaction that ends before any statement ran never began: its commit and rollback make no trip.
+        (the write lock not free within the busy timeout) the statement fails with its error (noted as the
+        BEGIN's), unrun, and the BEGIN waits for the next one. A transaction that ends before any statement
+        ran never began: its commit and rollback make no trip.
         """
         self._begin = statement
 
-    def take_begin(self) -> str | None:
+    def run_statement(self, execute: Callable[..., T], operation: str, parameters: Any) -> T:
+        """`execute(driver, begin, operation, parameters)` on the connection's thread, with the pending
+        BEGIN if there is one."""
         begin, self._begin = self._begin, None
-        return begin
+        try:
+            return self.call(partial(execute, self.driver, begin, operation, parameters))
+        except Exception:
+            # The BEGIN itself failed (no transaction is open): the next statement tries it again, as the
+            # begin event would have. The trip has ended, so sqlite3 is idle and may be asked.
+            if begin is not None and not self.driver.in_transaction:
+                self._begin = begin
+            raise
+
+    # No trip for a commit or rollback when no transaction is open (one that never ran a statement, or
+    # the pool's reset of a connection whose transaction already ended): sqlite3 would do nothing there.
+    # `in_transaction` is read from the loop's thread, only ever between calls (SQLAlchemy waits for each).
 
     def commit(self) -> None:
-        # No trip when no transaction is open (one that never ran a statement, or the pool's reset of a
-        # connection whose transaction already ended): sqlite3 would do nothing there.
-        if self.take_begin() is None and self.driver.in_transaction:
+        self._begin = None
+        if self.driver.in_transaction:
             self.call(self.driver.commit)
 
     def rollback(self) -> None:
-        if self.take_begin() is None and self.driver.in_transaction:
+        self._begin = None
+        if self.driver.in_transaction:
             self.call(self.driver.rollback)
 
     def close(self) -> None:

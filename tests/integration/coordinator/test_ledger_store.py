@@ -17,6 +17,7 @@ from kinshasa.coordinator.api import ledger_app
 from kinshasa.coordinator.projector import LedgerProjector
 from kinshasa.coordinator.run_ledger import Ledger
 from kinshasa.coordinator.store import install_ledger
+from kinshasa.kernel import sqlite_driver
 from kinshasa.kernel.database import create_engine
 from kinshasa.schemas.envelope import Actor, EntityRef, Envelope, RunEventKind, deterministic_id
 from kinshasa.services.registry import example_catalogue
@@ -239,7 +240,8 @@ async def test_http_api_serves_summaries_steps_and_search(ledger: Ledger) -> Non
         assert (await http.post("/runs/h1/revert", json=body)).status_code == 405
 
 
-async def test_reads_answer_from_committed_rows_while_a_write_holds_the_lock(ledger: Ledger) -> None:
+async def test_reads_see_committed_rows_while_a_write_holds_the_lock_and_one_snapshot_per_read(
+        ledger: Ledger) -> None:
     run_id = f"run-{uuid.uuid4().hex[:8]}"
     await project(ledger, applied(run_id, "documents", "create", "doc-1"))
     async with ledger.engine.begin() as conn:
@@ -252,3 +254,11 @@ async def test_reads_answer_from_committed_rows_while_a_write_holds_the_lock(led
         with pytest.raises(OperationalError, match="readonly"):
             async with ledger.reader.begin() as conn:
                 await conn.execute(text("DELETE FROM ledger_steps"))
+        async with ledger.reader.connect() as conn:
+            # On the kernel's driver, and the statements of one read see one snapshot.
+            raw = await conn.get_raw_connection()
+            assert isinstance(raw.dbapi_connection, sqlite_driver.OneHopConnection)
+            assert (await ledger.counts(run_id, conn)).steps == 2
+            await project(ledger, applied(run_id, "documents", "create", "doc-3"))
+            assert (await ledger.counts(run_id, conn)).steps == 2
+        assert (await ledger.counts(run_id)).steps == 3
