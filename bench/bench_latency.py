@@ -194,7 +194,9 @@ def port_of(url: str) -> int:
 
 
 async def gql(gateway: Pool, key: str, query: str, variables: dict[str, Any] | None = None) -> dict[str, Any]:
-    _status, body = await gateway.post({"query": query, "variables": variables or {}}, key)
+    status, body = await gateway.post({"query": query, "variables": variables or {}}, key)
+    if status != 200 or not isinstance(body, dict):
+        raise RuntimeError(f"gateway answered {status}: {body!r}"[:500])
     if body.get("errors"):
         raise RuntimeError(f"gateway refused {query.split('{')[1].split('(')[0].strip()}: {body['errors']}")
     return dict(body["data"])

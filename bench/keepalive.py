@@ -3,7 +3,8 @@
 A benchmark's load generator shares the machine with the stack it measures, so it should cost as little
 as it can: a request here is one write of prepared bytes and a read up to its Content-Length (about a
 tenth of what a general client such as httpx spends per request). Only what the benchmarks send and the
-stack answers is handled: JSON bodies, `Content-Length` responses, no redirects, no TLS.
+stack answers is handled: JSON bodies, `Content-Length` responses, no redirects, no TLS; anything else
+raises rather than being misread.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from typing import Any
 # uvicorn closes a connection idle for 5 s; one kept idle about as long races that close and loses its
 # next request, so a pool reuses only connections idle for less than this.
 IDLE_S = 2.0
+# A response not whole within this is a failure, not a wait without end.
+TIMEOUT_S = 60.0
 
 
 class Connection:
@@ -23,6 +26,7 @@ class Connection:
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader, self.writer = reader, writer
+        self.reusable = True  # False once the server said it closes the connection
 
     @classmethod
     async def open(cls, port: int) -> Connection:
@@ -30,15 +34,23 @@ class Connection:
 
     async def send(self, request: bytes) -> tuple[int, bytes]:
         """The response's status code and body."""
-        self.writer.write(request)
-        head = await self.reader.readuntil(b"\r\n\r\n")
-        lines = head.split(b"\r\n")
-        status = int(lines[0].split(b" ", 2)[1])
-        length = 0
-        for line in lines[1:]:
-            if line.lower().startswith(b"content-length:"):
-                length = int(line.split(b":", 1)[1])
-        return status, await self.reader.readexactly(length)
+        async with asyncio.timeout(TIMEOUT_S):
+            self.writer.write(request)
+            head = await self.reader.readuntil(b"\r\n\r\n")
+            lines = head.split(b"\r\n")
+            status = int(lines[0].split(b" ", 2)[1])
+            length = 0
+            for line in lines[1:]:
+                name, _, value = line.partition(b":")
+                name = name.strip().lower()
+                if name == b"content-length":
+                    length = int(value)
+                elif name == b"transfer-encoding":
+                    raise ValueError(f"a {value.strip().decode()} response: this client reads "
+                                     "Content-Length bodies only")
+                elif name == b"connection" and value.strip().lower() == b"close":
+                    self.reusable = False
+            return status, await self.reader.readexactly(length)
 
     async def post(self, request: bytes) -> bytes:
         return (await self.send(request))[1]
@@ -77,12 +89,18 @@ class Pool:
         except BaseException:
             conn.close()  # a connection whose response was not read whole cannot be reused
             raise
-        self._idle.append((conn, time.monotonic()))
+        if conn.reusable:
+            self._idle.append((conn, time.monotonic()))
+        else:
+            conn.close()
         return status, json.loads(body) if body else None
 
     async def _take(self) -> Connection:
         while self._idle:
             conn, used = self._idle.pop()
+            if conn.reader.at_eof() or conn.writer.is_closing():
+                conn.close()  # the server closed it while it was idle
+                continue
             if time.monotonic() - used < IDLE_S:
                 return conn
             conn.close()  # the rest are older still
