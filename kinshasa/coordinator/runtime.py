@@ -72,14 +72,13 @@ from kinshasa.kernel.relay import OutboxRelay
 from kinshasa.kernel.supervisor import NEVER_RESTART, RestartPolicy, Supervisor
 from kinshasa.migrations.install import install_kernel_tables
 from kinshasa.settings import CoordinatorSettings, StackSettings
-from kinshasa.topics.consumer import AsyncConsumer
+from kinshasa.topics.consumer import SESSION_TIMEOUT_MS, AsyncConsumer
 from kinshasa.topics.producer import AsyncProducer
 
 log = logging.getLogger(__name__)
 
 COMPONENT = "coordinator"
 ROLES = ("projector", "worker", "api", "relay")
-SESSION_TIMEOUT_MS = 10_000
 # How long a stop waits for the projector to finish the batch in hand before cancelling it.
 PROJECTOR_STOP_S = 60.0
 

@@ -59,7 +59,7 @@ from kinshasa.schemas.operations import OperationCatalogue
 from kinshasa.settings import StackSettings
 from kinshasa.topics.catalogue import ALERTS, RUNS, TopicSpec, catalogue_topic_spec, dlq_topic
 from kinshasa.topics.catalogue import catalogue as topic_catalogue
-from kinshasa.topics.consumer import AsyncConsumer
+from kinshasa.topics.consumer import SESSION_TIMEOUT_MS, AsyncConsumer
 from kinshasa.topics.declaration_feed import DeclarationFollower
 from kinshasa.topics.producer import AsyncProducer
 
@@ -268,7 +268,8 @@ class Gateway:
             # events of a service registered later are heard too (new topics are found at the next
             # metadata refresh).
             consumer = AsyncConsumer(bootstrap, GROUP, listened_topics(),
-                                     extra_config={"topic.metadata.refresh.interval.ms": METADATA_REFRESH_MS})
+                                     extra_config={"topic.metadata.refresh.interval.ms": METADATA_REFRESH_MS,
+                                                   "session.timeout.ms": SESSION_TIMEOUT_MS})
             await consumer.run(handler, stop)
 
         self.supervisor.add("listener", listen, self.restart_policy)

@@ -50,6 +50,11 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+# The session timeout of every component's consumer group: well under librdkafka's 45 s default, so the
+# partitions of a member that vanished without leaving (a process killed) go to the others sooner, and a
+# rebalance (a replica joining, a new topic matching a pattern) does not wait 45 s for it.
+SESSION_TIMEOUT_MS = 10_000
+
 
 class ConsumerError(RuntimeError):
     """The consumer cannot go on (fatal client error, failed seek); restart it, nothing was skipped."""

@@ -63,7 +63,7 @@ from kinshasa.topics.catalogue import (
     events_topic,
     group_id,
 )
-from kinshasa.topics.consumer import AsyncConsumer, BatchHandler, Handler, Record
+from kinshasa.topics.consumer import SESSION_TIMEOUT_MS, AsyncConsumer, BatchHandler, Handler, Record
 from kinshasa.topics.declaration_feed import publish_declaration
 from kinshasa.topics.producer import AsyncProducer
 
@@ -74,8 +74,6 @@ LAG_INTERVAL_S = 5.0
 ROLES = ("http", "relay", "consumer", "lag", "housekeeping")
 # How long a stop waits for the consumer to finish the batch in hand before cancelling it.
 CONSUMER_STOP_S = 60.0
-# Well under librdkafka's 45 s default: a replacement for a crashed process gets its partitions sooner.
-SESSION_TIMEOUT_MS = 10_000
 
 
 @dataclass(frozen=True)
