@@ -34,8 +34,6 @@ inbox = Table(
 )
 
 
-# Rows per multi-row INSERT: well inside SQLite's and PostgreSQL's bound-parameter limits.
-_CHUNK = 500
 # One statement per dialect, built once: the ids recorded now come back (a seen one conflicts, unreturned).
 _RECORD_SQLITE = sqlite.insert(inbox).on_conflict_do_nothing().returning(inbox.c.message_id)
 _RECORD_POSTGRES = postgresql.insert(inbox).on_conflict_do_nothing().returning(inbox.c.message_id)
@@ -74,14 +72,11 @@ class Inbox:
             return set()
         now = utcnow()
         stmt = _RECORD_POSTGRES if conn.dialect.name == "postgresql" else _RECORD_SQLITE
-        fresh: set[uuid.UUID] = set()
-        for start in range(0, len(ids), _CHUNK):
-            rows = [{"consumer_group": group, "message_id": m, "processed_at": now}
-                    for m in ids[start:start + _CHUNK]]
-            # The rows as parameters, not as `values(rows)`: a statement holding its values has no cache key,
-            # so it was compiled again for every message. SQLAlchemy still sends one INSERT per chunk.
-            fresh.update((await conn.execute(stmt, rows)).scalars())
-        return fresh
+        rows = [{"consumer_group": group, "message_id": m, "processed_at": now} for m in ids]
+        # The rows as parameters, not as `values(rows)`: a statement holding its values has no cache key, so
+        # it was compiled again for every message. SQLAlchemy sends them as multi-row INSERTs, in pages
+        # within each database's bound-parameter limit.
+        return set((await conn.execute(stmt, rows)).scalars())
 
     async def seen(self, conn: AsyncConnection, group: str, message_id: uuid.UUID | str) -> bool:
         """Whether `group` has processed `message_id` (a read; use `record` to claim it)."""

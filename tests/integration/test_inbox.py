@@ -126,7 +126,7 @@ async def test_a_large_batch_half_seen_returns_the_new_half_and_the_statement_is
     seen = [uuid.uuid4() for _ in range(700)]
     new = [uuid.uuid4() for _ in range(700)]
     async with engine.begin() as conn:
-        assert await Inbox().record_many(conn, GROUP, seen) == set(seen)  # more than one chunk of 500
+        assert await Inbox().record_many(conn, GROUP, seen) == set(seen)
         assert await Inbox().record(conn, GROUP, uuid.uuid4()) is True  # a lone row: a form of its own
     caching: list[object] = []
 
@@ -137,6 +137,7 @@ async def test_a_large_batch_half_seen_returns_the_new_half_and_the_statement_is
 
     event.listen(engine.sync_engine, "before_cursor_execute", note)
     try:
+        # 1,400 rows: more than one page of SQLAlchemy's multi-row INSERTs (1,000 rows each).
         mixed = [id_ for pair in zip(seen, new, strict=True) for id_ in pair]
         async with engine.begin() as conn:
             assert await Inbox().record_many(conn, GROUP, mixed) == set(new)

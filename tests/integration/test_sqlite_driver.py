@@ -85,73 +85,74 @@ async def test_a_transaction_begins_on_its_first_statements_trip_and_the_pool_re
     assert trips[0] == 0  # a transaction that ran no statement never began: nothing to commit
 
 
-async def test_a_write_transaction_still_takes_the_write_lock_before_its_first_statement_runs(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture
+async def held(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+               ) -> AsyncIterator[tuple[sqlite3.Connection, AsyncEngine]]:
+    """A database whose write lock another connection holds (BEGIN IMMEDIATE, not committed), and an
+    engine on it that waits 0.2 s at most for the lock."""
     url = f"sqlite+aiosqlite:///{tmp_path / 'locked.sqlite3'}"
     engine = create_engine(url)
     async with engine.begin() as conn:
         await conn.run_sync(metadata.create_all)
     await engine.dispose()
-    # Another writer holds the lock; a second engine waits 0.2 s at most for it.
     holder = sqlite3.connect(tmp_path / "locked.sqlite3", isolation_level=None)
     holder.execute("BEGIN IMMEDIATE")
     monkeypatch.setattr(database, "SQLITE_BUSY_TIMEOUT_S", 0.2)
     impatient = create_engine(url)
     try:
-        with pytest.raises(OperationalError, match="database is locked") as failed:
-            async with impatient.begin() as conn:
-                # A read alone would not need the lock: it fails because BEGIN IMMEDIATE ran first.
-                await conn.execute(select(items.c.id))
-        assert "raised by BEGIN IMMEDIATE" in " ".join(getattr(failed.value.orig, "__notes__", []))
-        holder.execute("INSERT INTO items (id, name) VALUES (1, 'holder')")
-        holder.execute("COMMIT")
-
-        async def write_after() -> None:
-            async with impatient.begin() as conn:
-                await conn.execute(insert(items).values(id=2, name="after"))
-
-        # The failed transaction gave its write turn back: the next one writes at once (a turn kept would
-        # make it wait out the queue's patience, 30 s).
-        await asyncio.wait_for(write_after(), 5)
-        async with impatient.connect() as conn:
-            names = (await conn.execute(select(items.c.name).order_by(items.c.id))).scalars().all()
-        assert names == ["holder", "after"]
+        yield holder, impatient
     finally:
         holder.close()
         await impatient.dispose()
+
+
+def commit_holders_row(holder: sqlite3.Connection) -> None:
+    holder.execute("INSERT INTO items (id, name) VALUES (1, 'holder')")
+    holder.execute("COMMIT")
+
+
+async def names(engine: AsyncEngine) -> list[str]:
+    async with engine.connect() as conn:
+        return list((await conn.execute(select(items.c.name).order_by(items.c.id))).scalars())
+
+
+async def test_a_write_transaction_still_takes_the_write_lock_before_its_first_statement_runs(
+        held: tuple[sqlite3.Connection, AsyncEngine]) -> None:
+    holder, impatient = held
+    with pytest.raises(OperationalError, match="database is locked") as failed:
+        async with impatient.begin() as conn:
+            # A read alone would not need the lock: it fails because BEGIN IMMEDIATE ran first.
+            await conn.execute(select(items.c.id))
+    assert "raised by BEGIN IMMEDIATE" in " ".join(getattr(failed.value.orig, "__notes__", []))
+    commit_holders_row(holder)
+
+    async def write_after() -> None:
+        async with impatient.begin() as conn:
+            await conn.execute(insert(items).values(id=2, name="after"))
+
+    # The failed transaction gave its write turn back: the next one writes at once (a turn kept would
+    # make it wait out the queue's patience, 30 s).
+    await asyncio.wait_for(write_after(), 5)
+    assert await names(impatient) == ["holder", "after"]
 
 
 async def test_a_begin_that_failed_is_tried_again_by_the_transactions_next_statement(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    url = f"sqlite+aiosqlite:///{tmp_path / 'retried.sqlite3'}"
-    engine = create_engine(url)
-    async with engine.begin() as conn:
-        await conn.run_sync(metadata.create_all)
-    await engine.dispose()
-    holder = sqlite3.connect(tmp_path / "retried.sqlite3", isolation_level=None)
-    holder.execute("BEGIN IMMEDIATE")
-    monkeypatch.setattr(database, "SQLITE_BUSY_TIMEOUT_S", 0.2)
-    impatient = create_engine(url)
-    try:
-        async with impatient.connect() as conn:
-            async with conn.begin():
-                with pytest.raises(OperationalError, match="database is locked"):
-                    await conn.execute(select(items.c.id))
-                holder.execute("INSERT INTO items (id, name) VALUES (1, 'holder')")
-                holder.execute("COMMIT")
-                # The caller carries on in the same transaction: its next statement begins it first,
-                # rather than running (and committing) on its own outside any transaction.
-                await conn.execute(insert(items).values(id=2, name="inside"))
-                raw = await conn.get_raw_connection()
-                assert raw.dbapi_connection.driver.in_transaction
-                holder_sees = holder.execute("SELECT count(*) FROM items").fetchone()[0]
-                assert holder_sees == 1  # not committed yet
-        async with impatient.connect() as conn:
-            names = (await conn.execute(select(items.c.name).order_by(items.c.id))).scalars().all()
-        assert names == ["holder", "inside"]
-    finally:
-        holder.close()
-        await impatient.dispose()
+        held: tuple[sqlite3.Connection, AsyncEngine]) -> None:
+    holder, impatient = held
+    async with impatient.connect() as conn:
+        async with conn.begin():
+            with pytest.raises(OperationalError, match="database is locked"):
+                await conn.execute(select(items.c.id))
+            commit_holders_row(holder)
+            # The caller carries on in the same transaction: its next statement begins it first,
+            # rather than running (and committing) on its own outside any transaction.
+            await conn.execute(insert(items).values(id=2, name="inside"))
+            raw = await conn.get_raw_connection()
+            assert isinstance(raw.dbapi_connection, sqlite_driver.OneHopConnection)
+            assert raw.dbapi_connection.driver.in_transaction
+            holder_sees = holder.execute("SELECT count(*) FROM items").fetchone()[0]
+            assert holder_sees == 1  # not committed yet
+    assert await names(impatient) == ["holder", "inside"]
 
 
 async def test_a_transaction_rolled_back_after_a_statement_still_undoes_it(engine: AsyncEngine) -> None:
