@@ -32,6 +32,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from kinshasa.gateway.errors import Invalid
 from kinshasa.gateway.store import IDEMPOTENCY_KEY_MAX, idempotency_keys
+from kinshasa.kernel.database import OFF_LOOP
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +118,7 @@ async def prune(engine: AsyncEngine, now: datetime, chunk: int = 5_000) -> int:
     """Delete keys older than KEY_TTL, oldest first, about `chunk` rows per short transaction; the count."""
     cutoff = now - KEY_TTL
     total = 0
+    engine = engine.execution_options(**{OFF_LOOP: True})  # on SQLite, a chunk runs off the loop's thread
     while True:
         async with engine.begin() as conn:
             # The chunk-th oldest expired key bounds this round (rows sharing its instant go with it).

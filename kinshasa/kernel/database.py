@@ -22,6 +22,11 @@ SUPPORTED = ("sqlite+aiosqlite", "postgresql+asyncpg")
 # Execution option for a connection that only reads: on SQLite its transactions begin DEFERRED, so they
 # never take (or wait for) the write lock; WAL gives them a consistent snapshot. Ignored on PostgreSQL.
 READ_ONLY = "kinshasa_read_only"
+# Execution option for a connection whose write transactions run long statements (housekeeping's chunks of
+# deletes): on SQLite each of their statements runs on the connection's thread, as a read's do, where a
+# write transaction's statements after its first otherwise run on the event loop's thread
+# (`kinshasa.kernel.sqlite_driver`). Ignored on PostgreSQL.
+OFF_LOOP = "kinshasa_off_loop"
 
 
 class DatabaseUrlError(ValueError):
@@ -93,19 +98,22 @@ def create_engine(url: str, **kwargs: Any) -> AsyncEngine:
         def _sqlite_begin(conn: Any) -> None:
             dbapi_connection = conn.connection.dbapi_connection
 
-            def begin(statement: str) -> None:
+            def begin(statement: str, *, on_loop: bool = False) -> None:
                 if isinstance(dbapi_connection, sqlite_driver.OneHopConnection):
                     # Run with the transaction's first statement, on its trip to the connection's thread.
-                    dbapi_connection.begin_with_next(statement)
+                    dbapi_connection.begin_with_next(statement, on_loop=on_loop)
                 else:
                     conn.exec_driver_sql(statement)
 
-            if conn.get_execution_options().get(READ_ONLY):
+            options = conn.get_execution_options()
+            if options.get(READ_ONLY):
                 begin("BEGIN")
                 return
             turns.take(dbapi_connection)
             try:
-                begin("BEGIN IMMEDIATE")
+                # Holding the write lock, the transaction's later statements wait for nobody: unless told
+                # they run long, they skip the trip to the connection's thread.
+                begin("BEGIN IMMEDIATE", on_loop=not options.get(OFF_LOOP))
             except BaseException:
                 turns.give_back(dbapi_connection)
                 raise

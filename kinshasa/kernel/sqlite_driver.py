@@ -1,4 +1,4 @@
-"""SQLite for asyncio with one thread hop per statement: the engine's DBAPI for `sqlite+aiosqlite` URLs.
+"""SQLite for asyncio with at most one thread hop per statement: the DBAPI for `sqlite+aiosqlite` URLs.
 
 SQLAlchemy's aiosqlite adapter makes four trips to aiosqlite's thread for every statement (open a cursor,
 execute, fetch the rows, close the cursor), and each trip costs the event loop a wake-up, a hand-over of
@@ -11,10 +11,18 @@ transaction's BEGIN rides on the trip of its first statement (`begin_with_next`)
 with no transaction open (the pool's reset of every connection handed back) makes no trip: a lone write of
 the gateway went from 20 trips (its own transaction and the relay's two) to 13.
 
+A write transaction's statements after its first make no trip at all (`begin_with_next(..., on_loop=True)`):
+once BEGIN IMMEDIATE has taken SQLite's write lock, a statement waits for no other connection and the disk
+is synced only at the commit, so a short statement runs on the loop's own thread in less time than the
+trip would have cost on top of it. The transaction's first statement (which may wait for the lock), its commit
+(which syncs the disk), every statement of a read-only transaction (which may scan much of a table) and
+of a write transaction begun without `on_loop` (the kernel's `OFF_LOOP` option: housekeeping's chunks of
+deletes) still take the trip, so none of them ever holds the event loop up.
+
 Everything else is as with aiosqlite: each connection has one thread of its own that runs its calls in
-order (SQLite is never entered by two threads on one connection, and a slow statement or commit never
-blocks the event loop), the errors are sqlite3's, and the dialect is SQLAlchemy's aiosqlite dialect,
-handed this module in place of its own (`create_engine(..., module=dbapi())`).
+order (SQLite is never entered by two threads at once on one connection), the errors are sqlite3's, and
+the dialect is SQLAlchemy's aiosqlite dialect, handed this module in place of its own
+(`create_engine(..., module=dbapi())`).
 """
 
 from __future__ import annotations
@@ -187,10 +195,15 @@ def _execute_many(driver: sqlite3.Connection, begin: str | None, operation: str,
         cursor.close()
 
 
-class OneHopConnection(AdaptedConnection):
-    """A DBAPI connection over sqlite3 whose every call runs on the connection's own thread."""
+async def _at_once(work: Callable[[], T]) -> T:
+    return work()
 
-    __slots__ = ("__weakref__", "_begin", "_closed", "_driver", "_thread", "dbapi")
+
+class OneHopConnection(AdaptedConnection):
+    """A DBAPI connection over sqlite3 whose calls run on the connection's own thread (but for a write
+    transaction's statements after its first, which run on the caller's)."""
+
+    __slots__ = ("__weakref__", "_begin", "_closed", "_driver", "_on_loop", "_thread", "dbapi")
 
     def __init__(self, module: Any, driver: sqlite3.Connection, thread: _Thread) -> None:
         self.dbapi = module
@@ -199,6 +212,7 @@ class OneHopConnection(AdaptedConnection):
         self._thread = thread
         self._closed = False
         self._begin: str | None = None
+        self._on_loop = False  # this transaction's statements after its first run on the loop's thread
         # A connection dropped without being closed (its pool collected) still ends its thread; the
         # thread holds no reference back to the connection, so it can be collected.
         weakref.finalize(self, thread.stop)
@@ -210,6 +224,11 @@ class OneHopConnection(AdaptedConnection):
     def call(self, work: Callable[[], T]) -> T:
         """Run `work` on the connection's thread and wait for it (in SQLAlchemy's greenlet)."""
         return await_only(self._thread.run(work))
+
+    @staticmethod
+    def call_at_once(work: Callable[[], T]) -> T:
+        """Run `work` here, on the loop's thread, as an awaited call (in SQLAlchemy's greenlet)."""
+        return await_only(_at_once(work))
 
     @property
     def isolation_level(self) -> str | None:
@@ -228,20 +247,28 @@ class OneHopConnection(AdaptedConnection):
     def execute(self, operation: str, parameters: Sequence[Any] | None = None) -> OneHopCursor:
         return self.cursor().execute(operation, parameters)
 
-    def begin_with_next(self, statement: str) -> None:
+    def begin_with_next(self, statement: str, *, on_loop: bool = False) -> None:
         """Begin a transaction with `statement` (BEGIN, BEGIN IMMEDIATE) on the trip of the next statement.
 
         Nothing can tell the two apart: the BEGIN runs first on the connection's thread, and if it fails
         (the write lock not free within the busy timeout) the statement fails with its error (noted as the
         BEGIN's), unrun, and the BEGIN waits for the next one. A transaction that ends before any statement
         ran never began: its commit and rollback make no trip.
+
+        With `on_loop` (for BEGIN IMMEDIATE: the transaction holds the write lock once it has begun), the
+        statements after the one that began it run on the calling thread, with no trip.
         """
         self._begin = statement
+        self._on_loop = on_loop
 
     def run_statement(self, execute: Callable[..., T], operation: str, parameters: Any) -> T:
         """`execute(driver, begin, operation, parameters)` on the connection's thread, with the pending
         BEGIN if there is one."""
         begin, self._begin = self._begin, None
+        if begin is None and self._on_loop and self.driver.in_transaction:
+            # Through a coroutine that awaits nothing: SQLAlchemy's asyncio layer refuses a statement that
+            # never awaited, and this costs a greenlet switch, not a pass of the loop.
+            return self.call_at_once(partial(execute, self.driver, None, operation, parameters))
         try:
             return self.call(partial(execute, self.driver, begin, operation, parameters))
         except Exception:
@@ -256,12 +283,12 @@ class OneHopConnection(AdaptedConnection):
     # `in_transaction` is read from the loop's thread, only ever between calls (SQLAlchemy waits for each).
 
     def commit(self) -> None:
-        self._begin = None
+        self._begin, self._on_loop = None, False
         if self.driver.in_transaction:
             self.call(self.driver.commit)
 
     def rollback(self) -> None:
-        self._begin = None
+        self._begin, self._on_loop = None, False
         if self.driver.in_transaction:
             self.call(self.driver.rollback)
 

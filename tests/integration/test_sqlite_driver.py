@@ -1,5 +1,6 @@
-"""The SQLite driver under every SQLite engine (kernel/sqlite_driver.py): one trip to the connection's thread
-per statement, with sqlite3's rows, counts and errors, and the event loop free while SQLite works."""
+"""The SQLite driver under every SQLite engine (kernel/sqlite_driver.py): at most one trip to the connection's
+thread per statement, none for a write transaction's statements after its first, with sqlite3's rows, counts
+and errors, and the event loop free while a long statement works."""
 
 from __future__ import annotations
 
@@ -14,10 +15,10 @@ from pathlib import Path
 import pytest
 from sqlalchemy import Column, Integer, MetaData, String, Table, insert, select, text, update
 from sqlalchemy.exc import IntegrityError, OperationalError
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from kinshasa.kernel import database, sqlite_driver
-from kinshasa.kernel.database import READ_ONLY, create_engine
+from kinshasa.kernel.database import OFF_LOOP, READ_ONLY, create_engine
 
 metadata = MetaData()
 items = Table("items", metadata, Column("id", Integer, primary_key=True), Column("name", String, unique=True))
@@ -54,16 +55,44 @@ def trips(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return count
 
 
-async def test_a_statement_is_one_trip_to_the_connections_thread(engine: AsyncEngine,
-                                                                  trips: list[int]) -> None:
-    async with engine.begin() as conn:
-        await conn.execute(insert(items), [{"id": i, "name": f"n{i}"} for i in range(50)])
-        before = trips[0]
-        rows = (await conn.execute(select(items.c.id).order_by(items.c.id))).all()
-        during = trips[0] - before
+async def _thread_ids(conn: AsyncConnection, statements: int) -> list[int]:
+    """Run `statements` statements, each answering with the thread SQLite ran it on."""
+    raw = await conn.get_raw_connection()
+    raw.driver_connection.create_function("thread_id", 0, threading.get_ident)
+    return [(await conn.execute(text("SELECT thread_id()"))).scalar_one() for _ in range(statements)]
+
+
+async def test_a_write_transaction_makes_a_trip_for_its_first_statement_and_its_commit_alone(
+        engine: AsyncEngine, trips: list[int]) -> None:
+    loop_thread = threading.get_ident()
+    async with engine.connect() as conn:
+        trips[0] = 0
+        async with conn.begin():
+            await conn.execute(insert(items), [{"id": i, "name": f"n{i}"} for i in range(50)])
+            threads = await _thread_ids(conn, 3)
+            rows = (await conn.execute(select(items.c.id).order_by(items.c.id))).all()
     assert [r.id for r in rows] == list(range(50))
-    # aiosqlite's adapter makes four: open a cursor, execute, fetch, close.
-    assert during == 1
+    # The INSERT began the transaction (BEGIN IMMEDIATE) on the connection's thread; holding the write lock,
+    # the rest ran on the loop's thread; the commit synced the disk on the connection's thread.
+    assert threads == [loop_thread] * 3
+    assert trips[0] == 2
+
+
+@pytest.mark.parametrize("options", [{READ_ONLY: True}, {OFF_LOOP: True}], ids=["read-only", "off-loop"])
+async def test_a_read_or_an_off_loop_write_makes_one_trip_per_statement(
+        engine: AsyncEngine, trips: list[int], options: dict[str, bool]) -> None:
+    loop_thread = threading.get_ident()
+    async with engine.connect() as conn:
+        await conn.execution_options(**options)
+        trips[0] = 0
+        async with conn.begin():
+            threads = await _thread_ids(conn, 3)
+            rows = (await conn.execute(select(items.c.id))).all()
+    assert rows == []
+    assert loop_thread not in threads and len(set(threads)) == 1  # all on the connection's own thread
+    # One trip per statement (aiosqlite's adapter made four: open a cursor, execute, fetch, close), and
+    # the commit.
+    assert trips[0] == 5
 
 
 async def test_a_transaction_begins_on_its_first_statements_trip_and_the_pool_reset_makes_none(
@@ -196,7 +225,9 @@ async def test_an_error_is_sqlite3s_and_leaves_nothing_written(engine: AsyncEngi
         assert (await conn.execute(select(items.c.id))).scalars().all() == [1]
 
 
-async def test_the_loop_runs_while_sqlite_works(engine: AsyncEngine) -> None:
+@pytest.mark.parametrize("options", [{}, {READ_ONLY: True}, {OFF_LOOP: True}],
+                         ids=["first-of-a-write", "read-only", "off-loop"])
+async def test_the_loop_runs_while_sqlite_works(engine: AsyncEngine, options: dict[str, bool]) -> None:
     ticks: list[float] = []
     done = asyncio.Event()
 
@@ -209,6 +240,9 @@ async def test_the_loop_runs_while_sqlite_works(engine: AsyncEngine) -> None:
     await asyncio.sleep(0)
     started = time.perf_counter()
     async with engine.connect() as conn:
+        await conn.execution_options(**options)
+        if options:
+            await conn.execute(text("SELECT 1"))  # the transaction's first statement: a trip in any case
         count = (await conn.execute(SLOW, {"upto": 3_000_000})).scalar_one()
     ended = time.perf_counter()
     done.set()
@@ -226,6 +260,7 @@ async def test_a_cancelled_statement_leaves_the_engine_usable(engine: AsyncEngin
 
     async def slow() -> None:
         async with engine.connect() as conn:
+            await conn.execution_options(**{OFF_LOOP: True})  # the slow statement is not the first
             await conn.execute(text("SELECT 1"))
             running.set()
             await conn.execute(SLOW, {"upto": 3_000_000})

@@ -16,6 +16,7 @@ from sqlalchemy import func, select
 
 from kinshasa.gateway.idempotency import prune
 from kinshasa.gateway.store import commands, idempotency_keys, runs
+from kinshasa.kernel import sqlite_driver
 from kinshasa.kernel.database import create_engine
 from kinshasa.kernel.outbox import outbox
 from kinshasa.schemas.envelope import Envelope, utcnow
@@ -217,3 +218,33 @@ async def _applied_versions(tmp: Path, envelopes: list[Envelope], document_id: s
                 .where(document_versions.c.document_id == document_id)
             )
             return int((await conn.execute(query)).scalar_one())
+
+
+async def test_pruning_keeps_its_statements_off_the_event_loop(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    # A chunk's DELETE can run long; on SQLite a write transaction's later statements otherwise run on the
+    # loop's thread (kinshasa/kernel/sqlite_driver.py), which would stall every request meanwhile.
+    on_loop: list[object] = []
+    at_once = sqlite_driver.OneHopConnection.call_at_once
+
+    def counted(work: Any) -> Any:
+        on_loop.append(work)
+        return at_once(work)
+
+    monkeypatch.setattr(sqlite_driver.OneHopConnection, "call_at_once", staticmethod(counted))
+    engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'keys.sqlite3'}")
+    try:
+        async with engine.begin() as conn:
+            await conn.run_sync(idempotency_keys.metadata.create_all)
+        on_loop.clear()
+        async with engine.begin() as conn:
+            await conn.execute(idempotency_keys.insert(), [
+                {"principal_id": "agent-1", "key": f"k{i}", "request_digest": "d", "answer": "{}",
+                 "created_at": utcnow() - _DAY} for i in range(5)])
+            await conn.execute(select(func.count()).select_from(idempotency_keys))
+        assert len(on_loop) == 1  # the write's second statement ran on the loop: the count sees it
+        on_loop.clear()
+        assert await prune(engine, utcnow(), chunk=2) == 5
+        assert on_loop == []
+    finally:
+        await engine.dispose()
