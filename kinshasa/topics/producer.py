@@ -125,8 +125,11 @@ def producer_config(
     return {
         "bootstrap.servers": bootstrap,
         "client.id": client_id,
-        # A short linger lets concurrent sends share a request without delaying a lone send noticeably.
-        "linger.ms": 5,
+        # No linger: a relay hands librdkafka a claim's rows together, and what queues while a request is in
+        # flight goes out together in the next, so batching under load needs no wait. A 5 ms linger was
+        # paid by every lone write at each hop: `bench_latency` at 50/s measured broker -> service p50
+        # 9.2 ms with it and 3.0 ms without, while `bench_relay` moved within its run-to-run spread.
+        "linger.ms": 0,
         "compression.type": "lz4",
         **extra,
         **_PINNED,
