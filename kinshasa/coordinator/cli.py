@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 import typer
 
 from kinshasa.coordinator.models import RevertPolicy
 from kinshasa.coordinator.runtime import ROLES, CoordinatorOptions, CoordinatorRuntime, serve_forever
+from kinshasa.kernel.component import run_component
 from kinshasa.kernel.logs import configure_logging
 from kinshasa.settings import CoordinatorSettings, StackSettings
 
@@ -46,7 +46,7 @@ def coordinator(
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
         raise typer.Exit(code=2) from exc
     try:
-        asyncio.run(serve_forever(CoordinatorRuntime(stack=stack, settings=settings, options=options)))
+        run_component(serve_forever(CoordinatorRuntime(stack=stack, settings=settings, options=options)))
     except Exception as exc:
         log.exception("coordinator failed")
         typer.secho(f"error: coordinator stopped: {exc}", fg=typer.colors.RED, err=True)

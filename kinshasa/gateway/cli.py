@@ -12,6 +12,7 @@ import typer
 import uvicorn
 
 from kinshasa.gateway.principals import hash_key, new_key
+from kinshasa.kernel.component import UVICORN_IMPLEMENTATION
 from kinshasa.kernel.logs import configure_logging
 from kinshasa.settings import StackSettings
 
@@ -39,7 +40,7 @@ def configure_gateway_logging(stack: StackSettings, stream: TextIO | None = None
 
 # No log config of uvicorn's own: its loggers (uvicorn.error) propagate to the kernel's root handler, so
 # its lines come out in the same format; no access log (a line per agent write would drown the rest).
-UVICORN_LOGGING: dict[str, Any] = {"log_config": None, "access_log": False}
+UVICORN_LOGGING: dict[str, Any] = {"log_config": None, "access_log": False, **UVICORN_IMPLEMENTATION}
 
 
 @app.command("serve")

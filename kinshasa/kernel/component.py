@@ -3,10 +3,11 @@
 `wire_dead_letters` puts the DLQ guard around a component's record handler and builds the dead-letter
 queue its admin API serves, and points the component's metrics at its outbox backlog and DLQ count.
 `database_check` is the health check `/healthz` runs beside the supervisor's roles (`kernel/supervisor.py`).
-`http_server`, `wait_started` and `write_address_file` run the admin/read API and publish where it
-listens; `drain_outbox` empties the outbox on a clean stop; `serve_until_signalled` runs a component
-until SIGTERM or SIGINT. `verify_topics` is the first step of every start: the topics a component uses,
-checked against the stack's minimums, or no start at all.
+`run_component` runs a component's main coroutine on uvloop; `http_server`, `wait_started` and
+`write_address_file` run the admin/read API and publish where it listens; `drain_outbox` empties the
+outbox on a clean stop; `serve_until_signalled` runs a component until SIGTERM or SIGINT.
+`verify_topics` is the first step of every start: the topics a component uses, checked against the
+stack's minimums, or no start at all.
 """
 
 from __future__ import annotations
@@ -16,12 +17,13 @@ import contextlib
 import json
 import logging
 import signal
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import uvicorn
+import uvloop
 from fastapi import FastAPI
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -102,6 +104,23 @@ def database_check(engine: AsyncEngine) -> HealthCheck:
     return check
 
 
+T = TypeVar("T")
+
+# Every component process runs on uvloop (libuv's event loop) and parses HTTP with httptools, where asyncio's
+# own loop and uvicorn's pure-Python h11 would serve: at a low rate each write wakes several tasks and
+# threads, and the loop's own work per wake-up was a fair share of a lone write. A lone gateway write, 400
+# one after another (CPU per write): 5.5 to 5.7 ms on asyncio with h11, 3.8 to 4.9 ms on these; spread 20 ms
+# apart, 8.1 to 8.2 against 6.7 to 7.2 ms. Named rather than left to uvicorn's "auto", so an install
+# without them fails at start instead of running slower.
+UVICORN_IMPLEMENTATION: dict[str, Any] = {"loop": "uvloop", "http": "httptools"}
+
+
+def run_component(main: Coroutine[Any, Any, T]) -> T:
+    """`asyncio.run` on uvloop: a component process's main coroutine, to its end."""
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(main)
+
+
 class QuietServer(uvicorn.Server):
     """uvicorn without its own signal handling: the component owns SIGTERM/SIGINT and the shutdown order."""
 
@@ -113,7 +132,7 @@ class QuietServer(uvicorn.Server):
 def http_server(app: FastAPI, host: str, port: int) -> QuietServer:
     """A component's HTTP server: no access log, no lifespan, logging left to the component's setup."""
     return QuietServer(uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False,
-                                      lifespan="off"))
+                                      lifespan="off", **UVICORN_IMPLEMENTATION))
 
 
 async def wait_started(server: QuietServer, task: asyncio.Task[Any], failure: str) -> tuple[str, int]:

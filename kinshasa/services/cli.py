@@ -7,13 +7,13 @@ Settings come from the environment, read once here: the stack's (`KINSHASA_KAFKA
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Callable
 from pathlib import Path
 
 import typer
 
+from kinshasa.kernel.component import run_component
 from kinshasa.kernel.logs import configure_logging
 from kinshasa.services.kit.declarations import Service
 from kinshasa.services.kit.errors import ServiceDeclarationError
@@ -47,7 +47,7 @@ def run_service(name: str, *, topic_suffix: str | None = None, instance_id: str 
         typer.secho(f"error: service {name} refuses to start: {exc}", fg=typer.colors.RED, err=True)
         raise typer.Exit(code=2) from exc
     try:
-        asyncio.run(serve_forever(runtime))
+        run_component(serve_forever(runtime))
     except Exception as exc:
         log.exception("service %s failed", name)
         typer.secho(f"error: service {name} stopped: {exc}", fg=typer.colors.RED, err=True)
