@@ -33,6 +33,7 @@ from kinshasa.coordinator.run_ledger import ClaimedStep, Ledger
 from kinshasa.coordinator.store import StepStatus
 from kinshasa.coordinator.topic_names import CoordinatorTopics
 from kinshasa.kernel import tracing
+from kinshasa.kernel.database import OFF_LOOP
 from kinshasa.kernel.receipts import payload_digest
 from kinshasa.kernel.unit_of_work import UnitOfWork
 from kinshasa.schemas.clock import utcnow
@@ -207,7 +208,9 @@ class RevertActivities:
     async def finish_revert(self, params: FinishInput) -> RevertOutcome:
         """Record REVERTED or REVERT_FAILED in the ledger and on kinshasa.runs (and alert), one commit."""
         now = utcnow()
-        async with UnitOfWork(self.engine, on_commit=self.on_emit) as uow:
+        # Counting a wide run's steps may run long: on SQLite, off the event loop (the worker's heartbeats).
+        async with UnitOfWork(self.engine.execution_options(**{OFF_LOOP: True}),
+                              on_commit=self.on_emit) as uow:
             counts = await self.ledger.counts(params.run_id, uow.conn)
             failing, failing_count = await self.ledger.failing_steps(
                 params.run_id, FAILING_STEPS_LISTED, uow.conn)

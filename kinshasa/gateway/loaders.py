@@ -79,8 +79,8 @@ class Pacer:
     When a batch of 200 runs' commands arrives, its 200 waiting resolvers become ready at once, and
     asyncio runs every ready callback before it looks at the sockets again: completing 200 lists in one
     go (and, through the DataLoader's cache, those of every alias asking the same keys) held the loop for
-    up to ~100 ms in bench_isolation, and every other request's next step (a write's next statement to
-    SQLite's thread) waited that long. Resolvers call `pace` after a load. Within the open slice they go
+    up to ~100 ms in bench_isolation, and every other request's next step (a write's BEGIN on SQLite's
+    thread) waited that long. Resolvers call `pace` after a load. Within the open slice they go
     on; past it they queue, and are let go one at a time, each after the previous one's work, until the
     slice is spent; the next slice opens on the loop's next pass, after the sockets' callbacks. Shared by
     the gateway's requests, so all paced work together gets one slice per pass; nothing waiting costs

@@ -17,13 +17,13 @@ import contextlib
 import json
 import logging
 import signal
+import sys
 from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import uvicorn
-import uvloop
 from fastapi import FastAPI
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -111,13 +111,20 @@ T = TypeVar("T")
 # threads, and the loop's own work per wake-up was a fair share of a lone write. A lone gateway write, 400
 # one after another (CPU per write): 5.5 to 5.7 ms on asyncio with h11, 3.8 to 4.9 ms on these; spread 20 ms
 # apart, 8.1 to 8.2 against 6.7 to 7.2 ms. Named rather than left to uvicorn's "auto", so an install
-# without them fails at start instead of running slower.
-UVICORN_IMPLEMENTATION: dict[str, Any] = {"loop": "uvloop", "http": "httptools"}
+# without them fails at start instead of running slower. uvloop does not build on Windows, where the
+# package is still installed for its client and its MCP server: asyncio's own loop there.
+if sys.platform != "win32":
+    import uvloop
+
+    _LOOP, _new_loop = "uvloop", uvloop.new_event_loop
+else:
+    _LOOP, _new_loop = "asyncio", asyncio.new_event_loop
+UVICORN_IMPLEMENTATION: dict[str, Any] = {"loop": _LOOP, "http": "httptools"}
 
 
 def run_component(main: Coroutine[Any, Any, T]) -> T:
     """`asyncio.run` on uvloop: a component process's main coroutine, to its end."""
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+    with asyncio.Runner(loop_factory=_new_loop) as runner:
         return runner.run(main)
 
 

@@ -22,10 +22,10 @@ SUPPORTED = ("sqlite+aiosqlite", "postgresql+asyncpg")
 # Execution option for a connection that only reads: on SQLite its transactions begin DEFERRED, so they
 # never take (or wait for) the write lock; WAL gives them a consistent snapshot. Ignored on PostgreSQL.
 READ_ONLY = "kinshasa_read_only"
-# Execution option for a connection whose write transactions run long statements (housekeeping's chunks of
-# deletes): on SQLite each of their statements runs on the connection's thread, as a read's do, where a
-# write transaction's statements after its first otherwise run on the event loop's thread
-# (`kinshasa.kernel.sqlite_driver`). Ignored on PostgreSQL.
+# Execution option for a connection whose write transactions may run long statements (migrations, a revert's
+# closing counts, chunks of pruning): on SQLite each of their statements runs on the connection's thread, as
+# a read's do, where a write transaction's statements after its first otherwise run on the event loop's
+# thread (`kinshasa.kernel.sqlite_driver`). Ignored on PostgreSQL.
 OFF_LOOP = "kinshasa_off_loop"
 
 
@@ -77,7 +77,8 @@ def create_engine(url: str, **kwargs: Any) -> AsyncEngine:
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-        # One trip to the connection's thread per statement, not four (`kinshasa.kernel.sqlite_driver`).
+        # At most one trip to the connection's thread per statement, where aiosqlite makes four
+        # (`kinshasa.kernel.sqlite_driver`).
         kwargs.setdefault("module", sqlite_driver.dbapi())
         engine = create_async_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S}, **kwargs)
 

@@ -26,7 +26,7 @@ from sqlalchemy import inspect, text
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from kinshasa.kernel.database import READ_ONLY
+from kinshasa.kernel.database import OFF_LOOP, READ_ONLY
 
 VERSION_TABLE = "kinshasa_schema_version"
 SCRIPT_LOCATION = str(Path(__file__).resolve().parent)
@@ -168,7 +168,8 @@ async def upgrade(engine: AsyncEngine, branches: tuple[str, ...]) -> list[str]:
         states = await conn.run_sync(_states, branches)
     if all(state.up_to_date for state in states):
         return []
-    async with engine.begin() as conn:
+    # DDL (an index built over a full table) may run long: on SQLite, off the event loop's thread.
+    async with engine.execution_options(**{OFF_LOOP: True}).begin() as conn:
         await _locked(conn)
         # Checked again under the lock: a replica that waited finds the work done.
         applied: list[str] = await conn.run_sync(_upgrade_sync, branches)
@@ -215,7 +216,7 @@ async def upgrade_own(engine: AsyncEngine, location: str, version_table: str, ta
         current, heads = await conn.run_sync(_own_heads, location, version_table)
     if current == heads:
         return False
-    async with engine.begin() as conn:
+    async with engine.execution_options(**{OFF_LOOP: True}).begin() as conn:
         await _locked(conn)
         moved: bool = await conn.run_sync(_upgrade_own_sync, location, version_table, tables)
     return moved

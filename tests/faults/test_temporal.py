@@ -38,7 +38,9 @@ from tests.integration.coordinator.harness import (
 )
 
 # Short heartbeats: an activity whose completion Temporal never heard of is retried within seconds.
-CRASH_POLICY = FAST_POLICY.model_copy(update={"heartbeat_timeout_s": 4.0})
+# One compensate in flight per entity: what the services still apply after the kill is at most one per
+# entity, so the kill lands mid-revert however fast they are (with 16, the whole first pass was in flight).
+CRASH_POLICY = FAST_POLICY.model_copy(update={"heartbeat_timeout_s": 4.0, "entity_depth": 1})
 
 
 @pytest.fixture(scope="module")

@@ -95,6 +95,70 @@ async def test_a_read_or_an_off_loop_write_makes_one_trip_per_statement(
     assert trips[0] == 5
 
 
+async def test_a_connection_back_from_a_write_runs_a_read_on_its_thread(engine: AsyncEngine) -> None:
+    loop_thread = threading.get_ident()
+    async with engine.connect() as conn:
+        async with conn.begin():
+            await conn.execute(insert(items).values(id=1, name="one"))
+            assert await _thread_ids(conn, 1) == [loop_thread]
+        await conn.execution_options(**{READ_ONLY: True})
+        async with conn.begin():
+            assert loop_thread not in await _thread_ids(conn, 2)
+
+
+async def test_a_long_statement_sends_the_rest_of_its_transaction_to_the_thread(engine: AsyncEngine) -> None:
+    loop_thread = threading.get_ident()
+    async with engine.begin() as conn:
+        await conn.execute(insert(items).values(id=1, name="one"))
+        before = await _thread_ids(conn, 1)
+        await conn.execute(SLOW, {"upto": 300_000})  # well over ON_LOOP_SLICE_S, on the loop
+        after = await _thread_ids(conn, 2)
+    assert before == [loop_thread]
+    assert loop_thread not in after
+
+
+async def test_many_short_statements_on_the_loop_let_other_tasks_run_between_them(
+        engine: AsyncEngine) -> None:
+    turns = [0]
+    done = asyncio.Event()
+
+    async def other_task() -> None:
+        while not done.is_set():
+            turns[0] += 1
+            await asyncio.sleep(0)
+
+    task = asyncio.create_task(other_task())
+    try:
+        async with engine.begin() as conn:
+            await conn.execute(insert(items).values(id=0, name="first"))  # the trip that began it
+            threads = await _thread_ids(conn, 1)
+            turns_before = turns[0]
+            for i in range(1, 1001):
+                await conn.execute(insert(items).values(id=i, name=f"n{i}"))
+            turns_during = turns[0] - turns_before
+    finally:
+        done.set()
+        await task
+    assert threads == [threading.get_ident()]
+    # Each statement alone is far under the slice: without the yields the other task would not have run
+    # once between them.
+    assert turns_during >= 1, turns_during
+
+
+async def test_a_cancel_that_fell_due_on_the_loop_rolls_the_transaction_back(engine: AsyncEngine) -> None:
+    task = asyncio.current_task()
+    assert task is not None
+    with pytest.raises(asyncio.CancelledError):
+        async with engine.begin() as conn:
+            await conn.execute(insert(items).values(id=1, name="one"))
+            await conn.execute(insert(items).values(id=2, name="two"))  # on the loop
+            # A cancel falls due (a timeout's, say) with no await before the commit to deliver it.
+            task.cancel()
+    task.uncancel()
+    async with engine.connect() as conn:
+        assert (await conn.execute(select(items.c.id))).scalars().all() == []
+
+
 async def test_a_transaction_begins_on_its_first_statements_trip_and_the_pool_reset_makes_none(
         engine: AsyncEngine, trips: list[int]) -> None:
     async with engine.connect() as conn:  # the pool's connection is open: what follows is the transaction

@@ -21,9 +21,9 @@ def test_a_components_main_coroutine_runs_on_uvloop() -> None:
     assert issubclass(run_component(main()), uvloop.Loop)
 
 
-def test_the_gateway_and_the_components_http_servers_parse_with_httptools() -> None:
+def test_the_gateway_and_the_components_http_servers_run_on_uvloop_and_parse_with_httptools() -> None:
     app = FastAPI()
     for config in (uvicorn.Config(app, **UVICORN_LOGGING), http_server(app, "127.0.0.1", 0).config):
         config.load()
         assert config.http_protocol_class is HttpToolsProtocol
-        assert config.loop == "uvloop"
+        assert config.get_loop_factory() is uvloop.new_event_loop

@@ -27,7 +27,9 @@ from tests.integration.coordinator.harness import (
 )
 
 # Short heartbeats: a killed worker's activity is retried on the restarted one within seconds.
-KILL_POLICY = FAST_POLICY.model_copy(update={"heartbeat_timeout_s": 4.0})
+# One compensate in flight per entity: what the services still apply after the kill is at most one per
+# entity, so the kill lands mid-revert however fast they are (with 16, the whole first pass was in flight).
+KILL_POLICY = FAST_POLICY.model_copy(update={"heartbeat_timeout_s": 4.0, "entity_depth": 1})
 
 
 async def test_a_worker_killed_mid_revert_finishes_after_restart_and_applies_nothing_twice(
