@@ -214,6 +214,10 @@ class _Deliveries:
             self.done.set_result(None)
 
 
+# What confluent-kafka's Producer raises from every call once its client is closed.
+_CLOSED_HANDLE = "Producer has been closed"
+
+
 def _close_handles(producers: list[Producer]) -> None:
     for producer in producers:
         producer.close()
@@ -279,9 +283,15 @@ class AsyncProducer:
                     old.poll(0)
                     if len(old) == 0:
                         self._retired.remove(old)
-            except Exception:
+            except Exception as exc:
+                if isinstance(exc, RuntimeError) and str(exc) == _CLOSED_HANDLE:
+                    # Its librdkafka handle was closed under it (a test session's end closing what leaked):
+                    # no report can come any more, and polling it again would fail again at once.
+                    log.error("kafka producer: its client was closed before the producer; polling stops")
+                    return
                 # Dying here would leave every later send waiting forever for its delivery report.
                 log.exception("kafka producer: delivery report handling failed; polling goes on")
+                self._stop.wait(self._poll_interval)  # not a busy loop if it fails every time
 
     # --- event loop side ----------------------------------------------------------------------------
 
