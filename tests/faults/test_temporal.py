@@ -26,7 +26,7 @@ from kinshasa.infra.temporal import TemporalServer
 from kinshasa.schemas.envelope import RunEventKind
 from kinshasa.schemas.run_status import RunStatus
 from tests.integration.coordinator.harness import (
-    FAST_POLICY,
+    KILL_POLICY,
     ServiceFleet,
     Stack,
     Workload,
@@ -36,11 +36,6 @@ from tests.integration.coordinator.harness import (
     service_fleet,
     wait_for,
 )
-
-# Short heartbeats: an activity whose completion Temporal never heard of is retried within seconds.
-# One compensate in flight per entity: what the services still apply after the kill is at most one per
-# entity, so the kill lands mid-revert however fast they are (with 16, the whole first pass was in flight).
-CRASH_POLICY = FAST_POLICY.model_copy(update={"heartbeat_timeout_s": 4.0, "entity_depth": 1})
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +131,7 @@ async def test_a_revert_requested_while_temporal_is_down_ends_reverted_once_it_i
 async def test_temporal_killed_mid_revert_ends_reverted_with_each_compensation_applied_once_and_replays(
         fleet: ServiceFleet, own_temporal: TemporalServer, tmp_path: Path, unique: str) -> None:
     async with coordinator_stack(fleet, own_temporal.address, tmp_path, unique,
-                                 policy=CRASH_POLICY) as stack:
+                                 policy=KILL_POLICY) as stack:
         work = Workload(random.Random(34))
         setup_run, run_id = f"setup-{unique}", f"run-{uuid.uuid4()}"
         world = work.world(setup_run, "setup-agent", docs=40, accounts=10, links=10)

@@ -58,6 +58,11 @@ REMOVED: dict[str, Callable[[Any], bool]] = {
 # Tests keep the attempt budget short so a failing revert fails in seconds, not minutes.
 FAST_POLICY = RevertPolicy(attempts=3, backoff_s=0.5, max_backoff_s=2.0, straggler_timeout_s=8.0,
                            forward_wait_s=60.0)
+# Tests that kill a revert's worker (or Temporal) mid-revert. Short heartbeats: an activity whose
+# completion Temporal never heard of is retried within seconds. One compensate in flight per entity:
+# what the services still apply after the kill is at most one per entity, so the kill lands
+# mid-revert however fast they are (with 16, the whole first pass was in flight).
+KILL_POLICY = FAST_POLICY.model_copy(update={"heartbeat_timeout_s": 4.0, "entity_depth": 1})
 
 
 def agent(agent_id: str) -> Actor:

@@ -15,6 +15,7 @@ from kinshasa.schemas.envelope import deterministic_id
 from kinshasa.schemas.run_status import RunStatus
 from tests.integration.coordinator.harness import (
     FAST_POLICY,
+    KILL_POLICY,
     ServiceFleet,
     WorkerProcess,
     Workload,
@@ -25,11 +26,6 @@ from tests.integration.coordinator.harness import (
     record_history,
     wait_for,
 )
-
-# Short heartbeats: a killed worker's activity is retried on the restarted one within seconds.
-# One compensate in flight per entity: what the services still apply after the kill is at most one per
-# entity, so the kill lands mid-revert however fast they are (with 16, the whole first pass was in flight).
-KILL_POLICY = FAST_POLICY.model_copy(update={"heartbeat_timeout_s": 4.0, "entity_depth": 1})
 
 
 async def test_a_worker_killed_mid_revert_finishes_after_restart_and_applies_nothing_twice(
