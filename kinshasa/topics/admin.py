@@ -16,6 +16,7 @@ from confluent_kafka import KafkaError, KafkaException, TopicCollection
 from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic, ResourceType
 
 from kinshasa.topics.catalogue import TopicSpec
+from kinshasa.topics.discovery import client_config
 
 
 class TopicAdminError(RuntimeError):
@@ -82,7 +83,7 @@ def compare(spec: TopicSpec, state: TopicState, replication_factor: int | None =
 
 
 def _admin(bootstrap: str) -> AdminClient:
-    return AdminClient({"bootstrap.servers": bootstrap})
+    return AdminClient(client_config(bootstrap))
 
 
 def _unreachable(bootstrap: str, what: str, exc: BaseException) -> TopicAdminError:

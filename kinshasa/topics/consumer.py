@@ -43,6 +43,8 @@ from confluent_kafka import (
     TopicPartition,
 )
 
+from kinshasa.topics.discovery import client_config
+
 if TYPE_CHECKING:
     from kinshasa.schemas.envelope import Envelope
 
@@ -128,7 +130,7 @@ def consumer_config(
             "a message before its handler committed; drop it from extra_config"
         )
     return {
-        "bootstrap.servers": bootstrap,
+        **client_config(bootstrap),
         "group.id": group_id,
         "auto.offset.reset": "earliest",
         # Auto-commit commits only what we stored, i.e. handled messages; a short interval keeps the

@@ -21,6 +21,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaExcepti
 
 from kinshasa.schemas.declaration import ServiceDeclaration
 from kinshasa.topics.catalogue import CATALOGUE
+from kinshasa.topics.discovery import client_config
 from kinshasa.topics.producer import AsyncProducer
 
 log = logging.getLogger(__name__)
@@ -54,7 +55,7 @@ async def publish_declaration(producer: AsyncProducer, declaration: ServiceDecla
 
 def _consumer(bootstrap: str) -> Consumer:
     return Consumer({
-        "bootstrap.servers": bootstrap,
+        **client_config(bootstrap),
         # A group id is required by the client even though nothing joins or commits.
         "group.id": f"kinshasa.catalogue-reader.{uuid.uuid4().hex}",
         "enable.auto.commit": False,

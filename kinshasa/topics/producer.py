@@ -28,6 +28,8 @@ from uuid import UUID
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
+from kinshasa.topics.discovery import client_config
+
 log = logging.getLogger(__name__)
 
 Headers = Mapping[str, str | bytes] | Sequence[tuple[str, str | bytes]] | None
@@ -123,7 +125,7 @@ def producer_config(
                 "from extra_config"
             )
     return {
-        "bootstrap.servers": bootstrap,
+        **client_config(bootstrap),
         "client.id": client_id,
         # No linger: a relay hands librdkafka a claim's rows together, and what queues while a request is in
         # flight goes out together in the next, so batching under load needs no wait. A 5 ms linger was
