@@ -19,15 +19,6 @@ from confluent_kafka.admin import AdminClient
 from kinshasa.infra.maven import fetch_jars
 from kinshasa.infra.process import InfraError, ManagedProcess, free_port, port_open, wait_until
 
-# A lone node's broker lease, against KRaft's 9 s. Its controller fences a broker whose heartbeats
-# lapsed, as they do while the process is stopped (a SIGSTOP, a laptop asleep): once awake, it answers
-# metadata listing no broker until it unfences itself. With one node there is no other broker to lead
-# its partitions, so fencing it buys nothing, and librdkafka (2.16) drops the only broker it knew on
-# that answer: a consumer-group member then stayed without a coordinator until restarted
-# (`tests/faults/test_broker_pause.py` failed 2 runs in 5 that way). The quorum mode keeps the default,
-# so a killed node's partitions still move within seconds.
-SINGLE_NODE_BROKER_SESSION_MS = "600000"
-
 _LOG4J2 = """<Configuration status="WARN">
   <Appenders>
     <Console name="STDOUT"><PatternLayout pattern="[%d] %p %m (%c)%n"/></Console>
@@ -167,8 +158,6 @@ class KafkaBroker:
             "group.initial.rebalance.delay.ms": "0",
             "auto.create.topics.enable": "false",
         }
-        if self.quorum is None:
-            props["broker.session.timeout.ms"] = SINGLE_NODE_BROKER_SESSION_MS
         return props | dict(self.overrides)
 
     def _write_config(self) -> None:

@@ -9,8 +9,8 @@ from typing import Any
 # heartbeats lapsed during a pause) answers metadata listing no broker, and librdkafka then drops the
 # broker it had learned, its bootstrap entries long gone: the client knows no broker at all. In the
 # run that showed it with this setting, most clients went back to their bootstrap servers at once or
-# within 10 s, but one consumer-group member never did (see SINGLE_NODE_BROKER_SESSION_MS in
-# kinshasa.infra.kafka).
+# within 10 s, but one consumer-group member never did ("Kafka with a single broker" in
+# docs/operations.md).
 REBOOTSTRAP_AFTER_MS = 10_000
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -13,10 +13,11 @@ from kinshasa.testing import PluginSettings
 
 
 @contextmanager
-def own_broker(root: Path) -> Iterator[KafkaBroker]:
+def own_broker(root: Path, overrides: Mapping[str, str] | None = None) -> Iterator[KafkaBroker]:
     infra = InfraSettings()
     broker = KafkaBroker(root=root, port=free_port(), controller_port=free_port(),
-                         libs=kafka_libs(PluginSettings().cache_dir, infra.kafka_version, infra.kafka_home))
+                         libs=kafka_libs(PluginSettings().cache_dir, infra.kafka_version, infra.kafka_home),
+                         overrides=dict(overrides or {}))
     broker.start(attached=True)
     try:
         yield broker

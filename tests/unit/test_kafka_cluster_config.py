@@ -66,14 +66,6 @@ def test_a_single_broker_keeps_its_standalone_quorum_and_replication_factor_one(
     assert broker.process.name == "kafka"
 
 
-def test_only_a_single_broker_holds_its_lease_through_a_pause(tmp_path: Path) -> None:
-    # A lone node fenced on waking answers metadata listing no broker (see SINGLE_NODE_BROKER_SESSION_MS);
-    # the nodes of a quorum keep KRaft's 9 s, so a killed one's partitions move within seconds.
-    lone = KafkaBroker(root=tmp_path, libs=tmp_path).config()
-    assert int(lone["broker.session.timeout.ms"]) >= 60_000
-    assert all("broker.session.timeout.ms" not in node.config() for node in _cluster(tmp_path / "c").nodes)
-
-
 def test_the_recorded_layout_wins_over_ports_given_later(tmp_path: Path) -> None:
     first = _cluster(tmp_path)
     again = _cluster(tmp_path, ports=[(1, 2), (3, 4), (5, 6)])
