@@ -26,6 +26,7 @@ from kinshasa.conformance.errors import CheckFailed, SetupError
 from kinshasa.conformance.subject import ServiceUnderTest
 from kinshasa.schemas.envelope import Envelope, InvalidMessage, parse_envelope
 from kinshasa.topics.catalogue import commands_topic, events_topic
+from kinshasa.topics.discovery import client_config
 from kinshasa.topics.producer import AsyncProducer, envelope_message
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,7 @@ _HTTP_TIMEOUT_S = 10.0
 
 def _throwaway_config(bootstrap: str) -> dict[str, Any]:
     # A group id librdkafka insists on; with assign() and no commits the group is never joined.
-    return {"bootstrap.servers": bootstrap, "group.id": f"kinshasa.conformance.{uuid.uuid4().hex}",
+    return {**client_config(bootstrap), "group.id": f"kinshasa.conformance.{uuid.uuid4().hex}",
             "enable.auto.commit": False, "auto.offset.reset": "earliest",
             # Critical lines only: an unreachable broker becomes one SetupError saying what to do,
             # which librdkafka's line per reconnect attempt (20 a second) would bury.

@@ -17,10 +17,17 @@ from tests.faults.brokers import own_broker
 
 
 @pytest.fixture
-def broker(tmp_path: Path) -> Iterator[KafkaBroker]:
+def broker_overrides() -> dict[str, str]:
+    """server.properties settings the `broker` fixture's broker takes on top of its own; a module that
+    needs some overrides this fixture."""
+    return {}
+
+
+@pytest.fixture
+def broker(tmp_path: Path, broker_overrides: dict[str, str]) -> Iterator[KafkaBroker]:
     """A broker of this test's own: it is killed or paused, so it cannot be the session's. It holds the
     default catalogue's topics, as `kinshasa topics ensure` leaves them, so components on it start."""
-    with own_broker(tmp_path / "kafka") as own:
+    with own_broker(tmp_path / "kafka", broker_overrides) as own:
         ensure_topics(own.bootstrap, catalogue())
         yield own
 
