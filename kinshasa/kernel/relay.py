@@ -71,7 +71,10 @@ operator requeues the dead one (`dlq_reprocess`, `requeue_dead`), which makes it
 other keys flow meanwhile. An unavailable broker never makes a row dead, so an outage only delays.
 
 What is not guaranteed: a broker that loses one message of a partition but acknowledges the next one
-would break the order; that is logged as a warning.
+would break the order; that is logged as a warning. So does a row the broker refuses as too large for
+its topic while a later row of its key went out in another request: the producer's linger makes the rows
+of one claim share requests, and the isolation below then sees the whole request fail, but a linger is a
+likelihood, not a promise.
 """
 
 from __future__ import annotations
@@ -130,7 +133,7 @@ def _is_size_error(error: str) -> bool:
 
 # Rows per claim, by database. Each batch waits for every acknowledgement before its rows are marked, and a
 # wait costs the broker's acks=all round trip whatever the batch holds (and, when these figures were taken,
-# the producer's 5 ms linger, since dropped):
+# the producer's 5 ms linger):
 # `bench_relay` (20,000 messages) measured SQLite at 0.2 of a bare producer's rate with 500 rows a claim
 # and 0.3 with 2,000. PostgreSQL stays at 500: its claim holds an advisory lock per key until commit, two
 # batches in flight per relay, and the server's lock table is shared by every relay on it (by default

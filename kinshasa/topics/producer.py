@@ -127,11 +127,13 @@ def producer_config(
     return {
         **client_config(bootstrap),
         "client.id": client_id,
-        # No linger: a relay hands librdkafka a claim's rows together, and what queues while a request is in
-        # flight goes out together in the next, so batching under load needs no wait. A 5 ms linger was
-        # paid by every lone write at each hop: `bench_latency` at 50/s measured broker -> service p50
-        # 9.2 ms with it and 3.0 ms without, while `bench_relay` moved within its run-to-run spread.
-        "linger.ms": 0,
+        # A 5 ms linger, so the rows a relay hands librdkafka together share a request. Without it (tried in
+        # 818c8de, for 3 ms instead of 9 ms broker -> service p50 at 50/s) a lone first row went out in a
+        # request of its own: when the broker refused it as too large, the key's next row, in the next
+        # request, was acknowledged, and consumers saw that key out of order
+        # (`tests/integration/test_relay.py`'s too-large test failed on SQLite and PostgreSQL in one CI run).
+        # The linger makes that unlikely, not impossible: see the relay's "What is not guaranteed".
+        "linger.ms": 5,
         "compression.type": "lz4",
         **extra,
         **_PINNED,
