@@ -7,10 +7,10 @@ from typing import Any
 # librdkafka already goes back to its bootstrap servers as soon as it has no broker left (its default
 # `metadata.recovery.strategy=rebootstrap`). This shortens its other trigger, metadata requests left
 # unanswered (a broker paused, a network cut), from 5 minutes to 10 s. In the debug run of
-# `tests/faults/test_broker_pause.py` that showed it, the gateway's listener rebootstrapped this way 10 s
-# into the pause. It does not cure a consumer-group member stranded by a fenced lone broker ("Kafka with a
-# single broker" in docs/operations.md). librdkafka does not start this timer for an admin client's
-# requests.
+# `tests/faults/test_broker_pause.py` that showed it, the gateway's listener rebootstrapped this way during
+# the pause, about 10 s after its metadata requests stopped being answered. It does not cure a
+# consumer-group member stranded by a fenced lone broker ("Kafka with a single broker" in
+# docs/operations.md). librdkafka does not start this timer for an admin client's requests.
 REBOOTSTRAP_AFTER_MS = 10_000
 
 
