@@ -27,6 +27,11 @@ _LOG4J2 = """<Configuration status="WARN">
     <Logger name="kafka" level="WARN"/>
     <Logger name="org.apache.kafka" level="WARN"/>
     <Logger name="kafka.server.KafkaRaftServer" level="INFO"/>
+    <!-- A node's registration and fencing, a few lines a start, so one that cannot register says why. -->
+    <Logger name="kafka.server.BrokerLifecycleManager" level="INFO"/>
+    <Logger name="org.apache.kafka.controller.QuorumController" level="INFO"/>
+    <Logger name="org.apache.kafka.controller.ClusterControlManager" level="INFO"/>
+    <Logger name="org.apache.kafka.controller.BrokerHeartbeatManager" level="INFO"/>
     <Root level="INFO"><AppenderRef ref="STDOUT"/></Root>
   </Loggers>
 </Configuration>
@@ -86,6 +91,11 @@ class Quorum:
     def initial_controllers(self) -> str:
         """StorageTool's `--initial-controllers` value: the same on every node (id@host:port:directory)."""
         return ",".join(f"{v.node_id}@127.0.0.1:{v.controller_port}:{v.directory_id}" for v in self.voters)
+
+
+# What a node logs as it exits because it could not register with its controller in time.
+GAVE_UP_REGISTERING = "unable to register with the controller quorum"
+START_ATTEMPTS = 3
 
 
 @dataclass
@@ -210,8 +220,35 @@ class KafkaBroker:
         return process
 
     def start(self, attached: bool, timeout: float = 90.0) -> float:
-        process = self.launch(attached)
-        return wait_until(self.ready, process, timeout, f"Kafka broker on {self.bootstrap}")
+        """Launch the node and wait until it answers; the seconds it took.
+
+        A node that cannot register with its controller within Kafka's initial registration timeout
+        (60 s) exits. Restarted after a crash, a lone node must first wait for its controller to expire
+        the previous incarnation's session (`broker.session.timeout.ms`, 9 s), and it usually registers
+        about then; once, in a full CI run, a restarted node gave up instead. It is launched again, as a
+        supervisor would, up to `START_ATTEMPTS` launches in all. Any other exit fails at once.
+        """
+        started = time.monotonic()
+        for attempt in range(1, START_ATTEMPTS + 1):
+            log_from = self._log_size()
+            process = self.launch(attached)
+            try:
+                wait_until(self.ready, process, timeout, f"Kafka broker on {self.bootstrap}")
+                return time.monotonic() - started
+            except InfraError:
+                if attempt == START_ATTEMPTS or process.alive() or not self._gave_up_registering(log_from):
+                    raise
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
+    def _log_size(self) -> int:
+        log = self.process.log_path
+        return log.stat().st_size if log.exists() else 0
+
+    def _gave_up_registering(self, log_from: int) -> bool:
+        """Whether the launch whose log begins at byte `log_from` exited for want of a registration."""
+        with open(self.process.log_path, "rb") as log:
+            log.seek(log_from)
+            return GAVE_UP_REGISTERING in log.read().decode(errors="replace")
 
     def kill(self) -> None:
         """SIGKILL the node (no clean shutdown, as a crash or power loss) and wait until it is gone."""
