@@ -70,11 +70,14 @@ sees dead rows as never due): per-key order is never broken silently. The key's 
 operator requeues the dead one (`dlq_reprocess`, `requeue_dead`), which makes it the key's head again;
 other keys flow meanwhile. An unavailable broker never makes a row dead, so an outage only delays.
 
+A row the broker refuses for a reason of its own (too large for its topic) fails every row after it in
+its partition that the producer had sent, whether they shared its request or followed in later ones: the
+producer keeps librdkafka's gapless guarantee and is rebuilt after it (`kinshasa.topics.producer`). The
+rows that shared its request are sent again one by one (`_isolate`), so only the refused row pays an
+attempt of its own; the rows of later requests failed as the broker's fault and go out after backoff.
+
 What is not guaranteed: a broker that loses one message of a partition but acknowledges the next one
-would break the order; that is logged as a warning. So does a row the broker refuses as too large for
-its topic while a later row of its key went out in another request: the producer's linger makes the rows
-of one claim share requests, and the isolation below then sees the whole request fail, but a linger is a
-likelihood, not a promise.
+would break the order; that is logged as a warning.
 """
 
 from __future__ import annotations

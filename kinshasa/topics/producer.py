@@ -32,11 +32,29 @@ from kinshasa.topics.discovery import client_config
 
 log = logging.getLogger(__name__)
 
+
+class _NotTheGaplessNotice(logging.Filter):
+    """Drops librdkafka's notice, at each producer's start, that `enable.gapless.guarantee` is experimental:
+    Kinshasa sets it on purpose (see `_PINNED`), and a warning per component start would be noise."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "enable.gapless.guarantee is experimental" not in record.getMessage()
+
+
+# librdkafka's own log lines of every producer (connection failures, retries), through Python's logging.
+librdkafka_log = logging.getLogger("kinshasa.topics.librdkafka")
+librdkafka_log.addFilter(_NotTheGaplessNotice())
+
 Headers = Mapping[str, str | bytes] | Sequence[tuple[str, str | bytes]] | None
 
-# Keys the caller may not override: the outbox's exactly-once story rests on them.
-_PINNED = {"enable.idempotence": True, "acks": "all"}
-_ACCEPTED = {"enable.idempotence": {"true"}, "acks": {"all", "-1"}}
+# Keys the caller may not override: the outbox's exactly-once story rests on the first two, its per-key
+# order on the third. Without `enable.gapless.guarantee`, a message the broker refuses for a reason of its
+# own (too large for its topic) leaves a gap that librdkafka closes by renumbering the partition's later
+# messages, so a later message of its key can be acknowledged without it. With it, librdkafka raises a
+# fatal error instead: nothing after the refused message in its partition is acknowledged by that
+# producer, and the producer is rebuilt before the next send (see "Fatal errors" above).
+_PINNED = {"enable.idempotence": True, "acks": "all", "enable.gapless.guarantee": True}
+_ACCEPTED = {"enable.idempotence": {"true"}, "acks": {"all", "-1"}, "enable.gapless.guarantee": {"true"}}
 
 
 class EnvelopeLike(Protocol):
@@ -127,14 +145,13 @@ def producer_config(
     return {
         **client_config(bootstrap),
         "client.id": client_id,
-        # A 5 ms linger, so the rows a relay hands librdkafka together share a request. Without it (tried in
-        # 818c8de, for 3 ms instead of 9 ms broker -> service p50 at 50/s) a lone first row went out in a
-        # request of its own: when the broker refused it as too large, the key's next row, in the next
-        # request, was acknowledged, and consumers saw that key out of order
-        # (`tests/integration/test_relay.py`'s too-large test failed on SQLite and PostgreSQL in one CI run).
-        # The linger makes that unlikely, not impossible: see the relay's "What is not guaranteed".
-        "linger.ms": 5,
+        # No linger: a lone write goes out at once, and under load what queues while a request is in flight
+        # goes out in the next one, so batching needs no wait. (A 5 ms linger cost each Kafka hop of a lone
+        # write about 6 ms at p50 in `bench_latency` at 50/s.) Per-key order does not rest on rows sharing a
+        # request: see `enable.gapless.guarantee` above.
+        "linger.ms": 0,
         "compression.type": "lz4",
+        "logger": librdkafka_log,
         **extra,
         **_PINNED,
     }
@@ -287,6 +304,7 @@ class AsyncProducer:
                     old.poll(0)
                     if len(old) == 0:
                         self._retired.remove(old)
+                        old.close()  # or its librdkafka handle lives on, connected, until collected
             except Exception as exc:
                 if isinstance(exc, RuntimeError) and str(exc) == _CLOSED_HANDLE:
                     # Its librdkafka handle was closed under it (a test session's end closing what leaked):

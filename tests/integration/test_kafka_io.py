@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -331,6 +332,25 @@ async def test_batch_failures_name_the_items(kafka: KafkaBroker, topic: str, uni
         assert refused.value.delivered[0] is not None
     finally:
         await p.close()
+
+
+async def test_no_message_is_acknowledged_after_an_earlier_one_of_its_partition_was_refused(
+        kafka: KafkaBroker, unique: str, producer: AsyncProducer) -> None:
+    """The broker refuses a message too large for its topic. A message produced right after it, for the
+    same partition, goes out in the same request or (the producer does not linger) in the next one: it
+    must fail either way, or its key would be seen out of order."""
+    name = f"test.io.small.{unique}"
+    ensure_topics(kafka.bootstrap, [TopicSpec(name, 1, configs={"max.message.bytes": "4096"})])
+    for turn in range(10):  # separate requests are a matter of timing: give them ten chances
+        key = f"K{turn}".encode()
+        large, behind = await asyncio.gather(
+            producer.send_batch([Outgoing(name, key, os.urandom(20_000))]),  # lz4 cannot shrink it
+            producer.send_batch([Outgoing(name, key, b"behind")]), return_exceptions=True)
+        assert isinstance(large, PublishError) and "TOO_LARGE" in large.failures[0].error
+        assert isinstance(behind, PublishError), f"turn {turn}: acknowledged after the refused message"
+    # The broker appended none of them: a marker sent now is the partition's first message.
+    marker = await producer.send(name, b"marker", b"marker")
+    assert marker.offset == 0
 
 
 async def test_fatal_error_rebuilds_the_producer(kafka: KafkaBroker, topic: str, unique: str) -> None:

@@ -17,5 +17,6 @@ async def test_a_client_closed_under_the_producer_ends_its_polling(caplog: pytes
     with caplog.at_level(logging.ERROR, logger="kinshasa.topics.producer"):
         await asyncio.to_thread(producer._thread.join, 10)
     assert not producer._thread.is_alive()
-    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == [
+    assert [r.getMessage() for r in caplog.records
+            if r.levelno >= logging.ERROR and r.name == "kinshasa.topics.producer"] == [
         "kafka producer: its client was closed before the producer; polling stops"]

@@ -27,14 +27,14 @@ def test_producer_is_idempotent_with_acks_all() -> None:
     assert config["bootstrap.servers"] == "127.0.0.1:9092"
 
 
-def test_the_rows_a_relay_hands_over_together_wait_for_each_other() -> None:
-    # Without a linger a lone first row went out alone, and a later row of its key could be acknowledged
-    # after the broker refused it (see producer_config).
-    assert producer_config("127.0.0.1:9092", "relay")["linger.ms"] == 5
+def test_a_lone_write_does_not_wait_and_a_refused_message_stops_its_partition() -> None:
+    config = producer_config("127.0.0.1:9092", "relay")
+    assert config["linger.ms"] == 0
+    assert config["enable.gapless.guarantee"] is True
 
 
 @pytest.mark.parametrize("weakening", [{"enable.idempotence": False}, {"enable.idempotence": "false"},
-                                       {"acks": "1"}, {"acks": 0}])
+                                       {"acks": "1"}, {"acks": 0}, {"enable.gapless.guarantee": False}])
 def test_producer_refuses_weaker_delivery_settings(weakening: dict[str, object]) -> None:
     with pytest.raises(ValueError, match="refused"):
         producer_config("b:9092", "relay", weakening)
