@@ -27,7 +27,7 @@ _LOG4J2 = """<Configuration status="WARN">
     <Logger name="kafka" level="WARN"/>
     <Logger name="org.apache.kafka" level="WARN"/>
     <Logger name="kafka.server.KafkaRaftServer" level="INFO"/>
-    <!-- A node's registration and fencing, a few lines a start, so one that cannot register says why. -->
+    <!-- A node's registration, a few lines a start, so one that cannot register says why. -->
     <Logger name="kafka.server.BrokerLifecycleManager" level="INFO"/>
     <Logger name="org.apache.kafka.controller.QuorumController" level="INFO"/>
     <Logger name="org.apache.kafka.controller.ClusterControlManager" level="INFO"/>
@@ -225,8 +225,11 @@ class KafkaBroker:
         A node that cannot register with its controller within Kafka's initial registration timeout
         (60 s) exits. Restarted after a crash, a lone node must first wait for its controller to expire
         the previous incarnation's session (`broker.session.timeout.ms`, 9 s), and it usually registers
-        about then; once, in a full CI run, a restarted node gave up instead. It is launched again, as a
-        supervisor would, up to `START_ATTEMPTS` launches in all. Any other exit fails at once.
+        about then; once, in a full CI run, a restarted node gave up instead, for a reason not known.
+        It is launched again, as a supervisor would, up to `START_ATTEMPTS` launches in all (which needs
+        `timeout` above the 60 s). Any other exit fails at once. A cluster's first start
+        (`KafkaCluster.start`) launches its nodes together and does not retry; `KafkaCluster.restart`
+        comes here.
         """
         started = time.monotonic()
         for attempt in range(1, START_ATTEMPTS + 1):

@@ -74,10 +74,13 @@ A row the broker refuses for a reason of its own (too large for its topic) fails
 its partition that the producer had sent, whether they shared its request or followed in later ones: the
 producer keeps librdkafka's gapless guarantee and is rebuilt after it (`kinshasa.topics.producer`). The
 rows that shared its request are sent again one by one (`_isolate`), so only the refused row pays an
-attempt of its own; the rows of later requests failed as the broker's fault and go out after backoff.
+attempt of its own; the rows the producer still held, of any topic, are purged unsent, pay no attempt
+and go out with the next claim.
 
 What is not guaranteed: a broker that loses one message of a partition but acknowledges the next one
-would break the order; that is logged as a warning.
+would break the order; that is logged as a warning. Nor does the gapless guarantee cover a message that
+fails by timing out (`message.timeout.ms`, librdkafka's 5 minutes by default) while a later one of its
+partition is acknowledged.
 """
 
 from __future__ import annotations
@@ -146,6 +149,10 @@ RELAY_BATCH = {"sqlite": 2000, "postgresql": 500}
 
 # How AsyncProducer.send_batch marks items it never produced because an earlier item could not be queued.
 NOT_SENT_PREFIX = "not sent"
+# librdkafka's error for a message purged from its queue before it was sent: a fatal error purges what a
+# producer holds (the one a refused message raises, see `kinshasa.topics.producer`), so these rows pay no
+# attempt for another row's failure.
+_NEVER_SENT = frozenset({"_PURGE_QUEUE"})
 
 
 class BatchPublisher(Protocol):
@@ -215,7 +222,8 @@ def publish_outcomes(count: int, error: BaseException | None) -> list[PublishOut
                 else PublishOutcome(delivered=False, error="no delivery report") for i in range(count)]
     for failure in error.failures:
         if 0 <= failure.index < count:
-            attempted = not failure.error.startswith(NOT_SENT_PREFIX)
+            attempted = not (failure.error.startswith(NOT_SENT_PREFIX)
+                             or kafka_error_name(failure.error) in _NEVER_SENT)
             outcomes[failure.index] = PublishOutcome(delivered=False, attempted=attempted,
                                                      error=failure.error)
     return outcomes

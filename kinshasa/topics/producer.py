@@ -13,7 +13,13 @@ around the fatal error:
 * a send whose message was already queued or in flight fails with `PublishError`: the broker may or
   may not hold it, so the caller (the outbox relay, which keeps the row unpublished) retries, and the
   consumer's inbox absorbs a duplicate. The producer never retries those itself, because replaying them
-  here could reorder them behind later sends for the same key.
+  here could reorder them behind later sends for the same key. What the failed instance still holds
+  unsent is purged at once (`_PURGE_QUEUE`), not left to time out.
+
+A message the broker refuses for a reason of its own (too large for its topic) is such a fatal error,
+because the producer keeps librdkafka's gapless guarantee (see `_PINNED`). So it costs more than its own
+send: every message of the process's producer still queued then, of any topic, fails unsent and must be
+sent again, and the producer is rebuilt.
 """
 
 from __future__ import annotations
@@ -33,17 +39,19 @@ from kinshasa.topics.discovery import client_config
 log = logging.getLogger(__name__)
 
 
-class _NotTheGaplessNotice(logging.Filter):
-    """Drops librdkafka's notice, at each producer's start, that `enable.gapless.guarantee` is experimental:
-    Kinshasa sets it on purpose (see `_PINNED`), and a warning per component start would be noise."""
+class _SaidElsewhere(logging.Filter):
+    """Drops two of librdkafka's lines: its notice, at each producer's start, that
+    `enable.gapless.guarantee` is experimental (Kinshasa sets it on purpose, see `_PINNED`), and its
+    line for a fatal error, which the error callback reports once with what happens next."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return "enable.gapless.guarantee is experimental" not in record.getMessage()
+        message = record.getMessage()
+        return not (message.startswith("FATAL ") or "enable.gapless.guarantee is experimental" in message)
 
 
 # librdkafka's own log lines of every producer (connection failures, retries), through Python's logging.
 librdkafka_log = logging.getLogger("kinshasa.topics.librdkafka")
-librdkafka_log.addFilter(_NotTheGaplessNotice())
+librdkafka_log.addFilter(_SaidElsewhere())
 
 Headers = Mapping[str, str | bytes] | Sequence[tuple[str, str | bytes]] | None
 
@@ -139,8 +147,8 @@ def producer_config(
         if key in extra and str(extra[key]).lower() not in _ACCEPTED[key]:
             raise ValueError(
                 f"producer setting {key}={extra[key]!r} is refused: Kinshasa publishes only with "
-                f"{key}={required} so a retried publish cannot duplicate or lose a message; drop it "
-                "from extra_config"
+                f"{key}={required} so that a retried publish cannot duplicate or lose a message, nor a "
+                "refused one be overtaken by a later one of its key; drop it from extra_config"
             )
     return {
         **client_config(bootstrap),
@@ -261,8 +269,10 @@ class AsyncProducer:
         self._queue_full_timeout = queue_full_timeout
         self._fatal: KafkaError | None = None
         self._fatal_lock = threading.Lock()
-        # Producers replaced after a fatal error, still polled until their in-flight reports arrive.
+        # Producers replaced after a fatal error, still polled until their in-flight reports arrive, then
+        # closed by the poll thread; the lock keeps flush and close off a handle it is closing.
         self._retired: list[Producer] = []
+        self._retired_lock = threading.Lock()
         self._pending: set[_Deliveries] = set()
         self._closed = False
         self.rebuilds = 0
@@ -299,12 +309,15 @@ class AsyncProducer:
     def _poll_loop(self) -> None:
         while not self._stop.is_set():
             try:
-                self._producer.poll(self._poll_interval)
-                for old in list(self._retired):
-                    old.poll(0)
-                    if len(old) == 0:
-                        self._retired.remove(old)
-                        old.close()  # or its librdkafka handle lives on, connected, until collected
+                try:
+                    self._producer.poll(self._poll_interval)
+                except KafkaException as exc:
+                    # confluent-kafka raises a fatal error from poll too (the gapless guarantee's, for one).
+                    error = exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else None
+                    if error is None or not should_rebuild(error):
+                        raise
+                    self._note_fatal(error)
+                self._serve_retired()
             except Exception as exc:
                 if isinstance(exc, RuntimeError) and str(exc) == _CLOSED_HANDLE:
                     # Its librdkafka handle was closed under it (a test session's end closing what leaked):
@@ -315,6 +328,30 @@ class AsyncProducer:
                 log.exception("kafka producer: delivery report handling failed; polling goes on")
                 self._stop.wait(self._poll_interval)  # not a busy loop if it fails every time
 
+    def _serve_retired(self) -> None:
+        """Serve the retired producers' reports, and close each once it has nothing left in flight.
+
+        A producer in a fatal state never sends again, so nothing waiting in its queues will be
+        acknowledged: the messages queued behind the failure, and those of a later request that the
+        broker answered out of sequence, which librdkafka puts back to be sent again. They are purged, so
+        their senders learn it now rather than at `message.timeout.ms` (5 minutes by default).
+        """
+        with self._fatal_lock:
+            fatal = self._fatal is not None
+        if fatal:  # not yet replaced, for want of a send: its queues are just as dead
+            self._producer.purge(in_queue=True, in_flight=False, blocking=False)
+        with self._retired_lock:
+            for old in list(self._retired):
+                old.purge(in_queue=True, in_flight=False, blocking=False)
+                old.poll(0)
+                if len(old) == 0:
+                    self._retired.remove(old)
+                    old.close()  # or its librdkafka handle lives on, connected, until collected
+
+    def _flush_retired(self) -> int:
+        with self._retired_lock:
+            return sum(old.flush(0) for old in self._retired)
+
     # --- event loop side ----------------------------------------------------------------------------
 
     def _rebuild_if_fatal(self) -> None:
@@ -324,7 +361,8 @@ class AsyncProducer:
             return
         old = self._producer
         self._producer = self._build()
-        self._retired.append(old)
+        with self._retired_lock:
+            self._retired.append(old)
         self.rebuilds += 1
         log.warning("kafka producer rebuilt after fatal error %s (rebuild #%d)", error, self.rebuilds)
 
@@ -413,8 +451,7 @@ class AsyncProducer:
         if self._closed and not self._thread.is_alive():
             return 0  # closed: nothing is queued any more
         remaining = await asyncio.to_thread(self._producer.flush, max_wait)
-        for old in list(self._retired):
-            remaining += await asyncio.to_thread(old.flush, 0)
+        remaining += await asyncio.to_thread(self._flush_retired)
         if remaining:
             log.warning("kafka producer: %d messages undelivered after a %.1fs flush", remaining, max_wait)
         return remaining
@@ -428,9 +465,10 @@ class AsyncProducer:
             remaining = await self.flush(max_wait)
             if remaining:
                 # Fail what is left so its senders raise now instead of waiting for a report never served.
-                for producer in [self._producer, *self._retired]:
-                    producer.purge()
-                    producer.poll(0)
+                with self._retired_lock:
+                    for producer in [self._producer, *self._retired]:
+                        producer.purge()
+                        producer.poll(0)
         finally:
             self._stop.set()
             await asyncio.to_thread(self._thread.join)

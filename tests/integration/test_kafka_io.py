@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
+import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -18,7 +19,10 @@ from kinshasa.topics.admin import ensure_topics
 from kinshasa.topics.catalogue import TopicSpec
 from kinshasa.topics.consumer import AsyncConsumer, Record
 from kinshasa.topics.producer import AsyncProducer, Outgoing, PublishError
+from tests.integration.test_relay import read_topic
 
+# Turns of a race between a refused message and its key's next one.
+MAX_TURNS = 40
 # Short polls keep stop latency low; the session timeout only matters if a member vanishes unclosed.
 CONSUMER_OPTS = {"session.timeout.ms": 6000, "heartbeat.interval.ms": 500}
 
@@ -335,22 +339,37 @@ async def test_batch_failures_name_the_items(kafka: KafkaBroker, topic: str, uni
 
 
 async def test_no_message_is_acknowledged_after_an_earlier_one_of_its_partition_was_refused(
-        kafka: KafkaBroker, unique: str, producer: AsyncProducer) -> None:
-    """The broker refuses a message too large for its topic. A message produced right after it, for the
-    same partition, goes out in the same request or (the producer does not linger) in the next one: it
-    must fail either way, or its key would be seen out of order."""
+        kafka: KafkaBroker, unique: str) -> None:
+    """The broker refuses a message too large for its topic. A message of its key produced right after it
+    goes out in the same request or, the producer not lingering, in a later one: it must fail either
+    way, and soon (not at `message.timeout.ms`), or its key would be seen out of order."""
     name = f"test.io.small.{unique}"
     ensure_topics(kafka.bootstrap, [TopicSpec(name, 1, configs={"max.message.bytes": "4096"})])
-    for turn in range(10):  # separate requests are a matter of timing: give them ten chances
-        key = f"K{turn}".encode()
-        large, behind = await asyncio.gather(
-            producer.send_batch([Outgoing(name, key, os.urandom(20_000))]),  # lz4 cannot shrink it
-            producer.send_batch([Outgoing(name, key, b"behind")]), return_exceptions=True)
-        assert isinstance(large, PublishError) and "TOO_LARGE" in large.failures[0].error
-        assert isinstance(behind, PublishError), f"turn {turn}: acknowledged after the refused message"
-    # The broker appended none of them: a marker sent now is the partition's first message.
-    marker = await producer.send(name, b"marker", b"marker")
-    assert marker.offset == 0
+    producer = AsyncProducer(kafka.bootstrap, client_id=f"refused-{unique}",
+                             extra_config={"message.timeout.ms": 20_000})
+    in_a_later_request = 0
+    try:
+        # Which request a message joins is a matter of timing: race until one went in a later request.
+        for turn in range(MAX_TURNS):
+            # A warm producer (each refusal rebuilds it): the next message goes out as soon as produced.
+            await producer.send(name, b"warm", b"warm")
+            key = f"K{turn}".encode()
+            started = time.monotonic()
+            large, behind = await asyncio.gather(
+                producer.send_batch([Outgoing(name, key, os.urandom(20_000))]),  # lz4 cannot shrink it
+                producer.send_batch([Outgoing(name, key, b"behind")]), return_exceptions=True)
+            assert time.monotonic() - started < 10, "a failure waited for the message timeout"
+            assert isinstance(large, PublishError) and "TOO_LARGE" in large.failures[0].error
+            assert isinstance(behind, PublishError), f"turn {turn}: acknowledged after the refused message"
+            if "TOO_LARGE" not in behind.failures[0].error:  # it did not share the refused request
+                in_a_later_request += 1
+                break
+        await producer.send(name, b"marker", b"marker")
+    finally:
+        await producer.close()
+    assert in_a_later_request, f"in {MAX_TURNS} turns the message behind always shared the refused request"
+    values = [m.value for m in read_topic(kafka.bootstrap, name)]
+    assert b"behind" not in values and values[-1] == b"marker"
 
 
 async def test_fatal_error_rebuilds_the_producer(kafka: KafkaBroker, topic: str, unique: str) -> None:

@@ -27,7 +27,7 @@ def test_producer_is_idempotent_with_acks_all() -> None:
     assert config["bootstrap.servers"] == "127.0.0.1:9092"
 
 
-def test_a_lone_write_does_not_wait_and_a_refused_message_stops_its_partition() -> None:
+def test_producers_do_not_linger_and_keep_the_gapless_guarantee() -> None:
     config = producer_config("127.0.0.1:9092", "relay")
     assert config["linger.ms"] == 0
     assert config["enable.gapless.guarantee"] is True

@@ -68,6 +68,16 @@ class TestPublishOutcomes:
         # Never produced: no attempt is charged to it.
         assert outcomes[3] == PublishOutcome(False, False, "not sent: item 2 before it failed")
 
+    def test_a_message_purged_unsent_pays_no_attempt_and_one_purged_in_flight_does(self) -> None:
+        items = _items(2)
+        purged = 'KafkaError{code=_PURGE_QUEUE,val=-152,str="Local: Purged in queue"}'
+        purged_in_flight = 'KafkaError{code=_PURGE_INFLIGHT,val=-151,str="Local: Purged in flight"}'
+        error = PublishError([FailedSend(0, items[0], purged), FailedSend(1, items[1], purged_in_flight)],
+                             [None, None])
+        queued, in_flight = publish_outcomes(2, error)
+        assert not queued.delivered and not queued.attempted
+        assert not in_flight.delivered and in_flight.attempted
+
     def test_any_other_error_fails_every_item(self) -> None:
         outcomes = publish_outcomes(3, RuntimeError("AsyncProducer is closed"))
         assert all(not o.delivered and o.attempted for o in outcomes)
