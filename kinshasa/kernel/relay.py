@@ -149,10 +149,12 @@ RELAY_BATCH = {"sqlite": 2000, "postgresql": 500}
 
 # How AsyncProducer.send_batch marks items it never produced because an earlier item could not be queued.
 NOT_SENT_PREFIX = "not sent"
-# librdkafka's error for a message purged from its queue before it was sent: a fatal error purges what a
-# producer holds (the one a refused message raises, see `kinshasa.topics.producer`), so these rows pay no
-# attempt for another row's failure.
-_NEVER_SENT = frozenset({"_PURGE_QUEUE"})
+# librdkafka's error for a message purged from a producer's queue (never sent, or sent and put back to be
+# sent again): a fatal error purges what the producer holds. When another row of the batch was refused for
+# a reason of its own (which is such a fatal error, see `kinshasa.topics.producer`) or delivered, these
+# rows pay no attempt for it. When nothing went through at all, the producer itself is failing (its
+# idempotent producer id refused, say): they pay one, so the relay backs off instead of spinning.
+_PURGED = frozenset({"_PURGE_QUEUE"})
 
 
 class BatchPublisher(Protocol):
@@ -220,10 +222,12 @@ def publish_outcomes(count: int, error: BaseException | None) -> list[PublishOut
         return [PublishOutcome(delivered=False, error=text) for _ in range(count)]
     outcomes = [PublishOutcome(delivered=error.delivered[i] is not None) if i < len(error.delivered)
                 else PublishOutcome(delivered=False, error="no delivery report") for i in range(count)]
+    another_row_explains_a_purge = (any(d is not None for d in error.delivered)
+                                    or any(classify_publish_error(f.error) == "own" for f in error.failures))
     for failure in error.failures:
         if 0 <= failure.index < count:
             attempted = not (failure.error.startswith(NOT_SENT_PREFIX)
-                             or kafka_error_name(failure.error) in _NEVER_SENT)
+                             or (another_row_explains_a_purge and kafka_error_name(failure.error) in _PURGED))
             outcomes[failure.index] = PublishOutcome(delivered=False, attempted=attempted,
                                                      error=failure.error)
     return outcomes
@@ -270,7 +274,8 @@ def plan_failures(rows: Sequence[ClaimedRow], outcomes: Sequence[PublishOutcome]
 
 
 def order_breaks(rows: Sequence[ClaimedRow], outcomes: Sequence[PublishOutcome]) -> list[ClaimedRow]:
-    """Delivered rows that follow a failed row of the same key in the batch (the broker broke the order)."""
+    """Delivered rows that follow an undelivered row of the same key in the batch, attempted or not (the
+    broker or the producer broke the order)."""
     failed_keys: set[bytes] = set()
     broken: list[ClaimedRow] = []
     for row, outcome in zip(rows, outcomes, strict=True):
@@ -279,7 +284,7 @@ def order_breaks(rows: Sequence[ClaimedRow], outcomes: Sequence[PublishOutcome])
         if outcome.delivered:
             if row.key in failed_keys:
                 broken.append(row)
-        elif outcome.attempted:
+        else:
             failed_keys.add(row.key)
     return broken
 

@@ -19,7 +19,8 @@ around the fatal error:
 A message the broker refuses for a reason of its own (too large for its topic) is such a fatal error,
 because the producer keeps librdkafka's gapless guarantee (see `_PINNED`). So it costs more than its own
 send: every message of the process's producer still queued then, of any topic, fails unsent and must be
-sent again, and the producer is rebuilt.
+sent again, and the producer is rebuilt. A batch being produced when it happens stops there: its later
+items are not sent (`_produce`).
 """
 
 from __future__ import annotations
@@ -39,19 +40,30 @@ from kinshasa.topics.discovery import client_config
 log = logging.getLogger(__name__)
 
 
-class _SaidElsewhere(logging.Filter):
-    """Drops two of librdkafka's lines: its notice, at each producer's start, that
-    `enable.gapless.guarantee` is experimental (Kinshasa sets it on purpose, see `_PINNED`), and its
-    line for a fatal error, which the error callback reports once with what happens next."""
+class _NotTheGaplessNotice(logging.Filter):
+    """Drops librdkafka's notice, at each producer's start, that `enable.gapless.guarantee` is
+    experimental: Kinshasa sets it on purpose (see `_PINNED`)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        return not (message.startswith("FATAL ") or "enable.gapless.guarantee is experimental" in message)
+        return "enable.gapless.guarantee is experimental" not in record.getMessage()
 
 
-# librdkafka's own log lines of every producer (connection failures, retries), through Python's logging.
+# librdkafka's own log lines of every producer (connection failures, retries, the cause of a fatal
+# error), through Python's logging.
 librdkafka_log = logging.getLogger("kinshasa.topics.librdkafka")
-librdkafka_log.addFilter(_SaidElsewhere())
+librdkafka_log.addFilter(_NotTheGaplessNotice())
+
+# Why the items of a batch after the producer failed are not produced (the relay reads "not sent" as no
+# attempt): an item produced on its replacement could be acknowledged while an earlier one of its key,
+# left in the failed instance, is not.
+_FAILED_MIDWAY = "not sent: the producer failed while its batch was being produced"
+
+
+def _fatal_error(exc: KafkaException) -> KafkaError | None:
+    """The fatal error `exc` carries, if it is one (confluent-kafka raises them from produce, poll and
+    flush rather than passing them to the error callback)."""
+    error = exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else None
+    return error if error is not None and should_rebuild(error) else None
 
 Headers = Mapping[str, str | bytes] | Sequence[tuple[str, str | bytes]] | None
 
@@ -60,7 +72,9 @@ Headers = Mapping[str, str | bytes] | Sequence[tuple[str, str | bytes]] | None
 # own (too large for its topic) leaves a gap that librdkafka closes by renumbering the partition's later
 # messages, so a later message of its key can be acknowledged without it. With it, librdkafka raises a
 # fatal error instead: nothing after the refused message in its partition is acknowledged by that
-# producer, and the producer is rebuilt before the next send (see "Fatal errors" above).
+# producer, the rest of a batch being produced then is not handed to its replacement either, and the
+# producer is rebuilt before the next send (see "Fatal errors" above). Not covered: a message that fails
+# by timing out (`message.timeout.ms`) while a later one of its partition is acknowledged.
 _PINNED = {"enable.idempotence": True, "acks": "all", "enable.gapless.guarantee": True}
 _ACCEPTED = {"enable.idempotence": {"true"}, "acks": {"all", "-1"}, "enable.gapless.guarantee": {"true"}}
 
@@ -268,6 +282,7 @@ class AsyncProducer:
         self._poll_interval = poll_interval
         self._queue_full_timeout = queue_full_timeout
         self._fatal: KafkaError | None = None
+        self._fatal_source: Producer | None = None  # the instance that raised it, when known
         self._fatal_lock = threading.Lock()
         # Producers replaced after a fatal error, still polled until their in-flight reports arrive, then
         # closed by the poll thread; the lock keeps flush and close off a handle it is closing.
@@ -288,35 +303,48 @@ class AsyncProducer:
         return dict(self._passed_config)
 
     def _build(self) -> Producer:
-        self._passed_config = {**self._base_config, "error_cb": self._on_error}
-        return Producer(self._passed_config)
+        built: list[Producer] = []  # so its error callback can say which instance failed
+
+        def on_error(error: KafkaError) -> None:
+            self._on_error(error, built[0] if built else None)
+
+        self._passed_config = {**self._base_config, "error_cb": on_error}
+        producer = Producer(self._passed_config)
+        built.append(producer)
+        return producer
 
     # --- librdkafka threads -------------------------------------------------------------------------
 
-    def _on_error(self, error: KafkaError) -> None:
+    def _on_error(self, error: KafkaError, source: Producer | None = None) -> None:
         if should_rebuild(error):
-            self._note_fatal(error)
+            self._note_fatal(error, source)
         else:
             # Transient (broker down, connection reset): librdkafka reconnects and retries on its own.
             log.warning("kafka producer: %s", error)
 
-    def _note_fatal(self, error: KafkaError) -> None:
+    def _note_fatal(self, error: KafkaError, source: Producer | None = None) -> None:
+        """Mark the producer in use failed, so it is replaced; `source` is the instance that raised it."""
         with self._fatal_lock:
+            if source is not None and source is not self._producer:
+                # A late report from an instance already replaced: the one in use is not at fault.
+                log.info("kafka producer: a replaced instance reported %s", error)
+                return
             if self._fatal is None:
+                self._fatal_source = source
                 log.error("kafka producer hit a fatal error; it is rebuilt before the next send: %s", error)
                 self._fatal = error
 
     def _poll_loop(self) -> None:
         while not self._stop.is_set():
             try:
+                polled = self._producer
                 try:
-                    self._producer.poll(self._poll_interval)
+                    polled.poll(self._poll_interval)
                 except KafkaException as exc:
-                    # confluent-kafka raises a fatal error from poll too (the gapless guarantee's, for one).
-                    error = exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else None
-                    if error is None or not should_rebuild(error):
+                    error = _fatal_error(exc)
+                    if error is None:
                         raise
-                    self._note_fatal(error)
+                    self._note_fatal(error, polled)
                 self._serve_retired()
             except Exception as exc:
                 if isinstance(exc, RuntimeError) and str(exc) == _CLOSED_HANDLE:
@@ -331,50 +359,91 @@ class AsyncProducer:
     def _serve_retired(self) -> None:
         """Serve the retired producers' reports, and close each once it has nothing left in flight.
 
-        A producer in a fatal state never sends again, so nothing waiting in its queues will be
-        acknowledged: the messages queued behind the failure, and those of a later request that the
-        broker answered out of sequence, which librdkafka puts back to be sent again. They are purged, so
-        their senders learn it now rather than at `message.timeout.ms` (5 minutes by default).
+        A producer in a fatal state never sends again. librdkafka purges its queues when the error is
+        raised, but the messages of a later request that the broker then answers out of sequence are put
+        back to be sent again, and would wait there for `message.timeout.ms` (5 minutes by default).
+        They are purged too, so their senders learn it now.
         """
         with self._fatal_lock:
-            fatal = self._fatal is not None
-        if fatal:  # not yet replaced, for want of a send: its queues are just as dead
-            self._producer.purge(in_queue=True, in_flight=False, blocking=False)
+            # Fatal but not yet replaced, for want of a send: its queues are just as dead. `_note_fatal`
+            # names only the instance in use, and a replacement clears it.
+            doomed = self._fatal_source if self._fatal is not None else None
+        if doomed is not None:
+            doomed.purge(in_queue=True, in_flight=False, blocking=False)
+        drained: list[Producer] = []
         with self._retired_lock:
             for old in list(self._retired):
                 old.purge(in_queue=True, in_flight=False, blocking=False)
-                old.poll(0)
+                try:
+                    old.poll(0)
+                except KafkaException as exc:
+                    if _fatal_error(exc) is None:
+                        raise
+                    # Its fatal error, noticed first by a send that replaced it: nothing more to do.
                 if len(old) == 0:
                     self._retired.remove(old)
-                    old.close()  # or its librdkafka handle lives on, connected, until collected
+                    drained.append(old)
+        for old in drained:  # outside the lock: a close can take a while, and the event loop takes it
+            old.close()  # or its librdkafka handle lives on, connected, until collected
+
+    def _flush_current(self, max_wait: float) -> int:
+        producer = self._producer
+        try:
+            return int(producer.flush(max_wait))
+        except KafkaException as exc:
+            error = _fatal_error(exc)
+            if error is None:
+                raise
+            self._note_fatal(error, producer)
+            return len(producer)
 
     def _flush_retired(self) -> int:
+        remaining = 0
         with self._retired_lock:
-            return sum(old.flush(0) for old in self._retired)
+            for old in self._retired:
+                try:
+                    remaining += old.flush(0)
+                except KafkaException as exc:
+                    if _fatal_error(exc) is None:
+                        raise
+                    remaining += len(old)
+        return remaining
 
     # --- event loop side ----------------------------------------------------------------------------
 
+    def _failed(self) -> bool:
+        with self._fatal_lock:
+            return self._fatal is not None
+
     def _rebuild_if_fatal(self) -> None:
         with self._fatal_lock:
-            error, self._fatal = self._fatal, None
+            error = self._fatal
         if error is None:
             return
-        old = self._producer
-        self._producer = self._build()
+        fresh = self._build()
+        with self._fatal_lock:  # so a late report of the old instance is seen as one (`_note_fatal`)
+            old, self._producer = self._producer, fresh
+            self._fatal = self._fatal_source = None
         with self._retired_lock:
             self._retired.append(old)
         self.rebuilds += 1
         log.warning("kafka producer rebuilt after fatal error %s (rebuild #%d)", error, self.rebuilds)
 
-    async def _produce(self, item: Outgoing, on_delivery: Any) -> None:
+    async def _produce(self, item: Outgoing, on_delivery: Any, *, first: bool) -> None:
+        """Hand one item to librdkafka. Only a batch's `first` item may go to a producer built to replace a
+        failed one; a later item fails with `_FAILED_MIDWAY` instead."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._queue_full_timeout
         retried_fatal = False
         delay = 0.005
         while True:
-            self._rebuild_if_fatal()
+            if first:
+                self._rebuild_if_fatal()
+            elif self._failed():
+                raise _DeliveryFailed(_FAILED_MIDWAY)
+            producer = self._producer
             try:
-                self._producer.produce(item.topic, value=item.value, key=item.key,
+                producer.produce(item.topic, value=item.value, key=item.key,
                                        headers=_headers(item.headers),
                                        on_delivery=on_delivery)
                 return
@@ -388,12 +457,16 @@ class AsyncProducer:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 0.1)
             except KafkaException as exc:
+                fatal = _fatal_error(exc)
+                if fatal is not None:
+                    self._note_fatal(fatal, producer)
+                    if not first:
+                        raise _DeliveryFailed(_FAILED_MIDWAY) from exc
+                    if not retried_fatal:
+                        # The message never entered the old producer, so one retry cannot duplicate it.
+                        retried_fatal = True
+                        continue
                 error = exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else None
-                if error is not None and should_rebuild(error) and not retried_fatal:
-                    # The message never entered the old producer, so one retry cannot duplicate it.
-                    self._note_fatal(error)
-                    retried_fatal = True
-                    continue
                 raise _DeliveryFailed(error if error is not None else str(exc)) from exc
 
     def _check_open(self) -> None:
@@ -408,7 +481,8 @@ class AsyncProducer:
         """Publish all items in order, then wait for every acknowledgement.
 
         If an item cannot even be queued, the items after it are not produced (so a retry cannot land an
-        earlier message after a later one of the same key) and are reported as failed too.
+        earlier message after a later one of the same key) and are reported as failed too. So are the
+        items after the producer failed (see `_produce`).
         """
         self._check_open()
         deliveries = _Deliveries(asyncio.get_running_loop(), len(items), self._note_fatal)
@@ -418,7 +492,7 @@ class AsyncProducer:
         try:
             for index, item in enumerate(items):
                 try:
-                    await self._produce(item, deliveries.callback(index))
+                    await self._produce(item, deliveries.callback(index), first=produced == 0)
                 except _DeliveryFailed as exc:
                     failures.append(FailedSend(index, item, str(exc.error), exc.fatal))
                     failures.extend(FailedSend(i, it, f"not sent: item {index} before it failed")
@@ -450,7 +524,7 @@ class AsyncProducer:
         """Wait until every queued message is acknowledged or failed; returns how many are still queued."""
         if self._closed and not self._thread.is_alive():
             return 0  # closed: nothing is queued any more
-        remaining = await asyncio.to_thread(self._producer.flush, max_wait)
+        remaining = await asyncio.to_thread(self._flush_current, max_wait)
         remaining += await asyncio.to_thread(self._flush_retired)
         if remaining:
             log.warning("kafka producer: %d messages undelivered after a %.1fs flush", remaining, max_wait)

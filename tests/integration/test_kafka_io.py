@@ -340,34 +340,35 @@ async def test_batch_failures_name_the_items(kafka: KafkaBroker, topic: str, uni
 
 async def test_no_message_is_acknowledged_after_an_earlier_one_of_its_partition_was_refused(
         kafka: KafkaBroker, unique: str) -> None:
-    """The broker refuses a message too large for its topic. A message of its key produced right after it
-    goes out in the same request or, the producer not lingering, in a later one: it must fail either
-    way, and soon (not at `message.timeout.ms`), or its key would be seen out of order."""
+    """The broker refuses a message too large for its topic. The next message of its key, in the same
+    batch, goes out in the same request or, the producer not lingering, in a later one: it must fail
+    either way, and soon (not at `message.timeout.ms`), or its key would be seen out of order."""
     name = f"test.io.small.{unique}"
     ensure_topics(kafka.bootstrap, [TopicSpec(name, 1, configs={"max.message.bytes": "4096"})])
     producer = AsyncProducer(kafka.bootstrap, client_id=f"refused-{unique}",
                              extra_config={"message.timeout.ms": 20_000})
-    in_a_later_request = 0
+    apart = 0
     try:
-        # Which request a message joins is a matter of timing: race until one went in a later request.
+        # Which request a message joins is a matter of timing: race until one did not share the refused
+        # message's request.
         for turn in range(MAX_TURNS):
-            # A warm producer (each refusal rebuilds it): the next message goes out as soon as produced.
+            # A warm producer (each refusal replaces it): the first message goes out as soon as produced.
             await producer.send(name, b"warm", b"warm")
             key = f"K{turn}".encode()
             started = time.monotonic()
-            large, behind = await asyncio.gather(
-                producer.send_batch([Outgoing(name, key, os.urandom(20_000))]),  # lz4 cannot shrink it
-                producer.send_batch([Outgoing(name, key, b"behind")]), return_exceptions=True)
+            with pytest.raises(PublishError) as failed:
+                await producer.send_batch([Outgoing(name, key, os.urandom(20_000)),  # lz4 cannot shrink it
+                                           Outgoing(name, key, b"behind")])
             assert time.monotonic() - started < 10, "a failure waited for the message timeout"
-            assert isinstance(large, PublishError) and "TOO_LARGE" in large.failures[0].error
-            assert isinstance(behind, PublishError), f"turn {turn}: acknowledged after the refused message"
-            if "TOO_LARGE" not in behind.failures[0].error:  # it did not share the refused request
-                in_a_later_request += 1
+            large, behind = failed.value.failures  # both failed: nothing of the key was acknowledged
+            assert "TOO_LARGE" in large.error
+            if "TOO_LARGE" not in behind.error:  # it did not share the refused request
+                apart += 1
                 break
         await producer.send(name, b"marker", b"marker")
     finally:
         await producer.close()
-    assert in_a_later_request, f"in {MAX_TURNS} turns the message behind always shared the refused request"
+    assert apart, f"in {MAX_TURNS} turns the message behind always shared the refused request"
     values = [m.value for m in read_topic(kafka.bootstrap, name)]
     assert b"behind" not in values and values[-1] == b"marker"
 
@@ -382,6 +383,35 @@ async def test_fatal_error_rebuilds_the_producer(kafka: KafkaBroker, topic: str,
         assert p.rebuilds == 1
         assert after.offset >= 0
         assert p.config["enable.idempotence"] is True
+    finally:
+        await p.close()
+
+
+async def test_after_a_fatal_error_mid_batch_the_rest_of_the_batch_is_not_sent(
+        kafka: KafkaBroker, topic: str, unique: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sent on the replacement, a later item could be acknowledged while an earlier one of its key, left
+    in the failed instance, is not: the rest of the batch waits for the next send instead."""
+    p = AsyncProducer(kafka.bootstrap, client_id=f"midway-{unique}")
+    produce = p._produce
+
+    async def failing_after_the_first(item: Outgoing, on_delivery: object, *, first: bool) -> None:
+        await produce(item, on_delivery, first=first)
+        if first:  # what poll raises when the instance turns fatal while the batch is being produced
+            p._note_fatal(KafkaError(KafkaError._FATAL, "simulated", fatal=True), p._producer)
+
+    monkeypatch.setattr(p, "_produce", failing_after_the_first)
+    try:
+        with pytest.raises(PublishError) as failed:
+            await p.send_batch([Outgoing(topic, b"k", b"one"), Outgoing(topic, b"k", b"two"),
+                                Outgoing(topic, b"k", b"three")])
+        # The first item went to the failed instance (it may or may not be acknowledged); the others
+        # were never handed to it, nor to a replacement.
+        assert p.rebuilds == 0
+        later = [f for f in failed.value.failures if f.index > 0]
+        assert [f.index for f in later] == [1, 2] and all(f.error.startswith("not sent") for f in later)
+        monkeypatch.undo()
+        again = await p.send_batch([Outgoing(topic, b"k", b"two"), Outgoing(topic, b"k", b"three")])
+        assert p.rebuilds == 1 and len(again) == 2
     finally:
         await p.close()
 

@@ -68,15 +68,25 @@ class TestPublishOutcomes:
         # Never produced: no attempt is charged to it.
         assert outcomes[3] == PublishOutcome(False, False, "not sent: item 2 before it failed")
 
-    def test_a_message_purged_unsent_pays_no_attempt_and_one_purged_in_flight_does(self) -> None:
+    def test_rows_purged_from_the_queue_pay_no_attempt_when_another_row_explains_it(self) -> None:
+        items = _items(3)
+        refused = FailedSend(0, items[0], TOO_LARGE)
+        queued = FailedSend(1, items[1], PURGED)
+        in_flight = FailedSend(2, items[2], 'KafkaError{code=_PURGE_INFLIGHT,val=-151,str="Local: Purged"}')
+        outcomes = publish_outcomes(3, PublishError([refused, queued, in_flight], [None, None, None]))
+        assert [o.attempted for o in outcomes] == [True, False, True]
+        assert not any(o.delivered for o in outcomes)
+        # Another row delivered explains it too.
+        delivered = publish_outcomes(2, PublishError([FailedSend(1, items[1], PURGED)],
+                                                     [Delivered("t", 0, 1), None]))
+        assert not delivered[1].attempted
+
+    def test_rows_purged_when_nothing_went_through_pay_an_attempt(self) -> None:
+        # The producer itself is failing: the relay backs off rather than claim them again at once.
         items = _items(2)
-        purged = 'KafkaError{code=_PURGE_QUEUE,val=-152,str="Local: Purged in queue"}'
-        purged_in_flight = 'KafkaError{code=_PURGE_INFLIGHT,val=-151,str="Local: Purged in flight"}'
-        error = PublishError([FailedSend(0, items[0], purged), FailedSend(1, items[1], purged_in_flight)],
-                             [None, None])
-        queued, in_flight = publish_outcomes(2, error)
-        assert not queued.delivered and not queued.attempted
-        assert not in_flight.delivered and in_flight.attempted
+        outcomes = publish_outcomes(2, PublishError([FailedSend(0, items[0], PURGED),
+                                                     FailedSend(1, items[1], PURGED)], [None, None]))
+        assert all(o.attempted and not o.delivered for o in outcomes)
 
     def test_any_other_error_fails_every_item(self) -> None:
         outcomes = publish_outcomes(3, RuntimeError("AsyncProducer is closed"))
@@ -85,6 +95,7 @@ class TestPublishOutcomes:
 
 
 TOO_LARGE = 'KafkaError{code=MSG_SIZE_TOO_LARGE,val=10,str="Broker: Message size too large"}'
+PURGED = 'KafkaError{code=_PURGE_QUEUE,val=-152,str="Local: Purged in queue"}'
 TIMED_OUT = 'KafkaError{code=_MSG_TIMED_OUT,val=-192,str="Local: Message timed out"}'
 
 
@@ -119,8 +130,9 @@ def test_order_break_is_a_later_success_behind_a_failure_of_its_key() -> None:
     ok = PublishOutcome(True)
     outcomes = [PublishOutcome(False, True, "x"), ok, ok, ok]
     assert [r.seq for r in order_breaks(rows, outcomes)] == [2]
+    # A row purged or not sent counts too: its key's later row went out without it.
     unsent = [PublishOutcome(False, False, "not sent"), ok, ok, ok]
-    assert order_breaks(rows, unsent) == []
+    assert [r.seq for r in order_breaks(rows, unsent)] == [2]
 
 
 class TestPublishablePrefixes:
