@@ -74,8 +74,10 @@ A row the broker refuses for a reason of its own (too large for its topic) fails
 its partition that the producer had sent, whether they shared its request or followed in later ones: the
 producer keeps librdkafka's gapless guarantee and is rebuilt after it (`kinshasa.topics.producer`). The
 rows that shared its request are sent again one by one (`_isolate`), so only the refused row pays an
-attempt of its own; the rows the producer still held, of any topic, are purged unsent, pay no attempt
-and go out with the next claim.
+attempt of its own. The rows the producer still held, of any topic, are purged from its queues (most
+never sent; some sent, refused out of sequence and put back); they pay no attempt when another row of
+their batch was delivered or refused for a reason of its own, and go out with the next claim. The rest
+of a batch being produced then is not sent (`kinshasa.topics.producer`).
 
 What is not guaranteed: a broker that loses one message of a partition but acknowledges the next one
 would break the order; that is logged as a warning. Nor does the gapless guarantee cover a message that
@@ -147,7 +149,8 @@ def _is_size_error(error: str) -> bool:
 # failing with "out of shared memory". A lone write still goes out at once: a claim takes what is pending.
 RELAY_BATCH = {"sqlite": 2000, "postgresql": 500}
 
-# How AsyncProducer.send_batch marks items it never produced because an earlier item could not be queued.
+# How AsyncProducer.send_batch marks items it never produced: an earlier item could not be queued, or the
+# producer failed while the batch was being produced.
 NOT_SENT_PREFIX = "not sent"
 # librdkafka's error for a message purged from a producer's queue (never sent, or sent and put back to be
 # sent again): a fatal error purges what the producer holds. When another row of the batch was refused for
@@ -171,8 +174,8 @@ class RelayStats:
     published: int = 0
     retrying: int = 0  # failed, scheduled for another attempt
     dead: int = 0  # failed for the last allowed time
-    not_sent: int = 0  # left untouched: an earlier item of the batch could not be queued, or (SQLite) an
-    # earlier batch failed a row of its key
+    not_sent: int = 0  # left untouched: not produced (see NOT_SENT_PREFIX), purged unsent for another
+    # row's failure, or (SQLite) an earlier batch failed a row of its key
     seconds: float = 0.0
 
     def add(self, other: RelayStats) -> None:
@@ -548,9 +551,10 @@ class OutboxRelay:
         isolated = list(outcomes)
         failed_keys: set[bytes] = set()
         for index, (row, outcome) in enumerate(zip(rows, outcomes, strict=True)):
-            if outcome.delivered or not outcome.attempted:
+            if outcome.delivered:
                 continue
-            if not (outcome.error and _is_size_error(outcome.error)):
+            if not outcome.attempted or not (outcome.error and _is_size_error(outcome.error)):
+                # Not sent, purged, or failed otherwise: its key's later rows must not go out alone.
                 if row.key is not None:
                     failed_keys.add(row.key)
                 continue
@@ -575,6 +579,9 @@ class OutboxRelay:
 
     def _report(self, rows: list[ClaimedRow], outcomes: list[PublishOutcome],
                 failures: list[FailedAttempt]) -> None:
+        for row in order_breaks(rows, outcomes):
+            log.warning("outbox message %s (key %r) was acknowledged after an earlier message of its key "
+                        "failed: consumers see it out of order", row.message_id, row.entity_key)
         if not failures:
             return
         by_seq = {r.seq: r for r in rows}
@@ -591,9 +598,6 @@ class OutboxRelay:
         if self.on_publish_failure is not None:
             for topic, count in per_topic.items():
                 self.on_publish_failure(topic, count)
-        for row in order_breaks(rows, outcomes):
-            log.warning("outbox message %s (key %r) was acknowledged after an earlier message of its key "
-                        "failed: consumers see it out of order", row.message_id, row.entity_key)
 
     async def run(self, stop: asyncio.Event, idle_sleep_s: float = 0.2) -> RelayStats:
         """Relay until `stop` is set, then finish the batches in flight; returns the totals.

@@ -9,7 +9,9 @@ gap); the instance is then unusable. The producer is rebuilt before the next sen
 around the fatal error:
 
 * a send whose message librdkafka had not accepted yet (produce() itself failed with the fatal error)
-  is retried once on the rebuilt producer: the broker never saw it, so retrying cannot duplicate it;
+  is retried once on the rebuilt producer if it is the first item of its batch: the broker never saw
+  it, so retrying cannot duplicate it. A later item of a batch, and every item after it, fails "not
+  sent" instead (`_produce`);
 * a send whose message was already queued or in flight fails with `PublishError`: the broker may or
   may not hold it, so the caller (the outbox relay, which keeps the row unpublished) retries, and the
   consumer's inbox absorbs a duplicate. The producer never retries those itself, because replaying them
@@ -26,6 +28,7 @@ items are not sent (`_produce`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 from collections.abc import Mapping, Sequence
@@ -285,7 +288,8 @@ class AsyncProducer:
         self._fatal_source: Producer | None = None  # the instance that raised it, when known
         self._fatal_lock = threading.Lock()
         # Producers replaced after a fatal error, still polled until their in-flight reports arrive, then
-        # closed by the poll thread; the lock keeps flush and close off a handle it is closing.
+        # closed by the poll thread (taken off this list under the lock first, so flush and close never
+        # touch a handle it is closing).
         self._retired: list[Producer] = []
         self._retired_lock = threading.Lock()
         self._pending: set[_Deliveries] = set()
@@ -429,38 +433,48 @@ class AsyncProducer:
         self.rebuilds += 1
         log.warning("kafka producer rebuilt after fatal error %s (rebuild #%d)", error, self.rebuilds)
 
-    async def _produce(self, item: Outgoing, on_delivery: Any, *, first: bool) -> None:
-        """Hand one item to librdkafka. Only a batch's `first` item may go to a producer built to replace a
-        failed one; a later item fails with `_FAILED_MIDWAY` instead."""
+    async def _produce(self, item: Outgoing, on_delivery: Any, into: Producer | None) -> Producer:
+        """Hand one item to librdkafka; the instance it went to.
+
+        A batch's first item (`into` None) may go to a producer built to replace a failed one. A later item
+        must go `into` the instance its batch's first item went to: if that one failed or was replaced
+        meanwhile (while this item waited for room in a full queue, say), it fails with `_FAILED_MIDWAY`.
+        """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._queue_full_timeout
         retried_fatal = False
         delay = 0.005
         while True:
-            if first:
+            if into is None:
                 self._rebuild_if_fatal()
-            elif self._failed():
+            elif self._failed() or self._producer is not into:
                 raise _DeliveryFailed(_FAILED_MIDWAY)
             producer = self._producer
             try:
-                producer.produce(item.topic, value=item.value, key=item.key,
-                                       headers=_headers(item.headers),
-                                       on_delivery=on_delivery)
-                return
+                producer.produce(item.topic, value=item.value, key=item.key, headers=_headers(item.headers),
+                                 on_delivery=on_delivery)
+                return producer
             except BufferError:
                 # Local queue full: serve reports so it drains, then try again rather than drop the send.
                 if loop.time() >= deadline:
                     raise _DeliveryFailed(
                         f"local producer queue still full after {self._queue_full_timeout}s; the broker is "
                         "not keeping up or is unreachable") from None
-                self._producer.poll(0)
+                try:
+                    producer.poll(0)
+                except KafkaException as exc:
+                    fatal = _fatal_error(exc)
+                    if fatal is None:
+                        raise
+                    self._note_fatal(fatal, producer)  # the loop's next turn replaces it or gives up
+                    continue
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 0.1)
             except KafkaException as exc:
                 fatal = _fatal_error(exc)
                 if fatal is not None:
                     self._note_fatal(fatal, producer)
-                    if not first:
+                    if into is not None:
                         raise _DeliveryFailed(_FAILED_MIDWAY) from exc
                     if not retried_fatal:
                         # The message never entered the old producer, so one retry cannot duplicate it.
@@ -488,11 +502,12 @@ class AsyncProducer:
         deliveries = _Deliveries(asyncio.get_running_loop(), len(items), self._note_fatal)
         failures: list[FailedSend] = []
         produced = 0
+        into: Producer | None = None  # the instance the batch's first item went to
         self._pending.add(deliveries)
         try:
             for index, item in enumerate(items):
                 try:
-                    await self._produce(item, deliveries.callback(index), first=produced == 0)
+                    into = await self._produce(item, deliveries.callback(index), into)
                 except _DeliveryFailed as exc:
                     failures.append(FailedSend(index, item, str(exc.error), exc.fatal))
                     failures.extend(FailedSend(i, it, f"not sent: item {index} before it failed")
@@ -542,7 +557,8 @@ class AsyncProducer:
                 with self._retired_lock:
                     for producer in [self._producer, *self._retired]:
                         producer.purge()
-                        producer.poll(0)
+                        with contextlib.suppress(KafkaException):  # its fatal error: closing anyway
+                            producer.poll(0)
         finally:
             self._stop.set()
             await asyncio.to_thread(self._thread.join)

@@ -10,7 +10,7 @@ from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
-from confluent_kafka import ConsumerGroupTopicPartitions, KafkaError, TopicPartition
+from confluent_kafka import ConsumerGroupTopicPartitions, KafkaError, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
 from kinshasa.infra.kafka import KafkaBroker
@@ -394,10 +394,11 @@ async def test_after_a_fatal_error_mid_batch_the_rest_of_the_batch_is_not_sent(
     p = AsyncProducer(kafka.bootstrap, client_id=f"midway-{unique}")
     produce = p._produce
 
-    async def failing_after_the_first(item: Outgoing, on_delivery: object, *, first: bool) -> None:
-        await produce(item, on_delivery, first=first)
-        if first:  # what poll raises when the instance turns fatal while the batch is being produced
-            p._note_fatal(KafkaError(KafkaError._FATAL, "simulated", fatal=True), p._producer)
+    async def failing_after_the_first(item: Outgoing, on_delivery: object, into: Producer | None) -> Producer:
+        went_to = await produce(item, on_delivery, into)
+        if into is None:  # what poll raises when the instance turns fatal while the batch is being produced
+            p._note_fatal(KafkaError(KafkaError._FATAL, "simulated", fatal=True), went_to)
+        return went_to
 
     monkeypatch.setattr(p, "_produce", failing_after_the_first)
     try:

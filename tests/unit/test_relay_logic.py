@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from sqlalchemy.ext.asyncio import create_async_engine
 
 from kinshasa.kernel.appendonly import AppendOnlyViolation, is_append_only_violation
 from kinshasa.kernel.outbox import ClaimedRow, OutboxError, key_lock_id, outbox_message, publishable_prefixes
 from kinshasa.kernel.relay import (
+    OutboxRelay,
     PublishOutcome,
     backoff_delay,
     order_breaks,
@@ -204,3 +207,28 @@ class TestAppendOnlyViolation:
         coded.sqlstate = "KS001"  # type: ignore[attr-defined]
         assert is_append_only_violation(coded)
         assert not is_append_only_violation(RuntimeError("UNIQUE constraint failed"))
+
+
+class _Recording:
+    """A publisher that delivers every item alone and records what it was asked to send."""
+
+    def __init__(self) -> None:
+        self.sent: list[bytes] = []
+
+    async def send_batch(self, items: Sequence[Outgoing]) -> list[Delivered]:
+        self.sent.extend(item.value for item in items)
+        return [Delivered(item.topic, 0, len(self.sent)) for item in items]
+
+
+async def test_isolation_sends_no_row_alone_behind_an_undelivered_row_of_its_key() -> None:
+    engine = create_async_engine("sqlite+aiosqlite://")  # never connected: _isolate only publishes
+    publisher = _Recording()
+    relay = OutboxRelay(engine, publisher)
+    rows = [row(1, b"k"), row(2, b"k"), row(3, b"j")]
+    outcomes = [PublishOutcome(False, False, PURGED),  # purged, pays no attempt: still ahead of row 2
+                PublishOutcome(False, True, TOO_LARGE), PublishOutcome(False, True, TOO_LARGE)]
+    isolated = await relay._isolate(rows, outcomes)
+    assert publisher.sent == [b"v"]  # row 3 alone; row 2 waits behind row 1
+    assert [o.delivered for o in isolated] == [False, False, True]
+    assert not isolated[1].attempted
+    await engine.dispose()
