@@ -232,16 +232,17 @@ class KafkaBroker:
         comes here.
         """
         started = time.monotonic()
-        for attempt in range(1, START_ATTEMPTS + 1):
+        launches = 0
+        while True:
             log_from = self._log_size()
             process = self.launch(attached)
+            launches += 1
             try:
                 wait_until(self.ready, process, timeout, f"Kafka broker on {self.bootstrap}")
                 return time.monotonic() - started
             except InfraError:
-                if attempt == START_ATTEMPTS or process.alive() or not self._gave_up_registering(log_from):
+                if launches == START_ATTEMPTS or process.alive() or not self._gave_up_registering(log_from):
                     raise
-        raise AssertionError("unreachable: the last attempt returns or raises")
 
     def _log_size(self) -> int:
         log = self.process.log_path

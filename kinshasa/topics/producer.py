@@ -208,9 +208,8 @@ class _Deliveries:
     messages costs the loop one wakeup instead of N (a thread-safe call each).
     """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, count: int, on_fatal: Any) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, count: int) -> None:
         self._loop = loop
-        self._on_fatal = on_fatal
         self._lock = threading.Lock()
         self._reported = 0
         self._expected: int | None = None
@@ -218,9 +217,9 @@ class _Deliveries:
         self.done: asyncio.Future[None] = loop.create_future()
 
     def callback(self, index: int) -> Any:
+        # A report's error is the message's own (too large, purged, timed out), never the producer's
+        # fatal error: that one is raised from produce, poll or flush (`_fatal_error`).
         def report(error: KafkaError | None, msg: Message) -> None:
-            if error is not None and should_rebuild(error):
-                self._on_fatal(error)
             result: Delivered | _DeliveryFailed = (
                 _DeliveryFailed(error) if error is not None
                 else Delivered(str(msg.topic()), int(msg.partition() or 0), int(msg.offset() or 0))
@@ -264,6 +263,13 @@ class _Deliveries:
 _CLOSED_HANDLE = "Producer has been closed"
 
 
+def _on_error(error: KafkaError) -> None:
+    """librdkafka's error callback. Its errors are transient (broker down, connection reset): librdkafka
+    reconnects and retries on its own. A fatal error never comes here: confluent-kafka raises it from
+    produce, poll or flush instead (`_fatal_error`)."""
+    log.warning("kafka producer: %s", error)
+
+
 def _close_handles(producers: list[Producer]) -> None:
     for producer in producers:
         producer.close()
@@ -285,7 +291,7 @@ class AsyncProducer:
         self._poll_interval = poll_interval
         self._queue_full_timeout = queue_full_timeout
         self._fatal: KafkaError | None = None
-        self._fatal_source: Producer | None = None  # the instance that raised it, when known
+        self._fatal_source: Producer | None = None  # the instance that raised it
         self._fatal_lock = threading.Lock()
         # Producers replaced after a fatal error, still polled until their in-flight reports arrive, then
         # closed by the poll thread (taken off this list under the lock first, so flush and close never
@@ -307,29 +313,15 @@ class AsyncProducer:
         return dict(self._passed_config)
 
     def _build(self) -> Producer:
-        built: list[Producer] = []  # so its error callback can say which instance failed
-
-        def on_error(error: KafkaError) -> None:
-            self._on_error(error, built[0] if built else None)
-
-        self._passed_config = {**self._base_config, "error_cb": on_error}
-        producer = Producer(self._passed_config)
-        built.append(producer)
-        return producer
+        self._passed_config = {**self._base_config, "error_cb": _on_error}
+        return Producer(self._passed_config)
 
     # --- librdkafka threads -------------------------------------------------------------------------
 
-    def _on_error(self, error: KafkaError, source: Producer | None = None) -> None:
-        if should_rebuild(error):
-            self._note_fatal(error, source)
-        else:
-            # Transient (broker down, connection reset): librdkafka reconnects and retries on its own.
-            log.warning("kafka producer: %s", error)
-
-    def _note_fatal(self, error: KafkaError, source: Producer | None = None) -> None:
+    def _note_fatal(self, error: KafkaError, source: Producer) -> None:
         """Mark the producer in use failed, so it is replaced; `source` is the instance that raised it."""
         with self._fatal_lock:
-            if source is not None and source is not self._producer:
+            if source is not self._producer:
                 # A late report from an instance already replaced: the one in use is not at fault.
                 log.info("kafka producer: a replaced instance reported %s", error)
                 return
@@ -499,7 +491,7 @@ class AsyncProducer:
         items after the producer failed (see `_produce`).
         """
         self._check_open()
-        deliveries = _Deliveries(asyncio.get_running_loop(), len(items), self._note_fatal)
+        deliveries = _Deliveries(asyncio.get_running_loop(), len(items))
         failures: list[FailedSend] = []
         produced = 0
         into: Producer | None = None  # the instance the batch's first item went to

@@ -15,10 +15,11 @@ from confluent_kafka.admin import AdminClient
 
 from kinshasa.infra.kafka import KafkaBroker
 from kinshasa.schemas.envelope import Actor, EntityRef, Envelope, new_id, utcnow
+from kinshasa.topics import producer as producer_module
 from kinshasa.topics.admin import ensure_topics
 from kinshasa.topics.catalogue import TopicSpec
 from kinshasa.topics.consumer import AsyncConsumer, Record
-from kinshasa.topics.producer import AsyncProducer, Outgoing, PublishError
+from kinshasa.topics.producer import AsyncProducer, Outgoing, PublishError, should_rebuild
 from tests.integration.test_relay import read_topic
 
 # Turns of a race between a refused message and its key's next one.
@@ -339,10 +340,12 @@ async def test_batch_failures_name_the_items(kafka: KafkaBroker, topic: str, uni
 
 
 async def test_no_message_is_acknowledged_after_an_earlier_one_of_its_partition_was_refused(
-        kafka: KafkaBroker, unique: str) -> None:
+        kafka: KafkaBroker, unique: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The broker refuses a message too large for its topic. The next message of its key, in the same
     batch, goes out in the same request or, the producer not lingering, in a later one: it must fail
     either way, and soon (not at `message.timeout.ms`), or its key would be seen out of order."""
+    reported: list[KafkaError] = []  # what librdkafka's error callback was given
+    monkeypatch.setattr(producer_module, "_on_error", reported.append)
     name = f"test.io.small.{unique}"
     ensure_topics(kafka.bootstrap, [TopicSpec(name, 1, configs={"max.message.bytes": "4096"})])
     producer = AsyncProducer(kafka.bootstrap, client_id=f"refused-{unique}",
@@ -371,14 +374,20 @@ async def test_no_message_is_acknowledged_after_an_earlier_one_of_its_partition_
     assert apart, f"in {MAX_TURNS} turns the message behind always shared the refused request"
     values = [m.value for m in read_topic(kafka.bootstrap, name)]
     assert b"behind" not in values and values[-1] == b"marker"
+    # Each refusal's fatal error was raised from a call, which replaced the producer; none came to the
+    # error callback, which only logs.
+    assert producer.rebuilds == turn + 1
+    assert not [error for error in reported if should_rebuild(error)]
 
 
 async def test_fatal_error_rebuilds_the_producer(kafka: KafkaBroker, topic: str, unique: str) -> None:
     p = AsyncProducer(kafka.bootstrap, client_id=f"fatal-{unique}")
     try:
         await p.send(topic, b"k", b"before")
-        # What librdkafka's error callback reports when an idempotent producer is fenced or loses sequence.
-        p._on_error(KafkaError(KafkaError._FATAL, "simulated fatal idempotence error", fatal=True))
+        # What poll raises, and the poll thread notes, when an idempotent producer is fenced or loses
+        # sequence.
+        p._note_fatal(KafkaError(KafkaError._FATAL, "simulated fatal idempotence error", fatal=True),
+                      p._producer)
         after = await p.send(topic, b"k", b"after")
         assert p.rebuilds == 1
         assert after.offset >= 0
