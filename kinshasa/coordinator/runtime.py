@@ -306,4 +306,4 @@ class CoordinatorRuntime:
 async def serve_forever(runtime: CoordinatorRuntime) -> None:
     """Run until SIGTERM or SIGINT, then shut down gracefully."""
     tracing.setup(COMPONENT)
-    await serve_until_signalled(runtime.run)
+    await serve_until_signalled(runtime.run, runtime.ready)

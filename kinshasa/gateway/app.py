@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -44,7 +43,7 @@ from kinshasa.gateway.settings import GatewayConfig
 from kinshasa.gateway.store import install_gateway_tables
 from kinshasa.kernel import tracing
 from kinshasa.kernel.admin_api import admin_app, load_or_create_internal_token
-from kinshasa.kernel.component import database_check, drain_outbox, verify_topics
+from kinshasa.kernel.component import database_check, drain_outbox, freeze_startup_heap, verify_topics
 from kinshasa.kernel.database import create_engine
 from kinshasa.kernel.dlq import DeadLetterQueue, OutboxDeadLetters, SqlDeadLetterStore, guarded_handler
 from kinshasa.kernel.housekeeping import Housekeeper, housekeeping_policy
@@ -468,19 +467,6 @@ def mcp_endpoint(gateway: Gateway) -> McpEndpoint:
         await serve_graphql(gateway.reads, gateway.graphql_app, scope, receive, send)
 
     return McpEndpoint(graphql, lambda key: gateway.registry.authenticate(key), McpSettings())
-
-
-def freeze_startup_heap() -> None:
-    """Move everything alive after startup out of the cyclic garbage collector's sight (`gc.freeze`).
-
-    The process holds ~150k long-lived objects (schema, SQLAlchemy, pydantic, the Kafka client). Under
-    load, objects of requests in flight survive the young collections, so full collections run several
-    times a second, and each one traversed that whole startup heap: 0.1-0.3 ms of CPU per request in
-    `bench/bench_gateway.py`. Frozen objects are still freed by reference counting; only cycles among
-    them would stay, and the startup heap lives as long as the process anyway.
-    """
-    gc.collect()
-    gc.freeze()
 
 
 def bootstrap(settings: GatewayConfig | None = None, stack: StackSettings | None = None) -> Gateway:

@@ -309,4 +309,4 @@ class ServiceRuntime:
 async def serve_forever(runtime: ServiceRuntime) -> None:
     """Run until SIGTERM or SIGINT, then shut down gracefully (the in-flight message finishes first)."""
     tracing.setup(runtime.service.name)
-    await serve_until_signalled(runtime.run)
+    await serve_until_signalled(runtime.run, runtime.ready)
