@@ -181,10 +181,10 @@ def freeze_startup_heap() -> None:
     """Move everything alive after startup out of the cyclic garbage collector's sight (`gc.freeze`).
 
     A component process holds 150,000 to 250,000 long-lived objects (the schema, SQLAlchemy, pydantic,
-    temporalio, the Kafka client). Every full collection traversed them all: 50 to 120 ms with the
-    process stopped, every few seconds at a few dozen writes a second, in the gateway, the services and
-    the coordinator alike (measured under `bench/bench_latency.py`), and 0.1-0.3 ms of CPU a request in
-    `bench/bench_gateway.py`. Frozen objects are still freed by reference counting; only cycles among
+    temporalio, the Kafka client). Every full collection traversed them all, with the process stopped:
+    95 to 107 ms in a service and the coordinator, about once in 20 s at 50 writes a second
+    (`bench/bench_latency.py`), 1 ms frozen; in the gateway under load, several times a second, 0.1-0.3 ms
+    of CPU a request (`bench/bench_gateway.py`). Frozen objects are still freed by reference counting; only cycles among
     them would stay, and the startup heap lives as long as the process anyway.
     """
     gc.collect()
