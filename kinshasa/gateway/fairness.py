@@ -49,7 +49,9 @@ class TokenBucket:
         self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
         self.stamp = now
         needed = min(amount, self.burst)
-        if self.tokens >= needed:
+        # Within rounding of the amount counts as enough: a client that waited exactly the wait given
+        # (`retryAfterS`) is admitted, not refused again for a float's last digit.
+        if self.tokens >= needed * (1 - 1e-9):
             self.tokens -= amount
             return 0.0
         return (needed - self.tokens) / self.rate

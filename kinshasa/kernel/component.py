@@ -183,9 +183,9 @@ def freeze_startup_heap() -> None:
     A component process holds 150,000 to 250,000 long-lived objects (the schema, SQLAlchemy, pydantic,
     temporalio, the Kafka client). Every full collection traversed them all, with the process stopped:
     95 to 107 ms in a service and the coordinator, about once in 20 s at 50 writes a second
-    (`bench/bench_latency.py`), 1 ms frozen; in the gateway under load, several times a second, 0.1-0.3 ms
-    of CPU a request (`bench/bench_gateway.py`). Frozen objects are still freed by reference counting; only cycles among
-    them would stay, and the startup heap lives as long as the process anyway.
+    (`bench/bench_latency.py`), 1 ms frozen; in the gateway under load, several times a second, 0.1-0.3
+    ms of CPU a request (`bench/bench_gateway.py`). Frozen objects are still freed by reference counting;
+    only cycles among them would stay, and the startup heap lives as long as the process anyway.
     """
     gc.collect()
     gc.freeze()
