@@ -28,7 +28,21 @@ async def engine(tmp_path: Path) -> AsyncIterator[AsyncEngine]:
 
 
 async def test_writers_begin_in_the_order_they_asked_and_each_waits_for_the_one_before(
-        engine: AsyncEngine) -> None:
+        engine: AsyncEngine, monkeypatch: pytest.MonkeyPatch) -> None:
+    # How many writers have asked for a turn: each writer starts after the one before it has asked (a
+    # fixed pause was a race when opening a connection took longer).
+    asked = 0
+    changed = asyncio.Condition()
+    acquire = WriteTurns._acquire
+
+    async def counted(self: WriteTurns, lock: asyncio.Lock) -> bool:
+        nonlocal asked
+        async with changed:
+            asked += 1
+            changed.notify_all()
+        return await acquire(self, lock)
+
+    monkeypatch.setattr(WriteTurns, "_acquire", counted)
     order: list[int] = []
     first_may_commit = asyncio.Event()
     first_began = asyncio.Event()
@@ -50,7 +64,8 @@ async def test_writers_begin_in_the_order_they_asked_and_each_waits_for_the_one_
     waiting = []
     for n in range(1, 6):
         waiting.append(asyncio.create_task(writer(n)))
-        await asyncio.sleep(0.01)  # asks after the one before it has asked
+        async with asyncio.timeout(30), changed:
+            await changed.wait_for(lambda n=n: asked > n)  # the holder asked first, then writers 1 to n
     # A read does not wait for a turn: it answers while the first writer still holds the lock.
     async with engine.connect() as conn:
         await conn.execution_options(**{READ_ONLY: True})
