@@ -55,6 +55,14 @@ def trips(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return count
 
 
+@pytest.fixture
+def patient_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A slice of the loop no statement here comes near, for the tests that check where statements run:
+    a machine that stops the process for 5 ms mid-statement would otherwise send the rest of a
+    transaction to the connection's thread, as a long statement does."""
+    monkeypatch.setattr(sqlite_driver, "ON_LOOP_SLICE_S", 1.0)
+
+
 async def _thread_ids(conn: AsyncConnection, statements: int) -> list[int]:
     """Run `statements` statements, each answering with the thread SQLite ran it on."""
     raw = await conn.get_raw_connection()
@@ -63,7 +71,7 @@ async def _thread_ids(conn: AsyncConnection, statements: int) -> list[int]:
 
 
 async def test_a_write_transaction_makes_a_trip_for_its_first_statement_and_its_commit_alone(
-        engine: AsyncEngine, trips: list[int]) -> None:
+        engine: AsyncEngine, trips: list[int], patient_loop: None) -> None:
     loop_thread = threading.get_ident()
     async with engine.connect() as conn:
         trips[0] = 0
@@ -95,7 +103,8 @@ async def test_a_read_or_an_off_loop_write_makes_one_trip_per_statement(
     assert trips[0] == 5
 
 
-async def test_a_connection_back_from_a_write_runs_a_read_on_its_thread(engine: AsyncEngine) -> None:
+async def test_a_connection_back_from_a_write_runs_a_read_on_its_thread(
+        engine: AsyncEngine, patient_loop: None) -> None:
     loop_thread = threading.get_ident()
     async with engine.connect() as conn:
         async with conn.begin():

@@ -77,7 +77,7 @@ async def test_a_held_command_gets_its_receipt_when_released_and_a_retry_adds_no
 ) -> None:
     async with running_gateway(database_url, kafka.bootstrap, tmp_path, examples_catalogue) as harness:
         c = harness.client
-        await c.set_policy({"quarantineWindowS": 1})
+        await c.set_policy({"quarantineWindowS": 5})  # the write and the check below fit inside it
         run_id = await c.start_run()
         key = f"k-{uuid.uuid4()}"
         first = (await c.data(CREATE, {"r": run_id, "t": "a", "k": key}, AGENT_KEY))["createDocument"]
@@ -90,7 +90,7 @@ async def test_a_held_command_gets_its_receipt_when_released_and_a_retry_adds_no
                     commands.c.command_id == first["commandId"]))
             return status == "PUBLISHED"
 
-        for _ in range(200):
+        for _ in range(600):
             if await released():
                 break
             await asyncio.sleep(0.05)
