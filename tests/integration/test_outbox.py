@@ -7,7 +7,7 @@ import uuid
 from datetime import timedelta
 
 import pytest
-from sqlalchemy import Column, Integer, MetaData, String, Table, func, insert, select
+from sqlalchemy import Column, Integer, MetaData, String, Table, func, insert, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from kinshasa.kernel.database import create_engine
@@ -236,7 +236,16 @@ async def test_postgres_appenders_of_one_key_commit_in_seq_order(database_url: s
             waiting = asyncio.create_task(second())
             other_key = asyncio.create_task(_append_other_key(engine))
             await asyncio.wait_for(other_key, 5)  # another key is not held up
-            await asyncio.sleep(0.3)
+            # The second appender is seen queued for K's advisory lock, so it has not appended yet.
+            async with engine.connect() as watcher:
+                for _ in range(100):
+                    queued = await watcher.scalar(text(
+                        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted AND "
+                        "database = (SELECT oid FROM pg_database WHERE datname = current_database())"))
+                    if queued:
+                        break
+                    await asyncio.sleep(0.05)
+            assert queued == 1
             assert not waiting.done(), "the second appender of key K should wait for the first to commit"
             await tx.commit()
             await asyncio.wait_for(waiting, 5)

@@ -12,8 +12,11 @@ import time
 import uuid
 from pathlib import Path
 
+from temporalio.client import WorkflowQueryFailedError
+from temporalio.service import RPCError
+
 from kinshasa.coordinator.models import RevertRequest, RevertRunInput
-from kinshasa.coordinator.workflows import revert_workflow_id
+from kinshasa.coordinator.workflows import RevertRun, revert_workflow_id
 from kinshasa.infra.temporal import TemporalServer
 from kinshasa.schemas.envelope import RunEventKind
 from tests.integration.coordinator.harness import (
@@ -26,6 +29,7 @@ from tests.integration.coordinator.harness import (
     read_topics,
     record_history,
     run_fact,
+    wait_for,
 )
 
 
@@ -94,8 +98,18 @@ async def test_a_revert_requested_while_the_run_writes_undoes_every_write(
         # last 250 reach Kafka only afterwards, while the revert is already waiting.
         await stack.publish(commands[:150])
         await stack.request_revert(run_id, len(commands))
-        await asyncio.sleep(1.0)
-        assert (await stack.ledger.counts(run_id)).compensated == 0  # it waits for every result first
+        # The revert, running, says it waits for all 400 results; nothing is compensated meanwhile.
+        handle = stack.client.get_workflow_handle(revert_workflow_id(run_id))
+
+        async def waiting_for_every_result() -> bool:
+            try:
+                progress = await handle.query(RevertRun.progress)
+            except (RPCError, WorkflowQueryFailedError):  # not started yet
+                return False
+            return progress is not None and progress.phase == "waiting_for_results" and progress.target == 400
+
+        await wait_for(waiting_for_every_result, 60, "the revert to wait for the run's 400 results")
+        assert (await stack.ledger.counts(run_id)).compensated == 0
         for start in range(150, 400, 50):
             await stack.publish(commands[start:start + 50])
             await asyncio.sleep(0.2)

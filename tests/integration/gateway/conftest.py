@@ -14,10 +14,12 @@ from typing import Any
 import httpx
 import pytest
 from confluent_kafka import Consumer, KafkaException, TopicPartition
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from kinshasa.gateway.app import Gateway
 from kinshasa.gateway.principals import PrincipalRegistry
 from kinshasa.gateway.settings import GatewayConfig
+from kinshasa.kernel.outbox import OutboxStatus
 from kinshasa.schemas.envelope import Envelope
 from kinshasa.settings import StackSettings
 from kinshasa.topics.producer import AsyncProducer
@@ -117,6 +119,17 @@ class Harness:
     gateway: Gateway
     client: Client
     bootstrap: str
+
+
+async def outbox_drained(engine: AsyncEngine, within_s: float = 30.0) -> None:
+    """Wait until the gateway's relay has published every row of its outbox (each acknowledged by the
+    broker): what is on Kafka then is all the writes so far will ever put there. The positive signal a
+    check that something was *not* published waits for."""
+    status = OutboxStatus(engine)
+    deadline = time.monotonic() + within_s
+    while (backlog := await status.backlog()).pending:
+        assert time.monotonic() < deadline, f"the outbox holds {backlog.pending} rows after {within_s} s"
+        await asyncio.sleep(0.05)
 
 
 def registry() -> PrincipalRegistry:

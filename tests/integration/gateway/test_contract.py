@@ -14,6 +14,7 @@ from tests.integration.gateway.conftest import (
     OTHER_AGENT_KEY,
     Harness,
     TopicReader,
+    outbox_drained,
     publish,
 )
 
@@ -273,8 +274,7 @@ async def test_quarantine_release_discard_hold(harness: Harness, reader: TopicRe
     third = (await c.create_document(run_id))["data"]["createDocument"]
     discarded = await c.data(f'mutation {{ discardRun(runId: "{run_id}") {{ count }} }}', key=OPERATOR_KEY)
     assert discarded["discardRun"]["count"] == 1
-    on_kafka = await reader.wait_for([commands_topic("documents")], run_id, 2)
-    await asyncio.sleep(1.0)
+    await outbox_drained(harness.gateway.engine)
     on_kafka = await reader.envelopes([commands_topic("documents")], run_id)
     assert {str(e.message_id) for e in on_kafka} == {r["commandId"] for r in held}
     assert third["commandId"] not in {str(e.message_id) for e in on_kafka}
@@ -308,8 +308,7 @@ async def test_egress_approve_and_deny(harness: Harness, reader: TopicReader) ->
         f'mutation {{ approveEgress(commandId: "{second["commandId"]}") {{ status }} }}', key=OPERATOR_KEY
     )
     assert twice["extensions"]["code"] == "VALIDATION"
-    await reader.wait_for([commands_topic("notifier")], run_id, 1)
-    await asyncio.sleep(1.0)
+    await outbox_drained(harness.gateway.engine)
     sent = await reader.envelopes([commands_topic("notifier")], run_id)
     assert [str(e.message_id) for e in sent] == [first["commandId"]]
 

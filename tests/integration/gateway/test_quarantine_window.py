@@ -13,7 +13,7 @@ from kinshasa.gateway.releaser import Releaser
 from kinshasa.gateway.store import runs
 from kinshasa.schemas.envelope import utcnow
 from kinshasa.topics.catalogue import commands_topic
-from tests.integration.gateway.conftest import Harness, TopicReader
+from tests.integration.gateway.conftest import Harness, TopicReader, outbox_drained
 
 
 async def test_held_command_reaches_kafka_only_after_its_window(
@@ -94,6 +94,7 @@ async def test_hold_timeout_discards_never_releases(harness: Harness, reader: To
             break
         await asyncio.sleep(0.2)
     assert counts == {"held": 0, "discarded": 1}
+    await outbox_drained(harness.gateway.engine)
     assert await reader.envelopes([commands_topic("documents")], run_id) == []
 
 
