@@ -49,9 +49,9 @@ class TokenBucket:
         self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
         self.stamp = now
         needed = min(amount, self.burst)
-        # Within rounding of the amount counts as enough: a client that waited exactly the wait given
-        # (`retryAfterS`) is admitted, not refused again for a float's last digit.
-        if self.tokens >= needed * (1 - 1e-9):
+        # A microsecond of refill short counts as enough: a client that waited exactly the wait given
+        # (`retryAfterS`) is admitted, not refused again for the rounding of a clock read in seconds.
+        if self.tokens >= needed - self.rate * 1e-6:
             self.tokens -= amount
             return 0.0
         return (needed - self.tokens) / self.rate

@@ -98,7 +98,8 @@ async def test_a_revert_requested_while_the_run_writes_undoes_every_write(
         # last 250 reach Kafka only afterwards, while the revert is already waiting.
         await stack.publish(commands[:150])
         await stack.request_revert(run_id, len(commands))
-        # The revert, running, says it waits for all 400 results; nothing is compensated meanwhile.
+        # The revert, running, says it waits for all 400 results, and still says so while the rest are
+        # published (none of the last 50 exists before the last batch): nothing is compensated meanwhile.
         handle = stack.client.get_workflow_handle(revert_workflow_id(run_id))
 
         async def waiting_for_every_result() -> bool:
@@ -109,8 +110,9 @@ async def test_a_revert_requested_while_the_run_writes_undoes_every_write(
             return progress is not None and progress.phase == "waiting_for_results" and progress.target == 400
 
         await wait_for(waiting_for_every_result, 60, "the revert to wait for the run's 400 results")
-        assert (await stack.ledger.counts(run_id)).compensated == 0
         for start in range(150, 400, 50):
+            assert await waiting_for_every_result(), f"the revert went on with {start} of 400 commands sent"
+            assert (await stack.ledger.counts(run_id)).compensated == 0
             await stack.publish(commands[start:start + 50])
             await asyncio.sleep(0.2)
         outcome = await stack.revert_result(run_id)

@@ -122,14 +122,16 @@ class Harness:
 
 
 async def outbox_drained(engine: AsyncEngine, within_s: float = 30.0) -> None:
-    """Wait until the gateway's relay has published every row of its outbox (each acknowledged by the
-    broker): what is on Kafka then is all the writes so far will ever put there. The positive signal a
-    check that something was *not* published waits for."""
+    """Wait until the gateway's relay has published every row appended to its outbox so far, each
+    acknowledged by the broker, and none went dead: what is on Kafka then is all those rows. The positive
+    signal a check that something was *not* published waits for (a held command enters the outbox only
+    when it is released)."""
     status = OutboxStatus(engine)
     deadline = time.monotonic() + within_s
     while (backlog := await status.backlog()).pending:
         assert time.monotonic() < deadline, f"the outbox holds {backlog.pending} rows after {within_s} s"
         await asyncio.sleep(0.05)
+    assert backlog.dead == 0, f"{backlog.dead} outbox rows went dead instead of being published"
 
 
 def registry() -> PrincipalRegistry:

@@ -26,15 +26,19 @@ def test_a_bucket_refills_at_its_rate_up_to_its_burst() -> None:
     assert bucket.take(1, now=1000) == pytest.approx(8.1)
 
 
-def test_a_client_that_waits_exactly_the_wait_it_was_given_is_admitted() -> None:
+@pytest.mark.parametrize("start", [1000.0, 123_456.789, 9_876_543.21, 4e7 + 0.1])
+def test_a_client_that_waits_exactly_the_wait_it_was_given_is_admitted(start: float) -> None:
     # 2.5 pages of 123, 10 pages a second: after two pages the third waits 0.05 s, which the float
-    # arithmetic of the refill puts a hair short of a page.
+    # arithmetic of the refill, on a clock of that size (a monotonic clock counts seconds since boot),
+    # may put a hair short of a page.
     page = 123
-    bucket = TokenBucket(rate=10 * page, burst=2.5 * page, now=1000.0)
-    assert bucket.take(page, now=1000.0) == bucket.take(page, now=1000.0) == 0
-    wait = bucket.take(page, now=1000.0)
-    assert wait == pytest.approx(0.05)
-    assert bucket.take(page, now=1000.0 + wait) == 0
+    for step in range(200):
+        now = start + step * 0.731
+        bucket = TokenBucket(rate=10 * page, burst=2.5 * page, now=now)
+        assert bucket.take(page, now=now) == bucket.take(page, now=now) == 0
+        wait = bucket.take(page, now=now)
+        assert wait == pytest.approx(0.05)
+        assert bucket.take(page, now=now + wait) == 0, now
 
 
 def test_a_principal_over_its_rate_is_refused_with_when_to_retry_and_others_are_not() -> None:
