@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import gc
 import json
 import os
 import shutil
@@ -369,11 +368,12 @@ async def measure_all(urls: dict[str, str], rates: list[float], seconds: float, 
                       poll_s: float, sweep: list[float], sweep_seconds: float) -> dict[str, Any]:
     """The stated rates, then the saturation sweep: rising rates until accepted -> in the ledger p99 > 1 s
     (or a command is lost or refused); the saturation rate is the last rate that kept it."""
+    from kinshasa.kernel.component import freeze_startup_heap
+
     # The load generator shares the two cores with the stack: its client is the cheapest there is. Its
     # startup heap is frozen as the stack's processes freeze theirs: a full collection of it stopped this
     # process (its tail and ledger poll, whose reads are the moments measured) for 50 to 80 ms.
-    gc.collect()
-    gc.freeze()
+    freeze_startup_heap()
     gateway, coordinator = Pool(port_of(urls["gateway"])), Pool(port_of(urls["coordinator"]))
     try:
         await gql(gateway, OPERATOR_KEY,
