@@ -1,8 +1,9 @@
 """Gateway throughput: accepted mutations/s through the full path against a bare Strawberry echo mutation.
 
-Both servers run as separate uvicorn processes with the same settings (one worker, same loop, no access
-log) in the same run, driven in alternating rounds (median per side) by the same minimal keep-alive
-HTTP/1.1 load generator (cheap enough that the server, not the client, is the bottleneck).
+Both servers run as separate uvicorn processes with the same settings (one worker, the components' loop
+and HTTP parser, no access log) in the same run, driven in alternating rounds (median per side) by the
+same minimal keep-alive HTTP/1.1 load generator (cheap enough that the server, not the client, is the
+bottleneck).
 The gateway path is the real one:
 Bearer auth, run ownership, breaker check+count, quarantine window 0, the command row, its outbox row and the
 count committed in one database transaction (group commit: writes queued together share it), and the
@@ -44,10 +45,13 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench.keepalive import Connection, request_bytes  # noqa: E402
+from kinshasa.kernel.component import UVICORN_IMPLEMENTATION  # noqa: E402
 
 AGENT_KEY = "bench-agent-" + "k" * 40
 OPERATOR_KEY = "bench-operator-" + "k" * 40
-UVICORN = {"log_level": "warning", "access_log": False, "lifespan": "on", "loop": "asyncio", "http": "h11"}
+# Every server on the event loop and HTTP parser the components run on (uvloop, httptools), so the gateway
+# is measured as it serves and the echoes like for like.
+UVICORN = {"log_level": "warning", "access_log": False, "lifespan": "on", **UVICORN_IMPLEMENTATION}
 
 
 # --- the echo server: a bare Strawberry mutation, same FastAPI + uvicorn settings ---------------------
