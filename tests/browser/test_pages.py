@@ -1,5 +1,5 @@
-"""The other pages: runs filtered and reverted several at once with live progress; policy versions with
-author and reason; each component's dead letters."""
+"""The other pages: runs filtered and reverted several at once with live progress (which a failed event
+does not leave stale); policy versions with author and reason; each component's dead letters."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import re
 import uuid
 
 from confluent_kafka import Producer
-from playwright.sync_api import Page, expect
+from playwright.sync_api import Locator, Page, WebSocketRoute, expect
 
 from kinshasa.topics.catalogue import ALERTS
 from tests.browser.conftest import signed_in
@@ -16,6 +16,24 @@ from tests.e2e.api import Api
 from tests.e2e.stack import Stack, wait_for
 
 MANY = "browser.many"
+
+
+def _revert_on_the_runs_page(page: Page, stack: Stack, entry: str, runs: list[str], reason: str) -> Locator:
+    """List the entry point's running runs, select `runs` and revert them; returns the table."""
+    signed_in(page, stack, "runs")
+    page.get_by_label("Entry point").fill(entry)
+    page.get_by_label("Status").select_option("RUNNING")
+    page.get_by_role("button", name="Filter").click()
+    table = page.get_by_role("table", name="Runs")
+    for run_id in runs:
+        expect(table.locator(f"tr[data-run='{run_id}']")).to_be_visible()
+        page.get_by_label(f"Select run {run_id[:8]}").check()
+    page.get_by_role("button", name=f"Revert selected ({len(runs)})").click()
+    title = f"Revert {len(runs)} run{'' if len(runs) == 1 else 's'}"
+    dialog = page.get_by_role("dialog", name=title)
+    dialog.get_by_label("Reason").fill(reason)
+    dialog.get_by_role("button", name=title).click()
+    return table
 
 
 def test_runs_are_filtered_and_several_reverted_together_with_live_progress(
@@ -27,23 +45,78 @@ def test_runs_are_filtered_and_several_reverted_together_with_live_progress(
         wait_for("the draft to be applied",
                  lambda r=receipt: agent.command(r["commandId"])["result"] == "APPLIED")
 
-    signed_in(page, stack, "runs")
-    page.get_by_label("Entry point").fill(MANY)
-    page.get_by_label("Status").select_option("RUNNING")
-    page.get_by_role("button", name="Filter").click()
-    table = page.get_by_role("table", name="Runs")
-    for run_id in runs:
-        expect(table.locator(f"tr[data-run='{run_id}']")).to_be_visible()
-        page.get_by_label(f"Select run {run_id[:8]}").check()
-    page.get_by_role("button", name="Revert selected (2)").click()
-    dialog = page.get_by_role("dialog", name="Revert 2 runs")
-    dialog.get_by_label("Reason").fill("drafts from a bad prompt")
-    dialog.get_by_role("button", name="Revert 2 runs").click()
+    table = _revert_on_the_runs_page(page, stack, MANY, runs, "drafts from a bad prompt")
     expect(page.get_by_role("status").filter(has_text="Revert requested for 2 run(s)")).to_be_visible()
     for run_id in runs:
         expect(table.locator(f"tr[data-run='{run_id}'] td[role='status']")).to_have_text(
             "REVERTED: 1 of 1 compensated, 0 failing, 0 pending")
         assert operator.run(run_id)["status"] == "REVERTED"
+
+
+class ProgressSpoiler:
+    """Stands between the page and the gateway's WebSocket and turns the first runChanged event that says a
+    run is REVERTED into one whose revertProgress failed, as when the coordinator does not answer in time.
+    That event is the feed's last: the gateway ends a settled run's feed right after it."""
+
+    def __init__(self, page: Page) -> None:
+        self.spoiled = 0
+        page.route_web_socket(re.compile(r".*/graphql$"), self.handle)
+
+    def handle(self, socket: WebSocketRoute) -> None:
+        server = socket.connect_to_server()
+
+        def from_server(message: str | bytes) -> None:
+            event = json.loads(message)
+            data = (event.get("payload") or {}).get("data") if event.get("type") == "next" else None
+            run = (data or {}).get("runChanged")
+            if run and run["status"] == "REVERTED" and not self.spoiled:
+                self.spoiled += 1
+                run["revertProgress"] = None
+                event["payload"]["errors"] = [{
+                    "message": "the coordinator did not answer in time",
+                    "path": ["runChanged", "revertProgress"],
+                    "extensions": {"code": "BACKEND_UNAVAILABLE", "component": "coordinator"}}]
+                message = json.dumps(event)
+            socket.send(message)
+
+        server.on_message(from_server)
+
+
+def _run_with_an_applied_draft(agent: Api, operator: Api, entry: str) -> str:
+    operator.set_policy(entry, quarantineWindowS=0.0)
+    run_id = agent.start_run(entry)
+    receipt = agent.write(run_id, "createDocument", title="draft", body="b")
+    wait_for("the draft to be applied", lambda: agent.command(receipt["commandId"])["result"] == "APPLIED")
+    return run_id
+
+
+def test_a_reverted_run_whose_last_event_failed_still_shows_its_progress(
+        page: Page, stack: Stack, agent: Api, operator: Api) -> None:
+    spoiler = ProgressSpoiler(page)
+    entry = "browser.spoiled"
+    run_id = _run_with_an_applied_draft(agent, operator, entry)
+
+    table = _revert_on_the_runs_page(page, stack, entry, [run_id], "a spoiled event")
+    # The failed event said REVERTED without its progress, and the feed ended there: the row asks again.
+    expect(table.locator(f"tr[data-run='{run_id}'] td[role='status']")).to_have_text(
+        "REVERTED: 1 of 1 compensated, 0 failing, 0 pending")
+    assert spoiler.spoiled == 1
+
+
+def test_the_run_page_reads_its_run_again_when_the_last_event_of_its_revert_failed(
+        page: Page, stack: Stack, agent: Api, operator: Api) -> None:
+    spoiler = ProgressSpoiler(page)
+    entry = "browser.spoiled-page"
+    run_id = _run_with_an_applied_draft(agent, operator, entry)
+
+    signed_in(page, stack, f"run/{run_id}")
+    page.get_by_role("button", name=f"Revert run {run_id[:8]}").click()
+    dialog = page.get_by_role("dialog", name=f"Revert run {run_id[:8]}")
+    dialog.get_by_label("Reason").fill("a spoiled event")
+    dialog.get_by_role("button", name="Revert run").click()
+    expect(page.locator("#revert-progress")).to_have_text(
+        "REVERTED: 1 of 1 compensated, 0 failing, 0 pending")
+    assert spoiler.spoiled == 1
 
 
 def test_policy_versions_and_dead_letters_are_shown(page: Page, stack: Stack, operator: Api) -> None:

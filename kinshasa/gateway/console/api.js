@@ -225,8 +225,9 @@ class Live {
   }
 
   /**
-   * Subscribe; `onData(data)` for each event, `onError(error)` for an error of the subscription, `onDone()`
-   * when the gateway ends it (runChanged ends once its run settles). Returns a function that unsubscribes.
+   * Subscribe; `onData(data)` for each event, `onError(error, data)` for an error of the subscription (with
+   * the event's data, or null, when an event came with errors), `onDone()` when the gateway ends it
+   * (runChanged ends once its run settles). Returns a function that unsubscribes.
    */
   subscribe(query, variables, onData, onError = () => {}, onDone = () => {}) {
     const id = String(this.next++);
@@ -235,7 +236,7 @@ class Live {
       variables,
       handle: (message) => {
         if (message.type === "next") {
-          if (message.payload.errors) onError(new GraphQLError(message.payload.errors));
+          if (message.payload.errors) onError(new GraphQLError(message.payload.errors), message.payload.data ?? null);
           else onData(message.payload.data);
         } else if (message.type === "error") {
           this.subscriptions.delete(id);

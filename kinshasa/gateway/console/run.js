@@ -139,7 +139,7 @@ export function render(main, [runId]) {
         revertProgress { total compensated failing pending } } }`, { id: runId }, (data) => {
       if (run) showProgress({ ...run, ...data.runChanged });
       refresh();
-    }, () => {}, () => { stop = null; });
+    }, () => refresh(), () => { stop = null; });  // an event that failed: read the run as it is instead
   }
 
   refresh();

@@ -9,6 +9,12 @@ const STATUSES = ["RUNNING", "FINISHED", "TRIPPED", "REVERTING", "REVERTED", "RE
 const BREAKERS = ["CLOSED", "OPEN", "HALF_OPEN"];
 // A revert's end: its progress moves no more.
 const SETTLED = new Set(["REVERTED", "REVERT_FAILED"]);
+const RUN_FEED = `subscription($id: ID!) { runChanged(id: $id) { id status
+    revertProgress { total compensated failing pending } } }`;
+// A feed refused, or whose event came with an error (the coordinator did not say the progress in time), is
+// opened again after this long: it starts with the run as it is then, so no row keeps a stale or empty
+// progress, even when the event that failed was its run's last.
+const FEED_RETRY_MS = 2000;
 const QUERY = `query($f: RunFilter, $after: String) { runs(filter: $f, first: 50, after: $after) {
   nodes { id agentId entryPoint status startedAt breaker { state writes errors }
           counts { held published applied compensated } }
@@ -111,22 +117,33 @@ export function render(main) {
     const result = done.revertRuns;
     message.textContent = `Revert requested for ${result.requested.length} run(s); ` +
       `${result.unchanged.length} already reverting or reverted.`;
-    for (const id of ids) {
-      if (watching.has(id)) continue;
-      const stop = live.subscribe(`subscription($id: ID!) { runChanged(id: $id) { id status
-          revertProgress { total compensated failing pending } } }`, { id }, (data) => {
-        const run = data.runChanged;
-        const r = rows.get(id);
-        if (r) {
-          r.statusCell.replaceChildren(badge(run.status));
-          r.progressCell.textContent = progressText(run.status, run.revertProgress);
-        }
-        // Nothing moves after these: stop watching (the gateway ends the feed there too).
-        if (SETTLED.has(run.status)) watching.get(id)?.();
-      }, () => {}, () => watching.delete(id));
-      watching.set(id, () => { watching.delete(id); stop(); });
-    }
+    for (const id of ids) if (!watching.has(id)) follow(id);
   });
+
+  /** Show a run's status and revert progress in its row as they change, until its revert ends. */
+  function follow(id) {
+    const show = (run, problem = null) => {
+      const r = rows.get(id);
+      if (!r) return;
+      if (run) r.statusCell.replaceChildren(badge(run.status));
+      r.progressCell.textContent = problem
+        ? `${run ? `${run.status}: progress` : "Progress"} unknown for now (${problem.message}); asking again`
+        : progressText(run.status, run.revertProgress);
+    };
+    let retry = null;
+    const end = () => { clearTimeout(retry); watching.delete(id); stop(); };
+    const stop = live.subscribe(RUN_FEED, { id }, (data) => {
+      show(data.runChanged);
+      // Nothing moves after these: stop watching (the gateway ends the feed there too).
+      if (SETTLED.has(data.runChanged.status)) end();
+    }, (error, data) => {
+      show(data?.runChanged ?? null, error);
+      stop();
+      retry = setTimeout(() => { watching.delete(id); follow(id); }, FEED_RETRY_MS);
+    }, () => { if (retry === null) watching.delete(id); });
+    watching.set(id, end);
+  }
+
   load();
   return () => [...watching.values()].forEach((stop) => stop());
 }
