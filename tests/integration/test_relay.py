@@ -408,32 +408,34 @@ async def run_until(relay: OutboxRelay, engine: AsyncEngine, wanted: dict[str, i
 
 class RecordingWaitsForAClaim(SqlOutboxStore):
     """The outbox, noting what every claim returned, except that the first recording of failed publishes
-    waits (up to 10 s) until a claim that started after the failures were known has returned: the window
-    in which the SQLite relay claims beside a batch whose outcome is not recorded yet, held open."""
+    waits (up to 10 s) until a claim that left `failed_key` out has returned. The relay leaves a key out
+    only while a batch that failed to deliver it is settled and not yet recorded, so such a claim ran in
+    the window in which the SQLite relay claims beside a batch whose outcome is not recorded yet; the
+    wait holds that window open until one has. (A flag set when the recording starts would miss claims
+    that began between the failure and the recording's first statement, which on a busy machine can be
+    all of them: the batches claimed then fill the pipeline until the failure is recorded.)"""
 
-    def __init__(self) -> None:
+    def __init__(self, failed_key: bytes) -> None:
+        self.failed_key = failed_key
         self.claimed: list[list[bytes]] = []
+        # For each claim that left `failed_key` out: the keys it left out, and those of the rows it returned.
+        self.claimed_leaving_it_out: list[tuple[set[bytes], list[bytes | None]]] = []
         self.held = False
-        self.recording = False
-        self.claims_while_recording = 0
-        self._claimed = asyncio.Event()
+        self._left_out = asyncio.Event()
 
     async def claim(self, conn: Any, **kwargs: Any) -> list[ClaimedRow]:
-        during = self.recording
         rows = await super().claim(conn, **kwargs)
         self.claimed.append([r.value for r in rows])
-        if during:
-            self.claims_while_recording += 1
-            self._claimed.set()
+        if self.failed_key in kwargs["exclude_keys"]:
+            self.claimed_leaving_it_out.append((set(kwargs["exclude_keys"]), [r.key for r in rows]))
+            self._left_out.set()
         return rows
 
     async def record_failures(self, conn: Any, failures: Any, *, relay_id: str) -> None:
         if failures and not self.held:
-            self.held = self.recording = True
-            self._claimed.clear()
+            self.held = True
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._claimed.wait(), 10)
-            self.recording = False
+                await asyncio.wait_for(self._left_out.wait(), 10)
         await super().record_failures(conn, failures, relay_id=relay_id)
 
 
@@ -442,13 +444,13 @@ async def test_run_claims_beside_publishing_and_recording_batches_but_never_past
         kafka: KafkaBroker, unique: str, engine: AsyncEngine) -> None:
     """On SQLite the relay claims the next batch while one waits for the broker, keys and all: that batch
     publishes after it, without the rows of a key it failed to deliver. Once the broker has answered, the
-    next claim runs while the outcome is recorded and leaves out only the keys that failed. Either way a
+    next claim runs while the outcome is recorded and leaves out the keys that failed. Either way a
     failed key's later rows wait behind it (here until it is dead), never overtaking it."""
     good = create_topic(kafka.bootstrap, f"relay.settle.{unique}", partitions=1)
     missing = f"relay.settle.missing.{unique}"  # never created: every publish to it fails
     producer = missing_topic_producer(kafka.bootstrap, f"relay-settle-{unique}")
     _, expected = await append_behind_a_poison(engine, good, missing, per_key_after=10)
-    store = RecordingWaitsForAClaim()
+    store = RecordingWaitsForAClaim(b"documents:K")
     relay = OutboxRelay(engine, producer, batch_size=6, pipeline_depth=2, max_attempts=2,
                         base_backoff_s=0.05, max_backoff_s=0.1, jitter=0, store=store)
     try:
@@ -460,7 +462,12 @@ async def test_run_claims_beside_publishing_and_recording_batches_but_never_past
     # recorded, when the row behind it was pending and due.
     assert store.claimed[0][0] == b"poison" and len(store.claimed[0]) == 6
     assert b"behind-poison" in store.claimed[1]
-    assert store.claims_while_recording == 1
+    # The claims that ran while the poison's failure was not recorded yet left its key out and took none
+    # of the keys they left out, but took other keys' rows.
+    assert store.claimed_leaving_it_out
+    for left_out, keys in store.claimed_leaving_it_out:
+        assert not left_out & set(keys)
+    assert any(keys for _, keys in store.claimed_leaving_it_out)
     got = read_topic(kafka.bootstrap, good)
     assert b"behind-poison" not in [m.value for m in got]
     check_per_key_order(got, expected)
