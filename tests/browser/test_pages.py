@@ -25,6 +25,9 @@ def _revert_on_the_runs_page(page: Page, stack: Stack, entry: str, runs: list[st
     page.get_by_label("Status").select_option("RUNNING")
     page.get_by_role("button", name="Filter").click()
     table = page.get_by_role("table", name="Runs")
+    # The filtered listing is in: selecting from the unfiltered one would race its replacement, which, if
+    # read after the revert began, no longer lists the run as RUNNING.
+    expect(table).to_have_attribute("aria-busy", "false")
     for run_id in runs:
         expect(table.locator(f"tr[data-run='{run_id}']")).to_be_visible()
         page.get_by_label(f"Select run {run_id[:8]}").check()

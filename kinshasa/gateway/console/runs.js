@@ -44,13 +44,13 @@ export function render(main) {
   const message = h("p", { role: "status", class: "note" });
   const body = h("tbody");
   const more = h("button", { type: "button", hidden: true }, "More runs");
-  main.append(h("h1", {}, "Runs"), form,
-    h("div", { class: "toolbar" }, revert), message,
-    h("table", { class: "list", "aria-label": "Runs" },
-      h("thead", {}, h("tr", {}, h("th", { scope: "col" }, h("span", { class: "sr-only" }, "Select")),
-        ["Run", "Agent", "Entry point", "Started", "Status", "Breaker", "Counts", "Revert progress"]
-          .map((t) => h("th", { scope: "col" }, t)))),
-      body), more);
+  // Busy while a listing is on its way: its rows are about to replace those shown.
+  const table = h("table", { class: "list", "aria-label": "Runs", "aria-busy": "true" },
+    h("thead", {}, h("tr", {}, h("th", { scope: "col" }, h("span", { class: "sr-only" }, "Select")),
+      ["Run", "Agent", "Entry point", "Started", "Status", "Breaker", "Counts", "Revert progress"]
+        .map((t) => h("th", { scope: "col" }, t)))),
+    body);
+  main.append(h("h1", {}, "Runs"), form, h("div", { class: "toolbar" }, revert), message, table, more);
 
   const rows = new Map();
   const watching = new Map();
@@ -88,6 +88,7 @@ export function render(main) {
 
   async function load(next = null) {
     const mine = next ? listing : ++listing;
+    table.setAttribute("aria-busy", "true");
     try {
       const page = (await gql(QUERY, { f: filter(), after: next })).runs;
       if (mine !== listing) return;
@@ -105,6 +106,8 @@ export function render(main) {
       sync();
     } catch (error) {
       message.replaceChildren(errorBox(error));
+    } finally {
+      if (mine === listing) table.setAttribute("aria-busy", "false");
     }
   }
 
@@ -140,7 +143,7 @@ export function render(main) {
       show(data?.runChanged ?? null, error);
       stop();
       retry = setTimeout(() => { watching.delete(id); follow(id); }, FEED_RETRY_MS);
-    }, () => { if (retry === null) watching.delete(id); });
+    }, () => watching.delete(id));
     watching.set(id, end);
   }
 
