@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from playwright.sync_api import Browser, Page, expect, sync_playwright
+from playwright.sync_api import Browser, Page, WebSocketRoute, expect, sync_playwright
 
 from tests.e2e.api import Api
 from tests.e2e.stack import Stack, running_stack
@@ -112,3 +114,40 @@ def screenshot(page: Page, name: str) -> None:
     if where:
         Path(where).mkdir(parents=True, exist_ok=True)
         page.screenshot(path=str(Path(where) / f"{name}.png"), full_page=True)
+
+
+class ProgressSpoiler:
+    """Stands between the page and the gateway's WebSocket and turns the first runChanged event that says a
+    run is REVERTED into one whose revertProgress failed, as when the coordinator does not answer in time.
+    That event is the feed's last: the gateway ends a settled run's feed right after it."""
+
+    def __init__(self, page: Page) -> None:
+        self.spoiled = 0
+        page.route_web_socket(re.compile(r".*/graphql$"), self.handle)
+
+    def handle(self, socket: WebSocketRoute) -> None:
+        server = socket.connect_to_server()
+
+        def from_server(message: str | bytes) -> None:
+            event = json.loads(message)
+            data = (event.get("payload") or {}).get("data") if event.get("type") == "next" else None
+            run = (data or {}).get("runChanged")
+            if run and run["status"] == "REVERTED" and not self.spoiled:
+                self.spoiled += 1
+                run["revertProgress"] = None
+                event["payload"]["errors"] = [{
+                    "message": "the coordinator did not answer in time",
+                    "path": ["runChanged", "revertProgress"],
+                    "extensions": {"code": "BACKEND_UNAVAILABLE", "component": "coordinator"}}]
+                message = json.dumps(event)
+            socket.send(message)
+
+        server.on_message(from_server)
+
+    def wait_until_spoiled(self, page: Page, timeout_s: float = 60) -> None:
+        """Let the page run until the spoiled event has reached it: what the page shows after this is what
+        it made of that event (before it, a read of its own may already have shown the run REVERTED)."""
+        deadline = time.monotonic() + timeout_s
+        while not self.spoiled:
+            assert time.monotonic() < deadline, f"no runChanged event said REVERTED within {timeout_s} s"
+            page.wait_for_timeout(50)  # the socket's messages are handled while the page waits

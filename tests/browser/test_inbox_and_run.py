@@ -8,7 +8,7 @@ import re
 import pytest
 from playwright.sync_api import Page, expect
 
-from tests.browser.conftest import screenshot, signed_in
+from tests.browser.conftest import ProgressSpoiler, screenshot, signed_in
 from tests.e2e.api import Api, GraphQLError
 from tests.e2e.stack import Stack, wait_for
 
@@ -79,3 +79,28 @@ def test_a_rogue_runs_alert_arrives_live_and_its_revert_is_watched_to_the_end(
     expect(report_now).to_contain_text('"title":"Q3 report"')
     expect(state.locator(f"tr[data-entity='documents:document:{spam['entityId']}']")).to_contain_text("absent")
     screenshot(page, "console-run")
+
+
+def test_an_alerts_card_shows_where_its_revert_ended_even_when_the_last_event_failed(
+        page: Page, stack: Stack, agent: Api, operator: Api) -> None:
+    entry = "browser.spoiled-card"
+    operator.set_policy(entry, quarantineWindowS=0.0, maxWrites=1, autoRevert=False)
+    spoiler = ProgressSpoiler(page)
+    signed_in(page, stack, "inbox")
+    expect(page.get_by_role("status").filter(has_text="live")).to_be_visible()
+
+    run_id = agent.start_run(entry)
+    _applied(agent, agent.write(run_id, "createDocument", title="draft", body="b"))
+    with pytest.raises(GraphQLError) as refused:
+        agent.write(run_id, "createDocument", title="one too many", body="x")
+    assert refused.value.code == "BREAKER_OPEN"
+
+    card = page.get_by_role("article", name=f"run_tripped alert for run {run_id[:8]}")
+    card.get_by_role("button", name=re.compile(rf"^Revert run {run_id[:8]}")).click()
+    dialog = page.get_by_role("dialog", name=f"Revert run {run_id[:8]}")
+    dialog.get_by_label("Reason").fill("a spoiled event")
+    dialog.get_by_role("button", name="Revert run").click()
+    # The event that said REVERTED came without its progress and ended the feed: the card asks again.
+    spoiler.wait_until_spoiled(page)
+    expect(card.get_by_role("status")).to_have_text(
+        "Revert REVERTED: 1 of 1 compensated, 0 failing, 0 pending")

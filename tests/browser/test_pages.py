@@ -8,10 +8,10 @@ import re
 import uuid
 
 from confluent_kafka import Producer
-from playwright.sync_api import Locator, Page, WebSocketRoute, expect
+from playwright.sync_api import Locator, Page, expect
 
 from kinshasa.topics.catalogue import ALERTS
-from tests.browser.conftest import signed_in
+from tests.browser.conftest import ProgressSpoiler, signed_in
 from tests.e2e.api import Api
 from tests.e2e.stack import Stack, wait_for
 
@@ -56,35 +56,6 @@ def test_runs_are_filtered_and_several_reverted_together_with_live_progress(
         assert operator.run(run_id)["status"] == "REVERTED"
 
 
-class ProgressSpoiler:
-    """Stands between the page and the gateway's WebSocket and turns the first runChanged event that says a
-    run is REVERTED into one whose revertProgress failed, as when the coordinator does not answer in time.
-    That event is the feed's last: the gateway ends a settled run's feed right after it."""
-
-    def __init__(self, page: Page) -> None:
-        self.spoiled = 0
-        page.route_web_socket(re.compile(r".*/graphql$"), self.handle)
-
-    def handle(self, socket: WebSocketRoute) -> None:
-        server = socket.connect_to_server()
-
-        def from_server(message: str | bytes) -> None:
-            event = json.loads(message)
-            data = (event.get("payload") or {}).get("data") if event.get("type") == "next" else None
-            run = (data or {}).get("runChanged")
-            if run and run["status"] == "REVERTED" and not self.spoiled:
-                self.spoiled += 1
-                run["revertProgress"] = None
-                event["payload"]["errors"] = [{
-                    "message": "the coordinator did not answer in time",
-                    "path": ["runChanged", "revertProgress"],
-                    "extensions": {"code": "BACKEND_UNAVAILABLE", "component": "coordinator"}}]
-                message = json.dumps(event)
-            socket.send(message)
-
-        server.on_message(from_server)
-
-
 def _run_with_an_applied_draft(agent: Api, operator: Api, entry: str) -> str:
     operator.set_policy(entry, quarantineWindowS=0.0)
     run_id = agent.start_run(entry)
@@ -101,9 +72,9 @@ def test_a_reverted_run_whose_last_event_failed_still_shows_its_progress(
 
     table = _revert_on_the_runs_page(page, stack, entry, [run_id], "a spoiled event")
     # The failed event said REVERTED without its progress, and the feed ended there: the row asks again.
+    spoiler.wait_until_spoiled(page)
     expect(table.locator(f"tr[data-run='{run_id}'] td[role='status']")).to_have_text(
         "REVERTED: 1 of 1 compensated, 0 failing, 0 pending")
-    assert spoiler.spoiled == 1
 
 
 def test_the_run_page_reads_its_run_again_when_the_last_event_of_its_revert_failed(
@@ -117,9 +88,9 @@ def test_the_run_page_reads_its_run_again_when_the_last_event_of_its_revert_fail
     dialog = page.get_by_role("dialog", name=f"Revert run {run_id[:8]}")
     dialog.get_by_label("Reason").fill("a spoiled event")
     dialog.get_by_role("button", name="Revert run").click()
+    spoiler.wait_until_spoiled(page)
     expect(page.locator("#revert-progress")).to_have_text(
         "REVERTED: 1 of 1 compensated, 0 failing, 0 pending")
-    assert spoiler.spoiled == 1
 
 
 def test_policy_versions_and_dead_letters_are_shown(page: Page, stack: Stack, operator: Api) -> None:

@@ -17,6 +17,10 @@ const OPEN_STATUSES = new Set(["TRIPPED", "REVERTING", "REVERT_FAILED"]);
 const FOLLOW_MAX = 24;
 const RUNS_PER_REQUEST = 20;
 const REMEMBER_MS = 50;
+// A run's feed whose event came with an error (the coordinator did not say the revert's progress in time),
+// or that was refused, is opened again after this long: it starts with the run as it is then, so no card
+// keeps a stale progress, even when the event that failed was its run's last.
+const FEED_RETRY_MS = 2000;
 
 function isOpen(alert, run) {
   if (!alert.runId) return false;
@@ -41,6 +45,8 @@ export function render(main) {
   const alerts = new Map();
   const runs = {};
   const unread = {};
+  // Runs whose last event came with an error, by that error, until the feed opened again says where they are.
+  const stale = {};
   const cards = new Map();
   const following = new Map();
   const openList = h("ol", { class: "cards", "aria-label": "Open alerts" });
@@ -63,12 +69,21 @@ export function render(main) {
     // at most FOLLOW_MAX of them unasked (the gateway allows a connection 64 subscriptions), and any run the
     // operator just decided on, to show its revert live; the feed ends by itself once the run settles.
     if (!runId || following.has(runId) || (!decided && following.size >= FOLLOW_MAX)) return;
-    following.set(runId, live.subscribe(`subscription($id: ID!) { runChanged(id: $id) { ${RUN_FIELDS} } }`,
+    const stop = live.subscribe(`subscription($id: ID!) { runChanged(id: $id) { ${RUN_FIELDS} } }`,
       { id: runId }, (data) => {
         runs[runId] = data.runChanged;
+        delete stale[runId];
         if (unread[runId]) { delete unread[runId]; showProblems(); }
         refreshRun(runId);
-      }, () => {}, () => following.delete(runId)));
+      }, (error) => {
+        stop();
+        stale[runId] = error;
+        refreshRun(runId);
+        // The run keeps its place among those followed while it waits to be asked again.
+        const retry = setTimeout(() => { following.delete(runId); follow(runId, true); }, FEED_RETRY_MS);
+        following.set(runId, () => clearTimeout(retry));
+      }, () => following.delete(runId));
+    following.set(runId, stop);
   }
 
   function refreshRun(runId) {
@@ -123,7 +138,9 @@ export function render(main) {
     if (run) {
       c.status.replaceChildren(badge(run.status));
       const reverting = ["REVERTING", "REVERTED", "REVERT_FAILED"].includes(run.status);
-      c.progress.textContent = reverting ? `Revert ${progressText(run.status, run.revertProgress)}` : "";
+      c.progress.textContent = stale[alert.runId]
+        ? `This run's latest update failed (${stale[alert.runId].message}); asking again`
+        : reverting ? `Revert ${progressText(run.status, run.revertProgress)}` : "";
       c.buttons.forEach((b) => {
         b.disabled = reverting && b.textContent !== "Revert" || run.status === "REVERTED" || run.status === "REVERTING";
       });
@@ -164,7 +181,7 @@ export function render(main) {
   /** Read these runs into `runs`; one that cannot be read is kept in `unread` and its alert stays open. */
   async function readRuns(ids) {
     const { found, failed } = await loadRuns(ids);
-    for (const [id, run] of Object.entries(found)) { runs[id] = run; delete unread[id]; }
+    for (const [id, run] of Object.entries(found)) { runs[id] = run; delete unread[id]; delete stale[id]; }
     Object.assign(unread, failed);
     showProblems();
   }
