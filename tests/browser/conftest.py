@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from playwright.sync_api import Browser, Page, WebSocketRoute, expect, sync_playwright
+from playwright.sync_api import Browser, Page, Request, WebSocketRoute, expect, sync_playwright
 
 from tests.e2e.api import Api
 from tests.e2e.stack import Stack, running_stack
@@ -117,37 +117,61 @@ def screenshot(page: Page, name: str) -> None:
 
 
 class ProgressSpoiler:
-    """Stands between the page and the gateway's WebSocket and turns the first runChanged event that says a
-    run is REVERTED into one whose revertProgress failed, as when the coordinator does not answer in time.
-    That event is the feed's last: the gateway ends a settled run's feed right after it."""
+    """Stands between the page and the gateway and turns the first runChanged event that says run `run_id`
+    is REVERTED into one whose revertProgress failed, as when the coordinator does not answer in time.
+    That event is the feed's last: the gateway ends a settled run's feed right after it. Set `run_id` once
+    the run exists (the spoiler must be in place before the page opens its socket).
+
+    It also counts the requests naming the run that the page sends after the spoiled event (`asked_after`):
+    a feed opened again, or a read. That is how a test knows the page did something with the failed event,
+    rather than showing what a read of its own had already said."""
 
     def __init__(self, page: Page) -> None:
+        self.run_id: str | None = None
         self.spoiled = 0
+        self.asked_after = 0
         page.route_web_socket(re.compile(r".*/graphql$"), self.handle)
+        page.on("request", self._request)
+
+    def _names_the_run(self, text: str | None) -> bool:
+        return bool(self.spoiled and self.run_id and text and self.run_id in text)
+
+    def _request(self, request: Request) -> None:
+        if request.method == "POST" and self._names_the_run(request.post_data):
+            self.asked_after += 1
 
     def handle(self, socket: WebSocketRoute) -> None:
         server = socket.connect_to_server()
+
+        def from_page(message: str | bytes) -> None:
+            if isinstance(message, str) and self._names_the_run(message):
+                event = json.loads(message)
+                if event.get("type") == "subscribe":
+                    self.asked_after += 1
+            server.send(message)
 
         def from_server(message: str | bytes) -> None:
             event = json.loads(message)
             data = (event.get("payload") or {}).get("data") if event.get("type") == "next" else None
             run = (data or {}).get("runChanged")
-            if run and run["status"] == "REVERTED" and not self.spoiled:
-                self.spoiled += 1
+            if run and run.get("id") == self.run_id and run["status"] == "REVERTED" and not self.spoiled:
                 run["revertProgress"] = None
                 event["payload"]["errors"] = [{
                     "message": "the coordinator did not answer in time",
                     "path": ["runChanged", "revertProgress"],
                     "extensions": {"code": "BACKEND_UNAVAILABLE", "component": "coordinator"}}]
                 message = json.dumps(event)
+                self.spoiled += 1
             socket.send(message)
 
+        socket.on_message(from_page)
         server.on_message(from_server)
 
-    def wait_until_spoiled(self, page: Page, timeout_s: float = 60) -> None:
-        """Let the page run until the spoiled event has reached it: what the page shows after this is what
-        it made of that event (before it, a read of its own may already have shown the run REVERTED)."""
+    def wait_until_asked_again(self, page: Page, timeout_s: float = 60) -> None:
+        """Let the page run until, after the spoiled event was sent to it, it named the run in a request of
+        its own: what it shows from then on is what it made of that event."""
         deadline = time.monotonic() + timeout_s
-        while not self.spoiled:
-            assert time.monotonic() < deadline, f"no runChanged event said REVERTED within {timeout_s} s"
-            page.wait_for_timeout(50)  # the socket's messages are handled while the page waits
+        while not self.asked_after:
+            assert time.monotonic() < deadline, (
+                f"within {timeout_s} s: {self.spoiled} event(s) spoiled, and the page asked nothing after")
+            page.wait_for_timeout(50)  # the page's messages and requests are handled while it waits

@@ -89,7 +89,7 @@ def test_an_alerts_card_shows_where_its_revert_ended_even_when_the_last_event_fa
     signed_in(page, stack, "inbox")
     expect(page.get_by_role("status").filter(has_text="live")).to_be_visible()
 
-    run_id = agent.start_run(entry)
+    run_id = spoiler.run_id = agent.start_run(entry)
     _applied(agent, agent.write(run_id, "createDocument", title="draft", body="b"))
     with pytest.raises(GraphQLError) as refused:
         agent.write(run_id, "createDocument", title="one too many", body="x")
@@ -101,6 +101,6 @@ def test_an_alerts_card_shows_where_its_revert_ended_even_when_the_last_event_fa
     dialog.get_by_label("Reason").fill("a spoiled event")
     dialog.get_by_role("button", name="Revert run").click()
     # The event that said REVERTED came without its progress and ended the feed: the card asks again.
-    spoiler.wait_until_spoiled(page)
+    spoiler.wait_until_asked_again(page)
     expect(card.get_by_role("status")).to_have_text(
         "Revert REVERTED: 1 of 1 compensated, 0 failing, 0 pending")

@@ -68,11 +68,11 @@ def test_a_reverted_run_whose_last_event_failed_still_shows_its_progress(
         page: Page, stack: Stack, agent: Api, operator: Api) -> None:
     spoiler = ProgressSpoiler(page)
     entry = "browser.spoiled"
-    run_id = _run_with_an_applied_draft(agent, operator, entry)
+    run_id = spoiler.run_id = _run_with_an_applied_draft(agent, operator, entry)
 
     table = _revert_on_the_runs_page(page, stack, entry, [run_id], "a spoiled event")
     # The failed event said REVERTED without its progress, and the feed ended there: the row asks again.
-    spoiler.wait_until_spoiled(page)
+    spoiler.wait_until_asked_again(page)
     expect(table.locator(f"tr[data-run='{run_id}'] td[role='status']")).to_have_text(
         "REVERTED: 1 of 1 compensated, 0 failing, 0 pending")
 
@@ -81,14 +81,14 @@ def test_the_run_page_reads_its_run_again_when_the_last_event_of_its_revert_fail
         page: Page, stack: Stack, agent: Api, operator: Api) -> None:
     spoiler = ProgressSpoiler(page)
     entry = "browser.spoiled-page"
-    run_id = _run_with_an_applied_draft(agent, operator, entry)
+    run_id = spoiler.run_id = _run_with_an_applied_draft(agent, operator, entry)
 
     signed_in(page, stack, f"run/{run_id}")
     page.get_by_role("button", name=f"Revert run {run_id[:8]}").click()
     dialog = page.get_by_role("dialog", name=f"Revert run {run_id[:8]}")
     dialog.get_by_label("Reason").fill("a spoiled event")
     dialog.get_by_role("button", name="Revert run").click()
-    spoiler.wait_until_spoiled(page)
+    spoiler.wait_until_asked_again(page)
     expect(page.locator("#revert-progress")).to_have_text(
         "REVERTED: 1 of 1 compensated, 0 failing, 0 pending")
 
@@ -133,3 +133,12 @@ def test_a_dead_letter_is_inspected_and_reprocessed(page: Page, stack: Stack) ->
     # Still poison: the handler refuses it again, and the page says so.
     outcome = page.get_by_role("status").filter(has_text=f"Reprocessed {message_id} of gateway: failed")
     expect(outcome).to_be_visible()
+
+
+def test_a_failing_feed_is_asked_again_ever_later_up_to_half_a_minute(page: Page, stack: Stack) -> None:
+    # Each failure in a row doubles the wait before a run's feed is opened again, from 2 s up to 30 s: a
+    # feed that keeps failing (the coordinator down) is not asked for every 2 s for as long as it lasts.
+    signed_in(page, stack, "runs")
+    delays = page.evaluate(
+        "import('/console/ui.js').then((ui) => [1, 2, 3, 4, 5, 6, 20].map((n) => ui.feedRetryDelay(n)))")
+    assert delays == [2000, 4000, 8000, 16000, 30000, 30000, 30000]

@@ -4,7 +4,7 @@
 
 import { gql, gqlEach, live } from "./api.js";
 import { RUN_ACTIONS, decideOnRun } from "./decisions.js";
-import { badge, errorBox, h, note, progressText, runLink, short, when } from "./ui.js";
+import { badge, errorBox, feedRetryDelay, h, note, progressText, runLink, short, when } from "./ui.js";
 
 export const ALERT_FIELDS = `id runId kind source createdAt summary agentId entryPoint
   threshold { name count limit } servicesTouched held awaitingApproval propagated autoRevert failingCount`;
@@ -17,10 +17,6 @@ const OPEN_STATUSES = new Set(["TRIPPED", "REVERTING", "REVERT_FAILED"]);
 const FOLLOW_MAX = 24;
 const RUNS_PER_REQUEST = 20;
 const REMEMBER_MS = 50;
-// A run's feed whose event came with an error (the coordinator did not say the revert's progress in time),
-// or that was refused, is opened again after this long: it starts with the run as it is then, so no card
-// keeps a stale progress, even when the event that failed was its run's last.
-const FEED_RETRY_MS = 2000;
 
 function isOpen(alert, run) {
   if (!alert.runId) return false;
@@ -45,8 +41,11 @@ export function render(main) {
   const alerts = new Map();
   const runs = {};
   const unread = {};
-  // Runs whose last event came with an error, by that error, until the feed opened again says where they are.
+  // Runs whose last event came with an error, by that error, until the feed opened again says where they are,
+  // and how many times in a row each run's feed failed.
   const stale = {};
+  const failures = {};
+  let closed = false;
   const cards = new Map();
   const following = new Map();
   const openList = h("ol", { class: "cards", "aria-label": "Open alerts" });
@@ -68,19 +67,25 @@ export function render(main) {
     // The gateway reads a followed run every half second: only runs still wanting a decision are followed,
     // at most FOLLOW_MAX of them unasked (the gateway allows a connection 64 subscriptions), and any run the
     // operator just decided on, to show its revert live; the feed ends by itself once the run settles.
-    if (!runId || following.has(runId) || (!decided && following.size >= FOLLOW_MAX)) return;
+    // A feed that fails is opened again (`feedRetryDelay`), so no card keeps a stale progress.
+    if (closed || !runId || following.has(runId) || (!decided && following.size >= FOLLOW_MAX)) return;
     const stop = live.subscribe(`subscription($id: ID!) { runChanged(id: $id) { ${RUN_FIELDS} } }`,
       { id: runId }, (data) => {
         runs[runId] = data.runChanged;
         delete stale[runId];
+        delete failures[runId];
         if (unread[runId]) { delete unread[runId]; showProblems(); }
         refreshRun(runId);
-      }, (error) => {
+      }, (error, data) => {
         stop();
+        // The event's run, when it came with one, still says where the run is (its progress is what failed).
+        if (data?.runChanged?.counts) runs[runId] = data.runChanged;
         stale[runId] = error;
         refreshRun(runId);
+        failures[runId] = (failures[runId] ?? 0) + 1;
         // The run keeps its place among those followed while it waits to be asked again.
-        const retry = setTimeout(() => { following.delete(runId); follow(runId, true); }, FEED_RETRY_MS);
+        const retry = setTimeout(() => { following.delete(runId); follow(runId, true); },
+          feedRetryDelay(failures[runId]));
         following.set(runId, () => clearTimeout(retry));
       }, () => following.delete(runId));
     following.set(runId, stop);
@@ -146,7 +151,8 @@ export function render(main) {
       });
     }
     const open = isOpen(alert, run);
-    if (!open && run && following.has(alert.runId)) {
+    // A run whose feed failed stays followed until the feed, opened again, says where it is.
+    if (!open && run && !stale[alert.runId] && following.has(alert.runId)) {
       following.get(alert.runId)();
       following.delete(alert.runId);
     }
@@ -257,6 +263,7 @@ export function render(main) {
   list();
 
   return () => {
+    closed = true;  // a follow still on its way (a decision, alerts being added) opens no feed now
     stopAlerts();
     stopState();
     stopReconnect();

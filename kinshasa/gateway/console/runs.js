@@ -3,7 +3,7 @@
 
 import { gql, live } from "./api.js";
 import { revertMany } from "./decisions.js";
-import { badge, errorBox, h, note, progressText, runLink, short, when } from "./ui.js";
+import { badge, errorBox, feedRetryDelay, h, note, progressText, runLink, short, when } from "./ui.js";
 
 const STATUSES = ["RUNNING", "FINISHED", "TRIPPED", "REVERTING", "REVERTED", "REVERT_FAILED"];
 const BREAKERS = ["CLOSED", "OPEN", "HALF_OPEN"];
@@ -11,10 +11,6 @@ const BREAKERS = ["CLOSED", "OPEN", "HALF_OPEN"];
 const SETTLED = new Set(["REVERTED", "REVERT_FAILED"]);
 const RUN_FEED = `subscription($id: ID!) { runChanged(id: $id) { id status
     revertProgress { total compensated failing pending } } }`;
-// A feed refused, or whose event came with an error (the coordinator did not say the progress in time), is
-// opened again after this long: it starts with the run as it is then, so no row keeps a stale or empty
-// progress, even when the event that failed was its run's last.
-const FEED_RETRY_MS = 2000;
 const QUERY = `query($f: RunFilter, $after: String) { runs(filter: $f, first: 50, after: $after) {
   nodes { id agentId entryPoint status startedAt breaker { state writes errors }
           counts { held published applied compensated } }
@@ -123,8 +119,11 @@ export function render(main) {
     for (const id of ids) if (!watching.has(id)) follow(id);
   });
 
-  /** Show a run's status and revert progress in its row as they change, until its revert ends. */
-  function follow(id) {
+  /**
+   * Show a run's status and revert progress in its row as they change, until its revert ends. A feed that
+   * fails is opened again (`feedRetryDelay`); `failures` counts those in a row.
+   */
+  function follow(id, failures = 0) {
     const show = (run, problem = null) => {
       const r = rows.get(id);
       if (!r) return;
@@ -136,13 +135,14 @@ export function render(main) {
     let retry = null;
     const end = () => { clearTimeout(retry); watching.delete(id); stop(); };
     const stop = live.subscribe(RUN_FEED, { id }, (data) => {
+      failures = 0;
       show(data.runChanged);
       // Nothing moves after these: stop watching (the gateway ends the feed there too).
       if (SETTLED.has(data.runChanged.status)) end();
     }, (error, data) => {
       show(data?.runChanged ?? null, error);
       stop();
-      retry = setTimeout(() => { watching.delete(id); follow(id); }, FEED_RETRY_MS);
+      retry = setTimeout(() => { watching.delete(id); follow(id, failures + 1); }, feedRetryDelay(failures + 1));
     }, () => watching.delete(id));
     watching.set(id, end);
   }

@@ -118,3 +118,15 @@ export function progressText(status, p) {
   if (!p) return status;
   return `${status}: ${p.compensated} of ${p.total} compensated, ${p.failing} failing, ${p.pending} pending`;
 }
+
+// A run's live feed that was refused, or whose event came with an error (the coordinator did not say the
+// revert's progress in time), is opened again: it starts with the run as it is then, so nothing keeps a
+// stale or empty progress, even when the event that failed was its run's last. The first try waits 2 s,
+// each failure after it twice as long, up to 30 s; an event that comes through starts the count again.
+const FEED_RETRY_MS = 2000;
+const FEED_RETRY_MAX_MS = 30000;
+
+/** How long to wait before opening a run's feed again after its `failures`-th failure in a row (from 1). */
+export function feedRetryDelay(failures) {
+  return Math.min(FEED_RETRY_MS * 2 ** Math.max(0, failures - 1), FEED_RETRY_MAX_MS);
+}
