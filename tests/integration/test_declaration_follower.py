@@ -6,11 +6,12 @@ import asyncio
 import threading
 
 import pytest
-from confluent_kafka import Consumer, Message
+from confluent_kafka import Consumer, Message, Producer
 
 from kinshasa.infra.kafka import KafkaBroker
 from kinshasa.topics import declaration_feed
 from kinshasa.topics.declaration_feed import DeclarationFollower, PublishedDeclaration
+from tests.integration.test_relay import create_topic
 
 
 async def test_a_catalogue_is_read_to_its_end_with_short_waits_then_followed_with_steady_ones(
@@ -60,12 +61,12 @@ async def test_a_follower_stopped_while_it_opens_or_polls_closes_its_client(
     go = threading.Event()
 
     class SlowToOpen(DeclarationFollower):
-        def _open(self) -> Consumer:
+        def _open(self) -> tuple[Consumer, int, int | None]:
             opening.set()
             go.wait(30)
-            consumer = super()._open()
+            consumer, start, end = super()._open()
             opened.append(consumer)
-            return consumer
+            return consumer, start, end
 
     async def hear(record: PublishedDeclaration) -> None:
         pass
@@ -111,3 +112,49 @@ async def test_a_follower_stopped_while_it_opens_or_polls_closes_its_client(
     with pytest.raises(RuntimeError, match="closed"):
         polled[0].assignment()
     assert closed_during_consume == [False]
+
+
+async def test_a_follower_is_caught_up_once_it_handled_the_last_record_there_at_start(
+        kafka: KafkaBroker, unique: str) -> None:
+    """It reads the topic's bounds first: caught up the moment it handled the last record present (not after
+    an empty fetch, which the broker holds for half a second), at once on an empty topic, and it goes on
+    hearing the records published later."""
+    topic = create_topic(kafka.bootstrap, f"catalogue.bounds.{unique}", partitions=1)
+    producer = Producer({"bootstrap.servers": kafka.bootstrap})
+
+    def publish(*keys: str) -> None:
+        for key in keys:
+            producer.produce(topic, key=key.encode(), value=b"{}")
+        assert producer.flush(30) == 0
+
+    async def follow(until: int) -> tuple[list[str], list[str]]:
+        """Follow the topic until `until` records were heard; returns the keys heard by the time it was
+        caught up, and all of them."""
+        heard: list[str] = []
+
+        async def hear(record: PublishedDeclaration) -> None:
+            heard.append(record.key)
+            if len(heard) == until:
+                stop.set()
+
+        stop = asyncio.Event()
+        follower = DeclarationFollower(kafka.bootstrap, hear, topic)
+        run = asyncio.create_task(follower.run(stop))
+        try:
+            await asyncio.wait_for(follower.caught_up.wait(), 30)
+            at_catch_up = list(heard)
+            if until > len(heard):
+                publish(*(f"later-{i}" for i in range(until - len(heard))))
+            await asyncio.wait_for(stop.wait(), 30)
+        finally:
+            stop.set()
+            await asyncio.wait_for(run, 30)
+        return at_catch_up, heard
+
+    # An empty topic: caught up with nothing heard, then the record published after is heard.
+    assert await follow(until=1) == ([], ["later-0"])
+    publish("a", "b", "c")
+    # Four records there at start: caught up with all four heard, then one more.
+    at_catch_up, heard = await follow(until=5)
+    assert at_catch_up == ["later-0", "a", "b", "c"]
+    assert heard == [*at_catch_up, "later-0"]
