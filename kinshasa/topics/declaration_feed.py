@@ -35,9 +35,11 @@ POLL_S = 0.2
 CATCH_UP_POLL_S = 0.02
 CATCH_UP_S = 30.0
 # The topic's bounds are asked for before reading: the follower then starts at the first offset the topic
-# holds and is caught up once it handled the last one present. Starting "from the beginning" instead makes
-# librdkafka look that offset up, with a 0.5 s wait, and the end is only known from an empty fetch, which
-# the broker holds for `fetch.wait.max.ms` (0.5 s): about 1 s of every gateway start, against 0.05 s.
+# holds and is caught up once it handled the last one present. Measured on a local broker, a consumer
+# assigned at OFFSET_BEGINNING got its first record 0.5 s later than one assigned at an explicit offset,
+# and the end was only known from an empty fetch, which the broker holds for `fetch.wait.max.ms` (0.5 s):
+# about 1 s of every gateway start, against about 0.05 s. Bounds that cannot be read within this long (no
+# broker, no topic yet) leave the follower to the old way: from the beginning, caught up at its end.
 BOUNDS_TIMEOUT_S = 5.0
 
 
@@ -118,7 +120,9 @@ class DeclarationFollower:
                         log.exception("catalogue record %s at offset %d could not be handled; skipped",
                                       record.key, record.offset)
                     if end is not None and record.offset + 1 >= end:
-                        self.caught_up.set()  # the last record present at start (its end of partition, too)
+                        # The last record present at start. The end-of-partition event sets it too, e.g.
+                        # when that record was compacted away before it was read.
+                        self.caught_up.set()
         finally:
             # A consume() still running in its thread (this task was cancelled) ends within its wait;
             # closing the client under it would pull it from under librdkafka.
@@ -146,8 +150,8 @@ class DeclarationFollower:
             low, high = consumer.get_watermark_offsets(TopicPartition(self.topic, 0),
                                                        timeout=BOUNDS_TIMEOUT_S, cached=False)
         except KafkaException as error:
-            log.info("catalogue topic %s: its bounds could not be read (%s); reading it from its beginning",
-                     self.topic, error)
+            log.warning("catalogue topic %s: its bounds could not be read (%s); reading it from its "
+                        "beginning", self.topic, error)
             return OFFSET_BEGINNING, None
         if low < 0 or high < low:
             return OFFSET_BEGINNING, None

@@ -6,7 +6,7 @@ import asyncio
 import threading
 
 import pytest
-from confluent_kafka import Consumer, Message, Producer
+from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, Producer
 
 from kinshasa.infra.kafka import KafkaBroker
 from kinshasa.topics import declaration_feed
@@ -114,11 +114,19 @@ async def test_a_follower_stopped_while_it_opens_or_polls_closes_its_client(
     assert closed_during_consume == [False]
 
 
+@pytest.mark.parametrize("bounds", ["read", "unavailable"])
 async def test_a_follower_is_caught_up_once_it_handled_the_last_record_there_at_start(
-        kafka: KafkaBroker, unique: str) -> None:
+        kafka: KafkaBroker, unique: str, bounds: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """It reads the topic's bounds first: caught up the moment it handled the last record present (not after
     an empty fetch, which the broker holds for half a second), at once on an empty topic, and it goes on
-    hearing the records published later."""
+    hearing the records published later. With the end-of-partition event off, only the bounds can say so.
+    Bounds it cannot read leave it to that event, with the same outcome."""
+    if bounds == "read":
+        monkeypatch.setattr(declaration_feed, "_consumer", lambda bootstrap: Consumer({
+            "bootstrap.servers": bootstrap, "group.id": f"bounds-{unique}", "enable.auto.commit": False,
+            "auto.offset.reset": "earliest", "enable.partition.eof": False}))
+    else:
+        monkeypatch.setattr(DeclarationFollower, "_bounds", lambda self, consumer: (OFFSET_BEGINNING, None))
     topic = create_topic(kafka.bootstrap, f"catalogue.bounds.{unique}", partitions=1)
     producer = Producer({"bootstrap.servers": kafka.bootstrap})
 
